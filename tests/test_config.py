@@ -1,0 +1,82 @@
+import dataclasses
+
+import pytest
+
+import zeromoe_cupy as zm
+
+
+def test_presets_have_the_documented_shapes():
+    c = zm.MoEConfig.preset("longcat-flash")
+    assert (c.hidden_size, c.intermediate_size, c.num_experts, c.num_zero_experts, c.top_k) == \
+        (6144, 2048, 512, 256, 12)
+    assert c.routed_scaling_factor == 6.0 and c.use_correction_bias and not c.renormalize
+    assert c.zero_types == ("identity",) * 256
+    t = zm.MoEConfig.preset("tiny")
+    assert (t.hidden_size, t.intermediate_size, t.num_experts, t.num_zero_experts, t.top_k) == \
+        (256, 512, 8, 4, 2)
+    m = zm.MoEConfig.preset("moe++-7b")
+    assert m.zero_types == ("constant", "constant", "identity", "zero")
+    assert m.renormalize and m.num_experts == 16 and m.top_k == 2
+
+
+def test_preset_overrides_and_unknowns():
+    c = zm.MoEConfig.preset("tiny", dtype="bfloat16", top_k=3)
+    assert c.dtype == "bfloat16" and c.top_k == 3
+    with pytest.raises(ValueError, match="preset"):
+        zm.MoEConfig.preset("nope")
+    with pytest.raises(TypeError, match="unknown field"):
+        zm.MoEConfig.preset("tiny", hiden_size=3)
+
+
+BASE = dict(hidden_size=8, intermediate_size=4, num_experts=4, num_zero_experts=2, top_k=2)
+
+BAD = [
+    (dict(hidden_size=0), ValueError, "hidden_size"),
+    (dict(intermediate_size=-1), ValueError, "intermediate_size"),
+    (dict(num_experts=0), ValueError, "num_experts"),
+    (dict(num_zero_experts=-1), ValueError, "num_zero_experts"),
+    (dict(top_k=7), ValueError, "top_k"),
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(hidden_size=2.5), TypeError, "hidden_size"),
+    (dict(top_k=True), TypeError, "top_k"),
+    (dict(zero_expert_type="copy"), ValueError, "zero_expert_type"),
+    (dict(zero_expert_type=("identity",)), ValueError, "zero_expert_type"),
+    (dict(zero_expert_type=("identity", "one")), ValueError, "zero_expert_type"),
+    (dict(scoring_func="relu"), ValueError, "scoring_func"),
+    (dict(dtype="float64"), TypeError, "dtype"),
+    (dict(num_expert_group=4, topk_group=1), ValueError, "num_expert_group"),
+    (dict(num_expert_group=2), ValueError, "topk_group"),
+    (dict(num_expert_group=2, topk_group=3), ValueError, "topk_group"),
+    (dict(num_expert_group=3, topk_group=1, top_k=3), ValueError, "top_k"),
+    (dict(routed_scaling_factor="2"), TypeError, "routed_scaling_factor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,name", BAD)
+def test_invalid_configs_raise_naming_the_field(override, exc, name):
+    with pytest.raises(exc, match=name):
+        zm.MoEConfig(**{**BASE, **override})
+
+
+GOOD = [
+    dict(),
+    dict(num_zero_experts=0),
+    dict(zero_expert_type=("constant", "zero")),
+    dict(num_expert_group=3, topk_group=2, top_k=4),
+    dict(top_k=6),
+    dict(scoring_func="sigmoid", renormalize=True, routed_scaling_factor=2.5),
+    dict(dtype="float16"),
+]
+
+
+@pytest.mark.parametrize("override", GOOD)
+def test_valid_configs_are_accepted(override):
+    c = zm.MoEConfig(**{**BASE, **override})
+    assert len(c.zero_types) == c.num_zero_experts
+    assert c.num_total_experts == c.num_experts + c.num_zero_experts
+
+
+def test_config_is_frozen():
+    c = zm.MoEConfig(**BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.top_k = 3

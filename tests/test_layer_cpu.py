@@ -1,0 +1,132 @@
+"""The layer on NumPy arrays against the float64 reference, over a table of cases."""
+import numpy as np
+import pytest
+
+import zeromoe_cupy as zm
+from zeromoe_cupy.reference import relative_error
+
+from conftest import TOL
+from helpers import random_layer_weights, random_x, separated_rows
+
+BASE = dict(hidden_size=64, intermediate_size=32, num_experts=6, num_zero_experts=3, top_k=3)
+
+# name: (config overrides, T, extra: bias_scale / router_bias / logits / force)
+CASES = {
+    "identity": (dict(), 17, {}),
+    "zero": (dict(zero_expert_type="zero"), 17, {}),
+    "constant": (dict(zero_expert_type="constant"), 17, {}),
+    "mixed": (dict(zero_expert_type=("constant", "identity", "zero")), 23, {}),
+    "sigmoid": (dict(scoring_func="sigmoid"), 17, {}),
+    "renormalize_rsf": (dict(renormalize=True, routed_scaling_factor=2.5), 17, {}),
+    "correction_bias": (dict(use_correction_bias=True), 17, {"bias_scale": 0.05}),
+    "grouped": (dict(num_expert_group=3, topk_group=2, top_k=4), 19, {}),
+    "grouped_bias_sigmoid": (dict(num_expert_group=3, topk_group=2, scoring_func="sigmoid",
+                                  use_correction_bias=True), 19, {"bias_scale": 0.1}),
+    "router_bias": (dict(), 9, {"router_bias": True}),
+    "logits_given": (dict(), 11, {"logits": True}),
+    "t0": (dict(), 0, {}),
+    "t1": (dict(), 1, {}),
+    "h7": (dict(hidden_size=7), 9, {}),
+    "h257": (dict(hidden_size=257), 5, {}),
+    "k_all": (dict(top_k=9, zero_expert_type=("identity", "zero", "constant")), 6, {}),
+    "no_zero_experts": (dict(num_zero_experts=0), 9, {}),
+    "all_to_zero_experts": (dict(use_correction_bias=True), 13, {"force": "zero"}),
+    "all_to_one_expert": (dict(top_k=1, use_correction_bias=True), 13, {"force": "one"}),
+}
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def build(case, dtype, rng):
+    override, T, extra = CASES[case]
+    cfg = zm.MoEConfig(**{**BASE, **override, "dtype": dtype})
+    w = random_layer_weights(rng, cfg, bias_scale=extra.get("bias_scale", 0.0),
+                             router_bias=extra.get("router_bias", False))
+    force = extra.get("force")
+    if force == "zero":
+        w["e_score_correction_bias"][cfg.num_experts:] += 10.0
+    elif force == "one":
+        w["e_score_correction_bias"][2] += 10.0
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **w)
+    x = random_x(rng, T, cfg.hidden_size, dtype)
+    logits = None
+    if extra.get("logits"):
+        logits = rng.standard_normal((T, cfg.num_total_experts)).astype(np.float32)
+    return cfg, layer, x, logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_matches_reference(case, dtype, rng):
+    cfg, layer, x, logits = build(case, dtype, rng)
+    x_before = x.copy()
+    y = layer(x, router_logits=logits)
+    assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+    ref, ref_routing = layer.reference(x, router_logits=logits)
+    assert relative_error(y, ref) <= TOL[dtype]
+    np.testing.assert_array_equal(x, x_before)  # inputs are never modified
+
+    r = layer.route(x, router_logits=logits)
+    assert r.topk_ids.dtype == np.int32 and r.topk_weights.dtype == np.float32
+    assert r.expert_counts.dtype == np.int32 and r.expert_counts.shape == (cfg.num_total_experts,)
+    assert ((r.topk_ids >= 0) & (r.topk_ids < cfg.num_total_experts)).all()
+    np.testing.assert_array_equal(
+        r.expert_counts, np.bincount(r.topk_ids.ravel(), minlength=cfg.num_total_experts))
+    if x.shape[0]:
+        L = logits if logits is not None else layer._logits(x)
+        ok = separated_rows(L.astype(np.float64), dict(
+            top_k=cfg.top_k, scoring_func=cfg.scoring_func, renormalize=cfg.renormalize,
+            num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group),
+            bias=None if layer.e_score_correction_bias is None
+            else layer.e_score_correction_bias.astype(np.float64))
+        assert ok.mean() > 0.5  # most rows are clearly separated on random data
+        np.testing.assert_array_equal(r.topk_ids[ok], ref_routing.topk_ids[ok])
+        np.testing.assert_allclose(r.topk_weights[ok], ref_routing.topk_weights[ok],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_forced_routings_do_what_they_say(rng):
+    _, layer, x, _ = build("all_to_zero_experts", "float32", rng)
+    assert (layer.route(x).topk_ids >= layer.config.num_experts).all()
+    _, layer, x, _ = build("all_to_one_expert", "float32", rng)
+    assert (layer.route(x).topk_ids == 2).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routing_reuse_gives_the_same_output(dtype, rng):
+    _, layer, x, _ = build("mixed", dtype, rng)
+    r = layer.route(x)
+    np.testing.assert_array_equal(layer(x, routing=r), layer(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_equals_unchunked(dtype, rng):
+    cfg, layer, x, _ = build("mixed", dtype, rng)
+    # NumPy's BLAS may block a product differently for fewer rows, so on the CPU chunks agree
+    # to rounding (the GPU test asks for bitwise equality).
+    whole = layer(x)
+    layer.max_chunk_tokens = 5
+    assert relative_error(layer(x), whole) <= TOL[dtype] / 10
+    assert relative_error(layer(x, routing=layer.route(x)), whole) <= TOL[dtype] / 10
+
+
+def test_random_init_layer_runs_on_cpu_and_scales_weights(rng):
+    cfg = zm.MoEConfig.preset("tiny")
+    layer = zm.ZeroExpertMoE(cfg, seed=3, device="cpu")
+    assert layer.device == "cpu"
+    assert abs(float(np.std(layer.w13.astype(np.float32))) - cfg.hidden_size ** -0.5) < 0.01
+    assert abs(float(np.std(layer.w2.astype(np.float32))) - cfg.intermediate_size ** -0.5) < 0.01
+    assert not layer.e_score_correction_bias.any()
+    x = random_x(rng, 8, cfg.hidden_size, cfg.dtype)
+    ref, _ = layer.reference(x)
+    assert relative_error(layer(x), ref) <= TOL[cfg.dtype]
+    same = zm.ZeroExpertMoE(cfg, seed=3, device="cpu")
+    np.testing.assert_array_equal(same.w13, layer.w13)
+
+
+def test_moepp_preset_shapes_on_cpu(rng):
+    cfg = zm.MoEConfig.preset("moe++-7b", hidden_size=32, intermediate_size=16)
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    assert layer.const_vec.shape == (4, 32) and layer.const_gate.shape == (4, 2, 32)
+    x = random_x(rng, 40, 32, cfg.dtype)
+    ref, _ = layer.reference(x)
+    assert relative_error(layer(x), ref) <= TOL[cfg.dtype]

@@ -1,0 +1,119 @@
+"""Array-module dispatch, DLPack import at the edges, and the dtype table."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# dtype name -> (NumPy dtype, CUDA C++ type used in the kernels' name_expressions)
+DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "bfloat16": (np.dtype(ml_dtypes.bfloat16), "__nv_bfloat16"),
+    "float16": (np.dtype(np.float16), "__half"),
+    "float32": (np.dtype(np.float32), "float"),
+}
+
+
+def np_dtype(name: str) -> np.dtype:
+    return DTYPES[name][0]
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """The config name of a NumPy/CuPy dtype, or None if it is not a layer dtype."""
+    dt = np.dtype(dtype)
+    for name, (d, _) in DTYPES.items():
+        if d == dt:
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_module():
+    """CuPy if it imports, else None. Importing CuPy needs no GPU."""
+    try:
+        import cupy
+    except Exception:  # pragma: no cover - depends on the install
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    cp = cupy_module()
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def is_cupy(a: Any) -> bool:
+    cp = cupy_module()
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def xp_of(a: Any):
+    """numpy for NumPy arrays, cupy for CuPy arrays."""
+    return cupy_module() if is_cupy(a) else np
+
+
+_KDLCPU, _KDLCUDA, _KDLCUDAHOST, _KDLCUDAMANAGED = 1, 2, 3, 13
+
+
+def as_array(a: Any, name: str, allow_none: bool = False):
+    """Return ``a`` as a NumPy or CuPy array without copying.
+
+    NumPy and CuPy arrays pass through; any other object with ``__dlpack__`` (torch, JAX)
+    is imported zero-copy: CUDA memory as CuPy, host memory as NumPy.
+    """
+    if a is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name}: expected an array, got None")
+    if isinstance(a, np.ndarray) or is_cupy(a):
+        return a
+    if getattr(a, "requires_grad", False):
+        raise ValueError(f"{name}: the tensor requires grad; this layer computes no gradients, "
+                         f"pass {name}.detach()")
+    if hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
+        dev_type = int(a.__dlpack_device__()[0])
+        if dev_type in (_KDLCUDA, _KDLCUDAMANAGED):
+            cp = cupy_module()
+            if cp is None:
+                raise TypeError(f"{name}: a CUDA tensor was given but CuPy is not installed "
+                                "(pip install 'zeromoe-cupy[cuda13]')")
+            return cp.from_dlpack(a)
+        if dev_type in (_KDLCPU, _KDLCUDAHOST):
+            try:
+                return np.from_dlpack(a)
+            except (TypeError, BufferError, RuntimeError) as exc:
+                # NumPy has no bfloat16 in DLPack: go through the tensor's own NumPy view.
+                if hasattr(a, "view") and hasattr(a, "numpy") and "bfloat16" in str(a.dtype):
+                    import ml_dtypes as _md
+                    return a.view(_int16_dtype_of(a)).numpy().view(_md.bfloat16)
+                raise TypeError(f"{name}: could not import the host tensor through DLPack "
+                                f"({exc})") from exc
+        raise TypeError(f"{name}: arrays on DLPack device type {dev_type} are not supported; "
+                        "expected host (NumPy) or CUDA memory")
+    if isinstance(a, (list, tuple)) or np.isscalar(a):
+        raise TypeError(f"{name}: expected a NumPy/CuPy array or a DLPack tensor, got "
+                        f"{type(a).__name__}; wrap it with numpy.asarray first")
+    raise TypeError(f"{name}: expected a NumPy/CuPy array or an object with __dlpack__, got "
+                    f"{type(a).__name__}")
+
+
+def _int16_dtype_of(t):  # torch.int16 without importing torch at module import
+    import torch
+    return torch.int16
+
+
+def device_of(a) -> str:
+    return "cuda" if is_cupy(a) else "cpu"
+
+
+def to_numpy(a) -> np.ndarray:
+    """A NumPy copy (or view) of a NumPy/CuPy array."""
+    return a.get() if is_cupy(a) else np.asarray(a)

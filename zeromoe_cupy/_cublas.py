@@ -1,0 +1,110 @@
+"""The cuBLAS entry points CuPy does not wrap, called through ctypes on CuPy's libcublas."""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from ._arrays import cupy_module
+
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_GEMM_DEFAULT = -1
+
+CUDA_DTYPE = {"bfloat16": CUDA_R_16BF, "float16": CUDA_R_16F, "float32": CUDA_R_32F}
+
+
+@functools.lru_cache(maxsize=None)
+def library():
+    """The libcublas that CuPy loaded (found by its soname once CuPy has loaded it)."""
+    from cupy_backends.cuda.libs import cublas  # noqa: F401  (makes CuPy load libcublas)
+    cp = cupy_module()
+    version = cp.cuda.runtime.runtimeGetVersion() // 1000
+    names = [f"libcublas.so.{version}", "libcublas.so.13", "libcublas.so.12", "libcublas.so"]
+    try:
+        with open("/proc/self/maps") as f:
+            names = [line.split()[-1] for line in f if "libcublas.so" in line
+                     and "libcublasLt" not in line][:1] + names
+    except OSError:
+        pass
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise RuntimeError("could not open the libcublas that CuPy uses")
+
+
+def has_grouped_gemm() -> bool:
+    """cublasGemmGroupedBatchedEx exists from cuBLAS 12.5 on."""
+    return hasattr(library(), "cublasGemmGroupedBatchedEx")
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_fn():
+    fn = library().cublasGemmGroupedBatchedEx
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, p, p, p, i, p, p, i, p, p, p, i, p, i, p, i]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _handle_on_current_stream() -> int:
+    from cupy_backends.cuda.libs import cublas
+    cp = cupy_module()
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    return handle
+
+
+def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: str,
+                    allow_tf32: bool = False) -> None:
+    """For each group g: out_g[rows_g, n] = x_g[rows_g, k] @ W_g[n, k]^T (row-major).
+
+    ``*_ptrs`` are CuPy uint64 arrays of device pointers (one per group); ``rows`` is a host
+    int array. In cuBLAS's column-major terms: C(n x rows) = op_T(W)(n x k) * X(k x rows).
+    """
+    groups = len(rows)
+    if groups == 0:
+        return
+    i32 = np.int32
+    transa = np.full(groups, CUBLAS_OP_T, i32)
+    transb = np.full(groups, CUBLAS_OP_N, i32)
+    m_arr = np.full(groups, n, i32)
+    n_arr = np.asarray(rows, i32)
+    k_arr = np.full(groups, k, i32)
+    alpha = np.ones(groups, np.float32)
+    beta = np.zeros(groups, np.float32)
+    ones = np.ones(groups, i32)
+    dt = CUDA_DTYPE[dtype]
+    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (dtype == "float32" and allow_tf32) \
+        else CUBLAS_COMPUTE_32F
+    status = _grouped_fn()(
+        _handle_on_current_stream(), transa.ctypes.data, transb.ctypes.data,
+        m_arr.ctypes.data, n_arr.ctypes.data, k_arr.ctypes.data, alpha.ctypes.data,
+        weight_ptrs.data.ptr, dt, k_arr.ctypes.data,
+        x_ptrs.data.ptr, dt, k_arr.ctypes.data,
+        beta.ctypes.data, out_ptrs.data.ptr, dt, m_arr.ctypes.data,
+        groups, ones.ctypes.data, compute)
+    if status != 0:
+        raise RuntimeError(f"cublasGemmGroupedBatchedEx failed with status {status}")
+
+
+def gemm_nt(weight, x, out, allow_tf32: bool = False) -> None:
+    """out[m, n] = x[m, k] @ weight[n, k]^T for one expert (cublasGemmEx through CuPy)."""
+    from cupy_backends.cuda.libs import cublas
+    from ._arrays import dtype_name
+    m, k = x.shape
+    n = weight.shape[0]
+    if m == 0:
+        return
+    dt = CUDA_DTYPE[dtype_name(x.dtype)]
+    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (x.dtype == np.float32 and allow_tf32) \
+        else CUBLAS_COMPUTE_32F
+    alpha = np.ones(1, np.float32)
+    beta = np.zeros(1, np.float32)
+    cublas.gemmEx(_handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,
+                  alpha.ctypes.data, weight.data.ptr, dt, k, x.data.ptr, dt, k,
+                  beta.ctypes.data, out.data.ptr, dt, n, compute, CUBLAS_GEMM_DEFAULT)

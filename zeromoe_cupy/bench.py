@@ -1,0 +1,294 @@
+"""`zeromoe bench`: the layer's time against the memory/FLOP floor of SPEC.md, per token count.
+
+Workload (SPEC.md "The benchmark workload"): x ~ N(0, 1), random weights, correction bias 0
+for real experts and one offset c for zero experts, found by bisection so that on average
+``real_per_token`` of the K slots go to real experts. Times are medians of CUDA-event
+timings after warm-up, with inputs rotated so that the L2 cache does not flatter us.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+
+import numpy as np
+
+from ._arrays import cupy_module, gpu_available, np_dtype
+
+DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384)
+QUICK_TOKENS = (1, 128, 4096)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default=None, help="default longcat-flash (tiny on the CPU)")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
+    p.add_argument("--real-per-token", type=float, default=None,
+                   help="average real experts per token (default 8 for longcat-flash, K*2/3 else)")
+    p.add_argument("--peers", default="", help="comma list: torch (per-expert loop + "
+                   "sort/_grouped_mm), if torch imports")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    p.add_argument("--plot", default=None, help="write a log-log PNG plot (needs matplotlib)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
+    """Set the zero experts' shared correction offset so ~real_per_token slots are real."""
+    cfg, xp = layer.config, layer.xp
+    from .routing import route
+    E, N = cfg.num_experts, cfg.num_total_experts
+    x = _normal(xp, (n_tokens, cfg.hidden_size), np_dtype(cfg.dtype), seed)
+    logits = layer._logits(x)
+
+    def real_share(c):
+        bias = xp.zeros(N, np.float32)
+        bias[E:] = c
+        r = route(logits, cfg.top_k, scoring_func=cfg.scoring_func, e_score_correction_bias=bias,
+                  renormalize=cfg.renormalize, routed_scaling_factor=cfg.routed_scaling_factor,
+                  num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group)
+        return float((r.topk_ids < E).sum()) / n_tokens, bias
+
+    lo, hi = -1.0, 1.0  # scores lie in [0, 1]: beyond +-1 the offset decides alone
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        share, _ = real_share(mid)
+        if share > real_per_token:
+            lo = mid  # too many real slots: raise the zero experts
+        else:
+            hi = mid
+    share, bias = real_share((lo + hi) / 2)
+    layer.e_score_correction_bias = bias
+    return (lo + hi) / 2, share
+
+
+def _normal(xp, shape, dtype, seed):
+    rng = xp.random.default_rng(seed)
+    return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+
+class _Timer:
+    """Median time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, gpu: bool, warmup: int, repeat: int):
+        self.gpu, self.warmup, self.repeat = gpu, warmup, repeat
+
+    def __call__(self, fn, inputs):
+        for i in range(self.warmup):
+            fn(inputs[i % len(inputs)])
+        times = []
+        if self.gpu:
+            cp = cupy_module()
+            cp.cuda.get_current_stream().synchronize()
+            for i in range(self.repeat):
+                start, stop = cp.cuda.Event(), cp.cuda.Event()
+                start.record()
+                fn(inputs[i % len(inputs)])
+                stop.record()
+                stop.synchronize()
+                times.append(cp.cuda.get_elapsed_time(start, stop))
+        else:
+            for i in range(self.repeat):
+                t0 = time.perf_counter()
+                fn(inputs[i % len(inputs)])
+                times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+
+
+def measure_ceilings(dtype, quick: bool):
+    """Device-to-device copy bandwidth (read + write, B/s) and a large matmul rate (FLOP/s)."""
+    cp = cupy_module()
+    timer = _Timer(True, 3, 10 if quick else 30)
+    n = 1 << 28  # 1 GiB of bytes
+    src = cp.ones(n // 4, np.float32)
+    dst = cp.empty_like(src)
+    ms = timer(lambda _: dst.__setitem__(Ellipsis, src), [None])
+    bandwidth = 2 * n / (ms * 1e-3)
+    del src, dst
+    m = 8192
+    a = _normal(cp, (m, m), dtype, 2)
+    b = _normal(cp, (m, m), dtype, 3)
+    ms = timer(lambda _: cp.matmul(a, b), [None])
+    rate = 2 * m ** 3 / (ms * 1e-3)
+    return bandwidth, rate
+
+
+def floor_time(cfg, ids_host, bandwidth, rate):
+    """SPEC.md's floor: max(bytes / bandwidth, flops / rate), seconds."""
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    item = np_dtype(cfg.dtype).itemsize
+    T = ids_host.shape[0]
+    real = ids_host[ids_host < E]
+    distinct = np.unique(real).size
+    bytes_ = distinct * 3 * H * I * item + 2 * T * H * item
+    flops = 2 * T * H * cfg.num_total_experts + 6 * H * I * real.size
+    return max(bytes_ / bandwidth, flops / rate), bytes_, flops
+
+
+def run(args) -> int:
+    import zeromoe_cupy as zm
+
+    device = args.device or ("cuda" if gpu_available() else "cpu")
+    gpu = device == "cuda"
+    preset = args.preset or ("longcat-flash" if gpu else "tiny")
+    overrides = {"dtype": args.dtype} if args.dtype else {}
+    cfg = zm.MoEConfig.preset(preset, **overrides)
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    else:
+        tokens = list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
+    if not gpu:
+        tokens = [t for t in tokens if t <= 4096]
+        print("No GPU in use: these are CPU (NumPy) numbers, on the "
+              f"'{preset}' preset; they say nothing about GPU speed.")
+    real_per_token = args.real_per_token
+    if real_per_token is None:
+        real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3
+    xp = cupy_module() if gpu else np
+    print(f"building {preset} ({cfg.dtype}) on {device} ...", flush=True)
+    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device)
+    offset, share = calibrate_zero_bias(layer, real_per_token)
+    print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
+          flush=True)
+    result = {"preset": preset, "dtype": cfg.dtype, "device": device,
+              "real_per_token_target": real_per_token, "real_per_token": share,
+              "zero_bias_offset": offset, "versions": _versions(), "rows": []}
+    if gpu:
+        cp = xp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+        result["gpu"] = props["name"].decode()
+        bandwidth, rate = measure_ceilings(np_dtype(cfg.dtype), args.quick)
+        result.update(copy_bandwidth_Bps=bandwidth, matmul_flops=rate)
+        print(f"{result['gpu']}: copy {bandwidth / 1e12:.2f} TB/s, "
+              f"{cfg.dtype} matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+        layer.warmup()
+    else:
+        bandwidth = rate = None
+    peers = _make_peers(args.peers, layer) if gpu and args.peers else {}
+    timer = _Timer(gpu, 3 if args.quick else 10, 10 if args.quick else 50)
+    for T in tokens:
+        print(f"T={T} ...", flush=True)
+        # Enough rotating inputs that x alone exceeds the L2 cache (~60 MB) at small T.
+        n_sets = int(min(16, max(2, (128 << 20) // max(1, T * cfg.hidden_size * 2))))
+        xs = [_normal(xp, (T, cfg.hidden_size), np_dtype(cfg.dtype), 100 + i)
+              for i in range(n_sets if gpu else 2)]
+        routings = [layer.route(x) for x in xs]
+        ids_host = routings[0].topk_ids.get() if gpu else routings[0].topk_ids
+        row = {"tokens": T, "real_slots_per_token": float((ids_host < cfg.num_experts).mean()
+                                                          * cfg.top_k)}
+        if gpu:
+            cp.get_default_memory_pool().free_all_blocks()
+            before = cp.get_default_memory_pool().total_bytes()
+        row["forward_ms"] = timer(layer, xs)
+        if gpu:
+            row["workspace_bytes"] = int(cp.get_default_memory_pool().total_bytes() - before)
+        row.update(_stage_times(layer, xs, routings, timer))
+        if gpu:
+            floor, bytes_, flops = floor_time(cfg, ids_host, bandwidth, rate)
+            row.update(floor_ms=floor * 1e3, floor_bytes=bytes_, floor_flops=flops,
+                       ratio_to_floor=row["forward_ms"] / (floor * 1e3))
+            for name, peer in peers.items():
+                err = _check_peer(peer, layer, xs[0])
+                row[f"peer_{name}_ms"] = timer(peer, xs)
+                row[f"peer_{name}_rel_err"] = err
+                row[f"peer_{name}_over_ours"] = row[f"peer_{name}_ms"] / row["forward_ms"]
+        result["rows"].append(row)
+    _print_table(result, list(peers))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(result, list(peers), args.plot)
+    return 0
+
+
+def _stage_times(layer, xs, routings, timer):
+    from .experts import expert_mlp
+    from .zero_experts import combine
+    cfg = layer.config
+    outs = [expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts)
+            for x, r in zip(xs, routings)]
+    pairs = list(zip(xs, routings, outs))
+    return {
+        "route_ms": timer(lambda x: layer.route(x), xs),
+        "experts_ms": timer(lambda p: expert_mlp(p[0], p[1].topk_ids, layer.w13, layer.w2,
+                                                 expert_counts=p[1].expert_counts), pairs),
+        "combine_ms": timer(lambda p: combine(p[0], p[1].topk_ids, p[1].topk_weights,
+                                              cfg.num_experts, cfg.zero_types, p[2],
+                                              layer.const_vec, layer.const_gate,
+                                              num_zero_experts=cfg.num_zero_experts,
+                                              _trusted=True), pairs),
+    }
+
+
+def _versions():
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("cupy", "numba", "ml_dtypes", "torch"):
+        mod = sys.modules.get(name)
+        if mod is None and name != "torch":
+            try:
+                mod = __import__(name)
+            except Exception:
+                mod = None
+        out[name] = getattr(mod, "__version__", None) if mod else None
+    return out
+
+
+def _make_peers(spec, layer):
+    from . import _torch_peers
+    names = [s for s in spec.split(",") if s]
+    return _torch_peers.make(names, layer)
+
+
+def _check_peer(peer, layer, x):
+    from .reference import relative_error
+    y = layer(x)
+    theirs = cupy_module().from_dlpack(peer(x))
+    return relative_error(theirs.get().astype(np.float32), y.get().astype(np.float32))
+
+
+def _print_table(result, peers):
+    gpu = result["device"] == "cuda"
+    head = f"{'T':>6} {'fwd ms':>9} {'route':>7} {'experts':>8} {'combine':>8}"
+    if gpu:
+        head += f" {'floor ms':>9} {'x floor':>7} {'MiB ws':>7}"
+        for p in peers:
+            head += f" {p + ' ms':>14} {p + '/ours':>12}"
+    print(head)
+    for r in result["rows"]:
+        line = (f"{r['tokens']:>6} {r['forward_ms']:>9.3f} {r['route_ms']:>7.3f} "
+                f"{r['experts_ms']:>8.3f} {r['combine_ms']:>8.3f}")
+        if gpu:
+            line += (f" {r['floor_ms']:>9.3f} {r['ratio_to_floor']:>7.2f} "
+                     f"{r['workspace_bytes'] / 2**20:>7.0f}")
+            for p in peers:
+                line += f" {r[f'peer_{p}_ms']:>14.3f} {r[f'peer_{p}_over_ours']:>12.2f}"
+        print(line)
+
+
+def _plot(result, peers, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'zeromoe-cupy[bench]'): no plot")
+        return
+    T = [r["tokens"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog(T, [r["forward_ms"] for r in result["rows"]], "o-", label="zeromoe_cupy")
+    if result["device"] == "cuda":
+        ax.loglog(T, [r["floor_ms"] for r in result["rows"]], "k--", label="floor")
+        for p in peers:
+            ax.loglog(T, [r[f"peer_{p}_ms"] for r in result["rows"]], "s-", label=p)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("ms")
+    ax.set_title(f"{result['preset']} {result['dtype']} on {result.get('gpu', 'CPU')}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")

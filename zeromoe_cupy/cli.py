@@ -1,0 +1,106 @@
+"""Command line: `zeromoe info | demo | bench` (also `python -m zeromoe_cupy`)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import numpy as np
+
+from . import __version__
+from ._arrays import cupy_module, gpu_available
+
+# Tolerances of SPEC.md: ||y - ref|| / ||ref|| against the float64 reference.
+TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+        return getattr(module, "__version__", "?")
+    except Exception as exc:  # noqa: BLE001 - report, never fail `info`
+        return f"not importable ({type(exc).__name__})"
+
+
+def info() -> int:
+    print(f"zeromoe_cupy {__version__}  Python {platform.python_version()}  "
+          f"NumPy {np.__version__}")
+    print(f"CuPy   {_version('cupy')}")
+    print(f"Numba  {_version('numba')}  (numba-cuda {_version('numba_cuda')})")
+    print(f"ml_dtypes {_version('ml_dtypes')}")
+    cp = cupy_module()
+    paths = ["NumPy (CPU)"]
+    if gpu_available():
+        rt = cp.cuda.runtime
+        props = rt.getDeviceProperties(rt.getDevice())
+        print(f"CUDA runtime {rt.runtimeGetVersion()}  driver {rt.driverGetVersion()}")
+        print(f"GPU    {props['name'].decode()}  (sm_{props['major']}{props['minor']}, "
+              f"{props['totalGlobalMem'] / 2**30:.1f} GiB)")
+        from . import _cublas
+        try:
+            lib = _cublas.library()
+            print(f"cuBLAS {lib._name}  grouped GEMM: {_cublas.has_grouped_gemm()}")
+        except Exception as exc:  # noqa: BLE001
+            print(f"cuBLAS not loadable: {exc}")
+        paths.append("CuPy + CUDA kernels (GPU)")
+    else:
+        print("GPU    none visible: only the NumPy path is available")
+    print("paths: " + ", ".join(paths))
+    return 0
+
+
+def demo(device: str | None = None, tokens: int = 64) -> int:
+    import zeromoe_cupy as zm
+
+    device = device or ("cuda" if gpu_available() else "cpu")
+    if device == "cpu":
+        print("No GPU in use: running the NumPy path on the CPU.")
+    ok = True
+    for preset, dtype in (("tiny", "float32"), ("tiny", "bfloat16"), ("moe++-7b", "bfloat16")):
+        overrides = {"dtype": dtype}
+        if preset == "moe++-7b":
+            overrides.update(hidden_size=256, intermediate_size=128)  # small enough for the CPU
+        cfg = zm.MoEConfig.preset(preset, **overrides)
+        layer = zm.ZeroExpertMoE(cfg, seed=0, device=device)
+        rng = np.random.default_rng(1)
+        x_host = rng.standard_normal((tokens, cfg.hidden_size)).astype(np.float32)
+        x_host = x_host.astype(np.dtype(layer.w13.dtype))
+        x = cupy_module().asarray(x_host) if device == "cuda" else x_host
+        r = layer.route(x)
+        y = layer(x, routing=r)
+        ref, _ = layer.reference(x)
+        y_host = y.get() if device == "cuda" else y
+        err = zm.reference.relative_error(y_host, ref)
+        ids = r.topk_ids.get() if device == "cuda" else r.topk_ids
+        real = float((ids < cfg.num_experts).sum(axis=1).mean())
+        passed = err <= TOLERANCE[dtype]
+        ok &= passed
+        print(f"{preset:10s} {dtype:9s} T={tokens} H={cfg.hidden_size} E={cfg.num_experts} "
+              f"Z={cfg.num_zero_experts} K={cfg.top_k}: real experts/token {real:.2f}, "
+              f"rel. error vs float64 {err:.2e} (<= {TOLERANCE[dtype]:.0e}) "
+              f"{'ok' if passed else 'FAIL'}")
+    print(f"demo on {device}: {'all checks passed' if ok else 'CHECK FAILED'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zeromoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, the GPU, and which paths are available")
+    p_demo = sub.add_parser("demo", help="a small layer end to end, checked against float64")
+    p_demo.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p_demo.add_argument("--tokens", type=int, default=64)
+    p_bench = sub.add_parser("bench", help="time the layer against the memory/FLOP floor")
+    from .bench import add_arguments
+    add_arguments(p_bench)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "demo":
+        return demo(args.device, args.tokens)
+    from .bench import run
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

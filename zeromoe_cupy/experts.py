@@ -1,0 +1,180 @@
+"""The real experts (SPEC.md step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
+
+The output stays in expert order: ``rows`` holds one row per real (token, slot) pair and
+``slot_rows[t, k]`` says which (-1 for zero-expert slots); ``combine`` reads it from there.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy
+from ._compile import memoize_per_device, raw_module
+
+
+class ExpertOutput(NamedTuple):
+    rows: Any       # (M, H) x's dtype: FFN_e(x_t) for each real pair, grouped by expert
+    slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
+
+
+def _check(x, topk_ids, w13, w2):
+    if x.ndim != 2:
+        raise ValueError(f"x: expected a 2-D array [T, H], got shape {x.shape}")
+    if dtype_name(x.dtype) is None:
+        raise TypeError(f"x: expected bfloat16, float16 or float32, got {x.dtype}")
+    T, H = x.shape
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids: expected shape [T={T}, K], got {topk_ids.shape}")
+    if topk_ids.dtype.kind not in "iu":
+        raise TypeError(f"topk_ids: expected an integer array, got {topk_ids.dtype}")
+    if w13.ndim != 3 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected shape [E, 2I, H={H}], got {w13.shape}")
+    E, I2 = w13.shape[0], w13.shape[1]
+    if w2.shape != (E, H, I2 // 2):
+        raise ValueError(f"w2: expected shape ({E}, {H}, {I2 // 2}), got {w2.shape}")
+    for name, a in (("topk_ids", topk_ids), ("w13", w13), ("w2", w2)):
+        if is_cupy(a) != is_cupy(x):
+            raise TypeError(f"{name}: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'})")
+    for name, a in (("w13", w13), ("w2", w2)):
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
+
+
+def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = False,
+               _trusted: bool = False) -> ExpertOutput:
+    """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
+
+    Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
+    ``route`` returns) saves a histogram pass on the GPU. Inputs are never modified.
+    """
+    x = as_array(x, "x")
+    topk_ids = as_array(topk_ids, "topk_ids")
+    w13 = as_array(w13, "w13")
+    w2 = as_array(w2, "w2")
+    _check(x, topk_ids, w13, w2)
+    if is_cupy(x):
+        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32)
+    return _expert_mlp_numpy(x, topk_ids, w13, w2)
+
+
+def _silu(v):
+    with np.errstate(over="ignore"):
+        return v / (np.float32(1) + np.exp(-v))
+
+
+def _expert_mlp_numpy(x, topk_ids, w13, w2):
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    K = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).astype(np.int64)
+    real = np.nonzero((flat >= 0) & (flat < E))[0]
+    order = real[np.argsort(flat[real], kind="stable")]  # pairs grouped by expert
+    slot_rows = np.full(T * K, -1, np.int32)
+    slot_rows[order] = np.arange(order.size, dtype=np.int32)
+    rows = np.empty((order.size, H), x.dtype)
+    experts, starts = np.unique(flat[order], return_index=True)
+    ends = np.append(starts[1:], order.size)
+    for e, s, t in zip(experts, starts, ends):  # a loop over active experts, not tokens
+        xe = x[order[s:t] // K].astype(np.float32)
+        gu = (xe @ w13[e].astype(np.float32).T).astype(x.dtype).astype(np.float32)
+        h = (_silu(gu[:, :I]) * gu[:, I:]).astype(x.dtype).astype(np.float32)
+        rows[s:t] = (h @ w2[e].astype(np.float32).T).astype(x.dtype)
+    return ExpertOutput(rows, slot_rows.reshape(T, K))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU path: offsets (device scan) -> gather (atomics give each pair its row) -> one host copy
+# of the per-expert counts (cuBLAS wants group sizes on the host) -> grouped GEMMs.
+
+@memoize_per_device
+def _experts_module():
+    names = ["expert_offsets"]
+    for _, (dt, ctype) in DTYPES.items():
+        for vec in (1, 16 // dt.itemsize):
+            names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{vec}>"]
+    return raw_module("experts.cu", names)
+
+
+def _vec(itemsize, n, *arrays):
+    vec = 16 // itemsize
+    if n % vec or any(a.data.ptr % 16 for a in arrays):
+        return 1
+    return vec
+
+
+def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
+    from . import _cublas
+
+    cp = cupy_module()
+    T, H = x.shape
+    E, I2 = w13.shape[0], w13.shape[1]
+    I = I2 // 2
+    K = topk_ids.shape[1]
+    name = dtype_name(x.dtype)
+    ctype = DTYPES[name][1]
+    mod = _experts_module()
+    ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
+    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
+        x = cp.ascontiguousarray(x)
+    w13 = cp.ascontiguousarray(w13)
+    w2 = cp.ascontiguousarray(w2)
+    if expert_counts is None:
+        flat = ids.ravel()
+        counts = cp.bincount(flat[(flat >= 0) & (flat < E)], minlength=E).astype(np.int32)
+    else:
+        counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), offsets, cursor))
+
+    counts_host = counts.get()  # the one host synchronization of the forward pass
+    M = int(counts_host.sum())
+    slot_rows = cp.empty((T, K), np.int32)
+    xs = cp.empty((M, H), x.dtype)
+    x_stride = x.strides[0] // x.itemsize
+    if T * K:
+        vec = _vec(x.itemsize, H, x, xs) if x_stride % (16 // x.itemsize) == 0 else 1
+        threads = min(256, max(32, -(-(H // vec) // 32) * 32))
+        mod.get_function(f"gather_rows<{ctype},{vec}>")(
+            (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
+                                   offsets, cursor, slot_rows, xs, np.int32(H)))
+    gate_up = cp.empty((M, I2), x.dtype)
+    h = cp.empty((M, I), x.dtype)
+    rows = cp.empty((M, H), x.dtype)
+    if M == 0:
+        return ExpertOutput(rows, slot_rows)
+
+    active = np.nonzero(counts_host)[0]
+    m = counts_host[active]
+    starts = np.concatenate(([0], np.cumsum(counts_host)[:-1]))[active].astype(np.int64)
+    item = x.itemsize
+    # The grouped call wants 16-byte aligned matrices; rows of H or I elements keep that
+    # only when H and I are multiples of 16 bytes' worth of elements.
+    aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
+    if aligned and _cublas.has_grouped_gemm():
+        ptrs = np.stack([
+            w13.data.ptr + active * (I2 * H * item), xs.data.ptr + starts * (H * item),
+            gate_up.data.ptr + starts * (I2 * item),
+            w2.data.ptr + active * (H * I * item), h.data.ptr + starts * (I * item),
+            rows.data.ptr + starts * (H * item)]).astype(np.uint64)
+        ptrs_d = cp.asarray(ptrs)
+        _cublas.grouped_gemm_nt(ptrs_d[0], ptrs_d[1], ptrs_d[2], m, I2, H, name, allow_tf32)
+        _silu_mul(mod, ctype, gate_up, h, M, I)
+        _cublas.grouped_gemm_nt(ptrs_d[3], ptrs_d[4], ptrs_d[5], m, H, I, name, allow_tf32)
+    else:  # odd sizes, or cuBLAS < 12.5: one cublasGemmEx per active expert
+        for e, s, n in zip(active, starts, m):
+            _cublas.gemm_nt(w13[e], xs[s:s + n], gate_up[s:s + n], allow_tf32)
+        _silu_mul(mod, ctype, gate_up, h, M, I)
+        for e, s, n in zip(active, starts, m):
+            _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
+    return ExpertOutput(rows, slot_rows)
+
+
+def _silu_mul(mod, ctype, gate_up, h, M, I):
+    vec = _vec(gate_up.itemsize, I, gate_up, h)
+    n = M * (I // vec)
+    blocks = int(min(max(1, -(-n // 256)), 132 * 16))
+    mod.get_function(f"silu_mul<{ctype},{vec}>")((blocks,), (256,),
+                                                  (gate_up, h, np.int64(M), np.int32(I)))

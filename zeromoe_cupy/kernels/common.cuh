@@ -1,0 +1,49 @@
+// Shared helpers for the RawKernels: fp32 conversion of the three layer dtypes and 16-byte
+// vector access. Compiled by NVRTC with -std=c++17; no host code.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// VEC elements of T moved as one access: 16 bytes when VEC * sizeof(T) == 16.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[VEC]) {
+  Vec<T, VEC> tmp = *reinterpret_cast<const Vec<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_f32(tmp.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f32(T* p, const float (&in)[VEC]) {
+  Vec<T, VEC> tmp;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) tmp.v[i] = from_f32<T>(in[i]);
+  *reinterpret_cast<Vec<T, VEC>*>(p) = tmp;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  const int warps = (blockDim.x + 31) / 32;
+  for (int i = 0; i < warps; ++i) total += scratch[i];
+  return total;
+}

@@ -1,0 +1,267 @@
+"""ZeroExpertMoE: owns the weights; forward = route -> real experts -> combine.
+
+Shape legend (SPEC.md): T tokens, H hidden, I expert intermediate, E real experts,
+Z zero experts (ids E..E+Z-1), K experts per token, N = E + Z.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._arrays import as_array, cupy_module, dtype_name, gpu_available, is_cupy, np_dtype
+from .config import MoEConfig
+from .experts import ExpertOutput, expert_mlp
+from .routing import RoutingResult, route, router_logits
+from .zero_experts import combine, zero_type_codes
+
+DEFAULT_MAX_CHUNK_TOKENS = 16384
+
+
+class ZeroExpertMoE:
+    """A Mixture-of-Experts layer with zero-computation experts, on NumPy or CuPy arrays.
+
+    ``layer(x)`` computes y = sum_k w_k * expert_{ids_k}(x) (SPEC.md). NumPy in -> NumPy out
+    (device "cpu"); CuPy or DLPack CUDA tensors in -> CuPy out (device "cuda").
+    Calls with more than ``max_chunk_tokens`` tokens run the expert stage in chunks, which
+    bounds its workspace to about ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes.
+    """
+
+    def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
+                 max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *, _weights=None):
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+        if device == "cuda" and not gpu_available():
+            raise RuntimeError("device='cuda': no CUDA GPU is visible to CuPy (or CuPy is not "
+                               "installed); use device='cpu' for the NumPy path")
+        if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, int) \
+                or max_chunk_tokens <= 0:
+            raise ValueError(f"max_chunk_tokens: expected a positive int, got {max_chunk_tokens!r}")
+        self.config = config
+        self.device = device
+        self.max_chunk_tokens = max_chunk_tokens
+        self.xp = cupy_module() if device == "cuda" else np
+        self._zero_codes = zero_type_codes(config.zero_types, config.num_zero_experts)
+        if _weights is None:
+            _weights = self._random_weights(seed)
+        (self.router_weight, self.router_bias, self.e_score_correction_bias,
+         self.w13, self.w2, self.const_vec, self.const_gate) = _weights
+
+    # --- construction ------------------------------------------------------------------------
+    def _random_weights(self, seed: int):
+        cfg, xp = self.config, self.xp
+        H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
+                         cfg.num_zero_experts, cfg.num_total_experts)
+        dt = np_dtype(cfg.dtype)
+        rng = xp.random.default_rng(seed)
+
+        def normal(shape, scale, dtype):
+            # Drawn in fp32 a slab at a time so a 40 GB bf16 tensor needs no fp32 copy.
+            out = xp.empty(shape, dtype)
+            step = max(1, (1 << 26) // max(1, int(np.prod(shape[1:]))))
+            for s in range(0, shape[0], step):
+                block = rng.standard_normal((min(step, shape[0] - s),) + tuple(shape[1:]),
+                                            dtype=np.float32)
+                out[s:s + step] = (block * np.float32(scale)).astype(dtype)
+            return out
+
+        router_weight = normal((N, H), H ** -0.5, np.float32)
+        w13 = normal((E, 2 * I, H), H ** -0.5, dt)
+        w2 = normal((E, H, I), I ** -0.5, dt)
+        bias = xp.zeros(N, np.float32) if cfg.use_correction_bias else None
+        const_vec = const_gate = None
+        if cfg.has_constant_experts:
+            const_vec = normal((Z, H), 1.0, dt)
+            const_gate = normal((Z, 2, H), H ** -0.5, dt)
+        return router_weight, None, bias, w13, w2, const_vec, const_gate
+
+    @classmethod
+    def from_weights(cls, config: MoEConfig, router_weight, w13, w2, e_score_correction_bias=None,
+                     router_bias=None, const_vec=None, const_gate=None,
+                     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS) -> "ZeroExpertMoE":
+        """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
+
+        GPU tensors are wrapped without a copy when they already have the layer's dtype and
+        a contiguous layout, so the layer shares their memory.
+        """
+        arrays = {"router_weight": router_weight, "w13": w13, "w2": w2,
+                  "e_score_correction_bias": e_score_correction_bias,
+                  "router_bias": router_bias, "const_vec": const_vec, "const_gate": const_gate}
+        arrays = {k: as_array(v, k, allow_none=k not in ("router_weight", "w13", "w2"))
+                  for k, v in arrays.items()}
+        on_gpu = {k: is_cupy(v) for k, v in arrays.items() if v is not None}
+        device = "cuda" if on_gpu["w13"] else "cpu"
+        for k, g in on_gpu.items():
+            if g != (device == "cuda"):
+                raise TypeError(f"{k}: expected the same device as w13 ({device}), got "
+                                f"{'cuda' if g else 'cpu'}")
+        xp = cupy_module() if device == "cuda" else np
+        cfg = config
+        H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
+                         cfg.num_zero_experts, cfg.num_total_experts)
+        dt = np_dtype(cfg.dtype)
+        expected = {"router_weight": (N, H), "w13": (E, 2 * I, H), "w2": (E, H, I),
+                    "e_score_correction_bias": (N,), "router_bias": (N,),
+                    "const_vec": (Z, H), "const_gate": (Z, 2, H)}
+        out = {}
+        for k, a in arrays.items():
+            if a is None:
+                out[k] = None
+                continue
+            if tuple(a.shape) != expected[k]:
+                raise ValueError(f"{k}: expected shape {expected[k]}, got {tuple(a.shape)}")
+            want = np.float32 if k in ("router_weight", "e_score_correction_bias",
+                                       "router_bias") else dt
+            if a.dtype.kind != "f" and dtype_name(a.dtype) is None:
+                raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
+            out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
+        if cfg.has_constant_experts and (out["const_vec"] is None or out["const_gate"] is None):
+            raise ValueError("const_vec, const_gate: required by the config's 'constant' experts")
+        if cfg.use_correction_bias and out["e_score_correction_bias"] is None:
+            out["e_score_correction_bias"] = xp.zeros(N, np.float32)
+        weights = (out["router_weight"], out["router_bias"], out["e_score_correction_bias"],
+                   out["w13"], out["w2"], out["const_vec"], out["const_gate"])
+        if device == "cuda" and not gpu_available():  # pragma: no cover
+            raise RuntimeError("CuPy arrays were given but no GPU is visible")
+        return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights)
+
+    # --- inputs ------------------------------------------------------------------------------
+    def _input(self, x):
+        x = as_array(x, "x")
+        cfg = self.config
+        if is_cupy(x) != (self.device == "cuda"):
+            if self.device == "cuda":
+                raise TypeError("x: expected a CUDA array for this GPU layer, got a host array; "
+                                "move it with cupy.asarray(x) (or tensor.cuda()), or build the "
+                                "layer with device='cpu'")
+            raise TypeError("x: expected a NumPy array for this CPU layer, got a CUDA array; "
+                            "use x.get() or build the layer with device='cuda'")
+        if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
+            raise ValueError(f"x: expected shape [T, {cfg.hidden_size}], got {tuple(x.shape)}")
+        if x.dtype != np_dtype(cfg.dtype):
+            raise TypeError(f"x: expected dtype {cfg.dtype} (the config's), got {x.dtype}")
+        return x
+
+    def _logits_input(self, logits, T):
+        logits = as_array(logits, "router_logits")
+        N = self.config.num_total_experts
+        if is_cupy(logits) != (self.device == "cuda"):
+            raise TypeError(f"router_logits: expected a {'CUDA' if self.device == 'cuda' else 'NumPy'}"
+                            f" array like x")
+        if tuple(logits.shape) != (T, N):
+            raise ValueError(f"router_logits: expected shape ({T}, {N}), got {tuple(logits.shape)}")
+        if logits.dtype.kind != "f":
+            raise TypeError(f"router_logits: expected a floating-point array, got {logits.dtype}")
+        return logits.astype(np.float32, copy=False)
+
+    def _routing_input(self, routing, T):
+        cfg = self.config
+        if not isinstance(routing, RoutingResult):
+            raise TypeError(f"routing: expected a RoutingResult from layer.route(), got "
+                            f"{type(routing).__name__}")
+        K = cfg.top_k
+        for name in ("topk_ids", "topk_weights"):
+            a = getattr(routing, name)
+            if is_cupy(a) != (self.device == "cuda"):
+                raise TypeError(f"routing.{name}: expected arrays on the layer's device")
+            if tuple(a.shape) != (T, K):
+                raise ValueError(f"routing.{name}: expected shape ({T}, {K}) for this x, "
+                                 f"got {tuple(a.shape)}")
+        return routing
+
+    # --- forward -----------------------------------------------------------------------------
+    def route(self, x, router_logits=None) -> RoutingResult:
+        """SPEC.md steps 1-7 for x [T, H] (or the caller's logits [T, E+Z])."""
+        x = self._input(x)
+        return self._route(x, router_logits)
+
+    def _route(self, x, logits):
+        cfg = self.config
+        if logits is None:
+            logits = self._logits(x)
+        else:
+            logits = self._logits_input(logits, x.shape[0])
+        return route(logits, cfg.top_k, scoring_func=cfg.scoring_func,
+                     e_score_correction_bias=self.e_score_correction_bias,
+                     renormalize=cfg.renormalize,
+                     routed_scaling_factor=cfg.routed_scaling_factor,
+                     num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group)
+
+    def _logits(self, x):
+        return router_logits(x, self.router_weight, self.router_bias)
+
+    def __call__(self, x, router_logits=None, routing: RoutingResult | None = None):
+        """y [T, H] in x's dtype. ``routing`` reuses a result of ``route`` (no second pass)."""
+        x = self._input(x)
+        T = x.shape[0]
+        if routing is not None:
+            if router_logits is not None:
+                raise ValueError("routing, router_logits: pass one or the other, not both")
+            routing = self._routing_input(routing, T)
+        elif router_logits is not None:
+            router_logits = self._logits_input(router_logits, T)
+        chunk = self.max_chunk_tokens
+        if T <= chunk:
+            return self._forward(x, router_logits, routing, counts_valid=routing is not None)
+        parts = []
+        for s in range(0, T, chunk):
+            sl = slice(s, min(T, s + chunk))
+            sub_logits = None if router_logits is None else router_logits[sl]
+            sub_routing = None
+            if routing is not None:
+                sub_routing = RoutingResult(routing.topk_ids[sl], routing.topk_weights[sl], None)
+            parts.append(self._forward(x[sl], sub_logits, sub_routing, counts_valid=False))
+        return self.xp.concatenate(parts, axis=0)
+
+    def _forward(self, x, logits, routing, counts_valid):
+        cfg = self.config
+        if routing is None:
+            routing = self._route(x, logits)
+            counts = routing.expert_counts
+        else:
+            counts = routing.expert_counts if counts_valid else None
+        ids, weights = routing.topk_ids, routing.topk_weights
+        experts = None
+        if cfg.num_experts:
+            experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts, _trusted=True)
+        return combine(x, ids, weights, cfg.num_experts, cfg.zero_types, experts,
+                       self.const_vec, self.const_gate,
+                       num_zero_experts=cfg.num_zero_experts, _trusted=True)
+
+    def warmup(self) -> None:
+        """Compile every kernel this layer uses (one small forward), so timings exclude it."""
+        x = self.xp.zeros((1, self.config.hidden_size), np_dtype(self.config.dtype))
+        self(x)
+
+    def numpy_weights(self) -> dict[str, Any]:
+        """Host copies of the weights (for the float64 reference)."""
+        def host(a):
+            return None if a is None else (a.get() if is_cupy(a) else a)
+        return {"router_weight": host(self.router_weight), "router_bias": host(self.router_bias),
+                "correction_bias": host(self.e_score_correction_bias), "w13": host(self.w13),
+                "w2": host(self.w2), "const_vec": host(self.const_vec),
+                "const_gate": host(self.const_gate)}
+
+    def reference(self, x, router_logits=None, routing=None):
+        """The float64 evaluation of SPEC.md for this layer's weights: (y, routing)."""
+        from . import reference
+        cfg = self.config
+        to_host = (lambda a: a.get()) if self.device == "cuda" else np.asarray
+        w = self.numpy_weights()
+        return reference.forward(
+            to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
+            num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
+            scoring_func=cfg.scoring_func, correction_bias=w["correction_bias"],
+            router_bias=w["router_bias"], renormalize=cfg.renormalize,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
+            const_vec=w["const_vec"], const_gate=w["const_gate"],
+            router_logits=None if router_logits is None else to_host(as_array(router_logits, "router_logits")),
+            routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"ZeroExpertMoE(H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, "
+                f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, device={self.device!r})")

@@ -1,0 +1,139 @@
+"""A plain float64 NumPy evaluation of SPEC.md: the oracle for tests, the demo and the bench.
+
+Written for clarity, not speed: loops over tokens and slots are fine here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class ReferenceRouting(NamedTuple):
+    topk_ids: np.ndarray       # int64 [T, K]
+    topk_weights: np.ndarray   # float64 [T, K]
+    selection_scores: np.ndarray  # float64 [T, E+Z], after bias and group masking (-inf masked)
+
+
+def _rank_key(s: np.ndarray) -> np.ndarray:
+    """Selection key: NaN ranks with -inf, below every finite score."""
+    return np.where(np.isnan(s), -np.inf, s)
+
+
+def _top_indices(key: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest keys, descending, ties to the lower index."""
+    order = sorted(range(key.shape[0]), key=lambda i: (-key[i], i))
+    return np.asarray(order[:k], dtype=np.int64)
+
+
+def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=None,
+          renormalize: bool = False, routed_scaling_factor: float = 1.0,
+          num_expert_group: int | None = None, topk_group: int | None = None
+          ) -> ReferenceRouting:
+    """SPEC.md steps 2-7 on logits [T, E+Z], in float64."""
+    L = np.asarray(logits, dtype=np.float64)
+    T, N = L.shape
+    with np.errstate(all="ignore"):
+        if scoring_func == "softmax":
+            m = np.max(L, axis=1, keepdims=True) if N else L
+            e = np.exp(L - m)
+            p = e / np.sum(e, axis=1, keepdims=True)
+        elif scoring_func == "sigmoid":
+            p = 1.0 / (1.0 + np.exp(-L))
+        else:
+            raise ValueError(f"scoring_func: {scoring_func!r}")
+    s = p + np.asarray(correction_bias, np.float64)[None, :] if correction_bias is not None else p.copy()
+    ids = np.zeros((T, top_k), np.int64)
+    masked = np.array(s, copy=True)
+    for t in range(T):
+        key = _rank_key(s[t])
+        if num_expert_group is not None:
+            gs = N // num_expert_group
+            groups = key.reshape(num_expert_group, gs)
+            best = 2 if correction_bias is not None else 1
+            best = min(best, gs)
+            gscore = np.array([np.sum(groups[g][_top_indices(groups[g], best)])
+                               for g in range(num_expert_group)])
+            keep = _top_indices(_rank_key(gscore), topk_group)
+            allowed = np.zeros(num_expert_group, bool)
+            allowed[keep] = True
+            allowed_e = np.repeat(allowed, gs)
+            masked[t, ~allowed_e] = -np.inf
+            key = np.where(allowed_e, key, -np.inf)
+            # Masked experts must never be chosen, even below NaN: pick among allowed only.
+            cand = np.nonzero(allowed_e)[0]
+            order = sorted(cand, key=lambda i: (-key[i], i))
+            ids[t] = order[:top_k]
+        else:
+            ids[t] = _top_indices(key, top_k)
+    w = np.take_along_axis(p, ids, axis=1)
+    if renormalize:
+        with np.errstate(all="ignore"):
+            w = w / np.sum(w, axis=1, keepdims=True)
+    w = w * routed_scaling_factor
+    return ReferenceRouting(ids, w, masked)
+
+
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
+            zero_expert_type: str | Sequence[str] = "identity", scoring_func: str = "softmax",
+            correction_bias=None, router_bias=None, renormalize: bool = False,
+            routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
+            topk_group: int | None = None, const_vec=None, const_gate=None,
+            router_logits=None, routing=None) -> tuple[np.ndarray, ReferenceRouting]:
+    """SPEC.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
+
+    ``routing`` (ids, weights) may be given to evaluate the experts for a fixed routing.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    T, H = x64.shape
+    if routing is None:
+        if router_logits is None:
+            L = x64 @ np.asarray(router_weight, np.float64).T
+            if router_bias is not None:
+                L = L + np.asarray(router_bias, np.float64)[None, :]
+        else:
+            L = np.asarray(router_logits, np.float64)
+        routing = route(L, top_k, scoring_func, correction_bias, renormalize,
+                        routed_scaling_factor, num_expert_group, topk_group)
+    ids, w = np.asarray(routing[0]), np.asarray(routing[1], np.float64)  # (ids, weights, ...)
+    types = zero_expert_type
+    y = np.zeros((T, H), np.float64)
+    for t in range(T):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < num_experts:
+                W13 = np.asarray(w13[e], np.float64)
+                I = W13.shape[0] // 2
+                h = _silu(W13[:I] @ x64[t]) * (W13[I:] @ x64[t])
+                out = np.asarray(w2[e], np.float64) @ h
+            else:
+                j = e - num_experts
+                kind = types if isinstance(types, str) else types[j]
+                if kind == "identity":
+                    out = x64[t]
+                elif kind == "zero":
+                    out = np.zeros(H)
+                elif kind == "constant":
+                    g = np.asarray(const_gate[j], np.float64) @ x64[t]
+                    a = np.exp(g - g.max())
+                    a = a / a.sum()
+                    out = a[0] * x64[t] + a[1] * np.asarray(const_vec[j], np.float64)
+                else:
+                    raise ValueError(f"zero_expert_type: {kind!r}")
+            y[t] += w[t, k] * out
+    return y, ReferenceRouting(ids, w, None)
+
+
+def relative_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| in float64 (0 when both are empty)."""
+    y = np.asarray(y, np.float64)
+    ref = np.asarray(ref, np.float64)
+    den = np.linalg.norm(ref)
+    num = np.linalg.norm(y - ref)
+    if den == 0:
+        return float(num)
+    return float(num / den)

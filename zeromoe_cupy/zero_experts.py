@@ -1,0 +1,237 @@
+"""Zero-computation experts (identity, zero, constant) and the final combine (SPEC.md 8-9).
+
+NumPy arrays run a vectorized CPU path; CuPy arrays run one RawKernel pass per call
+(kernels/combine.cu), which reads x and the expert rows once and writes y once.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+
+from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy
+from ._compile import memoize_per_device, raw_module
+from .config import ZERO_EXPERT_TYPES
+
+ZeroTypes = Union[str, Sequence[str]]
+_TYPE_CODES = {name: code for code, name in enumerate(ZERO_EXPERT_TYPES)}  # matches combine.cu
+_MAX_SLOTS = 64  # combine.cu keeps per-slot coefficients in shared memory
+
+
+def zero_type_codes(zero_expert_type: ZeroTypes, num_zero_experts: int) -> np.ndarray:
+    """int32 [Z] codes (identity 0, zero 1, constant 2) from one string or Z strings."""
+    if isinstance(zero_expert_type, str):
+        types = [zero_expert_type] * num_zero_experts
+    else:
+        types = list(zero_expert_type)
+        if len(types) != num_zero_experts:
+            raise ValueError(f"zero_expert_type: expected {num_zero_experts} entries, "
+                             f"got {len(types)}")
+    bad = [t for t in types if t not in _TYPE_CODES]
+    if bad:
+        raise ValueError(f"zero_expert_type: expected each of {ZERO_EXPERT_TYPES}, got {bad[0]!r}")
+    return np.asarray([_TYPE_CODES[t] for t in types], dtype=np.int32)
+
+
+def _check_routing_arrays(x, topk_ids, topk_weights):
+    if x.ndim != 2:
+        raise ValueError(f"x: expected a 2-D array [T, H], got shape {x.shape}")
+    if dtype_name(x.dtype) is None:
+        raise TypeError(f"x: expected bfloat16, float16 or float32, got {x.dtype}")
+    T = x.shape[0]
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids: expected shape [T={T}, K], got {topk_ids.shape}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights: expected shape {topk_ids.shape}, got {topk_weights.shape}")
+    if topk_ids.dtype.kind not in "iu":
+        raise TypeError(f"topk_ids: expected an integer array, got {topk_ids.dtype}")
+    if topk_weights.dtype.kind != "f":
+        raise TypeError(f"topk_weights: expected a float array, got {topk_weights.dtype}")
+    for name, a in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if is_cupy(a) != is_cupy(x):
+            raise TypeError(f"{name}: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'}), got {type(a).__module__}")
+
+
+def _check_constants(codes, H, const_vec, const_gate, like):
+    Z = codes.shape[0]
+    if not (codes == _TYPE_CODES["constant"]).any():
+        return None, None
+    if const_vec is None or const_gate is None:
+        raise ValueError("const_vec, const_gate: required when a zero expert is 'constant'")
+    if const_vec.shape != (Z, H):
+        raise ValueError(f"const_vec: expected shape ({Z}, {H}), got {const_vec.shape}")
+    if const_gate.shape != (Z, 2, H):
+        raise ValueError(f"const_gate: expected shape ({Z}, 2, {H}), got {const_gate.shape}")
+    for name, a in (("const_vec", const_vec), ("const_gate", const_gate)):
+        if is_cupy(a) != is_cupy(like):
+            raise TypeError(f"{name}: expected the same array kind as x")
+    return const_vec, const_gate
+
+
+def _check_ids_in_range(topk_ids, n):
+    if topk_ids.size == 0:
+        return
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"topk_ids: expected ids in [0, {n}), got values in [{lo}, {hi}]")
+
+
+def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
+                       zero_expert_type: ZeroTypes = "identity", const_vec=None,
+                       const_gate=None):
+    """The zero experts' share alone: sum over slots with id >= E of w * Zexp(x), [T, H].
+
+    Ids below ``num_experts`` (real experts) contribute nothing here. Inputs are not modified.
+    The number of zero experts Z is taken from ``zero_expert_type`` when it is a sequence,
+    else from ``const_vec`` or, failing that, from the largest id.
+    """
+    return combine(x, topk_ids, topk_weights, num_experts, zero_expert_type,
+                   expert_output=None, const_vec=const_vec, const_gate=const_gate)
+
+
+def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroTypes = "identity",
+            expert_output=None, const_vec=None, const_gate=None, *, num_zero_experts=None,
+            _trusted: bool = False):
+    """y = sum_k w_k * (expert row of slot k if real, else Zexp(x)), fp32 sums, cast once.
+
+    ``expert_output`` is what ``expert_mlp`` returned (rows + the row of each real slot);
+    None gives the zero experts' share alone.
+    """
+    x = as_array(x, "x")
+    topk_ids = as_array(topk_ids, "topk_ids")
+    topk_weights = as_array(topk_weights, "topk_weights")
+    const_vec = as_array(const_vec, "const_vec", allow_none=True)
+    const_gate = as_array(const_gate, "const_gate", allow_none=True)
+    _check_routing_arrays(x, topk_ids, topk_weights)
+    E = int(num_experts)
+    if num_zero_experts is None:
+        if not isinstance(zero_expert_type, str):
+            num_zero_experts = len(zero_expert_type)
+        elif const_vec is not None:
+            num_zero_experts = const_vec.shape[0]
+        else:
+            num_zero_experts = max(0, int(topk_ids.max()) + 1 - E) if topk_ids.size else 0
+    codes = zero_type_codes(zero_expert_type, num_zero_experts)
+    H = x.shape[1]
+    const_vec, const_gate = _check_constants(codes, H, const_vec, const_gate, x)
+    for name, a in (("const_vec", const_vec), ("const_gate", const_gate)):
+        if a is not None and a.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
+    if expert_output is not None:
+        rows, slot_rows = expert_output
+        if rows.ndim != 2 or rows.shape[1] != H or rows.dtype != x.dtype:
+            raise ValueError(f"expert_output.rows: expected [M, {H}] of {x.dtype}, got "
+                             f"{rows.shape} of {rows.dtype}")
+        if slot_rows.shape != topk_ids.shape:
+            raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
+                             f"got {slot_rows.shape}")
+    if not _trusted:
+        _check_ids_in_range(topk_ids, E + num_zero_experts)
+    if is_cupy(x):
+        return _combine_gpu(x, topk_ids, topk_weights, E, codes, expert_output,
+                            const_vec, const_gate)
+    return _combine_numpy(x, topk_ids, topk_weights, E, codes, expert_output,
+                          const_vec, const_gate)
+
+
+def _combine_numpy(x, ids, weights, E, codes, expert_output, const_vec, const_gate):
+    T, H = x.shape
+    x32 = x.astype(np.float32)
+    w = weights.astype(np.float32)
+    y = np.zeros((T, H), np.float32)
+    rows32 = None
+    if expert_output is not None:
+        rows, slot_rows = expert_output
+        rows32 = rows.astype(np.float32)
+    for k in range(ids.shape[1]):  # a loop over slots, vectorized over tokens
+        e = ids[:, k].astype(np.int64)
+        wk = w[:, k:k + 1]
+        if rows32 is not None:
+            r = slot_rows[:, k]
+            real = (e < E) & (r >= 0)
+            y[real] += wk[real] * rows32[r[real]]
+        zero = e >= E
+        kind = np.full(T, -1)
+        kind[zero] = codes[e[zero] - E]
+        ident = kind == _TYPE_CODES["identity"]
+        y[ident] += wk[ident] * x32[ident]
+        const = kind == _TYPE_CODES["constant"]
+        if const.any():
+            j = e[const] - E
+            g = np.einsum("tch,th->tc", const_gate[j].astype(np.float32), x32[const])
+            a = np.exp(g - g.max(axis=1, keepdims=True))
+            a /= a.sum(axis=1, keepdims=True)
+            y[const] += wk[const] * (a[:, :1] * x32[const] +
+                                     a[:, 1:] * const_vec[j].astype(np.float32))
+    return y.astype(x.dtype)
+
+
+@memoize_per_device
+def _combine_module():
+    names = [f"combine_kernel<{ctype},{vec}>"
+             for _, (dt, ctype) in DTYPES.items() for vec in (1, 16 // dt.itemsize)]
+    return raw_module("combine.cu", names)
+
+
+def vector_width(itemsize: int, H: int, *arrays) -> int:
+    """Elements per 16-byte access when H and every pointer allow it, else 1."""
+    vec = 16 // itemsize
+    if H % vec:
+        return 1
+    for a in arrays:
+        if a is not None and a.data.ptr % 16:
+            return 1
+    return vec
+
+
+def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate):
+    cp = cupy_module()
+    T, H = x.shape
+    K = ids.shape[1]
+    if K > _MAX_SLOTS:
+        raise ValueError(f"topk_ids: the GPU combine handles K <= {_MAX_SLOTS}, got K={K}")
+    out = cp.empty((T, H), x.dtype)
+    if T == 0:
+        return out
+    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
+        x = cp.ascontiguousarray(x)
+    ids = cp.ascontiguousarray(ids, dtype=np.int32)
+    weights = cp.ascontiguousarray(weights, dtype=np.float32)
+    rows = slot_rows = None
+    if expert_output is not None:
+        rows = cp.ascontiguousarray(expert_output[0])
+        slot_rows = cp.ascontiguousarray(expert_output[1], dtype=np.int32)
+    if const_vec is not None:
+        const_vec = cp.ascontiguousarray(const_vec)
+        const_gate = cp.ascontiguousarray(const_gate)
+    codes_d = _codes_on_device(codes.tobytes())
+    x_stride = x.strides[0] // x.itemsize
+    vec = vector_width(x.itemsize, H, x, rows, const_vec, out)
+    if vec > 1 and x_stride % vec:
+        vec = 1
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    kernel = _combine_module().get_function(f"combine_kernel<{ctype},{vec}>")
+    threads = min(256, max(32, -(-(H // vec) // 32) * 32))
+    null = 0
+    kernel((T,), (threads,),
+           (x, np.int64(x_stride), ids, weights,
+            rows if rows is not None else null, slot_rows if slot_rows is not None else null,
+            codes_d, const_vec if const_vec is not None else null,
+            const_gate if const_gate is not None else null,
+            out, np.int32(H), np.int32(K), np.int32(E), np.int32(codes.shape[0])))
+    return out
+
+
+_codes_cache: dict = {}
+
+
+def _codes_on_device(key: bytes):
+    """The zero-type table on the device, uploaded once per distinct table and device."""
+    cp = cupy_module()
+    dev = cp.cuda.runtime.getDevice()
+    arr = _codes_cache.get((dev, key))
+    if arr is None:
+        arr = cp.asarray(np.frombuffer(key, dtype=np.int32)) if key else cp.zeros(1, np.int32)
+        _codes_cache[(dev, key)] = arr
+    return arr
