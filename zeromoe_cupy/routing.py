@@ -4,7 +4,6 @@ Shapes: logits (T, N) fp32 with N = E + Z; ids (T, K) int32; weights (T, K) fp32
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -120,227 +119,26 @@ def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, to
 
 
 # ----------------------------------------------------------------------------------------------
-# The CUDA kernel. One warp routes one token: its N scores sit in shared memory, each lane
-# owns experts lane, lane+32, ...; K rounds of a warp arg-max pick the ids in order. The same
-# body runs under Numba's CUDA simulator with block-wide reductions in place of warp shuffles.
+# The CUDA kernel lives in _route_kernel.py (imported lazily: it imports numba).
 
-def _make_route_kernel(simulator: bool):
-    from numba import cuda, float32, int32
-
-    FULL = 0xFFFFFFFF
-    WARPS = _WARPS_PER_BLOCK
-    NEG_INF = float32(-math.inf)
-    NAN = float32(math.nan)
-
-    if simulator:
-        @cuda.jit(device=True)
-        def reduce_max(v, w, lane, fs, js):
-            cuda.syncthreads()
-            fs[w, lane] = v
-            cuda.syncthreads()
-            best = fs[w, 0]
-            for j in range(1, 32):
-                if fs[w, j] > best:
-                    best = fs[w, j]
-            cuda.syncthreads()
-            return best
-
-        @cuda.jit(device=True)
-        def reduce_sum(v, w, lane, fs, js):
-            cuda.syncthreads()
-            fs[w, lane] = v
-            cuda.syncthreads()
-            total = float32(0)
-            for j in range(32):
-                total += fs[w, j]
-            cuda.syncthreads()
-            return total
-
-        @cuda.jit(device=True)
-        def reduce_argmax(v, i, w, lane, fs, js):
-            cuda.syncthreads()
-            fs[w, lane] = v
-            js[w, lane] = i
-            cuda.syncthreads()
-            bv = fs[w, 0]
-            bi = js[w, 0]
-            for j in range(1, 32):
-                ov = fs[w, j]
-                oi = js[w, j]
-                if ov > bv or (ov == bv and oi < bi):
-                    bv = ov
-                    bi = oi
-            cuda.syncthreads()
-            return bv, bi
-
-        @cuda.jit(device=True)
-        def sync_warp():
-            cuda.syncthreads()
-    else:
-        @cuda.jit(device=True)
-        def reduce_max(v, w, lane, fs, js):
-            off = 16
-            while off > 0:
-                o = cuda.shfl_xor_sync(FULL, v, off)
-                if o > v:
-                    v = o
-                off //= 2
-            return v
-
-        @cuda.jit(device=True)
-        def reduce_sum(v, w, lane, fs, js):
-            off = 16
-            while off > 0:
-                v += cuda.shfl_xor_sync(FULL, v, off)
-                off //= 2
-            return v
-
-        @cuda.jit(device=True)
-        def reduce_argmax(v, i, w, lane, fs, js):
-            off = 16
-            while off > 0:
-                ov = cuda.shfl_xor_sync(FULL, v, off)
-                oi = cuda.shfl_xor_sync(FULL, i, off)
-                if ov > v or (ov == v and oi < i):
-                    v = ov
-                    i = oi
-                off //= 2
-            return v, i
-
-        @cuda.jit(device=True)
-        def sync_warp():
-            cuda.syncwarp(FULL)
-
-    @cuda.jit(device=True)
-    def lane_best(key, w, lane, n):
-        # Best (key, id) among this lane's experts; removed/masked entries are NaN.
-        bv = NEG_INF
-        bi = int32(0x7FFFFFFF)
-        for e in range(lane, n, 32):
-            v = key[w, e]
-            if v > bv or (v == bv and e < bi):
-                bv = v
-                bi = e
-        return bv, bi
-
-    def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
-                     renorm, rsf, groups, topk_group):
-        w = cuda.threadIdx.x // 32
-        lane = cuda.threadIdx.x % 32
-        t = cuda.blockIdx.x * WARPS + w
-        valid = t < T
-        if not valid:
-            t = T - 1  # idle warps still take part in block-wide barriers (simulator)
-        prob = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
-        key = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
-        fs = cuda.shared.array((WARPS, 32), float32)
-        js = cuda.shared.array((WARPS, 32), int32)
-        row = t * n
-
-        # Scores p (softmax or sigmoid) into shared memory.
-        if scoring == 0:
-            m = NEG_INF
-            for e in range(lane, n, 32):
-                v = logits[row + e]
-                prob[w, e] = v
-                if v > m:
-                    m = v
-            m = reduce_max(m, w, lane, fs, js)
-            total = float32(0)
-            for e in range(lane, n, 32):
-                ex = math.exp(prob[w, e] - m)
-                prob[w, e] = ex
-                total += ex
-            total = reduce_sum(total, w, lane, fs, js)
-            inv = float32(1) / total
-            for e in range(lane, n, 32):
-                prob[w, e] = prob[w, e] * inv
-        else:
-            for e in range(lane, n, 32):
-                prob[w, e] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
-
-        # Selection keys s = p + bias; NaN ranks with -inf (NaN itself marks "not choosable").
-        for e in range(lane, n, 32):
-            s = prob[w, e]
-            if has_bias:
-                s += bias[e]
-            if s != s:
-                s = NEG_INF
-            key[w, e] = s
-        sync_warp()
-
-        # Grouped top-k: keep the topk_group groups with the best (top-1 or top-2 sum) keys.
-        if groups > 0:
-            gsize = n // groups
-            best = 2 if has_bias else 1
-            if best > gsize:
-                best = gsize
-            gscore = cuda.local.array(32, float32)  # groups lane, lane+32, ...
-            for j in range(32):
-                gscore[j] = NAN
-                g = lane + 32 * j
-                if g < groups:
-                    a = NEG_INF
-                    b = NEG_INF
-                    for e in range(g * gsize, (g + 1) * gsize):
-                        v = key[w, e]
-                        if v > a:
-                            b = a
-                            a = v
-                        elif v > b:
-                            b = v
-                    gscore[j] = a + b if best == 2 else a
-            chosen = int32(0)  # bit j: group lane + 32 j is kept
-            for r in range(topk_group):
-                bv = NEG_INF
-                bi = int32(0x7FFFFFFF)
-                for j in range(32):
-                    g = lane + 32 * j
-                    v = gscore[j]
-                    if g < groups and (v > bv or (v == bv and g < bi)):
-                        bv = v
-                        bi = g
-                bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
-                if bi % 32 == lane:
-                    gscore[bi // 32] = NAN
-                    chosen |= int32(1) << (bi // 32)
-            for j in range(32):
-                g = lane + 32 * j
-                if g < groups and not (chosen >> j) & 1:
-                    for e in range(g * gsize, (g + 1) * gsize):
-                        key[w, e] = NAN
-            sync_warp()
-
-        # K rounds of arg-max; only the lane that owned the winner rescans its experts.
-        my_id = int32(0)
-        my_p = float32(0)
-        bv, bi = lane_best(key, w, lane, n)
-        for r in range(K):
-            wv, wi = reduce_argmax(bv, bi, w, lane, fs, js)
-            if wi >= n:
-                wi = 0  # unreachable when K <= choosable experts (validated on the host)
-            if lane == r:
-                my_id = wi
-                my_p = prob[w, wi]
-            if wi % 32 == lane:
-                key[w, wi] = NAN
-                bv, bi = lane_best(key, w, lane, n)
-        if renorm:
-            total = reduce_sum(my_p if lane < K else float32(0), w, lane, fs, js)
-            my_p = my_p / total
-        if valid and lane < K:
-            out_ids[t * K + lane] = my_id
-            out_w[t * K + lane] = my_p * rsf
-            cuda.atomic.add(counts, my_id, 1)
-
+def _route_kernel_pyfunc():
+    from ._route_kernel import route_kernel
     return route_kernel
 
 
 def route_kernel_signature():
     from numba import float32, int32, types
     f32p, i32p = types.CPointer(float32), types.CPointer(int32)
-    return (f32p, f32p, i32p, f32p, i32p, int32, int32, int32, int32, int32, int32, float32,
-            int32, int32)
+    # counts is an array (cuda.atomic.add needs one); see numba_array_args for its ABI.
+    return (f32p, f32p, i32p, f32p, types.Array(int32, 1, "C"), int32, int32, int32, int32,
+            int32, int32, float32, int32, int32)
+
+
+def numba_array_args(a):
+    """A C-contiguous 1-D CuPy array as the 7 kernel parameters Numba expands it into:
+    meminfo, parent, nitems, itemsize, data, shape[0], strides[0]."""
+    return (np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize), a,
+            np.int64(a.shape[0]), np.int64(a.strides[0]))
 
 
 def _route_function():
@@ -348,16 +146,21 @@ def _route_function():
     global _route_function_cached
     if "_route_function_cached" not in globals():
         _route_function_cached = memoize_per_device(
-            lambda: numba_kernel_as_cupy(_make_route_kernel(False), route_kernel_signature()))
+            lambda: numba_kernel_as_cupy(_route_kernel_pyfunc(), route_kernel_signature()))
     return _route_function_cached()
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
-                        renormalize, rsf, groups, topk_group, launch):
-    """Launch a compiled route kernel; ``launch(kernel, grid, block, args)`` does the call."""
+                        renormalize, rsf, groups, topk_group, launch,
+                        counts_args=lambda c: (c,)):
+    """Launch a compiled route kernel; ``launch(kernel, grid, block, args)`` does the call.
+
+    ``counts_args`` turns the counts array into kernel arguments (Numba's expanded array
+    ABI when launching through CuPy; the array itself under the simulator).
+    """
     T, n = logits.shape
     blocks = (T + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
-    args = (logits, bias if bias is not None else logits, ids, weights, counts,
+    args = (logits, bias if bias is not None else logits, ids, weights, *counts_args(counts),
             np.int32(T), np.int32(n), np.int32(top_k), np.int32(_SCORING_CODES[scoring_func]),
             np.int32(bias is not None), np.int32(renormalize), np.float32(rsf),
             np.int32(groups or 0), np.int32(topk_group or 0))
@@ -382,5 +185,6 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
     if T:
         launch_route_kernel(_route_function(), logits, bias, ids, weights, counts, top_k,
                             scoring_func, renormalize, rsf, groups, topk_group,
-                            lambda k, grid, block, args: k(grid, block, args))
+                            lambda k, grid, block, args: k(grid, block, args),
+                            counts_args=numba_array_args)
     return RoutingResult(ids, weights, counts)

@@ -79,7 +79,7 @@ def _check_ids_in_range(topk_ids, n):
 
 def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
                        zero_expert_type: ZeroTypes = "identity", const_vec=None,
-                       const_gate=None):
+                       const_gate=None, *, num_zero_experts: int | None = None):
     """The zero experts' share alone: sum over slots with id >= E of w * Zexp(x), [T, H].
 
     Ids below ``num_experts`` (real experts) contribute nothing here. Inputs are not modified.
@@ -87,7 +87,8 @@ def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
     else from ``const_vec`` or, failing that, from the largest id.
     """
     return combine(x, topk_ids, topk_weights, num_experts, zero_expert_type,
-                   expert_output=None, const_vec=const_vec, const_gate=const_gate)
+                   expert_output=None, const_vec=const_vec, const_gate=const_gate,
+                   num_zero_experts=num_zero_experts)
 
 
 def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroTypes = "identity",

@@ -1,0 +1,86 @@
+"""Every kernel compiles without a GPU: the CUDA C++ RawKernels through NVRTC (each dtype
+instantiation, sm_80 and sm_90), the Numba routing kernel through compile_ptx."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zeromoe_cupy._arrays import DTYPES
+from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
+
+KERNELS = {
+    "combine.cu": [f"combine_kernel<{c},{v}>" for _, (dt, c) in DTYPES.items()
+                   for v in (1, 16 // dt.itemsize)],
+    "experts.cu": ["expert_offsets"] + [
+        f"{name}<{c},{v}>" for name in ("gather_rows", "silu_mul")
+        for _, (dt, c) in DTYPES.items() for v in (1, 16 // dt.itemsize)],
+}
+
+
+def _include_dirs():
+    import nvidia
+    dirs = []
+    for root in nvidia.__path__:
+        for sub in ("cu13/include", "cu12/include", "cuda_runtime/include", "cuda_nvrtc/include"):
+            d = os.path.join(root, sub)
+            if os.path.isdir(d):
+                dirs.append(d)
+    for d in ("/usr/local/cuda/include",):
+        if os.path.isdir(d):
+            dirs.append(d)
+    return dirs
+
+
+def _check(result):
+    err = result[0]
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    return result[1:] if len(result) > 2 else (result[1] if len(result) > 1 else None)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("filename", sorted(KERNELS))
+def test_cuda_kernels_compile_with_nvrtc(filename, arch):
+    src = kernel_source(filename).encode()
+    prog = _check(nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], []))
+    for name in KERNELS[filename]:
+        _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+    opts = [o.encode() for o in NVRTC_OPTIONS] + [f"-arch={arch}".encode()] + \
+        [f"-I{d}".encode() for d in _include_dirs()]
+    (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    log_size = _check(nvrtc.nvrtcGetProgramLogSize(prog))
+    log = b" " * log_size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    log = log.decode(errors="replace").strip("\x00 \n")
+    assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS, log
+    assert "warning" not in log.lower(), log
+    for name in KERNELS[filename]:
+        lowered = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+        assert lowered
+    size = _check(nvrtc.nvrtcGetCUBINSize(prog))
+    assert size > 1000
+    nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
+def test_routing_kernel_compiles_to_ptx(cc):
+    # In a subprocess: this process may run Numba's simulator, which has no compile_ptx.
+    # Numba compiles device functions for "the current device"; with no GPU, name one.
+    code = (
+        "import numba.cuda.dispatcher as d\n"
+        f"d.get_current_device = lambda: type('Dev', (), {{'compute_capability': {cc}}})\n"
+        "from numba import cuda\n"
+        "from zeromoe_cupy._route_kernel import route_kernel\n"
+        "from zeromoe_cupy.routing import route_kernel_signature\n"
+        f"ptx, _ = cuda.compile_ptx(route_kernel, route_kernel_signature(), cc={cc})\n"
+        "assert '.entry' in ptx, 'no kernel entry in the PTX'\n"
+        "assert 'shfl.sync' in ptx, 'no warp shuffles in the PTX'\n"
+        "print('ptx', len(ptx))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ptx ")

@@ -1,0 +1,182 @@
+"""GPU paths against the float64 reference (marker gpu: deselected without a GPU)."""
+import numpy as np
+import pytest
+
+import zeromoe_cupy as zm
+from zeromoe_cupy import ops, reference
+from zeromoe_cupy.reference import relative_error
+
+from conftest import TOL
+from helpers import random_layer_weights, random_x, separated_rows
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+# --- routing kernel ---------------------------------------------------------------------------
+ROUTE_SHAPES = {
+    # name: (N, K, groups, topk_group)
+    "longcat": (768, 12, None, None),
+    "deepseek": (256, 8, 8, 4),
+    "moepp": (20, 2, None, None),
+    "max": (1024, 32, None, None),
+}
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 1000, 65536])
+@pytest.mark.parametrize("shape", sorted(ROUTE_SHAPES))
+@pytest.mark.parametrize("scoring,bias,renorm", [("softmax", True, False),
+                                                 ("sigmoid", True, True),
+                                                 ("softmax", False, True),
+                                                 ("sigmoid", False, False)])
+def test_route_kernel_matches_reference(T, shape, scoring, bias, renorm, rng):
+    N, K, G, TG = ROUTE_SHAPES[shape]
+    if T == 65536 and (shape != "longcat" or not bias):
+        pytest.skip("the largest T only on one representative configuration")
+    logits_h = rng.standard_normal((T, N)).astype(np.float32)
+    bias_h = (rng.standard_normal(N) * 0.02).astype(np.float32) if bias else None
+    logits = cp.asarray(logits_h)
+    bias_d = None if bias_h is None else cp.asarray(bias_h)
+    r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias_d,
+                  renormalize=renorm, routed_scaling_factor=2.0, num_expert_group=G,
+                  topk_group=TG)
+    np.testing.assert_array_equal(logits.get(), logits_h)
+    ids, w, counts = r.topk_ids.get(), r.topk_weights.get(), r.expert_counts.get()
+    assert ids.shape == (T, K) and w.shape == (T, K)
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=N))
+    if T == 0:
+        return
+    sample = np.arange(T) if T <= 1000 else rng.choice(T, 500, replace=False)
+    ref = reference.route(logits_h[sample], K, scoring, bias_h, renorm, 2.0, G, TG)
+    ok = separated_rows(logits_h[sample].astype(np.float64), dict(
+        top_k=K, scoring_func=scoring, renormalize=renorm, num_expert_group=G, topk_group=TG),
+        bias=None if bias_h is None else bias_h.astype(np.float64))
+    assert ok.mean() > 0.5
+    np.testing.assert_array_equal(ids[sample][ok], ref.topk_ids[ok])
+    np.testing.assert_allclose(w[sample][ok], ref.topk_weights[ok], rtol=1e-6, atol=1e-9)
+
+
+def test_route_kernel_nan_rows():
+    logits = cp.asarray(np.random.default_rng(0).standard_normal((4, 768)).astype(np.float32))
+    logits[0] = cp.nan
+    logits[1, 3] = cp.nan
+    logits[2, :100] = cp.nan
+    for scoring in ("softmax", "sigmoid"):
+        r = ops.route(logits, 12, scoring_func=scoring)
+        ids = r.topk_ids.get()
+        assert ((ids >= 0) & (ids < 768)).all()
+        ref = reference.route(logits.get(), 12, scoring)
+        np.testing.assert_array_equal(ids[:1], ref.topk_ids[:1])
+
+
+# --- zero experts and combine ------------------------------------------------------------------
+@pytest.mark.parametrize("H", [1, 7, 200, 256, 257, 300, 768, 1000, 4096, 6144, 7168])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("types", ["identity", "zero", "constant", "mixed"])
+def test_zero_expert_output_every_H(H, dtype, types, rng):
+    from zeromoe_cupy._arrays import np_dtype
+    T, K, E, Z = 7, 12, 6, 4
+    zt = ("constant", "identity", "zero", "identity") if types == "mixed" else types
+    # Real slots carry weight in the layer but not in the zero share: zero them in the oracle.
+    x_h = random_x(rng, T, H, dtype)
+    ids_h = rng.integers(0, E + Z, (T, K)).astype(np.int32)
+    w_h = rng.random((T, K)).astype(np.float32) * 2
+    cv = rng.standard_normal((Z, H)).astype(np.float32).astype(np_dtype(dtype))
+    cg = (rng.standard_normal((Z, 2, H)) * H ** -0.5).astype(np.float32).astype(np_dtype(dtype))
+    args = [cp.asarray(a) for a in (x_h, ids_h, w_h, cv, cg)]
+    before = [a.copy() for a in args]
+    out = ops.zero_expert_output(args[0], args[1], args[2], E, zt, const_vec=args[3],
+                                 const_gate=args[4], num_zero_experts=Z)
+    for a, b in zip(args, before):
+        assert bytes(a.get().tobytes()) == bytes(b.get().tobytes())
+    ref, _ = reference.forward(x_h, None, np.zeros((E, 2, H)), np.zeros((E, H, 1)), top_k=K,
+                               num_experts=E, zero_expert_type=zt, const_vec=cv,
+                               const_gate=cg, routing=(ids_h, w_h * (ids_h >= E)))
+    assert relative_error(out.get(), ref) <= TOL[dtype] or np.linalg.norm(ref) == 0
+    if types == "zero":
+        assert not out.get().astype(np.float32).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_expert_output_misaligned_view(dtype, rng):
+    T, H, K, E = 9, 256, 4, 3
+    big = cp.asarray(random_x(rng, T, H + 1, dtype))
+    x = big[:, 1:]  # starts one element in: no 16-byte access possible
+    ids = cp.asarray(rng.integers(0, E + 2, (T, K)).astype(np.int32))
+    w = cp.asarray(rng.random((T, K)).astype(np.float32))
+    out = ops.zero_expert_output(x, ids, w, E, ("identity", "zero"))
+    ref, _ = reference.forward(x.get(), None, np.zeros((E, 2, H)), np.zeros((E, H, 1)),
+                               top_k=K, num_experts=E, zero_expert_type=("identity", "zero"),
+                               routing=(ids.get(), w.get() * (ids.get() >= E)))
+    assert relative_error(out.get(), ref) <= TOL[dtype]
+
+
+# --- full layer ---------------------------------------------------------------------------------
+LAYER_CASES = {
+    "tiny": (zm.MoEConfig.preset("tiny"), 33),
+    "moepp": (zm.MoEConfig.preset("moe++-7b", hidden_size=512, intermediate_size=256), 64),
+    "grouped": (zm.MoEConfig(hidden_size=128, intermediate_size=64, num_experts=24,
+                             num_zero_experts=8, top_k=6, num_expert_group=8, topk_group=4,
+                             scoring_func="sigmoid", use_correction_bias=True,
+                             renormalize=True, routed_scaling_factor=2.5), 50),
+    "odd_H": (zm.MoEConfig(hidden_size=257, intermediate_size=40, num_experts=5,
+                           num_zero_experts=3, top_k=3,
+                           zero_expert_type=("identity", "zero", "constant")), 21),
+    "t1": (zm.MoEConfig.preset("tiny"), 1),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_gpu_matches_reference(case, dtype, rng):
+    cfg0, T = LAYER_CASES[case]
+    cfg = zm.MoEConfig(**{**cfg0.__dict__, "dtype": dtype,
+                          "zero_expert_type": cfg0.zero_expert_type})
+    w = random_layer_weights(rng, cfg, bias_scale=0.02)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
+    x_before = x.copy()
+    y = layer(x)
+    assert isinstance(y, cp.ndarray) and y.dtype == x.dtype
+    ref, _ = layer.reference(x)
+    assert relative_error(y.get(), ref) <= TOL[dtype]
+    cp.testing.assert_array_equal(x, x_before)
+    # routing reuse and chunking give bitwise the same answer
+    cp.testing.assert_array_equal(layer(x, routing=layer.route(x)), y)
+    layer.max_chunk_tokens = 7
+    chunked = layer(x)
+    assert relative_error(chunked.get(), ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("force", ["zero", "one", "single_active"])
+def test_layer_gpu_skewed_routing(force, rng):
+    cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
+                       num_zero_experts=8, top_k=4, use_correction_bias=True, dtype="bfloat16")
+    w = random_layer_weights(rng, cfg)
+    if force == "zero":
+        w["e_score_correction_bias"][16:] += 10
+    elif force == "one":
+        w["e_score_correction_bias"][3] += 10
+    else:  # every real slot to expert 5, the rest to zero experts
+        w["e_score_correction_bias"][5] += 10
+        w["e_score_correction_bias"][16:] += 5
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    x = cp.asarray(random_x(rng, 300, 256, "bfloat16"))
+    ref, _ = layer.reference(x)
+    assert relative_error(layer(x).get(), ref) <= TOL["bfloat16"]
+
+
+def test_longcat_layer_sampled_rows(rng):
+    cfg = zm.MoEConfig.preset("longcat-flash")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
+    for T in (1, 128, 4096):
+        x = cp.asarray(random_x(rng, T, cfg.hidden_size, cfg.dtype))
+        r = layer.route(x)
+        y = layer(x, routing=r)
+        rows = np.sort(rng.choice(T, min(T, 24), replace=False))
+        ids, wts = r.topk_ids.get()[rows], r.topk_weights.get()[rows]
+        w = layer.numpy_weights()
+        ref, _ = reference.forward(x.get()[rows], None, w["w13"], w["w2"], top_k=cfg.top_k,
+                                   num_experts=cfg.num_experts, routing=(ids, wts))
+        assert relative_error(y.get()[rows], ref) <= TOL[cfg.dtype]

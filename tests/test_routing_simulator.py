@@ -1,0 +1,77 @@
+"""The GPU routing kernel's algorithm under Numba's CUDA simulator, against the reference.
+
+The simulator has no warp shuffles, so it runs the same kernel body with block-wide
+reductions in their place (`_route_kernel._SIM`). Only runs when the
+simulator is active (conftest turns it on when no GPU is visible).
+"""
+import os
+
+import numpy as np
+import pytest
+
+from zeromoe_cupy import reference
+from zeromoe_cupy.routing import launch_route_kernel
+
+from helpers import separated_rows
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                                reason="the simulator runs only on machines without a GPU")
+
+
+def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.0,
+               groups=None, topk_group=None):
+    from numba import cuda
+    from zeromoe_cupy._route_kernel import route_kernel
+    kernel = cuda.jit(route_kernel)
+    T, n = logits.shape
+    ids = np.full((T, top_k), -7, np.int32)
+    w = np.full((T, top_k), np.nan, np.float32)
+    counts = np.zeros(n, np.int32)
+
+    def launch(k, grid, block, args):
+        args = [a.ravel() if isinstance(a, np.ndarray) else a for a in args]
+        k[grid, block](*args)
+
+    launch_route_kernel(kernel, logits.astype(np.float32), bias, ids, w, counts, top_k,
+                        scoring, renorm, rsf, groups, topk_group, launch)
+    return ids, w, counts
+
+
+CASES = [
+    # (T, N, K, scoring, bias, renorm, rsf, groups, topk_group)
+    (5, 20, 2, "softmax", False, True, 1.0, None, None),    # MoE++-like
+    (6, 64, 8, "sigmoid", True, False, 2.5, 8, 4),           # DeepSeek-like, scaled down
+    (3, 96, 12, "softmax", True, False, 6.0, None, None),    # LongCat-like, scaled down
+    (2, 33, 5, "sigmoid", False, True, 1.0, 3, 2),           # N not a multiple of 32
+    (1, 7, 7, "softmax", False, False, 1.0, None, None),     # K = N
+]
+
+
+@pytest.mark.parametrize("T,N,K,scoring,has_bias,renorm,rsf,groups,tg", CASES)
+def test_simulated_kernel_matches_reference(T, N, K, scoring, has_bias, renorm, rsf, groups, tg):
+    rng = np.random.default_rng(N * 31 + K)
+    logits = rng.standard_normal((T, N)).astype(np.float32)
+    bias = (rng.standard_normal(N) * 0.05).astype(np.float32) if has_bias else None
+    logits_before = logits.copy()
+    ids, w, counts = run_kernel(logits, K, scoring, bias, renorm, rsf, groups, tg)
+    ref = reference.route(logits, K, scoring, bias, renorm, rsf, groups, tg)
+    ok = separated_rows(logits.astype(np.float64), dict(
+        top_k=K, scoring_func=scoring, renormalize=renorm, num_expert_group=groups,
+        topk_group=tg), bias=None if bias is None else bias.astype(np.float64))
+    assert ok.any()
+    np.testing.assert_array_equal(ids[ok], ref.topk_ids[ok])
+    np.testing.assert_allclose(w[ok], ref.topk_weights[ok], rtol=1e-5)
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=N))
+    np.testing.assert_array_equal(logits, logits_before)
+
+
+def test_simulated_kernel_nan_rows_give_valid_ids():
+    logits = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+    logits[0, :] = np.nan
+    logits[1, 5] = np.nan
+    ids, w, counts = run_kernel(logits, 4, "sigmoid")
+    assert ((ids >= 0) & (ids < 40)).all()
+    assert ids[0].tolist() == [0, 1, 2, 3]          # all NaN: ties to the lower ids
+    assert 5 not in ids[1].tolist()                 # a NaN score ranks below every finite one
+    ref = reference.route(logits, 4, "sigmoid")
+    np.testing.assert_array_equal(ids, ref.topk_ids)
