@@ -45,6 +45,7 @@ def numba_kernel_as_cupy(pyfunc: Callable, signature) -> "object":
     dispatcher = cuda.jit(signature)(pyfunc)
     kernel = next(iter(dispatcher.overloads.values()))
     cubin = kernel._codelibrary.get_cubin()  # linked for this device's compute capability
+    cubin = getattr(cubin, "code", cubin)  # numba-cuda >= 0.30 wraps it in an ObjectCode
     cp = cupy_module()
     module = cp.cuda.function.Module()
     module.load(bytes(cubin))
