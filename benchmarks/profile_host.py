@@ -14,7 +14,7 @@ x = cp.random.default_rng(0).standard_normal((1, cfg.hidden_size), dtype=cp.floa
     layer.w13.dtype)
 layer.warmup()
 r = layer.route(x)
-print(benchmark(layer, (x,), n_repeat=100, n_warmup=10))
+print(benchmark(layer.__call__, (x,), n_repeat=100, n_warmup=10))
 print(benchmark(layer.route, (x,), n_repeat=100, n_warmup=10))
 out = zm.ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts)
 print(benchmark(zm.ops.expert_mlp, (x, r.topk_ids, layer.w13, layer.w2), n_repeat=100,
