@@ -1,0 +1,75 @@
+"""Stage benchmarks on the GPU: route alone (logits given) against a torch peer, its host
+enqueue cost, and the zero-expert / combine passes against the copy bandwidth."""
+import json
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+
+from zeromoe_cupy import ops
+from zeromoe_cupy.bench import _Timer, measure_ceilings
+
+timer = _Timer(True, 5, 50)
+bw, _ = measure_ceilings(np.float32, quick=True)
+res = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "copy_Bps": bw, "route": [],
+       "zero": {}}
+print(f"{res['gpu']}: copy {bw / 1e12:.2f} TB/s")
+N, K, E = 768, 12, 512
+bias = cp.zeros(N, cp.float32)
+bias[E:] = 0.01
+try:
+    import torch
+except ImportError:
+    torch = None
+for T in (1, 128, 4096, 65536):
+    logits = [cp.random.default_rng(i).standard_normal((T, N), dtype=cp.float32) for i in range(4)]
+    ours = timer(lambda L: ops.route(L, K, e_score_correction_bias=bias,
+                                     routed_scaling_factor=6.0), logits)
+    row = {"T": T, "ours_ms": ours, "read_logits_ms": T * N * 4 / bw * 1e3 * 2}
+    if torch is not None:
+        tb = torch.from_dlpack(bias)
+
+        def peer(L):
+            L = torch.from_dlpack(L)
+            p = torch.softmax(L, -1)
+            ids = torch.topk(p + tb, K, -1)[1]
+            return ids, p.gather(1, ids) * 6.0
+        row["torch_ms"] = timer(peer, logits)
+    res["route"].append(row)
+    print(row)
+# Host enqueue cost at T=1: many launches timed with a host clock, one sync at the end.
+L1 = cp.random.default_rng(9).standard_normal((1, N), dtype=cp.float32)
+for _ in range(100):
+    ops.route(L1, K, e_score_correction_bias=bias)
+cp.cuda.Device().synchronize()
+n = 2000
+t0 = time.perf_counter()
+for _ in range(n):
+    ops.route(L1, K, e_score_correction_bias=bias)
+res["route_host_us_per_call"] = (time.perf_counter() - t0) / n * 1e6
+cp.cuda.Device().synchronize()
+print(f"route host enqueue: {res['route_host_us_per_call']:.1f} us/call")
+# Zero experts (identity) and combine at T=16384, H=6144, K=12, bf16, 8 real slots.
+T, H = 16384, 6144
+import ml_dtypes
+x = cp.random.default_rng(1).standard_normal((T, H), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+rng = np.random.default_rng(2)
+ids_h = np.concatenate([rng.integers(0, E, (T, 8)), rng.integers(E, N, (T, 4))], 1)
+ids = cp.asarray(ids_h.astype(np.int32))
+w = cp.asarray(rng.random((T, K)).astype(np.float32))
+ms = timer(lambda _: ops.zero_expert_output(x, ids, w, E, "identity", num_zero_experts=256), [0])
+nbytes = 2 * T * H * 2 + T * K * 8
+res["zero"]["identity_ms"] = ms
+res["zero"]["identity_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
+M = T * 8
+rows = cp.random.default_rng(3).standard_normal((M, H), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+slot = cp.asarray(np.concatenate([np.arange(M).reshape(T, 8), -np.ones((T, 4), int)], 1)
+                  .astype(np.int32))
+ms = timer(lambda _: ops.combine(x, ids, w, E, "identity", ops.ExpertOutput(rows, slot),
+                                 num_zero_experts=256, _trusted=True), [0])
+nbytes = (2 * T * H + M * H) * 2 + T * K * 12
+res["zero"]["combine_ms"] = ms
+res["zero"]["combine_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
+print(res["zero"])
+json.dump(res, open(sys.argv[1] if len(sys.argv) > 1 else "ops_bench.json", "w"), indent=1)
