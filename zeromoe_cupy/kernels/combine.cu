@@ -27,24 +27,37 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
   __shared__ int n_rows, n_cvec, use_x;  // use_x: an identity or constant slot reads x
   __shared__ float scratch[32];
 
+  __shared__ int slot_kind[MAX_SLOTS];     // -1 none, 0..2 zero type, 3 real
+  __shared__ int slot_aux[MAX_SLOTS];      // real: row of rows; constant: zero-expert index
+  __shared__ float slot_w[MAX_SLOTS];
+
   const long long t = blockIdx.x;
   const T* xt = x + t * x_stride;
+  // Each slot is read by its own thread (the loads overlap), then thread 0 compacts them in
+  // slot order, so the fp32 sums below always run in the same order.
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const int e = ids[t * K + k];
+    int kind = -1, aux = 0;
+    if (e >= 0 && e < E) {
+      if (rows != nullptr) { aux = slot_rows[t * K + k]; kind = aux >= 0 ? 3 : -1; }
+    } else if (e >= E && e < E + Z) {  // ids outside [0, E+Z) contribute nothing
+      kind = zero_types[e - E];
+      aux = e - E;
+    }
+    slot_kind[k] = kind;
+    slot_aux[k] = aux;
+    slot_w[k] = weights[t * K + k];
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     float xc = 0.f;
     int nr = 0, nc = 0, ux = 0;
     for (int k = 0; k < K; ++k) {
-      const int e = ids[t * K + k];
-      const float w = weights[t * K + k];
-      if (e >= 0 && e < E) {
-        if (rows != nullptr) {
-          const int r = slot_rows[t * K + k];
-          if (r >= 0) { row_w[nr] = w; row_off[nr] = (long long)r * H; ++nr; }
-        }
-      } else if (e >= E && e < E + Z) {
-        const int kind = zero_types[e - E];
-        if (kind == ZERO_IDENTITY) { xc += w; ux = 1; }
-        else if (kind == ZERO_CONSTANT) { cvec_w[nc] = w; cvec_j[nc] = e - E; ++nc; ux = 1; }
-      }  // ids outside [0, E+Z) contribute nothing (never read out of bounds)
+      const int kind = slot_kind[k];
+      const float w = slot_w[k];
+      if (kind == 3) { row_w[nr] = w; row_off[nr] = (long long)slot_aux[k] * H; ++nr; }
+      else if (kind == ZERO_IDENTITY) { xc += w; ux = 1; }
+      else if (kind == ZERO_CONSTANT) { cvec_w[nc] = w; cvec_j[nc] = slot_aux[k]; ++nc; ux = 1; }
     }
     x_coef = xc; n_rows = nr; n_cvec = nc; use_x = ux;
   }
