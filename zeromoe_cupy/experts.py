@@ -11,6 +11,7 @@ import numpy as np
 
 from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy
 from ._compile import memoize_per_device, raw_module
+from .zero_experts import vector_width
 
 
 class ExpertOutput(NamedTuple):
@@ -97,13 +98,6 @@ def _experts_module():
     return raw_module("experts.cu", names)
 
 
-def _vec(itemsize, n, *arrays):
-    vec = 16 // itemsize
-    if n % vec or any(a.data.ptr % 16 for a in arrays):
-        return 1
-    return vec
-
-
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
     from . import _cublas
 
@@ -135,7 +129,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
     xs = cp.empty((M, H), x.dtype)
     x_stride = x.strides[0] // x.itemsize
     if T * K:
-        vec = _vec(x.itemsize, H, x, xs) if x_stride % (16 // x.itemsize) == 0 else 1
+        vec = vector_width(x.itemsize, H, x, xs) if x_stride % (16 // x.itemsize) == 0 else 1
         threads = min(256, max(32, -(-(H // vec) // 32) * 32))
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
@@ -173,7 +167,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
 
 
 def _silu_mul(mod, ctype, gate_up, h, M, I):
-    vec = _vec(gate_up.itemsize, I, gate_up, h)
+    vec = vector_width(gate_up.itemsize, I, gate_up, h)
     n = M * (I // vec)
     blocks = int(min(max(1, -(-n // 256)), 132 * 16))
     mod.get_function(f"silu_mul<{ctype},{vec}>")((blocks,), (256,),
