@@ -58,16 +58,19 @@ rng = np.random.default_rng(2)
 ids_h = np.concatenate([rng.integers(0, E, (T, 8)), rng.integers(E, N, (T, 4))], 1)
 ids = cp.asarray(ids_h.astype(np.int32))
 w = cp.asarray(rng.random((T, K)).astype(np.float32))
-ms = timer(lambda _: ops.zero_expert_output(x, ids, w, E, "identity", num_zero_experts=256), [0])
 nbytes = 2 * T * H * 2 + T * K * 8
-res["zero"]["identity_ms"] = ms
-res["zero"]["identity_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
+for check in (True, False):
+    ms = timer(lambda _: ops.zero_expert_output(x, ids, w, E, "identity", num_zero_experts=256,
+                                                check_ids=check), [0])
+    tag = "identity" if check else "identity_unchecked"
+    res["zero"][f"{tag}_ms"] = ms
+    res["zero"][f"{tag}_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
 M = T * 8
 rows = cp.random.default_rng(3).standard_normal((M, H), dtype=cp.float32).astype(ml_dtypes.bfloat16)
 slot = cp.asarray(np.concatenate([np.arange(M).reshape(T, 8), -np.ones((T, 4), int)], 1)
                   .astype(np.int32))
 ms = timer(lambda _: ops.combine(x, ids, w, E, "identity", ops.ExpertOutput(rows, slot),
-                                 num_zero_experts=256, _trusted=True), [0])
+                                 num_zero_experts=256, check_ids=False), [0])
 nbytes = (2 * T * H + M * H) * 2 + T * K * 12
 res["zero"]["combine_ms"] = ms
 res["zero"]["combine_frac_of_copy"] = nbytes / (ms * 1e-3) / bw

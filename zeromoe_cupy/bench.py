@@ -174,8 +174,8 @@ def run(args) -> int:
         n_sets = int(min(16, max(2, (128 << 20) // max(1, T * cfg.hidden_size * 2))))
         xs = [_normal(xp, (T, cfg.hidden_size), np_dtype(cfg.dtype), 100 + i)
               for i in range(n_sets if gpu else 2)]
-        routings = [layer.route(x) for x in xs]
-        ids_host = routings[0].topk_ids.get() if gpu else routings[0].topk_ids
+        ids0 = layer.route(xs[0]).topk_ids
+        ids_host = ids0.get() if gpu else ids0
         row = {"tokens": T, "real_slots_per_token": float((ids_host < cfg.num_experts).mean()
                                                           * cfg.top_k)}
         if gpu:
@@ -184,7 +184,7 @@ def run(args) -> int:
         row["forward_ms"] = timer(layer, xs)
         if gpu:
             row["workspace_bytes"] = int(cp.get_default_memory_pool().total_bytes() - before)
-        row.update(_stage_times(layer, xs, routings, timer))
+        row.update(_stage_times(layer, xs, timer))
         if gpu:
             floor, bytes_, flops = floor_time(cfg, ids_host, bandwidth, rate)
             row.update(floor_ms=floor * 1e3, floor_bytes=bytes_, floor_flops=flops,
@@ -205,23 +205,50 @@ def run(args) -> int:
     return 0
 
 
-def _stage_times(layer, xs, routings, timer):
+STAGES = ("route", "permute", "gemm1", "activation", "gemm2", "combine")
+
+
+def _stage_times(layer, xs, timer):
+    """Median time of each stage of the forward, from marks between the stages.
+
+    One instrumented forward per repeat: route, then the expert stage's own marks, then the
+    combine. On the GPU each mark records a CUDA event, so a stage's time is the wall time
+    between its enqueue and the previous stage's (host work included where it stalls).
+    """
     from .experts import expert_mlp
     from .zero_experts import combine
     cfg = layer.config
-    outs = [expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts)
-            for x, r in zip(xs, routings)]
-    pairs = list(zip(xs, routings, outs))
-    return {
-        "route_ms": timer(lambda x: layer.route(x), xs),
-        "experts_ms": timer(lambda p: expert_mlp(p[0], p[1].topk_ids, layer.w13, layer.w2,
-                                                 expert_counts=p[1].expert_counts), pairs),
-        "combine_ms": timer(lambda p: combine(p[0], p[1].topk_ids, p[1].topk_weights,
-                                              cfg.num_experts, cfg.zero_types, p[2],
-                                              layer.const_vec, layer.const_gate,
-                                              num_zero_experts=cfg.num_zero_experts,
-                                              _trusted=True), pairs),
-    }
+    cp = cupy_module() if timer.gpu else None
+    samples = {name: [] for name in STAGES}
+    for i in range(timer.warmup + timer.repeat):
+        marks = []
+
+        def mark(name, marks=marks):
+            if cp is not None:
+                ev = cp.cuda.Event()
+                ev.record()
+                marks.append((name, ev))
+            else:
+                marks.append((name, time.perf_counter()))
+
+        x = xs[i % len(xs)]
+        mark("start")
+        r = layer.route(x)
+        mark("route")
+        out = expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts,
+                         stage_marks=mark)
+        combine(x, r.topk_ids, r.topk_weights, cfg.num_experts, cfg.zero_types, out,
+                layer.const_vec, layer.const_gate, num_zero_experts=cfg.num_zero_experts,
+                check_ids=False)
+        mark("combine")
+        if i < timer.warmup:
+            continue
+        if cp is not None:
+            marks[-1][1].synchronize()
+        for (_, a), (name, b) in zip(marks, marks[1:]):
+            ms = cp.cuda.get_elapsed_time(a, b) if cp is not None else (b - a) * 1e3
+            samples[name].append(ms)
+    return {f"{name}_ms": float(np.median(v)) for name, v in samples.items()}
 
 
 def _versions():
@@ -252,15 +279,15 @@ def _check_peer(peer, layer, x):
 
 def _print_table(result, peers):
     gpu = result["device"] == "cuda"
-    head = f"{'T':>6} {'fwd ms':>9} {'route':>7} {'experts':>8} {'combine':>8}"
+    head = f"{'T':>6} {'fwd ms':>9}" + "".join(f" {s[:7]:>7}" for s in STAGES)
     if gpu:
         head += f" {'floor ms':>9} {'x floor':>7} {'MiB ws':>7}"
         for p in peers:
             head += f" {p + ' ms':>14} {p + '/ours':>12}"
     print(head)
     for r in result["rows"]:
-        line = (f"{r['tokens']:>6} {r['forward_ms']:>9.3f} {r['route_ms']:>7.3f} "
-                f"{r['experts_ms']:>8.3f} {r['combine_ms']:>8.3f}")
+        line = f"{r['tokens']:>6} {r['forward_ms']:>9.3f}" + "".join(
+            f" {r[s + '_ms']:>7.3f}" for s in STAGES)
         if gpu:
             line += (f" {r['floor_ms']:>9.3f} {r['ratio_to_floor']:>7.2f} "
                      f"{r['workspace_bytes'] / 2**20:>7.0f}")

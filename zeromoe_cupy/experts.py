@@ -5,7 +5,7 @@ The output stays in expert order: ``rows`` holds one row per real (token, slot) 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -44,20 +44,27 @@ def _check(x, topk_ids, w13, w2):
 
 
 def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = False,
-               _trusted: bool = False) -> ExpertOutput:
+               stage_marks: Callable[[str], None] | None = None) -> ExpertOutput:
     """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
 
     Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
-    ``route`` returns) saves a histogram pass on the GPU. Inputs are never modified.
+    ``route`` returns) saves a histogram pass on the GPU. ``stage_marks(name)``, if given, is
+    called after each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the
+    benchmark records CUDA events there. Inputs are never modified.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
     w13 = as_array(w13, "w13")
     w2 = as_array(w2, "w2")
     _check(x, topk_ids, w13, w2)
+    mark = stage_marks or _no_mark
     if is_cupy(x):
-        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32)
-    return _expert_mlp_numpy(x, topk_ids, w13, w2)
+        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark)
+    return _expert_mlp_numpy(x, topk_ids, w13, w2, mark)
+
+
+def _no_mark(stage: str) -> None:
+    pass
 
 
 def _silu(v):
@@ -65,7 +72,7 @@ def _silu(v):
         return v / (np.float32(1) + np.exp(-v))
 
 
-def _expert_mlp_numpy(x, topk_ids, w13, w2):
+def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     K = topk_ids.shape[1]
@@ -74,14 +81,21 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2):
     order = real[np.argsort(flat[real], kind="stable")]  # pairs grouped by expert
     slot_rows = np.full(T * K, -1, np.int32)
     slot_rows[order] = np.arange(order.size, dtype=np.int32)
-    rows = np.empty((order.size, H), x.dtype)
+    xs = x[order // K].astype(np.float32)
     experts, starts = np.unique(flat[order], return_index=True)
-    ends = np.append(starts[1:], order.size)
-    for e, s, t in zip(experts, starts, ends):  # a loop over active experts, not tokens
-        xe = x[order[s:t] // K].astype(np.float32)
-        gu = (xe @ w13[e].astype(np.float32).T).astype(x.dtype).astype(np.float32)
-        h = (_silu(gu[:, :I]) * gu[:, I:]).astype(x.dtype).astype(np.float32)
-        rows[s:t] = (h @ w2[e].astype(np.float32).T).astype(x.dtype)
+    blocks = list(zip(experts, starts, np.append(starts[1:], order.size)))
+    mark("permute")
+    gate_up = np.empty((order.size, 2 * I), np.float32)
+    for e, s, t in blocks:  # a loop over active experts, not tokens
+        gate_up[s:t] = xs[s:t] @ w13[e].astype(np.float32).T
+    gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
+    mark("gemm1")
+    h = (_silu(gate_up[:, :I]) * gate_up[:, I:]).astype(x.dtype).astype(np.float32)
+    mark("activation")
+    rows = np.empty((order.size, H), x.dtype)
+    for e, s, t in blocks:
+        rows[s:t] = (h[s:t] @ w2[e].astype(np.float32).T).astype(x.dtype)
+    mark("gemm2")
     return ExpertOutput(rows, slot_rows.reshape(T, K))
 
 
@@ -98,7 +112,7 @@ def _experts_module():
     return raw_module("experts.cu", names)
 
 
-def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
+def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark):
     from . import _cublas
 
     cp = cupy_module()
@@ -137,7 +151,10 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
     gate_up = cp.empty((M, I2), x.dtype)
     h = cp.empty((M, I), x.dtype)
     rows = cp.empty((M, H), x.dtype)
+    mark("permute")
     if M == 0:
+        for stage in ("gemm1", "activation", "gemm2"):
+            mark(stage)
         return ExpertOutput(rows, slot_rows)
 
     active = np.nonzero(counts_host)[0]
@@ -155,14 +172,20 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32):
             rows.data.ptr + starts * (H * item)]).astype(np.uint64)
         ptrs_d = cp.asarray(ptrs)
         _cublas.grouped_gemm_nt(ptrs_d[0], ptrs_d[1], ptrs_d[2], m, I2, H, name, allow_tf32)
+        mark("gemm1")
         _silu_mul(mod, ctype, gate_up, h, M, I)
+        mark("activation")
         _cublas.grouped_gemm_nt(ptrs_d[3], ptrs_d[4], ptrs_d[5], m, H, I, name, allow_tf32)
+        mark("gemm2")
     else:  # odd sizes, or cuBLAS < 12.5: one cublasGemmEx per active expert
         for e, s, n in zip(active, starts, m):
             _cublas.gemm_nt(w13[e], xs[s:s + n], gate_up[s:s + n], allow_tf32)
+        mark("gemm1")
         _silu_mul(mod, ctype, gate_up, h, M, I)
+        mark("activation")
         for e, s, n in zip(active, starts, m):
             _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
+        mark("gemm2")
     return ExpertOutput(rows, slot_rows)
 
 

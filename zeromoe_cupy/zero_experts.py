@@ -70,34 +70,39 @@ def _check_constants(codes, H, const_vec, const_gate, like):
 
 
 def _check_ids_in_range(topk_ids, n):
-    if topk_ids.size == 0:
+    # One reduction (and, on the GPU, one host synchronization); skip with check_ids=False.
+    if topk_ids.size == 0 or not bool(((topk_ids < 0) | (topk_ids >= n)).any()):
         return
     lo, hi = int(topk_ids.min()), int(topk_ids.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"topk_ids: expected ids in [0, {n}), got values in [{lo}, {hi}]")
+    raise ValueError(f"topk_ids: expected ids in [0, {n}), got values in [{lo}, {hi}]")
 
 
 def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
                        zero_expert_type: ZeroTypes = "identity", const_vec=None,
-                       const_gate=None, *, num_zero_experts: int | None = None):
+                       const_gate=None, *, num_zero_experts: int | None = None,
+                       check_ids: bool = True):
     """The zero experts' share alone: sum over slots with id >= E of w * Zexp(x), [T, H].
 
     Ids below ``num_experts`` (real experts) contribute nothing here. Inputs are not modified.
-    The number of zero experts Z is taken from ``zero_expert_type`` when it is a sequence,
-    else from ``const_vec`` or, failing that, from the largest id.
+    The number of zero experts Z is ``num_zero_experts`` if given, else the length of
+    ``zero_expert_type`` when it is a sequence, else ``const_vec``'s rows, else the largest
+    id + 1 - E. ``check_ids`` as in ``combine``.
     """
     return combine(x, topk_ids, topk_weights, num_experts, zero_expert_type,
                    expert_output=None, const_vec=const_vec, const_gate=const_gate,
-                   num_zero_experts=num_zero_experts)
+                   num_zero_experts=num_zero_experts, check_ids=check_ids)
 
 
 def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroTypes = "identity",
             expert_output=None, const_vec=None, const_gate=None, *, num_zero_experts=None,
-            _trusted: bool = False):
+            check_ids: bool = True):
     """y = sum_k w_k * (expert row of slot k if real, else Zexp(x)), fp32 sums, cast once.
 
     ``expert_output`` is what ``expert_mlp`` returned (rows + the row of each real slot);
-    None gives the zero experts' share alone.
+    None gives the zero experts' share alone. ``check_ids`` verifies on the host that every
+    id lies in [0, E+Z) (one reduction and, on the GPU, one synchronization); ids from
+    ``route`` always do, and the layer skips the check. Unchecked out-of-range ids are
+    never read out of bounds: they contribute nothing.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -127,7 +132,7 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         if slot_rows.shape != topk_ids.shape:
             raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
                              f"got {slot_rows.shape}")
-    if not _trusted:
+    if check_ids:
         _check_ids_in_range(topk_ids, E + num_zero_experts)
     if is_cupy(x):
         return _combine_gpu(x, topk_ids, topk_weights, E, codes, expert_output,

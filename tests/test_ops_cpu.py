@@ -1,0 +1,103 @@
+"""The functional ops on NumPy arrays, stage by stage, against the float64 reference."""
+import numpy as np
+import pytest
+
+from zeromoe_cupy import ops, reference
+from zeromoe_cupy._arrays import np_dtype
+from zeromoe_cupy.reference import relative_error
+
+from conftest import TOL
+from helpers import random_x
+
+DTYPES = ["float32", "float16", "bfloat16"]
+TYPES = {"identity": "identity", "zero": "zero", "constant": "constant",
+         "mixed": ("constant", "identity", "zero", "identity")}
+
+
+def _zero_case(rng, T, H, K, E, Z, dtype):
+    x = random_x(rng, T, H, dtype)
+    ids = rng.integers(0, E + Z, (T, K)).astype(np.int32)
+    w = (rng.random((T, K)) * 2).astype(np.float32)
+    cv = rng.standard_normal((Z, H)).astype(np.float32).astype(np_dtype(dtype))
+    cg = (rng.standard_normal((Z, 2, H)) * H ** -0.5).astype(np.float32).astype(np_dtype(dtype))
+    return x, ids, w, cv, cg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("H", [1, 7, 257])
+def test_zero_expert_output_numpy(H, kind, dtype, rng):
+    T, K, E, Z = 9, 5, 3, 4
+    x, ids, w, cv, cg = _zero_case(rng, T, H, K, E, Z, dtype)
+    before = [a.copy() for a in (x, ids, w, cv, cg)]
+    out = ops.zero_expert_output(x, ids, w, E, TYPES[kind], const_vec=cv, const_gate=cg,
+                                 num_zero_experts=Z)
+    for a, b in zip((x, ids, w, cv, cg), before):
+        np.testing.assert_array_equal(a, b)
+    ref, _ = reference.forward(x, None, np.zeros((E, 2, H)), np.zeros((E, H, 1)), top_k=K,
+                               num_experts=E, zero_expert_type=TYPES[kind], const_vec=cv,
+                               const_gate=cg, routing=(ids, w * (ids >= E)))
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if kind == "zero":
+        assert not out.astype(np.float32).any()
+    else:
+        assert relative_error(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stages_compose_to_the_reference(dtype, rng):
+    T, H, I, E, Z, K = 21, 48, 24, 5, 3, 3
+    types = ("identity", "zero", "constant")
+    x, ids, w, cv, cg = _zero_case(rng, T, H, K, E, Z, dtype)
+    dt = np_dtype(dtype)
+    w13 = (rng.standard_normal((E, 2 * I, H)) * H ** -0.5).astype(np.float32).astype(dt)
+    w2 = (rng.standard_normal((E, H, I)) * I ** -0.5).astype(np.float32).astype(dt)
+    marks = []
+    out = ops.expert_mlp(x, ids, w13, w2, stage_marks=marks.append)
+    assert marks == ["permute", "gemm1", "activation", "gemm2"]
+    real = ids < E
+    assert out.rows.shape == (int(real.sum()), H)
+    assert (out.slot_rows[~real] == -1).all()
+    assert sorted(out.slot_rows[real].tolist()) == list(range(int(real.sum())))
+    y = ops.combine(x, ids, w, E, types, out, cv, cg)
+    ref, _ = reference.forward(x, None, w13, w2, top_k=K, num_experts=E, zero_expert_type=types,
+                               const_vec=cv, const_gate=cg, routing=(ids, w))
+    assert relative_error(y, ref) <= TOL[dtype]
+
+
+def test_route_op_numpy_matches_reference(rng):
+    logits = rng.standard_normal((50, 24)).astype(np.float32)
+    bias = (rng.standard_normal(24) * 0.01).astype(np.float32)
+    r = ops.route(logits, 4, scoring_func="sigmoid", e_score_correction_bias=bias,
+                  renormalize=True, routed_scaling_factor=2.0, num_expert_group=4, topk_group=2)
+    ref = reference.route(logits, 4, "sigmoid", bias, True, 2.0, 4, 2)
+    np.testing.assert_array_equal(r.topk_ids, ref.topk_ids)
+    np.testing.assert_allclose(r.topk_weights, ref.topk_weights, rtol=1e-5)
+
+
+def test_router_logits_op(rng):
+    x = random_x(rng, 6, 16, "bfloat16")
+    W = rng.standard_normal((10, 16)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    L = ops.router_logits(x, W, b)
+    assert L.dtype == np.float32
+    np.testing.assert_allclose(L, x.astype(np.float64) @ W.T.astype(np.float64) + b, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_combine_rejects_out_of_range_ids(rng):
+    x, ids, w, _, _ = _zero_case(rng, 4, 8, 2, 3, 2, "float32")
+    ids[1, 1] = 5
+    with pytest.raises(ValueError, match=r"topk_ids: expected ids in \[0, 5\)"):
+        ops.zero_expert_output(x, ids, w, 3, ("identity", "zero"))
+    ids[1, 1] = -1
+    with pytest.raises(ValueError, match="topk_ids"):
+        ops.combine(x, ids, w, 3, ("identity", "zero"))
+
+
+def test_constant_experts_need_their_parameters(rng):
+    x, ids, w, cv, _ = _zero_case(rng, 4, 8, 2, 3, 2, "float32")
+    with pytest.raises(ValueError, match="const_vec, const_gate"):
+        ops.zero_expert_output(x, ids, w, 3, "constant", num_zero_experts=2)
+    with pytest.raises(ValueError, match="const_gate: expected shape"):
+        ops.zero_expert_output(x, ids, w, 3, "constant", const_vec=cv, const_gate=cv)
