@@ -1,7 +1,8 @@
 """The routing kernel (SPEC.md steps 2-7) in Numba CUDA, imported only when it is needed.
 
-One warp routes one token: its N scores sit in shared memory and lane l owns experts
-l, l+32, ...; K rounds of a warp arg-max pick the ids in order, ties to the lower id.
+One warp routes one token: lane l keeps the scores of experts l, l+32, ... in registers
+(the kernel is specialised per ceil(N/32)); K rounds of a warp arg-max pick the ids in
+order, ties to the lower id. Grouped top-k goes through shared memory.
 Under Numba's CUDA simulator (no warp shuffles) the same body runs with block-wide
 reductions through shared memory instead; `_SIM` picks the branch at compile time.
 """
@@ -95,124 +96,151 @@ def reduce_argmax(v, i, w, lane, fs, js):
 
 
 @cuda.jit(device=True)
-def lane_best(key, w, lane, n):
-    # Best (key, id) among this lane's experts; removed or masked entries are NaN.
-    bv = NEG_INF
-    bi = int32(NO_ID)
-    for e in range(lane, n, 32):
-        v = key[w, e]
-        if v > bv or (v == bv and e < bi):
-            bv = v
-            bi = e
-    return bv, bi
+def broadcast(v, src, w, lane, fs):
+    # Lane src's v, for every lane of the warp.
+    if _SIM:
+        cuda.syncthreads()
+        if lane == src:
+            fs[w, 0] = v
+        cuda.syncthreads()
+        v = fs[w, 0]
+        cuda.syncthreads()
+        return v
+    return cuda.shfl_sync(FULL, v, src)
 
 
-def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
-                 renorm, rsf, groups, topk_group):
-    w = cuda.threadIdx.x // 32
-    lane = cuda.threadIdx.x % 32
-    t = cuda.blockIdx.x * WARPS + w
-    valid = t < T
-    if not valid:
-        t = T - 1  # idle warps still take part in block-wide barriers (simulator)
-    prob = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
-    key = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
-    fs = cuda.shared.array((WARPS, 32), float32)
-    js = cuda.shared.array((WARPS, 32), int32)
-    row = t * n
+def make_route_kernel(vpl: int, grouped: bool):
+    """The kernel for N <= 32 * vpl experts: each lane keeps its vpl scores in registers
+    (every loop over them has the constant trip count vpl, so it unrolls). Only the
+    ``grouped`` variant carries the shared memory that grouped top-k needs."""
 
-    # Scores p (softmax or sigmoid) into shared memory.
-    if scoring == 0:
+    def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
+                     renorm, rsf, groups, topk_group):
+        w = cuda.threadIdx.x // 32
+        lane = cuda.threadIdx.x % 32
+        t = cuda.blockIdx.x * WARPS + w
+        valid = t < T
+        if not valid:
+            t = T - 1  # idle warps still take part in block-wide barriers (simulator)
+        fs = cuda.shared.array((WARPS, 32), float32)
+        js = cuda.shared.array((WARPS, 32), int32)
+        p = cuda.local.array(vpl, float32)    # scores of experts lane + 32 j
+        key = cuda.local.array(vpl, float32)  # selection keys; NaN = not choosable
+        row = t * n
+
+        # Scores p: softmax or sigmoid. Missing experts (e >= n) get p = 0 and key NaN.
         m = NEG_INF
-        for e in range(lane, n, 32):
-            v = logits[row + e]
-            prob[w, e] = v
+        for j in range(vpl):
+            e = lane + 32 * j
+            v = NEG_INF
+            if e < n:
+                v = logits[row + e]
+            p[j] = v
             if v > m:
                 m = v
-        m = reduce_max(m, w, lane, fs)
-        total = float32(0)
-        for e in range(lane, n, 32):
-            ex = math.exp(prob[w, e] - m)
-            prob[w, e] = ex
-            total += ex
-        total = reduce_sum(total, w, lane, fs)
-        inv = float32(1) / total
-        for e in range(lane, n, 32):
-            prob[w, e] = prob[w, e] * inv
-    else:
-        for e in range(lane, n, 32):
-            prob[w, e] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
+        if scoring == 0:
+            m = reduce_max(m, w, lane, fs)
+            total = float32(0)
+            for j in range(vpl):
+                ex = float32(0)
+                if lane + 32 * j < n:
+                    ex = math.exp(p[j] - m)
+                p[j] = ex
+                total += ex
+            total = reduce_sum(total, w, lane, fs)
+            inv = float32(1) / total
+            for j in range(vpl):
+                p[j] = p[j] * inv
+        else:
+            for j in range(vpl):
+                p[j] = float32(1) / (float32(1) + math.exp(-p[j]))
 
-    # Selection keys s = p + bias; a NaN score ranks with -inf (NaN marks "not choosable").
-    for e in range(lane, n, 32):
-        s = prob[w, e]
-        if has_bias:
-            s += bias[e]
-        if s != s:
-            s = NEG_INF
-        key[w, e] = s
-    sync_warp()
+        # Keys s = p + bias; a NaN score ranks with -inf, below every finite score.
+        for j in range(vpl):
+            e = lane + 32 * j
+            s = NAN
+            if e < n:
+                s = p[j]
+                if has_bias:
+                    s += bias[e]
+                if s != s:
+                    s = NEG_INF
+            key[j] = s
 
-    # Grouped top-k: keep the topk_group groups with the best (top-1, or top-2 sum) keys.
-    if groups > 0:
-        gsize = n // groups
-        best = 2 if has_bias else 1
-        if best > gsize:
-            best = gsize
-        gscore = cuda.local.array(32, float32)  # this lane's groups: lane, lane+32, ...
-        for j in range(32):
-            gscore[j] = NAN
-            g = lane + 32 * j
-            if g < groups:
-                a = NEG_INF
-                b = NEG_INF
-                for e in range(g * gsize, (g + 1) * gsize):
-                    v = key[w, e]
-                    if v > a:
-                        b = a
-                        a = v
-                    elif v > b:
-                        b = v
-                gscore[j] = a + b if best == 2 else a
-        chosen = int32(0)  # bit j: group lane + 32 j is kept
-        for r in range(topk_group):
+        if grouped:
+            # Keep the topk_group groups whose best key (the best two keys' sum when a bias is
+            # present) is largest; every other expert's key becomes NaN.
+            ks = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
+            kept = cuda.shared.array((WARPS, 32), int32)  # bit g % 32 of word g // 32
+            for j in range(vpl):
+                e = lane + 32 * j
+                if e < n:
+                    ks[w, e] = key[j]
+            kept[w, lane] = 0
+            sync_warp()
+            gsize = n // groups
+            best = 2 if has_bias else 1
+            if best > gsize:
+                best = gsize
+            for r in range(topk_group):
+                bv = NEG_INF
+                bi = int32(NO_ID)
+                for g in range(lane, groups, 32):
+                    if not (kept[w, g // 32] >> (g % 32)) & 1:
+                        a = NEG_INF
+                        b = NEG_INF
+                        for e in range(g * gsize, (g + 1) * gsize):
+                            v = ks[w, e]
+                            if v > a:
+                                b = a
+                                a = v
+                            elif v > b:
+                                b = v
+                        score = a + b if best == 2 else a
+                        if score > bv or (score == bv and g < bi):
+                            bv = score
+                            bi = g
+                bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
+                if lane == 0 and bi < groups:
+                    kept[w, bi // 32] |= int32(1) << (bi % 32)
+                sync_warp()
+            for j in range(vpl):
+                e = lane + 32 * j
+                if e < n:
+                    g = e // gsize
+                    if not (kept[w, g // 32] >> (g % 32)) & 1:
+                        key[j] = NAN
+            sync_warp()  # ks and kept are free again before anyone reuses them
+
+        # K rounds: each lane's best, the warp's best, then its owner drops it.
+        my_id = int32(0)
+        my_p = float32(0)
+        for r in range(K):
             bv = NEG_INF
             bi = int32(NO_ID)
-            for j in range(32):
-                g = lane + 32 * j
-                v = gscore[j]
-                if g < groups and (v > bv or (v == bv and g < bi)):
+            for j in range(vpl):
+                v = key[j]
+                if v > bv or (bi == NO_ID and v == bv):  # ids rise with j: ties keep the first
                     bv = v
-                    bi = g
+                    bi = lane + 32 * j
             bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
-            if bi % 32 == lane:
-                gscore[bi // 32] = NAN
-                chosen |= int32(1) << (bi // 32)
-        for j in range(32):
-            g = lane + 32 * j
-            if g < groups and not (chosen >> j) & 1:
-                for e in range(g * gsize, (g + 1) * gsize):
-                    key[w, e] = NAN
-        sync_warp()
+            if bi >= n:
+                bi = 0  # unreachable when K <= choosable experts (validated on the host)
+            wp = float32(0)
+            for j in range(vpl):
+                if lane + 32 * j == bi:
+                    wp = p[j]
+                    key[j] = NAN
+            wp = broadcast(wp, bi % 32, w, lane, fs)
+            if lane == r:
+                my_id = bi
+                my_p = wp
+        if renorm:
+            total = reduce_sum(my_p if lane < K else float32(0), w, lane, fs)
+            my_p = my_p / total
+        if valid and lane < K:
+            out_ids[t * K + lane] = my_id
+            out_w[t * K + lane] = my_p * rsf
+            cuda.atomic.add(counts, my_id, 1)
 
-    # K rounds of arg-max; only the lane that owned the winner rescans its experts.
-    my_id = int32(0)
-    my_p = float32(0)
-    bv, bi = lane_best(key, w, lane, n)
-    for r in range(K):
-        wv, wi = reduce_argmax(bv, bi, w, lane, fs, js)
-        if wi >= n:
-            wi = 0  # unreachable when K <= choosable experts (validated on the host)
-        if lane == r:
-            my_id = wi
-            my_p = prob[w, wi]
-        if wi % 32 == lane:
-            key[w, wi] = NAN
-            bv, bi = lane_best(key, w, lane, n)
-    if renorm:
-        total = reduce_sum(my_p if lane < K else float32(0), w, lane, fs)
-        my_p = my_p / total
-    if valid and lane < K:
-        out_ids[t * K + lane] = my_id
-        out_w[t * K + lane] = my_p * rsf
-        cuda.atomic.add(counts, my_id, 1)
+    return route_kernel

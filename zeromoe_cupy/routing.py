@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._arrays import as_array, cupy_module, is_cupy
+from ._compile import memoize_per_device, numba_kernel_as_cupy
 
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
 MAX_ROUTED_EXPERTS = 1024
@@ -121,11 +122,6 @@ def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, to
 # ----------------------------------------------------------------------------------------------
 # The CUDA kernel lives in _route_kernel.py (imported lazily: it imports numba).
 
-def _route_kernel_pyfunc():
-    from ._route_kernel import route_kernel
-    return route_kernel
-
-
 def route_kernel_signature():
     from numba import float32, int32, types
     f32p, i32p = types.CPointer(float32), types.CPointer(int32)
@@ -141,13 +137,10 @@ def numba_array_args(a):
             np.int64(a.shape[0]), np.int64(a.strides[0]))
 
 
-def _route_function():
-    from ._compile import memoize_per_device, numba_kernel_as_cupy
-    global _route_function_cached
-    if "_route_function_cached" not in globals():
-        _route_function_cached = memoize_per_device(
-            lambda: numba_kernel_as_cupy(_route_kernel_pyfunc(), route_kernel_signature()))
-    return _route_function_cached()
+@memoize_per_device
+def _route_function(vpl: int, grouped: bool):
+    from ._route_kernel import make_route_kernel
+    return numba_kernel_as_cupy(make_route_kernel(vpl, grouped), route_kernel_signature())
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
@@ -174,17 +167,17 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
         raise ValueError(f"router_logits/top_k: the GPU router handles E+Z <= "
                          f"{MAX_ROUTED_EXPERTS} and top_k <= {MAX_TOP_K}, got E+Z={n}, "
                          f"top_k={top_k}")
-    if groups is not None and groups > 32 * 32:
-        raise ValueError(f"num_expert_group: the GPU router handles <= 1024 groups, got {groups}")
-    logits = cp.ascontiguousarray(logits)
-    if bias is not None:
+    if not logits.flags.c_contiguous:
+        logits = cp.ascontiguousarray(logits)
+    if bias is not None and not bias.flags.c_contiguous:
         bias = cp.ascontiguousarray(bias)
     ids = cp.empty((T, top_k), np.int32)
     weights = cp.empty((T, top_k), np.float32)
     counts = cp.zeros((n,), np.int32)
     if T:
-        launch_route_kernel(_route_function(), logits, bias, ids, weights, counts, top_k,
-                            scoring_func, renormalize, rsf, groups, topk_group,
+        kernel = _route_function(-(-n // 32), groups is not None)
+        launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
+                            renormalize, rsf, groups, topk_group,
                             lambda k, grid, block, args: k(grid, block, args),
                             counts_args=numba_array_args)
     return RoutingResult(ids, weights, counts)
