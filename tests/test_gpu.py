@@ -188,3 +188,18 @@ def test_longcat_layer_sampled_rows(rng):
                                    layer.w2[sub].get(), top_k=cfg.top_k,
                                    num_experts=used.size, routing=(remap[ids], wts))
         assert relative_error(y.get()[rows], ref) <= TOL[cfg.dtype]
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_route_kernel_one_lane_wins_many_times(order):
+    # Experts 0, 32, 64, ... (one lane's) hold the top scores: that lane gives more winners
+    # than it caches and must rescan.
+    N, K = 768, 12
+    logits = np.random.default_rng(5).standard_normal((64, N)).astype(np.float32)
+    lane0 = np.arange(0, N, 32)
+    ramp = np.arange(lane0.size, dtype=np.float32)
+    logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
+    r = ops.route(cp.asarray(logits), K)
+    ref = reference.route(logits, K, "softmax")
+    np.testing.assert_array_equal(r.topk_ids.get(), ref.topk_ids)
+    np.testing.assert_allclose(r.topk_weights.get(), ref.topk_weights, rtol=1e-6)

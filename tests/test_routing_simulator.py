@@ -75,3 +75,18 @@ def test_simulated_kernel_nan_rows_give_valid_ids():
     assert 5 not in ids[1].tolist()                 # a NaN score ranks below every finite one
     ref = reference.route(logits, 4, "sigmoid")
     np.testing.assert_array_equal(ids, ref.topk_ids)
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_simulated_kernel_one_lane_wins_many_times(order):
+    # Experts 0, 32, 64, ... (all owned by lane 0) hold the top scores, so lane 0 gives
+    # more winners than it caches and must rescan; both scan orders of its experts.
+    N, K = 200, 9
+    logits = np.random.default_rng(5).standard_normal((2, N)).astype(np.float32)
+    lane0 = np.arange(0, N, 32)
+    ramp = np.arange(lane0.size, dtype=np.float32)
+    logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
+    ids, w, _ = run_kernel(logits, K, "softmax")
+    ref = reference.route(logits, K, "softmax")
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)

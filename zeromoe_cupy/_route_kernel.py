@@ -17,6 +17,7 @@ FULL = 0xFFFFFFFF
 NEG_INF = float32(-math.inf)
 NAN = float32(math.nan)
 NO_ID = 0x7FFFFFFF
+CACHE = 4  # candidates each lane holds between rescans
 
 
 @cuda.jit(device=True)
@@ -212,25 +213,50 @@ def make_route_kernel(vpl: int, grouped: bool):
                         key[j] = NAN
             sync_warp()  # ks and kept are free again before anyone reuses them
 
-        # K rounds: each lane's best, the warp's best, then its owner drops it.
+        # K rounds of a warp arg-max over each lane's best remaining expert. A lane keeps its
+        # next CACHE candidates sorted in registers (ranked by key desc, id asc) and rescans
+        # its vpl experts only when they run out: those ranked after the last one it gave.
         my_id = int32(0)
         my_p = float32(0)
+        last_v = float32(math.inf)
+        last_i = int32(-1)
+        need_fill = True
+        exhausted = False
+        c0v = c1v = c2v = c3v = NEG_INF
+        c0i = c1i = c2i = c3i = int32(NO_ID)
+        c0p = c1p = c2p = c3p = float32(0)
         for r in range(K):
-            bv = NEG_INF
-            bi = int32(NO_ID)
-            for j in range(vpl):
-                v = key[j]
-                if v > bv or (bi == NO_ID and v == bv):  # ids rise with j: ties keep the first
-                    bv = v
-                    bi = lane + 32 * j
-            bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
+            if need_fill and not exhausted:
+                c0v = c1v = c2v = c3v = NEG_INF
+                c0i = c1i = c2i = c3i = int32(NO_ID)
+                remaining = 0
+                for j in range(vpl):
+                    v = key[j]
+                    e = lane + 32 * j
+                    # choosable (not NaN) and ranked after the last one given ...
+                    if v == v and (v < last_v or (v == last_v and e > last_i)):
+                        remaining += 1
+                        if v > c3v or (v == c3v and e < c3i):  # ... and before the 4th held
+                            c3v, c3i, c3p = v, e, p[j]
+                            if c3v > c2v or (c3v == c2v and c3i < c2i):
+                                c2v, c3v, c2i, c3i, c2p, c3p = c3v, c2v, c3i, c2i, c3p, c2p
+                                if c2v > c1v or (c2v == c1v and c2i < c1i):
+                                    c1v, c2v, c1i, c2i, c1p, c2p = c2v, c1v, c2i, c1i, c2p, c1p
+                                    if c1v > c0v or (c1v == c0v and c1i < c0i):
+                                        c0v, c1v, c0i, c1i, c0p, c1p = \
+                                            c1v, c0v, c1i, c0i, c1p, c0p
+                exhausted = remaining <= CACHE
+                need_fill = False
+            bv, bi = reduce_argmax(c0v, c0i, w, lane, fs, js)
             if bi >= n:
                 bi = 0  # unreachable when K <= choosable experts (validated on the host)
-            wp = float32(0)
-            for j in range(vpl):
-                if lane + 32 * j == bi:
-                    wp = p[j]
-                    key[j] = NAN
+            wp = c0p
+            if c0i == bi:  # this lane gave the winner: pop it
+                last_v, last_i = c0v, c0i
+                c0v, c1v, c2v, c3v = c1v, c2v, c3v, NEG_INF
+                c0i, c1i, c2i, c3i = c1i, c2i, c3i, int32(NO_ID)
+                c0p, c1p, c2p = c1p, c2p, c3p
+                need_fill = c0i == NO_ID
             wp = broadcast(wp, bi % 32, w, lane, fs)
             if lane == r:
                 my_id = bi

@@ -16,6 +16,7 @@ from .config import ZERO_EXPERT_TYPES
 ZeroTypes = Union[str, Sequence[str]]
 _TYPE_CODES = {name: code for code, name in enumerate(ZERO_EXPERT_TYPES)}  # matches combine.cu
 _MAX_SLOTS = 64  # combine.cu keeps per-slot coefficients in shared memory
+_COMBINE_WARPS = 8  # tokens per block in combine.cu
 
 
 def zero_type_codes(zero_expert_type: ZeroTypes, num_zero_experts: int) -> np.ndarray:
@@ -218,14 +219,13 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
         vec = 1
     ctype = DTYPES[dtype_name(x.dtype)][1]
     kernel = _combine_module().get_function(f"combine_kernel<{ctype},{vec}>")
-    threads = min(256, max(32, -(-(H // vec) // 32) * 32))
     null = 0
-    kernel((T,), (threads,),
+    kernel((-(-T // _COMBINE_WARPS),), (32 * _COMBINE_WARPS,),
            (x, np.int64(x_stride), ids, weights,
             rows if rows is not None else null, slot_rows if slot_rows is not None else null,
             codes_d, const_vec if const_vec is not None else null,
             const_gate if const_gate is not None else null,
-            out, np.int32(H), np.int32(K), np.int32(E), np.int32(codes.shape[0])))
+            out, np.int64(T), np.int32(H), np.int32(K), np.int32(E), np.int32(codes.shape[0])))
     return out
 
 

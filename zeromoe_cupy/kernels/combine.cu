@@ -6,9 +6,16 @@
 #define ZERO_IDENTITY 0
 #define ZERO_ZERO 1
 #define ZERO_CONSTANT 2
+#define SLOT_REAL 3
 #define MAX_SLOTS 64
+#define COMBINE_WARPS 8  // tokens per block: one warp each, so many tokens are in flight
 
-// One block per token; threads stride over H in VEC-element steps.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// One warp per token; its lanes stride over H in VEC-element steps.
 // x: (T, H) row stride x_stride; ids, weights: (T, K); rows: (M, H) or null;
 // slot_rows: (T, K) row of rows for each real slot (-1 otherwise) or null;
 // zero_types: (Z,) int32 codes; const_vec: (Z, H); const_gate: (Z, 2, H); out: (T, H).
@@ -18,78 +25,72 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
                                const T* __restrict__ rows, const int* __restrict__ slot_rows,
                                const int* __restrict__ zero_types,
                                const T* __restrict__ const_vec, const T* __restrict__ const_gate,
-                               T* __restrict__ out, int H, int K, int E, int Z) {
-  __shared__ float x_coef;                 // sum of identity weights + constant a1 * w
-  __shared__ float row_w[MAX_SLOTS];       // weight per real slot
-  __shared__ long long row_off[MAX_SLOTS]; // element offset of the slot's expert row
-  __shared__ float cvec_w[MAX_SLOTS];      // weight * a2 per constant slot
-  __shared__ int cvec_j[MAX_SLOTS];
-  __shared__ int n_rows, n_cvec, use_x;  // use_x: an identity or constant slot reads x
-  __shared__ float scratch[32];
+                               T* __restrict__ out, long long T_, int H, int K, int E, int Z) {
+  // Per warp: the token's slots, classified, then compacted in slot order (so the fp32 sums
+  // run in the same order every time).
+  __shared__ int slot_kind[COMBINE_WARPS][MAX_SLOTS];  // -1 nothing, zero type, or SLOT_REAL
+  __shared__ int slot_aux[COMBINE_WARPS][MAX_SLOTS];   // real: row of rows; constant: index
+  __shared__ float slot_w[COMBINE_WARPS][MAX_SLOTS];
+  __shared__ float row_w[COMBINE_WARPS][MAX_SLOTS];
+  __shared__ long long row_off[COMBINE_WARPS][MAX_SLOTS];
+  __shared__ float cvec_w[COMBINE_WARPS][MAX_SLOTS];   // w * a2 per constant slot
+  __shared__ int cvec_j[COMBINE_WARPS][MAX_SLOTS];
 
-  __shared__ int slot_kind[MAX_SLOTS];     // -1 none, 0..2 zero type, 3 real
-  __shared__ int slot_aux[MAX_SLOTS];      // real: row of rows; constant: zero-expert index
-  __shared__ float slot_w[MAX_SLOTS];
-
-  const long long t = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long t = (long long)blockIdx.x * COMBINE_WARPS + warp;
+  if (t >= T_) return;  // no block-wide barriers below: whole warps may leave
   const T* xt = x + t * x_stride;
-  // Each slot is read by its own thread (the loads overlap), then thread 0 compacts them in
-  // slot order, so the fp32 sums below always run in the same order.
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+
+  for (int k = lane; k < K; k += 32) {
     const int e = ids[t * K + k];
     int kind = -1, aux = 0;
     if (e >= 0 && e < E) {
-      if (rows != nullptr) { aux = slot_rows[t * K + k]; kind = aux >= 0 ? 3 : -1; }
+      if (rows != nullptr) { aux = slot_rows[t * K + k]; kind = aux >= 0 ? SLOT_REAL : -1; }
     } else if (e >= E && e < E + Z) {  // ids outside [0, E+Z) contribute nothing
       kind = zero_types[e - E];
       aux = e - E;
     }
-    slot_kind[k] = kind;
-    slot_aux[k] = aux;
-    slot_w[k] = weights[t * K + k];
+    slot_kind[warp][k] = kind;
+    slot_aux[warp][k] = aux;
+    slot_w[warp][k] = weights[t * K + k];
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float xc = 0.f;
-    int nr = 0, nc = 0, ux = 0;
-    for (int k = 0; k < K; ++k) {
-      const int kind = slot_kind[k];
-      const float w = slot_w[k];
-      if (kind == 3) { row_w[nr] = w; row_off[nr] = (long long)slot_aux[k] * H; ++nr; }
-      else if (kind == ZERO_IDENTITY) { xc += w; ux = 1; }
-      else if (kind == ZERO_CONSTANT) { cvec_w[nc] = w; cvec_j[nc] = slot_aux[k]; ++nc; ux = 1; }
-    }
-    x_coef = xc; n_rows = nr; n_cvec = nc; use_x = ux;
-  }
-  __syncthreads();
-
-  // Constant experts: [a1, a2] = softmax(const_gate[j] @ x); x gets w*a1, const_vec gets w*a2.
-  for (int c = 0; c < n_cvec; ++c) {
-    const T* g = const_gate + (long long)cvec_j[c] * 2 * H;
-    float d0 = 0.f, d1 = 0.f;
-    for (int h = threadIdx.x; h < H; h += blockDim.x) {
-      const float xv = to_f32(xt[h]);
-      d0 += to_f32(g[h]) * xv;
-      d1 += to_f32(g[H + h]) * xv;
-    }
-    d0 = block_sum(d0, scratch);
-    d1 = block_sum(d1, scratch);
-    if (threadIdx.x == 0) {
+  __syncwarp();
+  // Every lane compacts the same way (cheap: K shared reads), so no broadcast is needed.
+  float xc = 0.f;
+  int nr = 0, nc = 0, use_x = 0;
+  for (int k = 0; k < K; ++k) {
+    const int kind = slot_kind[warp][k];
+    const float w = slot_w[warp][k];
+    if (kind == SLOT_REAL) {
+      if (lane == 0) { row_w[warp][nr] = w; row_off[warp][nr] = (long long)slot_aux[warp][k] * H; }
+      ++nr;
+    } else if (kind == ZERO_IDENTITY) {
+      xc += w; use_x = 1;
+    } else if (kind == ZERO_CONSTANT) {
+      // [a1, a2] = softmax(const_gate[j] @ x): x gets w * a1, const_vec[j] gets w * a2.
+      const int j = slot_aux[warp][k];
+      const T* g = const_gate + (long long)j * 2 * H;
+      float d0 = 0.f, d1 = 0.f;
+      for (int h = lane; h < H; h += 32) {
+        const float xv = to_f32(xt[h]);
+        d0 += to_f32(g[h]) * xv;
+        d1 += to_f32(g[H + h]) * xv;
+      }
+      d0 = warp_sum(d0);
+      d1 = warp_sum(d1);
       const float m = fmaxf(d0, d1);
       const float e0 = __expf(d0 - m), e1 = __expf(d1 - m);
-      const float a1 = e0 / (e0 + e1), a2 = e1 / (e0 + e1);
-      x_coef += cvec_w[c] * a1;
-      cvec_w[c] *= a2;
+      xc += w * (e0 / (e0 + e1));
+      if (lane == 0) { cvec_w[warp][nc] = w * (e1 / (e0 + e1)); cvec_j[warp][nc] = j; }
+      ++nc; use_x = 1;
     }
   }
-  __syncthreads();
+  __syncwarp();
 
-  const float xc = x_coef;
-  const int nr = n_rows, nc = n_cvec, ux = use_x;
   T* ot = out + t * (long long)H;
-  for (int h = threadIdx.x * VEC; h < H; h += blockDim.x * VEC) {
+  for (int h = lane * VEC; h < H; h += 32 * VEC) {
     float acc[VEC], v[VEC];
-    if (ux) {
+    if (use_x) {
       load_f32<T, VEC>(xt + h, v);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] = xc * v[i];
@@ -98,14 +99,14 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
       for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
     }
     for (int r = 0; r < nr; ++r) {
-      load_f32<T, VEC>(rows + row_off[r] + h, v);
-      const float w = row_w[r];
+      load_f32<T, VEC>(rows + row_off[warp][r] + h, v);
+      const float w = row_w[warp][r];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
     }
     for (int c = 0; c < nc; ++c) {
-      load_f32<T, VEC>(const_vec + (long long)cvec_j[c] * H + h, v);
-      const float w = cvec_w[c];
+      load_f32<T, VEC>(const_vec + (long long)cvec_j[warp][c] * H + h, v);
+      const float w = cvec_w[warp][c];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];
     }

@@ -35,15 +35,3 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[VEC]) {
   for (int i = 0; i < VEC; ++i) tmp.v[i] = from_f32<T>(in[i]);
   *reinterpret_cast<Vec<T, VEC>*>(p) = tmp;
 }
-
-__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  const int warps = (blockDim.x + 31) / 32;
-  for (int i = 0; i < warps; ++i) total += scratch[i];
-  return total;
-}
