@@ -1,7 +1,6 @@
 """Every kernel compiles without a GPU: the CUDA C++ RawKernels through NVRTC (each dtype
 instantiation, sm_80 and sm_90), the Numba routing kernel through compile_ptx."""
 import os
-import re
 import subprocess
 import sys
 
@@ -66,8 +65,8 @@ def test_cuda_kernels_compile_with_nvrtc(filename, arch):
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
-@pytest.mark.parametrize("vpl,grouped", [(24, False), (8, True), (1, False), (32, True)])
-def test_routing_kernel_compiles_to_ptx(cc, vpl, grouped):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_routing_kernel_compiles_to_ptx(cc, grouped):
     # In a subprocess: this process may run Numba's simulator, which has no compile_ptx.
     # Numba compiles device functions for "the current device"; with no GPU, name one.
     code = (
@@ -75,9 +74,10 @@ def test_routing_kernel_compiles_to_ptx(cc, vpl, grouped):
         f"d.get_current_device = lambda: type('Dev', (), {{'compute_capability': {cc}}})\n"
         "from numba import cuda\n"
         "from zeromoe_cupy._route_kernel import make_route_kernel\n"
-        "from zeromoe_cupy.routing import route_kernel_signature\n"
-        f"kernel = make_route_kernel({vpl}, {grouped})\n"
-        f"ptx, _ = cuda.compile_ptx(kernel, route_kernel_signature(), cc={cc})\n"
+        "from zeromoe_cupy.routing import ROUTE_LAUNCH_BOUNDS, route_kernel_signature\n"
+        f"kernel = make_route_kernel({grouped})\n"
+        f"ptx, _ = cuda.compile_ptx(kernel, route_kernel_signature(), cc={cc},\n"
+        "                           launch_bounds=ROUTE_LAUNCH_BOUNDS)\n"
         "assert '.entry' in ptx, 'no kernel entry in the PTX'\n"
         "assert 'shfl.sync' in ptx, 'no warp shuffles in the PTX'\n"
         "import re\n"
@@ -89,7 +89,5 @@ def test_routing_kernel_compiles_to_ptx(cc, vpl, grouped):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ptx ")
-    # The per-lane score arrays live in registers; only grouped top-k uses large shared memory.
+    # Nothing goes to local memory (the candidate cache stays in registers).
     assert "no-local" in res.stdout, res.stdout
-    big_shared = any(int(n) > 1024 for n in re.findall(r"'(\d+)'", res.stdout))
-    assert big_shared == grouped, res.stdout

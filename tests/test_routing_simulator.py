@@ -22,7 +22,7 @@ def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.
                groups=None, topk_group=None):
     from numba import cuda
     from zeromoe_cupy._route_kernel import make_route_kernel
-    kernel = cuda.jit(make_route_kernel(-(-logits.shape[1] // 32), groups is not None))
+    kernel = cuda.jit(make_route_kernel(groups is not None))
     T, n = logits.shape
     ids = np.full((T, top_k), -7, np.int32)
     w = np.full((T, top_k), np.nan, np.float32)

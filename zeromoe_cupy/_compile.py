@@ -34,7 +34,7 @@ def raw_module(filename: str, name_expressions: Sequence[str]):
                         name_expressions=list(name_expressions))
 
 
-def numba_kernel_as_cupy(pyfunc: Callable, signature) -> "object":
+def numba_kernel_as_cupy(pyfunc: Callable, signature, launch_bounds=None) -> "object":
     """Compile a Numba CUDA kernel for the current device and load it as a CuPy function.
 
     Launching through CuPy's RawKernel path costs a few microseconds of host time, where
@@ -42,7 +42,7 @@ def numba_kernel_as_cupy(pyfunc: Callable, signature) -> "object":
     """
     from numba import cuda
 
-    dispatcher = cuda.jit(signature)(pyfunc)
+    dispatcher = cuda.jit(signature, launch_bounds=launch_bounds)(pyfunc)
     kernel = next(iter(dispatcher.overloads.values()))
     cubin = kernel._codelibrary.get_cubin()  # linked for this device's compute capability
     cubin = getattr(cubin, "code", cubin)  # numba-cuda >= 0.30 wraps it in an ObjectCode

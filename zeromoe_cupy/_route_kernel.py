@@ -1,8 +1,9 @@
 """The routing kernel (SPEC.md steps 2-7) in Numba CUDA, imported only when it is needed.
 
-One warp routes one token: lane l keeps the scores of experts l, l+32, ... in registers
-(the kernel is specialised per ceil(N/32)); K rounds of a warp arg-max pick the ids in
-order, ties to the lower id. Grouped top-k goes through shared memory.
+One warp routes one token: its N scores sit in shared memory, lane l owning experts l, l+32,
+...; K rounds of a warp arg-max over each lane's best remaining expert pick the ids in order,
+ties to the lower id. Each lane keeps its next few candidates sorted in registers, so the
+rounds rarely touch memory.
 Under Numba's CUDA simulator (no warp shuffles) the same body runs with block-wide
 reductions through shared memory instead; `_SIM` picks the branch at compile time.
 """
@@ -110,73 +111,60 @@ def broadcast(v, src, w, lane, fs):
     return cuda.shfl_sync(FULL, v, src)
 
 
-def make_route_kernel(vpl: int, grouped: bool):
-    """The kernel for N <= 32 * vpl experts: each lane keeps its vpl scores in registers
-    (every loop over them has the constant trip count vpl, so it unrolls). Only the
-    ``grouped`` variant carries the shared memory that grouped top-k needs."""
+@cuda.jit(device=True)
+def selection_key(pv, e, bias, has_bias):
+    # s = p + bias; a NaN score ranks with -inf, below every finite score.
+    s = pv
+    if has_bias:
+        s += bias[e]
+    if s != s:
+        s = NEG_INF
+    return s
+
+
+def make_route_kernel(grouped: bool):
+    """The routing kernel; only the ``grouped`` variant has the grouped top-k code."""
 
     def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
                      renorm, rsf, groups, topk_group):
-        w = cuda.threadIdx.x // 32
-        lane = cuda.threadIdx.x % 32
+        w = int32(cuda.threadIdx.x // 32)
+        lane = int32(cuda.threadIdx.x % 32)
         t = cuda.blockIdx.x * WARPS + w
         valid = t < T
         if not valid:
             t = T - 1  # idle warps still take part in block-wide barriers (simulator)
         fs = cuda.shared.array((WARPS, 32), float32)
         js = cuda.shared.array((WARPS, 32), int32)
-        p = cuda.local.array(vpl, float32)    # scores of experts lane + 32 j
-        key = cuda.local.array(vpl, float32)  # selection keys; NaN = not choosable
+        ps = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)  # scores p of the token
         row = t * n
 
-        # Scores p: softmax or sigmoid. Missing experts (e >= n) get p = 0 and key NaN.
-        m = NEG_INF
-        for j in range(vpl):
-            e = lane + 32 * j
-            v = NEG_INF
-            if e < n:
-                v = logits[row + e]
-            p[j] = v
-            if v > m:
-                m = v
+        # Scores p: softmax or sigmoid, into shared memory (lane l writes experts l, l+32, ...).
         if scoring == 0:
+            m = NEG_INF
+            for e in range(lane, n, 32):
+                v = logits[row + e]
+                ps[w, e] = v
+                if v > m:
+                    m = v
             m = reduce_max(m, w, lane, fs)
             total = float32(0)
-            for j in range(vpl):
-                ex = float32(0)
-                if lane + 32 * j < n:
-                    ex = math.exp(p[j] - m)
-                p[j] = ex
+            for e in range(lane, n, 32):
+                ex = math.exp(ps[w, e] - m)
+                ps[w, e] = ex
                 total += ex
             total = reduce_sum(total, w, lane, fs)
             inv = float32(1) / total
-            for j in range(vpl):
-                p[j] = p[j] * inv
+            for e in range(lane, n, 32):
+                ps[w, e] = ps[w, e] * inv
         else:
-            for j in range(vpl):
-                p[j] = float32(1) / (float32(1) + math.exp(-p[j]))
+            for e in range(lane, n, 32):
+                ps[w, e] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
 
-        # Keys s = p + bias; a NaN score ranks with -inf, below every finite score.
-        for j in range(vpl):
-            e = lane + 32 * j
-            s = NAN
-            if e < n:
-                s = p[j]
-                if has_bias:
-                    s += bias[e]
-                if s != s:
-                    s = NEG_INF
-            key[j] = s
-
+        masked = int32(0)  # bit j: expert lane + 32 j is in a dropped group
         if grouped:
             # Keep the topk_group groups whose best key (the best two keys' sum when a bias is
-            # present) is largest; every other expert's key becomes NaN.
-            ks = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)
+            # present) is largest; every other expert is masked.
             kept = cuda.shared.array((WARPS, 32), int32)  # bit g % 32 of word g // 32
-            for j in range(vpl):
-                e = lane + 32 * j
-                if e < n:
-                    ks[w, e] = key[j]
             kept[w, lane] = 0
             sync_warp()
             gsize = n // groups
@@ -191,7 +179,7 @@ def make_route_kernel(vpl: int, grouped: bool):
                         a = NEG_INF
                         b = NEG_INF
                         for e in range(g * gsize, (g + 1) * gsize):
-                            v = ks[w, e]
+                            v = selection_key(ps[w, e], e, bias, has_bias)
                             if v > a:
                                 b = a
                                 a = v
@@ -205,17 +193,17 @@ def make_route_kernel(vpl: int, grouped: bool):
                 if lane == 0 and bi < groups:
                     kept[w, bi // 32] |= int32(1) << (bi % 32)
                 sync_warp()
-            for j in range(vpl):
-                e = lane + 32 * j
-                if e < n:
-                    g = e // gsize
-                    if not (kept[w, g // 32] >> (g % 32)) & 1:
-                        key[j] = NAN
-            sync_warp()  # ks and kept are free again before anyone reuses them
+            j = 0
+            for e in range(lane, n, 32):
+                g = e // gsize
+                if not (kept[w, g // 32] >> (g % 32)) & 1:
+                    masked |= int32(1) << j
+                j += 1
+        sync_warp()  # ps (and kept) written by every lane before any lane scans them
 
         # K rounds of a warp arg-max over each lane's best remaining expert. A lane keeps its
         # next CACHE candidates sorted in registers (ranked by key desc, id asc) and rescans
-        # its vpl experts only when they run out: those ranked after the last one it gave.
+        # its experts only when they run out: those ranked after the last one it gave.
         my_id = int32(0)
         my_p = float32(0)
         last_v = float32(math.inf)
@@ -229,15 +217,16 @@ def make_route_kernel(vpl: int, grouped: bool):
             if need_fill and not exhausted:
                 c0v = c1v = c2v = c3v = NEG_INF
                 c0i = c1i = c2i = c3i = int32(NO_ID)
-                remaining = 0
-                for j in range(vpl):
-                    v = key[j]
-                    e = lane + 32 * j
-                    # choosable (not NaN) and ranked after the last one given ...
-                    if v == v and (v < last_v or (v == last_v and e > last_i)):
+                remaining = int32(0)
+                j = 0
+                for e in range(lane, n, 32):
+                    pv = ps[w, e]
+                    v = selection_key(pv, e, bias, has_bias)
+                    # choosable, ranked after the last one given ...
+                    if not (masked >> j) & 1 and (v < last_v or (v == last_v and e > last_i)):
                         remaining += 1
                         if v > c3v or (v == c3v and e < c3i):  # ... and before the 4th held
-                            c3v, c3i, c3p = v, e, p[j]
+                            c3v, c3i, c3p = v, e, pv
                             if c3v > c2v or (c3v == c2v and c3i < c2i):
                                 c2v, c3v, c2i, c3i, c2p, c3p = c3v, c2v, c3i, c2i, c3p, c2p
                                 if c2v > c1v or (c2v == c1v and c2i < c1i):
@@ -245,6 +234,7 @@ def make_route_kernel(vpl: int, grouped: bool):
                                     if c1v > c0v or (c1v == c0v and c1i < c0i):
                                         c0v, c1v, c0i, c1i, c0p, c1p = \
                                             c1v, c0v, c1i, c0i, c1p, c0p
+                    j += 1
                 exhausted = remaining <= CACHE
                 need_fill = False
             bv, bi = reduce_argmax(c0v, c0i, w, lane, fs, js)

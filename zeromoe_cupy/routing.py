@@ -16,6 +16,9 @@ MAX_ROUTED_EXPERTS = 1024
 MAX_TOP_K = 32
 _WARPS_PER_BLOCK = 4
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
+# 128 threads, at least 8 blocks per SM: caps registers at 64 a thread, so 32 warps per SM
+# hide the shuffle latencies of the arg-max rounds.
+ROUTE_LAUNCH_BOUNDS = (32 * _WARPS_PER_BLOCK, 8)
 
 
 class RoutingResult(NamedTuple):
@@ -138,9 +141,10 @@ def numba_array_args(a):
 
 
 @memoize_per_device
-def _route_function(vpl: int, grouped: bool):
+def _route_function(grouped: bool):
     from ._route_kernel import make_route_kernel
-    return numba_kernel_as_cupy(make_route_kernel(vpl, grouped), route_kernel_signature())
+    return numba_kernel_as_cupy(make_route_kernel(grouped), route_kernel_signature(),
+                                launch_bounds=ROUTE_LAUNCH_BOUNDS)
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
@@ -175,7 +179,7 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
     weights = cp.empty((T, top_k), np.float32)
     counts = cp.zeros((n,), np.int32)
     if T:
-        kernel = _route_function(-(-n // 32), groups is not None)
+        kernel = _route_function(groups is not None)
         launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
                             renormalize, rsf, groups, topk_group,
                             lambda k, grid, block, args: k(grid, block, args),
