@@ -11,6 +11,7 @@ from zeromoe_cupy import ops
 from zeromoe_cupy.bench import _Timer, measure_ceilings
 
 timer = _Timer(True, 5, 50)
+throughput = _Timer(True, 2, 20, batch=10)
 bw, _ = measure_ceilings(np.float32, quick=True)
 res = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "copy_Bps": bw, "route": [],
        "zero": {}}
@@ -60,19 +61,24 @@ ids = cp.asarray(ids_h.astype(np.int32))
 w = cp.asarray(rng.random((T, K)).astype(np.float32))
 nbytes = 2 * T * H * 2 + T * K * 8
 for check in (True, False):
-    ms = timer(lambda _: ops.zero_expert_output(x, ids, w, E, "identity", num_zero_experts=256,
-                                                check_ids=check), [0])
+    def zero_share(_):
+        return ops.zero_expert_output(x, ids, w, E, "identity", num_zero_experts=256,
+                                      check_ids=check)
     tag = "identity" if check else "identity_unchecked"
-    res["zero"][f"{tag}_ms"] = ms
-    res["zero"][f"{tag}_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
+    for kind, t in (("latency", timer), ("throughput", throughput)):
+        ms = t(zero_share, [0])
+        res["zero"][f"{tag}_{kind}_ms"] = ms
+        res["zero"][f"{tag}_{kind}_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
 M = T * 8
 rows = cp.random.default_rng(3).standard_normal((M, H), dtype=cp.float32).astype(ml_dtypes.bfloat16)
 slot = cp.asarray(np.concatenate([np.arange(M).reshape(T, 8), -np.ones((T, 4), int)], 1)
                   .astype(np.int32))
-ms = timer(lambda _: ops.combine(x, ids, w, E, "identity", ops.ExpertOutput(rows, slot),
-                                 num_zero_experts=256, check_ids=False), [0])
 nbytes = (2 * T * H + M * H) * 2 + T * K * 12
-res["zero"]["combine_ms"] = ms
-res["zero"]["combine_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
-print(res["zero"])
+for kind, t in (("latency", timer), ("throughput", throughput)):
+    ms = t(lambda _: ops.combine(x, ids, w, E, "identity", ops.ExpertOutput(rows, slot),
+                                 num_zero_experts=256, check_ids=False), [0])
+    res["zero"][f"combine_{kind}_ms"] = ms
+    res["zero"][f"combine_{kind}_frac_of_copy"] = nbytes / (ms * 1e-3) / bw
+for k, v in res["zero"].items():
+    print(f"{k:45s} {v:.3f}")
 json.dump(res, open(sys.argv[1] if len(sys.argv) > 1 else "ops_bench.json", "w"), indent=1)

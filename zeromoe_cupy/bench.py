@@ -70,10 +70,15 @@ def _normal(xp, shape, dtype, seed):
 
 
 class _Timer:
-    """Median time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU."""
+    """Median time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU.
 
-    def __init__(self, gpu: bool, warmup: int, repeat: int):
-        self.gpu, self.warmup, self.repeat = gpu, warmup, repeat
+    With ``batch`` > 1 each timing spans that many back-to-back calls and is divided by it:
+    the device time per call once the host runs ahead (throughput), where batch 1 gives the
+    latency of one call, host work included.
+    """
+
+    def __init__(self, gpu: bool, warmup: int, repeat: int, batch: int = 1):
+        self.gpu, self.warmup, self.repeat, self.batch = gpu, warmup, repeat, batch
 
     def __call__(self, fn, inputs):
         for i in range(self.warmup):
@@ -85,10 +90,11 @@ class _Timer:
             for i in range(self.repeat):
                 start, stop = cp.cuda.Event(), cp.cuda.Event()
                 start.record()
-                fn(inputs[i % len(inputs)])
+                for b in range(self.batch):
+                    fn(inputs[(i * self.batch + b) % len(inputs)])
                 stop.record()
                 stop.synchronize()
-                times.append(cp.cuda.get_elapsed_time(start, stop))
+                times.append(cp.cuda.get_elapsed_time(start, stop) / self.batch)
         else:
             for i in range(self.repeat):
                 t0 = time.perf_counter()

@@ -5,6 +5,7 @@ NumPy arrays run a vectorized CPU path; CuPy arrays run one RawKernel pass per c
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Union
 
 import numpy as np
@@ -21,6 +22,21 @@ _COMBINE_WARPS = 8  # tokens per block in combine.cu
 
 def zero_type_codes(zero_expert_type: ZeroTypes, num_zero_experts: int) -> np.ndarray:
     """int32 [Z] codes (identity 0, zero 1, constant 2) from one string or Z strings."""
+    key = zero_expert_type if isinstance(zero_expert_type, str) else tuple(zero_expert_type)
+    try:
+        return _type_codes_cached(key, num_zero_experts)
+    except TypeError:  # unhashable entries: report them through the uncached path
+        return _type_codes(zero_expert_type, num_zero_experts)
+
+
+@functools.lru_cache(maxsize=64)
+def _type_codes_cached(zero_expert_type, num_zero_experts):
+    codes = _type_codes(zero_expert_type, num_zero_experts)
+    codes.flags.writeable = False  # shared between calls
+    return codes
+
+
+def _type_codes(zero_expert_type, num_zero_experts):
     if isinstance(zero_expert_type, str):
         types = [zero_expert_type] * num_zero_experts
     else:
