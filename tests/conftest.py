@@ -31,3 +31,16 @@ def rng(request):
     # Fresh random inputs per test, reproducible from the test's name.
     seed = abs(hash(request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory(request):
+    # GPU tests build layers of tens of GB (LongCat-Flash); hand cached blocks back between
+    # tests so that CuPy's and torch's pools do not hold two such layers at once.
+    if HAS_GPU and request.node.get_closest_marker("gpu"):
+        import gc
+
+        import cupy
+        gc.collect()
+        cupy.get_default_memory_pool().free_all_blocks()
+    yield

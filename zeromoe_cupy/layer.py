@@ -23,8 +23,13 @@ class ZeroExpertMoE:
 
     ``layer(x)`` computes y = sum_k w_k * expert_{ids_k}(x) (SPEC.md). NumPy in -> NumPy out
     (device "cpu"); CuPy or DLPack CUDA tensors in -> CuPy out (device "cuda").
-    Calls with more than ``max_chunk_tokens`` tokens run the expert stage in chunks, which
-    bounds its workspace to about ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes.
+    Calls with more than ``max_chunk_tokens`` tokens run in chunks (route, experts, combine
+    per chunk), which bounds the workspace: ``workspace_bytes()`` gives the bound, about
+    ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes for the expert stage.
+
+    NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
+    softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
+    row is NaN; other tokens are unaffected. A NaN in one token's x stays in that row.
     """
 
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
@@ -127,6 +132,97 @@ class ZeroExpertMoE:
             raise RuntimeError("CuPy arrays were given but no GPU is visible")
         return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights)
 
+    @classmethod
+    def from_expert_weights(cls, config: MoEConfig, router_weight, gate, up, down,
+                            e_score_correction_bias=None, router_bias=None, const_vec=None,
+                            const_gate=None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS
+                            ) -> "ZeroExpertMoE":
+        """A layer from per-expert matrices, as most checkpoints store them.
+
+        ``gate[e]``, ``up[e]``: [I, H]; ``down[e]``: [H, I], for e in 0..E-1 (NumPy, CuPy or
+        DLPack tensors). They are stacked into the fused w13 [E, 2I, H] (gate rows first) and
+        w2 [E, H, I], which copies them once.
+        """
+        E = config.num_experts
+        for name, mats in (("gate", gate), ("up", up), ("down", down)):
+            if len(mats) != E:
+                raise ValueError(f"{name}: expected {E} matrices (one per real expert), "
+                                 f"got {len(mats)}")
+        gate = [as_array(g, f"gate[{e}]") for e, g in enumerate(gate)]
+        up = [as_array(u, f"up[{e}]") for e, u in enumerate(up)]
+        down = [as_array(d, f"down[{e}]") for e, d in enumerate(down)]
+        xp = cupy_module() if is_cupy(gate[0]) else np
+        H, I = config.hidden_size, config.intermediate_size
+        for name, mats, shape in (("gate", gate, (I, H)), ("up", up, (I, H)),
+                                  ("down", down, (H, I))):
+            for e, a in enumerate(mats):
+                if tuple(a.shape) != shape:
+                    raise ValueError(f"{name}[{e}]: expected shape {shape}, got {tuple(a.shape)}")
+                if is_cupy(a) != (xp is not np):
+                    raise TypeError(f"{name}[{e}]: expected every matrix on one device")
+        w13 = xp.stack([xp.concatenate([g, u], axis=0) for g, u in zip(gate, up)])
+        w2 = xp.stack(down)
+        return cls.from_weights(config, router_weight, w13, w2, e_score_correction_bias,
+                                router_bias, const_vec, const_gate, max_chunk_tokens)
+
+    # Checkpoint key names understood by from_state_dict (after the prefix).
+    STATE_DICT_KEYS = {
+        "router_weight": ("router.classifier.weight", "gate.weight", "router.weight"),
+        "router_bias": ("router.classifier.bias", "gate.bias", "router.bias"),
+        "e_score_correction_bias": ("router.e_score_correction_bias",
+                                    "gate.e_score_correction_bias", "e_score_correction_bias"),
+        "w13": ("experts.w13_weight",),
+        "w2": ("experts.w2_weight",),
+        "const_vec": ("const_vec",),
+        "const_gate": ("const_gate",),
+    }
+    PER_EXPERT_KEYS = {  # experts.{e}.<name>.weight; the first pair of names found is used
+        "gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2"),
+    }
+
+    @classmethod
+    def from_state_dict(cls, config: MoEConfig, state_dict, prefix: str = "",
+                        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS) -> "ZeroExpertMoE":
+        """A layer from a checkpoint's tensors (a dict of name -> NumPy/CuPy/DLPack tensor).
+
+        Keys, after ``prefix`` (e.g. "model.layers.0.mlp."): the router weight as
+        ``router.classifier.weight`` (LongCat-Flash) or ``gate.weight``; its optional bias
+        ``router.classifier.bias``; the selection bias ``router.e_score_correction_bias`` or
+        ``gate.e_score_correction_bias``; experts either fused (``experts.w13_weight``
+        [E, 2I, H], ``experts.w2_weight`` [E, H, I], as vLLM stores them) or per expert
+        (``experts.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj``, or Mixtral's
+        ``w1`` / ``w3`` / ``w2``); constant experts' ``const_vec`` and ``const_gate``.
+        """
+        def find(names):
+            for name in names:
+                if prefix + name in state_dict:
+                    return state_dict[prefix + name]
+            return None
+
+        found = {k: find(names) for k, names in cls.STATE_DICT_KEYS.items()}
+        if found["router_weight"] is None:
+            raise ValueError(f"state_dict: no router weight under {prefix!r} (looked for "
+                             f"{[prefix + k for k in cls.STATE_DICT_KEYS['router_weight']]})")
+        extra = {k: found[k] for k in ("e_score_correction_bias", "router_bias", "const_vec",
+                                       "const_gate")}
+        if found["w13"] is not None and found["w2"] is not None:
+            return cls.from_weights(config, found["router_weight"], found["w13"], found["w2"],
+                                    max_chunk_tokens=max_chunk_tokens, **extra)
+        mats = {}
+        for role, names in cls.PER_EXPERT_KEYS.items():
+            for name in names:
+                keys = [f"{prefix}experts.{e}.{name}.weight" for e in range(config.num_experts)]
+                if all(k in state_dict for k in keys):
+                    mats[role] = [state_dict[k] for k in keys]
+                    break
+            else:
+                raise ValueError(f"state_dict: no {role} matrices for all "
+                                 f"{config.num_experts} experts under {prefix!r} (looked for "
+                                 f"experts.{{e}}.{names[0]}.weight and experts.{{e}}."
+                                 f"{names[1]}.weight, or fused experts.w13_weight/w2_weight)")
+        return cls.from_expert_weights(config, found["router_weight"], mats["gate"], mats["up"],
+                                       mats["down"], max_chunk_tokens=max_chunk_tokens, **extra)
+
     # --- inputs ------------------------------------------------------------------------------
     def _input(self, x):
         x = as_array(x, "x")
@@ -205,17 +301,46 @@ class ZeroExpertMoE:
         chunk = self.max_chunk_tokens
         if T <= chunk:
             return self._forward(x, router_logits, routing, counts_valid=routing is not None)
-        parts = []
+        y = self.xp.empty_like(x)  # chunks write into it: one output, not a concatenation
         for s in range(0, T, chunk):
             sl = slice(s, min(T, s + chunk))
             sub_logits = None if router_logits is None else router_logits[sl]
             sub_routing = None
             if routing is not None:
                 sub_routing = RoutingResult(routing.topk_ids[sl], routing.topk_weights[sl], None)
-            parts.append(self._forward(x[sl], sub_logits, sub_routing, counts_valid=False))
-        return self.xp.concatenate(parts, axis=0)
+            y[sl] = self._forward(x[sl], sub_logits, sub_routing, counts_valid=False)
+        return y
+
+    def workspace_bytes(self, tokens: int | None = None) -> int:
+        """Upper bound of the temporary memory one forward call takes (the output included).
+
+        Per chunk of up to ``max_chunk_tokens`` tokens: router logits (T, E+Z) fp32, and for
+        every real (token, slot) pair, at most T*K of them, its gathered input row (H), its
+        GEMM 1 output (2I), activation (I) and expert output row (H); plus the output (T, H).
+        """
+        cfg = self.config
+        T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
+        item = np_dtype(cfg.dtype).itemsize
+        pairs = T * cfg.top_k
+        per_chunk = (T * cfg.num_total_experts * 4 + pairs * 12
+                     + pairs * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
+        total = tokens if tokens is not None else T
+        return per_chunk + total * cfg.hidden_size * item
 
     def _forward(self, x, logits, routing, counts_valid):
+        if self.device == "cuda":
+            cp = cupy_module()
+            try:
+                return self._forward_stages(x, logits, routing, counts_valid)
+            except cp.cuda.memory.OutOfMemoryError as exc:
+                raise MemoryError(
+                    f"ZeroExpertMoE forward ran out of GPU memory: a chunk of {x.shape[0]} "
+                    f"tokens needs up to {self.workspace_bytes(x.shape[0]) / 2**20:.0f} MiB of "
+                    f"workspace beyond the weights; lower max_chunk_tokens (now "
+                    f"{self.max_chunk_tokens}) to bound it ({exc})") from exc
+        return self._forward_stages(x, logits, routing, counts_valid)
+
+    def _forward_stages(self, x, logits, routing, counts_valid):
         cfg = self.config
         if routing is None:
             routing = self._route(x, logits)

@@ -1,0 +1,125 @@
+"""Reliability on the GPU: determinism, chunking, memory bounds and errors, leaks, threads,
+NaN isolation."""
+import threading
+
+import numpy as np
+import pytest
+
+import zeromoe_cupy as zm
+from zeromoe_cupy.reference import relative_error
+
+from conftest import TOL
+from helpers import random_layer_weights, random_x
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+CFG = zm.MoEConfig(hidden_size=512, intermediate_size=256, num_experts=64, num_zero_experts=32,
+                   top_k=8, use_correction_bias=True, routed_scaling_factor=2.5,
+                   zero_expert_type="identity", dtype="bfloat16")
+
+
+@pytest.fixture
+def layer(rng):
+    w = random_layer_weights(rng, CFG, bias_scale=0.01)
+    return zm.ZeroExpertMoE.from_weights(CFG, **{k: cp.asarray(v) for k, v in w.items()})
+
+
+def test_repeated_calls_are_bitwise_identical(layer, rng):
+    x = cp.asarray(random_x(rng, 777, 512, "bfloat16"))
+    first = layer(x)
+    for _ in range(5):
+        cp.testing.assert_array_equal(layer(x), first)
+
+
+def test_chunk_sizes_agree(layer, rng):
+    x = cp.asarray(random_x(rng, 500, 512, "bfloat16"))
+    whole = layer(x)
+    ref, _ = layer.reference(x)
+    for chunk in (250, 97, 1):
+        layer.max_chunk_tokens = chunk
+        y = layer(x)
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+        # Each row's arithmetic does not depend on the rows beside it, so chunks agree bitwise.
+        cp.testing.assert_array_equal(y, whole)
+
+
+def test_no_memory_growth_over_1000_forwards(layer, rng):
+    x = cp.asarray(random_x(rng, 64, 512, "bfloat16"))
+    pool = cp.get_default_memory_pool()
+    for _ in range(10):
+        layer(x)
+    cp.cuda.Device().synchronize()
+    used, total = pool.used_bytes(), pool.total_bytes()
+    for _ in range(1000):
+        layer(x)
+    cp.cuda.Device().synchronize()
+    assert pool.used_bytes() == used
+    assert pool.total_bytes() <= total + (1 << 20)
+
+
+def test_out_of_memory_says_how_much_and_what_to_lower(layer, rng):
+    x = cp.asarray(random_x(rng, 4096, 512, "bfloat16"))
+    pool = cp.get_default_memory_pool()
+    layer(x[:8])
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    pool.set_limit(size=pool.used_bytes() + x.nbytes * 2)
+    try:
+        with pytest.raises(MemoryError, match="lower max_chunk_tokens"):
+            layer(x)
+    finally:
+        pool.set_limit(size=0)
+
+
+def test_workspace_stays_inside_the_documented_bound_at_65536_tokens(rng):
+    cfg = zm.MoEConfig.preset("longcat-flash")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
+    x = cp.random.default_rng(3).standard_normal((65536, cfg.hidden_size),
+                                                 dtype=cp.float32).astype(layer.w13.dtype)
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    y = layer(x)
+    cp.cuda.Device().synchronize()
+    grown = pool.total_bytes() - before
+    assert y.shape == x.shape
+    assert grown <= layer.workspace_bytes(65536), (grown, layer.workspace_bytes(65536))
+
+
+def test_two_threads_on_their_own_streams(layer, rng):
+    xs = [cp.asarray(random_x(rng, 3000, 512, "bfloat16")) for _ in range(2)]
+    expected = [layer(x) for x in xs]
+    cp.cuda.Device().synchronize()
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            with cp.cuda.Stream(non_blocking=True) as stream:
+                outs = [layer(xs[i]) for _ in range(10)]
+                stream.synchronize()
+            results[i] = outs
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        for out in results[i]:
+            cp.testing.assert_array_equal(out, expected[i])
+
+
+def test_nan_in_one_token_stays_in_that_row(layer, rng):
+    x = cp.asarray(random_x(rng, 40, 512, "bfloat16"))
+    x[7, 100] = cp.nan
+    r = layer.route(x)
+    ids = r.topk_ids.get()
+    assert ((ids >= 0) & (ids < CFG.num_total_experts)).all()
+    y = layer(x, routing=r).get().astype(np.float32)
+    assert np.isnan(y[7]).all()
+    assert np.isfinite(np.delete(y, 7, axis=0)).all()
