@@ -314,15 +314,16 @@ class ZeroExpertMoE:
     def workspace_bytes(self, tokens: int | None = None) -> int:
         """Upper bound of the temporary memory one forward call takes (the output included).
 
-        Per chunk of up to ``max_chunk_tokens`` tokens: router logits (T, E+Z) fp32, and for
-        every real (token, slot) pair, at most T*K of them, its gathered input row (H), its
-        GEMM 1 output (2I), activation (I) and expert output row (H); plus the output (T, H).
+        Per chunk of up to ``max_chunk_tokens`` tokens: x in fp32 for the router GEMM (T, H),
+        router logits (T, E+Z) fp32, and for every real (token, slot) pair, at most T*K of
+        them, its gathered input row (H), its GEMM 1 output (2I), activation (I) and expert
+        output row (H); plus the output (T, H).
         """
         cfg = self.config
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
-        per_chunk = (T * cfg.num_total_experts * 4 + pairs * 12
+        per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12
                      + pairs * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
         total = tokens if tokens is not None else T
         return per_chunk + total * cfg.hidden_size * item
