@@ -89,7 +89,7 @@ def as_array(a: Any, name: str, allow_none: bool = False):
         if dev_type in (_KDLCPU, _KDLCUDAHOST):
             try:
                 return np.from_dlpack(a)
-            except (TypeError, BufferError, RuntimeError) as exc:
+            except (TypeError, ValueError, BufferError, RuntimeError) as exc:
                 # NumPy has no bfloat16 in DLPack: go through the tensor's own NumPy view.
                 if hasattr(a, "view") and hasattr(a, "numpy") and "bfloat16" in str(a.dtype):
                     import ml_dtypes as _md

@@ -112,7 +112,6 @@ def measure_ceilings(dtype, quick: bool):
     dst = cp.empty_like(src)
     ms = timer(lambda _: dst.__setitem__(Ellipsis, src), [None])
     bandwidth = 2 * n / (ms * 1e-3)
-    del src, dst
     m = 8192
     a = _normal(cp, (m, m), dtype, 2)
     b = _normal(cp, (m, m), dtype, 3)

@@ -11,9 +11,9 @@ import numpy as np
 
 from ._arrays import as_array, cupy_module, dtype_name, gpu_available, is_cupy, np_dtype
 from .config import MoEConfig
-from .experts import ExpertOutput, expert_mlp
+from .experts import expert_mlp
 from .routing import RoutingResult, route, router_logits
-from .zero_experts import combine, zero_type_codes
+from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
 
@@ -48,7 +48,6 @@ class ZeroExpertMoE:
         self.device = device
         self.max_chunk_tokens = max_chunk_tokens
         self.xp = cupy_module() if device == "cuda" else np
-        self._zero_codes = zero_type_codes(config.zero_types, config.num_zero_experts)
         if _weights is None:
             _weights = self._random_weights(seed)
         (self.router_weight, self.router_bias, self.e_score_correction_bias,
@@ -301,7 +300,7 @@ class ZeroExpertMoE:
         chunk = self.max_chunk_tokens
         if T <= chunk:
             return self._forward(x, router_logits, routing, counts_valid=routing is not None)
-        y = self.xp.empty_like(x)  # chunks write into it: one output, not a concatenation
+        y = self.xp.empty(x.shape, x.dtype)  # chunks write into it: no concatenation
         for s in range(0, T, chunk):
             sl = slice(s, min(T, s + chunk))
             sub_logits = None if router_logits is None else router_logits[sl]
