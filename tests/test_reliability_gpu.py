@@ -81,12 +81,18 @@ def test_workspace_stays_inside_the_documented_bound_at_65536_tokens(rng):
     pool = cp.get_default_memory_pool()
     cp.cuda.Device().synchronize()
     pool.free_all_blocks()
-    before = pool.total_bytes()
-    y = layer(x)
-    cp.cuda.Device().synchronize()
-    grown = pool.total_bytes() - before
+    # The pool may allocate at most the documented workspace on top of what it holds now;
+    # when a request would pass the limit it first hands back its cached free blocks, so
+    # this bounds the live workspace at its peak.
+    pool.set_limit(size=pool.total_bytes() + layer.workspace_bytes(65536))
+    try:
+        y = layer(x)
+        cp.cuda.Device().synchronize()
+    finally:
+        pool.set_limit(size=0)
     assert y.shape == x.shape
-    assert grown <= layer.workspace_bytes(65536), (grown, layer.workspace_bytes(65536))
+    ref_rows = layer(x[:16384][:64])  # the first chunk's rows, computed alone
+    assert relative_error(y[:64].get(), ref_rows.get()) <= TOL["bfloat16"]
 
 
 def test_two_threads_on_their_own_streams(layer, rng):
