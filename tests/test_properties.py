@@ -1,17 +1,21 @@
 """Property tests (hypothesis, CPU): random configs and inputs against the float64 reference;
 ops never modify inputs; config validation accepts exactly the valid configs."""
+import os
+
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zeromoe_cupy as zm
-from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
 from helpers import random_layer_weights, random_x
 
-SETTINGS = settings(max_examples=40, deadline=None,
+# More examples for a deeper search: ZEROMOE_HYPOTHESIS_EXAMPLES=2000 pytest tests/test_properties.py
+SETTINGS = settings(max_examples=int(os.environ.get("ZEROMOE_HYPOTHESIS_EXAMPLES", "40")),
+                    deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -52,11 +56,44 @@ def test_layer_matches_reference_on_random_configs(cfg, T, seed):
     # on near ties, which SPEC.md allows); routing itself is checked in its own tests.
     ref, _ = layer.reference(x, routing=(r.topk_ids, r.topk_weights))
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert relative_error(y, ref) <= TOL[cfg.dtype] or np.linalg.norm(ref) < 1e-6
+    # Tiny random shapes cancel: a few terms of size ~1 can sum to ~0.01, in the down
+    # projection or across slots. So measure the error against the size of what the rounded
+    # sums add up (the bound rounding can promise), which is about ||ref|| when nothing
+    # cancels; the strict relative check on ordinary shapes is in test_layer_cpu.py.
+    # Values below the dtype's normal range keep only an absolute precision (a subnormal
+    # step per rounding, each spread by at most 1 + I through the down projection).
+    underflow = float(ml_dtypes.finfo(x.dtype).smallest_subnormal) * (1 + cfg.intermediate_size) \
+        * np.sqrt(x.size)
+    err = np.linalg.norm(y.astype(np.float64) - ref)
+    assert err <= TOL[cfg.dtype] * np.linalg.norm(_magnitude(layer, x, r)) + underflow
     np.testing.assert_array_equal(x, x0)
     for k, v in w.items():
         np.testing.assert_array_equal(v, snapshot[k])
     assert ((r.topk_ids >= 0) & (r.topk_ids < cfg.num_total_experts)).all()
+
+
+def _magnitude(layer, x, r):
+    """sum_k |w_k| * |slot k's output|, with every product and sum inside an expert taken in
+    absolute value (|W2| (|h| + |gate| |up|)): the scale of the layer's rounding error."""
+    cfg, w = layer.config, layer.numpy_weights()
+    E, I = cfg.num_experts, cfg.intermediate_size
+    x64 = x.astype(np.float64)
+    mag = np.zeros_like(x64)
+    for t in range(x.shape[0]):
+        for k in range(cfg.top_k):
+            e, wk = int(r.topk_ids[t, k]), abs(float(r.topk_weights[t, k]))
+            if e < E:
+                gu = w["w13"][e].astype(np.float64) @ x64[t]
+                g, u = gu[:I], gu[I:]
+                h = g / (1 + np.exp(-g)) * u
+                mag[t] += wk * (np.abs(w["w2"][e].astype(np.float64)) @ (np.abs(h) +
+                                                                         np.abs(g * u)))
+            elif cfg.zero_types[e - E] == "identity":
+                mag[t] += wk * np.abs(x64[t])
+            elif cfg.zero_types[e - E] == "constant":
+                mag[t] += wk * (np.abs(x64[t]) +
+                                np.abs(w["const_vec"][e - E].astype(np.float64)))
+    return mag
 
 
 VALID_TYPES = ("identity", "zero", "constant")
