@@ -203,3 +203,34 @@ def test_route_kernel_one_lane_wins_many_times(order):
     ref = reference.route(logits, K, "softmax")
     np.testing.assert_array_equal(r.topk_ids.get(), ref.topk_ids)
     np.testing.assert_allclose(r.topk_weights.get(), ref.topk_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 128, 4096])
+@pytest.mark.parametrize("K", [1, 2, 8, 12])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_expert_output_tokens_and_slots(T, K, dtype, rng):
+    # Renormalized, rsf-scaled weights as the router gives them; a mixed type table.
+    from zeromoe_cupy._arrays import np_dtype
+    H, E, Z = 300, 5, 4
+    zt = ("constant", "identity", "zero", "identity")
+    x_h = random_x(rng, T, H, dtype)
+    ids_h = rng.integers(0, E + Z, (T, K)).astype(np.int32)
+    w_h = rng.random((T, K)).astype(np.float32) + 0.1
+    w_h = (w_h / w_h.sum(1, keepdims=True) * 2.5).astype(np.float32)
+    cv = rng.standard_normal((Z, H)).astype(np.float32).astype(np_dtype(dtype))
+    cg = (rng.standard_normal((Z, 2, H)) * H ** -0.5).astype(np.float32).astype(np_dtype(dtype))
+    args = [cp.asarray(a) for a in (x_h, ids_h, w_h, cv, cg)]
+    before = [a.get().tobytes() for a in args]
+    out = ops.zero_expert_output(args[0], args[1], args[2], E, zt, const_vec=args[3],
+                                 const_gate=args[4], num_zero_experts=Z)
+    assert out.shape == (T, H) and out.dtype == x_h.dtype
+    assert [a.get().tobytes() for a in args] == before
+    if T == 0:
+        return
+    ref, _ = reference.forward(x_h, None, np.zeros((E, 2, H)), np.zeros((E, H, 1)), top_k=K,
+                               num_experts=E, zero_expert_type=zt, const_vec=cv,
+                               const_gate=cg, routing=(ids_h, w_h * (ids_h >= E)))
+    if np.linalg.norm(ref):
+        assert relative_error(out.get(), ref) <= TOL[dtype]
+    else:  # every slot of every token went to a real or a "zero" expert
+        assert not out.get().astype(np.float32).any()
