@@ -117,3 +117,14 @@ def device_of(a) -> str:
 def to_numpy(a) -> np.ndarray:
     """A NumPy copy (or view) of a NumPy/CuPy array."""
     return a.get() if is_cupy(a) else np.asarray(a)
+
+
+def vector_width(itemsize: int, H: int, *arrays) -> int:
+    """Elements per 16-byte access when H and every pointer allow it, else 1."""
+    vec = 16 // itemsize
+    if H % vec:
+        return 1
+    for a in arrays:
+        if a is not None and a.data.ptr % 16:
+            return 1
+    return vec

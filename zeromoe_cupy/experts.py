@@ -9,9 +9,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy
+from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width
 from ._compile import memoize_per_device, raw_module
-from .zero_experts import vector_width
 
 
 class ExpertOutput(NamedTuple):

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy
+from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width
 from ._compile import memoize_per_device, raw_module
 from .config import ZERO_EXPERT_TYPES
 
@@ -195,17 +195,6 @@ def _combine_module():
     names = [f"combine_kernel<{ctype},{vec}>"
              for _, (dt, ctype) in DTYPES.items() for vec in (1, 16 // dt.itemsize)]
     return raw_module("combine.cu", names)
-
-
-def vector_width(itemsize: int, H: int, *arrays) -> int:
-    """Elements per 16-byte access when H and every pointer allow it, else 1."""
-    vec = 16 // itemsize
-    if H % vec:
-        return 1
-    for a in arrays:
-        if a is not None and a.data.ptr % 16:
-            return 1
-    return vec
 
 
 def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate):
