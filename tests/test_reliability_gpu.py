@@ -131,3 +131,37 @@ def test_nan_in_one_token_stays_in_that_row(layer, rng):
     y = layer(x, routing=r).get().astype(np.float32)
     assert np.isnan(y[7]).all()
     assert np.isfinite(np.delete(y, 7, axis=0)).all()
+
+
+def test_random_configs_on_the_gpu_match_the_cpu_bound():
+    # The CPU property test's configs and error bound, on the GPU, for a bounded number of
+    # examples.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from test_properties import _magnitude, configs
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(cfg=configs(), T=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
+    def check(cfg, T, seed):
+        import ml_dtypes
+        rng = np.random.default_rng(seed)
+        w = random_layer_weights(rng, cfg, bias_scale=0.02 if cfg.use_correction_bias else 0)
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+        x_h = random_x(rng, T, cfg.hidden_size, cfg.dtype)
+        x = cp.asarray(x_h)
+        r = layer.route(x)
+        y = layer(x, routing=r).get()
+        ids, wts = r.topk_ids.get(), r.topk_weights.get()
+        assert ((ids >= 0) & (ids < cfg.num_total_experts)).all()
+        ref, _ = layer.reference(x, routing=(ids, wts))
+        host = zm.RoutingResult(ids, wts, None)
+        cpu_layer = zm.ZeroExpertMoE.from_weights(cfg, **w)
+        underflow = float(ml_dtypes.finfo(x_h.dtype).smallest_subnormal) * \
+            (1 + cfg.intermediate_size) * np.sqrt(x_h.size)
+        err = np.linalg.norm(y.astype(np.float64) - ref)
+        assert err <= TOL[cfg.dtype] * np.linalg.norm(_magnitude(cpu_layer, x_h, host)) + \
+            underflow
+        cp.testing.assert_array_equal(x, cp.asarray(x_h))
+
+    check()
