@@ -119,10 +119,11 @@ def to_numpy(a) -> np.ndarray:
     return a.get() if is_cupy(a) else np.asarray(a)
 
 
-def vector_width(itemsize: int, H: int, *arrays) -> int:
-    """Elements per 16-byte access when H and every pointer allow it, else 1."""
+def vector_width(itemsize: int, H: int, *arrays, row_stride: int | None = None) -> int:
+    """Elements per 16-byte access when H, the row stride (in elements) and every pointer
+    allow it, else 1."""
     vec = 16 // itemsize
-    if H % vec:
+    if H % vec or (row_stride is not None and row_stride % vec):
         return 1
     for a in arrays:
         if a is not None and a.data.ptr % 16:

@@ -142,7 +142,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark):
     xs = cp.empty((M, H), x.dtype)
     x_stride = x.strides[0] // x.itemsize
     if T * K:
-        vec = vector_width(x.itemsize, H, x, xs) if x_stride % (16 // x.itemsize) == 0 else 1
+        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
         threads = min(256, max(32, -(-(H // vec) // 32) * 32))
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
@@ -191,6 +191,6 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark):
 def _silu_mul(mod, ctype, gate_up, h, M, I):
     vec = vector_width(gate_up.itemsize, I, gate_up, h)
     n = M * (I // vec)
-    blocks = int(min(max(1, -(-n // 256)), 132 * 16))
+    blocks = int(min(max(1, -(-n // 256)), 132 * 16))  # grid-stride: a cap, right on any GPU
     mod.get_function(f"silu_mul<{ctype},{vec}>")((blocks,), (256,),
                                                   (gate_up, h, np.int64(M), np.int32(I)))

@@ -219,9 +219,7 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
         const_gate = cp.ascontiguousarray(const_gate)
     codes_d = _codes_on_device(codes.tobytes())
     x_stride = x.strides[0] // x.itemsize
-    vec = vector_width(x.itemsize, H, x, rows, const_vec, out)
-    if vec > 1 and x_stride % vec:
-        vec = 1
+    vec = vector_width(x.itemsize, H, x, rows, const_vec, out, row_stride=x_stride)
     ctype = DTYPES[dtype_name(x.dtype)][1]
     kernel = _combine_module().get_function(f"combine_kernel<{ctype},{vec}>")
     null = 0
@@ -234,15 +232,8 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
     return out
 
 
-_codes_cache: dict = {}
-
-
+@memoize_per_device
 def _codes_on_device(key: bytes):
     """The zero-type table on the device, uploaded once per distinct table and device."""
     cp = cupy_module()
-    dev = cp.cuda.runtime.getDevice()
-    arr = _codes_cache.get((dev, key))
-    if arr is None:
-        arr = cp.asarray(np.frombuffer(key, dtype=np.int32)) if key else cp.zeros(1, np.int32)
-        _codes_cache[(dev, key)] = arr
-    return arr
+    return cp.asarray(np.frombuffer(key, dtype=np.int32)) if key else cp.zeros(1, np.int32)
