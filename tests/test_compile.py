@@ -8,15 +8,14 @@ import pytest
 
 from zeromoe_cupy._arrays import DTYPES
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
+from zeromoe_cupy.experts import experts_kernel_names
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
 
 KERNELS = {
     "combine.cu": [f"combine_kernel<{c},{v}>" for _, (dt, c) in DTYPES.items()
                    for v in (1, 16 // dt.itemsize)],
-    "experts.cu": ["expert_offsets"] + [
-        f"{name}<{c},{v}>" for name in ("gather_rows", "silu_mul")
-        for _, (dt, c) in DTYPES.items() for v in (1, 16 // dt.itemsize)],
+    "experts.cu": experts_kernel_names(),
 }
 
 

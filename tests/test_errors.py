@@ -87,6 +87,8 @@ def test_layer_construction_errors():
         zm.ZeroExpertMoE(CFG, device="tpu")
     with pytest.raises(ValueError, match="max_chunk_tokens"):
         zm.ZeroExpertMoE(CFG, device="cpu", max_chunk_tokens=0)
+    with pytest.raises(ValueError, match="expert_strategy: expected one of"):
+        zm.ZeroExpertMoE(CFG, device="cpu", expert_strategy="fast")
 
 
 @pytest.mark.skipif(gpu_available(), reason="only without a GPU")
@@ -122,6 +124,8 @@ def test_expert_and_combine_op_errors(layer, x, rng):
         ops.expert_mlp(x, ids, layer.w13, layer.w2[:, :3])
     with pytest.raises(ValueError, match="topk_ids: expected shape"):
         ops.expert_mlp(x, ids[:3], layer.w13, layer.w2)
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        ops.expert_mlp(x, ids, layer.w13, layer.w2, strategy="gemv")
     with pytest.raises(TypeError, match="topk_ids: expected an integer"):
         ops.combine(x, w, w, 4, "identity")
     with pytest.raises(ValueError, match="topk_weights: expected shape"):

@@ -129,13 +129,15 @@ LAYER_CASES = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
-def test_layer_gpu_matches_reference(case, dtype, rng):
+def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
     cfg0, T = LAYER_CASES[case]
     cfg = dataclasses.replace(cfg0, dtype=dtype)
     w = random_layer_weights(rng, cfg, bias_scale=0.02)
     layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    layer.expert_strategy = strategy
     x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
     x_before = x.copy()
     y = layer(x)
@@ -150,8 +152,9 @@ def test_layer_gpu_matches_reference(case, dtype, rng):
     assert relative_error(chunked.get(), ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
-def test_layer_gpu_skewed_routing(force, rng):
+def test_layer_gpu_skewed_routing(force, strategy, rng):
     cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
                        num_zero_experts=8, top_k=4, use_correction_bias=True, dtype="bfloat16")
     w = random_layer_weights(rng, cfg)
@@ -163,6 +166,7 @@ def test_layer_gpu_skewed_routing(force, rng):
         w["e_score_correction_bias"][5] += 10
         w["e_score_correction_bias"][16:] += 5
     layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    layer.expert_strategy = strategy
     x = cp.asarray(random_x(rng, 300, 256, "bfloat16"))
     ref, _ = layer.reference(x)
     assert relative_error(layer(x).get(), ref) <= TOL["bfloat16"]

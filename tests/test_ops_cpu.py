@@ -101,3 +101,26 @@ def test_constant_experts_need_their_parameters(rng):
         ops.zero_expert_output(x, ids, w, 3, "constant", num_zero_experts=2)
     with pytest.raises(ValueError, match="const_gate: expected shape"):
         ops.zero_expert_output(x, ids, w, 3, "constant", const_vec=cv, const_gate=cv)
+
+
+@pytest.mark.parametrize("big,small", [(256, 64), (128, 32), (4, 4), (1, 1)])
+def test_tile_plan_covers_each_experts_rows(big, small, rng):
+    from zeromoe_cupy.experts import padded_counts, tile_plan
+    counts = rng.integers(0, 700, 40)
+    counts[[3, 7]] = 0
+    counts[5] = big  # exactly one whole tile
+    starts, tiles = tile_plan(counts, big, small)
+    padded = padded_counts(counts, big, small)
+    assert np.all(padded >= counts) and np.all(padded - counts < small)
+    assert np.array_equal(starts[1:], np.cumsum(padded)[:-1]) and starts[0] == 0
+    if big == small == 1:
+        assert tiles == []
+        return
+    owner = np.full(int(padded.sum()), -1)
+    for size, experts, first in tiles:
+        assert experts.shape == first.shape
+        for e, r in zip(experts, first):
+            assert np.all(owner[r:r + size] == -1)  # tiles never overlap
+            owner[r:r + size] = e
+    for e, (s, c, p) in enumerate(zip(starts, counts, padded)):
+        assert np.all(owner[s:s + p] == e)  # every padded row of e lies in one of e's tiles

@@ -51,6 +51,20 @@ def _grouped_fn():
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _batched_fn():
+    fn = library().cublasGemmBatchedEx
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i, i]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _compute_type(dtype: str, allow_tf32: bool) -> int:
+    return CUBLAS_COMPUTE_32F_FAST_TF32 if (dtype == "float32" and allow_tf32) \
+        else CUBLAS_COMPUTE_32F
+
+
 def _handle_on_current_stream() -> int:
     from cupy_backends.cuda.libs import cublas
     cp = cupy_module()
@@ -79,8 +93,7 @@ def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: 
     beta = np.zeros(groups, np.float32)
     ones = np.ones(groups, i32)
     dt = CUDA_DTYPE[dtype]
-    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (dtype == "float32" and allow_tf32) \
-        else CUBLAS_COMPUTE_32F
+    compute = _compute_type(dtype, allow_tf32)
     status = _grouped_fn()(
         _handle_on_current_stream(), transa.ctypes.data, transb.ctypes.data,
         m_arr.ctypes.data, n_arr.ctypes.data, k_arr.ctypes.data, alpha.ctypes.data,
@@ -92,6 +105,24 @@ def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: 
         raise RuntimeError(f"cublasGemmGroupedBatchedEx failed with status {status}")
 
 
+def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dtype: str,
+                    allow_tf32: bool = False) -> None:
+    """For each batch entry b: out_b[rows, n] = x_b[rows, k] @ W_b[n, k]^T (row-major), one
+    cublasGemmBatchedEx call: every entry has the same shape; pointers as in grouped_gemm_nt."""
+    count = int(weight_ptrs.size)
+    if count == 0:
+        return
+    dt = CUDA_DTYPE[dtype]
+    alpha = np.ones(1, np.float32)
+    beta = np.zeros(1, np.float32)
+    status = _batched_fn()(
+        _handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, alpha.ctypes.data,
+        weight_ptrs.data.ptr, dt, k, x_ptrs.data.ptr, dt, k, beta.ctypes.data,
+        out_ptrs.data.ptr, dt, n, count, _compute_type(dtype, allow_tf32), CUBLAS_GEMM_DEFAULT)
+    if status != 0:
+        raise RuntimeError(f"cublasGemmBatchedEx failed with status {status}")
+
+
 def gemm_nt(weight, x, out, allow_tf32: bool = False) -> None:
     """out[m, n] = x[m, k] @ weight[n, k]^T for one expert (cublasGemmEx through CuPy)."""
     from cupy_backends.cuda.libs import cublas
@@ -100,9 +131,9 @@ def gemm_nt(weight, x, out, allow_tf32: bool = False) -> None:
     n = weight.shape[0]
     if m == 0:
         return
-    dt = CUDA_DTYPE[dtype_name(x.dtype)]
-    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (x.dtype == np.float32 and allow_tf32) \
-        else CUBLAS_COMPUTE_32F
+    name = dtype_name(x.dtype)
+    dt = CUDA_DTYPE[name]
+    compute = _compute_type(name, allow_tf32)
     alpha = np.ones(1, np.float32)
     beta = np.zeros(1, np.float32)
     cublas.gemmEx(_handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,

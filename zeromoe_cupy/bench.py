@@ -36,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="auto",
+                   help="expert path on the GPU: auto | pairs | grouped | padded")
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -156,11 +158,11 @@ def run(args) -> int:
         real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3
     xp = cupy_module() if gpu else np
     print(f"building {preset} ({cfg.dtype}) on {device} ...", flush=True)
-    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device)
+    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy)
     offset, share = calibrate_zero_bias(layer, real_per_token)
     print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
           flush=True)
-    result = {"preset": preset, "dtype": cfg.dtype, "device": device,
+    result = {"preset": preset, "dtype": cfg.dtype, "device": device, "strategy": args.strategy,
               "real_per_token_target": real_per_token, "real_per_token": share,
               "zero_bias_offset": offset, "versions": _versions(), "rows": []}
     if gpu:
@@ -249,7 +251,7 @@ def _stage_times(layer, xs, timer):
         r = layer.route(x)
         mark("route")
         out = expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts,
-                         stage_marks=mark)
+                         strategy=layer.expert_strategy, stage_marks=mark)
         combine(x, r.topk_ids, r.topk_weights, cfg.num_experts, cfg.zero_types, out,
                 layer.const_vec, layer.const_gate, num_zero_experts=cfg.num_zero_experts,
                 check_ids=False)

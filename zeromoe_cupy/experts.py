@@ -43,11 +43,14 @@ def _check(x, topk_ids, w13, w2):
 
 
 def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = False,
+               strategy: str = "auto",
                stage_marks: Callable[[str], None] | None = None) -> ExpertOutput:
     """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
 
     Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
-    ``route`` returns) saves a histogram pass on the GPU. ``stage_marks(name)``, if given, is
+    ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
+    ("auto", "pairs", "grouped" or "padded"; see below); every path computes the same
+    values, and the CPU ignores it. ``stage_marks(name)``, if given, is
     called after each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the
     benchmark records CUDA events there. Inputs are never modified.
     """
@@ -56,9 +59,11 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     w13 = as_array(w13, "w13")
     w2 = as_array(w2, "w2")
     _check(x, topk_ids, w13, w2)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     mark = stage_marks or _no_mark
     if is_cupy(x):
-        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark)
+        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
     return _expert_mlp_numpy(x, topk_ids, w13, w2, mark)
 
 
@@ -99,90 +104,211 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU path: offsets (device scan) -> gather (atomics give each pair its row) -> one host copy
-# of the per-expert counts (cuBLAS wants group sizes on the host) -> grouped GEMMs.
+# GPU paths, chosen per call by ``strategy`` ("auto" picks by the rules below):
+# - "pairs": a few tokens. One matrix-vector kernel per GEMM over the (token, slot) pairs,
+#   reading the routing ids on the device: no permutation and no host synchronization.
+# - "grouped": offsets (device scan) -> gather (atomics give each pair its row) -> one host copy
+#   of the per-expert counts (cuBLAS wants group sizes on the host) -> cublasGemmGroupedBatchedEx,
+#   one group per active expert. Near the bytes floor while experts get few rows each.
+# - "padded": the same, but each expert's rows padded to whole tiles (BIG_TILE rows, then the
+#   rest to SMALL_TILE), every tile one entry of a cublasGemmBatchedEx call of a fixed shape:
+#   the fast Hopper kernels, at the cost of < SMALL_TILE padding rows per expert.
+STRATEGIES = ("auto", "pairs", "grouped", "padded")
+PAIRS_MAX = 48          # "auto": (token, slot) pairs up to which the pair path runs
+PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
+BIG_TILE, SMALL_TILE = 256, 64
+_PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
+_PAIR_WARPS = 4
 
-@memoize_per_device
-def _experts_module():
+
+def experts_kernel_names() -> list[str]:
+    """Every instantiation in kernels/experts.cu that the GPU path may launch."""
     names = ["expert_offsets"]
     for _, (dt, ctype) in DTYPES.items():
         for vec in (1, 16 // dt.itemsize):
             names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{vec}>"]
-    return raw_module("experts.cu", names)
+            names += [f"pair_gemv<{ctype},{vec},{_PAIR_ROWS[glu]},{str(glu).lower()}>"
+                      for glu in (True, False)]
+    return names
 
 
-def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark):
+@memoize_per_device
+def _experts_module():
+    return raw_module("experts.cu", experts_kernel_names())
+
+
+def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
+    cp = cupy_module()
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
+    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
+        x = cp.ascontiguousarray(x)
+    w13 = cp.ascontiguousarray(w13)
+    w2 = cp.ascontiguousarray(w2)
+    if strategy == "auto" and T * K <= PAIRS_MAX:
+        strategy = "pairs"
+    if strategy == "pairs":
+        if T * K > 65535:
+            raise ValueError(f"strategy='pairs': expected T * K <= 65535 (token, slot) pairs, "
+                             f"got {T * K}")
+        return _pairs(x, ids, w13, w2, mark)
+    return _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
+
+
+def _pairs(x, ids, w13, w2, mark):
+    cp = cupy_module()
+    T, H = x.shape
+    E, I2 = w13.shape[0], w13.shape[1]
+    I = I2 // 2
+    K = ids.shape[1]
+    P = T * K
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod = _experts_module()
+    slot_rows = cp.empty((T, K), np.int32)
+    h = cp.empty((P, I), x.dtype)
+    rows = cp.empty((P, H), x.dtype)
+    mark("permute")
+    if P:
+        x_stride = x.strides[0] // x.itemsize
+        for glu, src, stride, div, W, N, Kd, out in (
+                (True, x, x_stride, K, w13, I, H, h), (False, h, I, 1, w2, H, I, rows)):
+            vec = vector_width(x.itemsize, Kd, src, W, row_stride=stride)
+            R = _PAIR_ROWS[glu]
+            grid = (-(-N // (_PAIR_WARPS * R)), P)
+            mod.get_function(f"pair_gemv<{ctype},{vec},{R},{str(glu).lower()}>")(
+                grid, (32 * _PAIR_WARPS,),
+                (src, np.int64(stride), np.int32(div), ids, np.int32(E), W, np.int32(N),
+                 np.int32(Kd), out, slot_rows))
+            if glu:
+                mark("gemm1")
+                mark("activation")  # fused into the first pass
+    else:
+        for stage in ("gemm1", "activation"):
+            mark(stage)
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows)
+
+
+def padded_counts(counts, big: int, small: int):
+    """Rows each expert takes with tile padding (as the expert_offsets kernel computes)."""
+    return counts // big * big + (counts % big + small - 1) // small * small
+
+
+def tile_plan(counts, big: int, small: int):
+    """The padded layout of the "padded" strategy, from per-expert row counts (host ints).
+
+    Returns (starts, tiles): starts[e] is expert e's first row (an exclusive scan of the
+    padded counts, as the expert_offsets kernel computes); tiles is a list of (tile rows,
+    experts, first rows): whole ``big`` tiles, then ``small`` ones, each expert's tiles
+    covering its rows. With big == small == 1 (no padding) tiles is empty.
+    """
+    counts = np.asarray(counts, np.int64)
+    padded = padded_counts(counts, big, small)
+    starts = np.concatenate(([0], np.cumsum(padded)[:-1])).astype(np.int64)
+    tiles = []
+    if big == small == 1:
+        return starts, tiles
+    full = counts // big
+    for size, n_tiles, first in ((big, full, starts),
+                                 (small, (padded - full * big) // small, starts + full * big)):
+        e = np.repeat(np.arange(counts.size), n_tiles)
+        within = np.arange(e.size) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
+        if e.size:
+            tiles.append((size, e, first[e] + within * size))
+    return starts, tiles
+
+
+def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
     from . import _cublas
 
     cp = cupy_module()
     T, H = x.shape
     E, I2 = w13.shape[0], w13.shape[1]
     I = I2 // 2
-    K = topk_ids.shape[1]
+    K = ids.shape[1]
     name = dtype_name(x.dtype)
     ctype = DTYPES[name][1]
     mod = _experts_module()
-    ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
-    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
-        x = cp.ascontiguousarray(x)
-    w13 = cp.ascontiguousarray(w13)
-    w2 = cp.ascontiguousarray(w2)
     if expert_counts is None:
         flat = ids.ravel()
         counts = cp.bincount(flat[(flat >= 0) & (flat < E)], minlength=E).astype(np.int32)
     else:
         counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    counts_host = counts.get().astype(np.int64)  # the one host synchronization of the pass
+    active = np.nonzero(counts_host)[0]
+    M = int(counts_host.sum())
+    item = x.itemsize
+    # cuBLAS's grouped and batched calls want 16-byte aligned matrices: rows of H or I elements
+    # keep that only when H and I are multiples of 16 bytes' worth of elements.
+    aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
+    if strategy == "auto":
+        strategy = "padded" if (aligned and active.size
+                                and M >= PADDED_MIN_ROWS * active.size) else "grouped"
+    if strategy == "padded" and not aligned:
+        strategy = "grouped"  # the per-expert fallback below serves odd sizes
+    big, small = (BIG_TILE, SMALL_TILE) if strategy == "padded" else (1, 1)
+    starts, tiles = tile_plan(counts_host, big, small)
+    rows_total = int(padded_counts(counts_host, big, small).sum())
     offsets = cp.empty(E + 1, np.int32)
     cursor = cp.empty(E, np.int32)
-    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), offsets, cursor))
-
-    counts_host = counts.get()  # the one host synchronization of the forward pass
-    M = int(counts_host.sum())
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(big),
+                                                       np.int32(small), offsets, cursor))
     slot_rows = cp.empty((T, K), np.int32)
-    xs = cp.empty((M, H), x.dtype)
+    xs = cp.empty((rows_total, H), x.dtype)
     x_stride = x.strides[0] // x.itemsize
     if T * K:
-        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
+        vec = vector_width(item, H, x, xs, row_stride=x_stride)
         threads = min(256, max(32, -(-(H // vec) // 32) * 32))
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
                                    offsets, cursor, slot_rows, xs, np.int32(H)))
-    gate_up = cp.empty((M, I2), x.dtype)
-    h = cp.empty((M, I), x.dtype)
-    rows = cp.empty((M, H), x.dtype)
+    gate_up = cp.empty((rows_total, I2), x.dtype)
+    h = cp.empty((rows_total, I), x.dtype)
+    rows = cp.empty((rows_total, H), x.dtype)
     mark("permute")
     if M == 0:
         for stage in ("gemm1", "activation", "gemm2"):
             mark(stage)
         return ExpertOutput(rows, slot_rows)
 
-    active = np.nonzero(counts_host)[0]
-    m = counts_host[active]
-    starts = np.concatenate(([0], np.cumsum(counts_host)[:-1]))[active].astype(np.int64)
-    item = x.itemsize
-    # The grouped call wants 16-byte aligned matrices; rows of H or I elements keep that
-    # only when H and I are multiples of 16 bytes' worth of elements.
-    aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
-    if aligned and _cublas.has_grouped_gemm():
-        ptrs = np.stack([
-            w13.data.ptr + active * (I2 * H * item), xs.data.ptr + starts * (H * item),
-            gate_up.data.ptr + starts * (I2 * item),
-            w2.data.ptr + active * (H * I * item), h.data.ptr + starts * (I * item),
-            rows.data.ptr + starts * (H * item)]).astype(np.uint64)
-        ptrs_d = cp.asarray(ptrs)
-        _cublas.grouped_gemm_nt(ptrs_d[0], ptrs_d[1], ptrs_d[2], m, I2, H, name, allow_tf32)
+    def pointers(experts, row_starts):
+        """Device pointer arrays (weights, inputs, outputs) of GEMM 1 and of GEMM 2 for
+        matrices of the given experts starting at the given rows."""
+        return [cp.asarray(np.stack([W.data.ptr + experts * (W.size // E * item),
+                                     src.data.ptr + row_starts * (src.shape[1] * item),
+                                     dst.data.ptr + row_starts * (dst.shape[1] * item)])
+                           .astype(np.uint64)) for W, src, dst in ((w13, xs, gate_up),
+                                                                   (w2, h, rows))]
+
+    if strategy == "padded":
+        tiles = [(size, pointers(e, r)) for size, e, r in tiles]
+        for size, p in tiles:
+            _cublas.batched_gemm_nt(p[0][0], p[0][1], p[0][2], size, I2, H, name, allow_tf32)
         mark("gemm1")
-        _silu_mul(mod, ctype, gate_up, h, M, I)
+        _silu_mul(mod, ctype, gate_up, h, rows_total, I)
         mark("activation")
-        _cublas.grouped_gemm_nt(ptrs_d[3], ptrs_d[4], ptrs_d[5], m, H, I, name, allow_tf32)
+        for size, p in tiles:
+            _cublas.batched_gemm_nt(p[1][0], p[1][1], p[1][2], size, H, I, name, allow_tf32)
+        mark("gemm2")
+    elif aligned and _cublas.has_grouped_gemm():
+        p = pointers(active, starts[active])
+        m = counts_host[active]
+        _cublas.grouped_gemm_nt(p[0][0], p[0][1], p[0][2], m, I2, H, name, allow_tf32)
+        mark("gemm1")
+        _silu_mul(mod, ctype, gate_up, h, rows_total, I)
+        mark("activation")
+        _cublas.grouped_gemm_nt(p[1][0], p[1][1], p[1][2], m, H, I, name, allow_tf32)
         mark("gemm2")
     else:  # odd sizes, or cuBLAS < 12.5: one cublasGemmEx per active expert
-        for e, s, n in zip(active, starts, m):
+        for e in active:
+            s, n = starts[e], counts_host[e]
             _cublas.gemm_nt(w13[e], xs[s:s + n], gate_up[s:s + n], allow_tf32)
         mark("gemm1")
-        _silu_mul(mod, ctype, gate_up, h, M, I)
+        _silu_mul(mod, ctype, gate_up, h, rows_total, I)
         mark("activation")
-        for e, s, n in zip(active, starts, m):
+        for e in active:
+            s, n = starts[e], counts_host[e]
             _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
         mark("gemm2")
     return ExpertOutput(rows, slot_rows)

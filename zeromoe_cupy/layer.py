@@ -11,7 +11,7 @@ import numpy as np
 
 from ._arrays import as_array, cupy_module, dtype_name, gpu_available, is_cupy, np_dtype
 from .config import MoEConfig
-from .experts import expert_mlp
+from .experts import STRATEGIES, expert_mlp
 from .routing import RoutingResult, route, router_logits
 from .zero_experts import combine
 
@@ -26,6 +26,8 @@ class ZeroExpertMoE:
     Calls with more than ``max_chunk_tokens`` tokens run in chunks (route, experts, combine
     per chunk), which bounds the workspace: ``workspace_bytes()`` gives the bound, about
     ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes for the expert stage.
+    ``expert_strategy`` picks how the GPU runs the real experts ("auto": by token count and
+    rows per expert; see ``experts.expert_mlp``); every choice computes the same values.
 
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
@@ -33,7 +35,8 @@ class ZeroExpertMoE:
     """
 
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
-                 max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *, _weights=None):
+                 max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
+                 expert_strategy: str = "auto", _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if device not in ("cuda", "cpu"):
@@ -44,8 +47,12 @@ class ZeroExpertMoE:
         if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, int) \
                 or max_chunk_tokens <= 0:
             raise ValueError(f"max_chunk_tokens: expected a positive int, got {max_chunk_tokens!r}")
+        if expert_strategy not in STRATEGIES:
+            raise ValueError(f"expert_strategy: expected one of {STRATEGIES}, "
+                             f"got {expert_strategy!r}")
         self.config = config
         self.device = device
+        self.expert_strategy = expert_strategy
         self.max_chunk_tokens = max_chunk_tokens
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
@@ -314,16 +321,22 @@ class ZeroExpertMoE:
         """Upper bound of the temporary memory one forward call takes (the output included).
 
         Per chunk of up to ``max_chunk_tokens`` tokens: x in fp32 for the router GEMM (T, H),
-        router logits (T, E+Z) fp32, and for every real (token, slot) pair, at most T*K of
-        them, its gathered input row (H), its GEMM 1 output (2I), activation (I) and expert
-        output row (H); plus the output (T, H).
+        router logits (T, E+Z) fp32, and for every expert row, its gathered input (H), its
+        GEMM 1 output (2I), activation (I) and output (H); plus the output (T, H). Expert rows:
+        one per real (token, slot) pair, at most T*K, plus the padding of the "padded"
+        strategy: under SMALL_TILE rows per active expert, and "auto" pads only experts that
+        average PADDED_MIN_ROWS rows or more.
         """
+        from .experts import PADDED_MIN_ROWS, SMALL_TILE
         cfg = self.config
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
+        padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs}.get(
+            self.expert_strategy, 0)
+        rows = pairs + min(cfg.num_experts, padded_experts) * (SMALL_TILE - 1)
         per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12
-                     + pairs * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
+                     + rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
         total = tokens if tokens is not None else T
         return per_chunk + total * cfg.hidden_size * item
 
@@ -350,7 +363,8 @@ class ZeroExpertMoE:
         ids, weights = routing.topk_ids, routing.topk_weights
         experts = None
         if cfg.num_experts:
-            experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts)
+            experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts,
+                                 strategy=self.expert_strategy)
         return combine(x, ids, weights, cfg.num_experts, cfg.zero_types, experts,
                        self.const_vec, self.const_gate,
                        num_zero_experts=cfg.num_zero_experts, check_ids=False)

@@ -2,15 +2,22 @@
 // expert order, and SiLU(gate) * up between the two grouped GEMMs.
 #include "common.cuh"
 
-// counts: (E,) pairs per real expert -> offsets: (E+1,) exclusive scan; cursor: (E,) zeroed.
+// counts: (E,) pairs per real expert -> offsets: (E+1,) exclusive scan of the padded counts;
+// cursor: (E,) zeroed. Padding: whole tiles of `big` rows, then the rest rounded up to a multiple
+// of `small` (big = small = 1: no padding), so padded batched GEMMs see whole tiles.
 // One block; E may exceed blockDim (each thread scans a contiguous chunk).
-extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E,
-                                          int* __restrict__ offsets, int* __restrict__ cursor) {
+__device__ __forceinline__ int padded_count(int c, int big, int small) {
+  return (c / big) * big + (c % big + small - 1) / small * small;
+}
+
+extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E, int big,
+                                          int small, int* __restrict__ offsets,
+                                          int* __restrict__ cursor) {
   __shared__ int partial[1024];
   const int chunk = (E + blockDim.x - 1) / blockDim.x;
   const int begin = min(E, (int)threadIdx.x * chunk), end = min(E, begin + chunk);
   int sum = 0;
-  for (int e = begin; e < end; ++e) sum += counts[e];
+  for (int e = begin; e < end; ++e) sum += padded_count(counts[e], big, small);
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int off = 1; off < blockDim.x; off <<= 1) {  // Hillis-Steele inclusive scan
@@ -23,7 +30,7 @@ extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E,
   for (int e = begin; e < end; ++e) {
     offsets[e] = run;
     cursor[e] = 0;
-    run += counts[e];
+    run += padded_count(counts[e], big, small);
   }
   if (threadIdx.x == blockDim.x - 1) offsets[E] = partial[threadIdx.x];
 }
@@ -65,5 +72,80 @@ __global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ h, long 
 #pragma unroll
     for (int j = 0; j < VEC; ++j) o[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
     store_f32<T, VEC>(h + r * I + c, o);
+  }
+}
+
+__device__ __forceinline__ float warp_sum_f32(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The experts for a few tokens, with no host synchronization: one matrix-vector product per
+// (token, slot) pair, straight from the routing ids (no permutation). Each warp computes ROWS
+// output features of one pair; its lanes stride over the reduction dimension Kd in VEC-element
+// (16-byte) steps, so every weight byte is read once per pair that uses the expert.
+//   GLU:  out[p, j] = silu(W[e, j] . in_p) * (W[e, N + j] . in_p)   W: (E, 2N, Kd)
+//   else: out[p, j] = W[e, j] . in_p                                 W: (E, N, Kd)
+// Pair p = (t, k) has expert e = ids[p]; pairs with e outside [0, E) are zero-expert slots and
+// do nothing. in_p is row p / in_div of `in` (in_div = K reads x[t]; 1 reads the pair's row).
+// The GLU pass also writes slot_rows[p] (p for a real slot, -1 otherwise) for the combine.
+#define PAIR_WARPS 4
+template <typename T, int VEC, int ROWS, bool GLU>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
+          const int* __restrict__ ids, int E, const T* __restrict__ W, int N, int Kd,
+          T* __restrict__ out, int* __restrict__ slot_rows) {
+  const long long p = blockIdx.y;
+  const int e = ids[p];
+  const bool real = e >= 0 && e < E;
+  if (GLU && blockIdx.x == 0 && threadIdx.x == 0) slot_rows[p] = real ? (int)p : -1;
+  if (!real) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  const T* x = in + (p / in_div) * in_stride;
+  const T* w[MATS][ROWS];
+  const long long rows_per_expert = (long long)MATS * N;
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)  // rows past N repeat row j0: computed, never stored
+      w[m][r] = W + (e * rows_per_expert + m * N + (j0 + r < N ? j0 + r : j0)) * Kd;
+  float acc[MATS][ROWS] = {};
+#pragma unroll 2
+  for (int c = lane * VEC; c < Kd; c += 32 * VEC) {
+    float xv[VEC];
+    load_f32<T, VEC>(x + c, xv);
+#pragma unroll
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float wv[VEC];
+        load_f32<T, VEC>(w[m][r] + c, wv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[m][r] = fmaf(wv[i], xv[i], acc[m][r]);
+      }
+  }
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum_f32(acc[m][r]);
+  if (lane < ROWS && j0 + lane < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r == lane) {
+        if (GLU) {
+          // Rounded like the GEMM path's stored gate and up values before the activation.
+          const float g = to_f32(from_f32<T>(acc[0][r]));
+          const float u = to_f32(from_f32<T>(acc[MATS - 1][r]));
+          v = g / (1.f + __expf(-g)) * u;
+        } else {
+          v = acc[0][r];
+        }
+      }
+    }
+    out[p * N + j0 + lane] = from_f32<T>(v);
   }
 }
