@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU suite, the benchmarks, a memcheck pass over the kernel
-# tests, and the chunking check. Logs and JSON go to $OUT.
+# One call on the GPU machine. Parts (default: all): tests sweep ops bench chunk memcheck ncu.
+# Summaries go to $OUT/log.txt; full logs and JSON beside it.
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-timeout 300 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
-grep -E "passed|failed|Error" "$OUT/gpu_tests.txt" | tail -25
-timeout 150 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
-  --plot "$OUT/bench.png" > "$OUT/bench.txt" 2>&1; tail -8 "$OUT/bench.txt"
-timeout 60 python3 benchmarks/ops_bench.py "$OUT/ops_bench.json" > "$OUT/ops_bench.txt" 2>&1
-tail -16 "$OUT/ops_bench.txt"
-timeout 40 python3 benchmarks/chunk_bitwise.py 2>&1 | tee "$OUT/chunk_bitwise.txt"
-timeout 110 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -m gpu -q \
-  -p no:cacheprovider tests/test_gpu.py -k "not longcat_layer" > "$OUT/memcheck.txt" 2>&1
-echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -3
+parts=${*:-tests sweep ops bench chunk memcheck}
+log="$OUT/log.txt"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
+for part in $parts; do
+  echo "== $part $(date +%T)" | tee -a "$log"
+  case $part in
+    tests)
+      timeout 300 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
+      grep -E "passed|failed|Error" "$OUT/gpu_tests.txt" | tail -25 | tee -a "$log" ;;
+    sweep)
+      timeout 200 python3 benchmarks/strategy_sweep.py "$OUT/sweep.json" 2>&1 | tail -20 | tee -a "$log" ;;
+    ops)
+      timeout 90 python3 benchmarks/ops_bench.py "$OUT/ops_bench.json" 2>&1 | tail -16 | tee -a "$log" ;;
+    bench)
+      timeout 200 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
+        --plot "$OUT/bench.png" 2>&1 | tail -14 | tee -a "$log" ;;
+    chunk)
+      timeout 60 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
+    memcheck)
+      timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 \
+        python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "not longcat" \
+        > "$OUT/memcheck.txt" 2>&1
+      echo "memcheck rc=$?" | tee -a "$log"
+      grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -3 | tee -a "$log" ;;
+    ncu)
+      timeout 120 ncu --clock-control none -k regex:route_kernel -c 2 \
+        --section SpeedOfLight --section WarpStateStats --section InstructionStats \
+        python3 benchmarks/kernels_ncu.py > "$OUT/ncu.txt" 2>&1
+      grep -E "Duration|Executed Instructions|Registers|Warp Cycles Per Issued" "$OUT/ncu.txt" \
+        | head -12 | tee -a "$log" ;;
+  esac
+done

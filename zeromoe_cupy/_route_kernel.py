@@ -4,21 +4,29 @@ One warp routes one token: its N scores sit in shared memory, lane l owning expe
 ...; K rounds of a warp arg-max over each lane's best remaining expert pick the ids in order,
 ties to the lower id. Each lane keeps its next few candidates sorted in registers, so the
 rounds rarely touch memory.
+Written for few instructions per expert (the kernel is instruction-bound): 32-bit loop
+counters (Numba's range() counts in 64 bits), unsigned shared-memory indices (no negative-index
+wraparound code), softmax weights kept unnormalised in shared memory and scaled on the fly, and
+a branch-free insertion into the candidate cache on the first scan.
 Under Numba's CUDA simulator (no warp shuffles) the same body runs with block-wide
 reductions through shared memory instead; `_SIM` picks the branch at compile time.
 """
 import math
 
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, int32, uint32
 
 from .routing import MAX_ROUTED_EXPERTS, _WARPS_PER_BLOCK as WARPS
 
 _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
 NEG_INF = float32(-math.inf)
+# Selection keys are clamped to >= -FLT_MAX, so NaN (and -inf) keys rank below every finite
+# one yet above an empty cache slot (-inf): the first scan can insert on a plain ">".
+LOWEST = float32(-3.4028234663852886e38)
 NAN = float32(math.nan)
 NO_ID = 0x7FFFFFFF
 CACHE = 4  # candidates each lane holds between rescans
+PS_SIZE = WARPS * MAX_ROUTED_EXPERTS
 
 
 @cuda.jit(device=True)
@@ -113,13 +121,12 @@ def broadcast(v, src, w, lane, fs):
 
 @cuda.jit(device=True)
 def selection_key(pv, e, bias, has_bias):
-    # s = p + bias; a NaN score ranks with -inf, below every finite score.
+    # s = p + bias, clamped to >= -FLT_MAX: NaN and -inf rank with -FLT_MAX, below every
+    # finite score.
     s = pv
     if has_bias:
         s += bias[e]
-    if s != s:
-        s = NEG_INF
-    return s
+    return s if s > LOWEST else LOWEST
 
 
 def make_route_kernel(grouped: bool):
@@ -127,38 +134,44 @@ def make_route_kernel(grouped: bool):
 
     def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
                      renorm, rsf, groups, topk_group):
-        w = int32(cuda.threadIdx.x // 32)
-        lane = int32(cuda.threadIdx.x % 32)
+        tid = int32(cuda.threadIdx.x)
+        w = int32(tid >> 5)
+        lane = int32(tid & 31)
         t = cuda.blockIdx.x * WARPS + w
         valid = t < T
         if not valid:
             t = T - 1  # idle warps still take part in block-wide barriers (simulator)
         fs = cuda.shared.array((WARPS, 32), float32)
         js = cuda.shared.array((WARPS, 32), int32)
-        ps = cuda.shared.array((WARPS, MAX_ROUTED_EXPERTS), float32)  # scores p of the token
+        # Scores of the token: p (sigmoid) or exp(l - max) (softmax; p = that * scale).
+        ps = cuda.shared.array(PS_SIZE, float32)
+        base = uint32(w * MAX_ROUTED_EXPERTS)
         row = t * n
 
-        # Scores p: softmax or sigmoid, into shared memory (lane l writes experts l, l+32, ...).
         if scoring == 0:
             m = NEG_INF
-            for e in range(lane, n, 32):
+            e = lane
+            while e < n:
                 v = logits[row + e]
-                ps[w, e] = v
-                if v > m:
-                    m = v
+                ps[base + uint32(e)] = v
+                m = v if v > m else m
+                e = int32(e + 32)
             m = reduce_max(m, w, lane, fs)
             total = float32(0)
-            for e in range(lane, n, 32):
-                ex = math.exp(ps[w, e] - m)
-                ps[w, e] = ex
+            e = lane
+            while e < n:
+                ex = math.exp(ps[base + uint32(e)] - m)
+                ps[base + uint32(e)] = ex
                 total += ex
+                e = int32(e + 32)
             total = reduce_sum(total, w, lane, fs)
-            inv = float32(1) / total
-            for e in range(lane, n, 32):
-                ps[w, e] = ps[w, e] * inv
+            scale = float32(1) / total
         else:
-            for e in range(lane, n, 32):
-                ps[w, e] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
+            e = lane
+            while e < n:
+                ps[base + uint32(e)] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
+                e = int32(e + 32)
+            scale = float32(1)
 
         masked = int32(0)  # bit j: expert lane + 32 j is in a dropped group
         if grouped:
@@ -179,7 +192,7 @@ def make_route_kernel(grouped: bool):
                         a = NEG_INF
                         b = NEG_INF
                         for e in range(g * gsize, (g + 1) * gsize):
-                            v = selection_key(ps[w, e], e, bias, has_bias)
+                            v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
                             if v > a:
                                 b = a
                                 a = v
@@ -194,63 +207,76 @@ def make_route_kernel(grouped: bool):
                     kept[w, bi // 32] |= int32(1) << (bi % 32)
                 sync_warp()
             j = 0
-            for e in range(lane, n, 32):
+            e = lane
+            while e < n:
                 g = e // gsize
                 if not (kept[w, g // 32] >> (g % 32)) & 1:
                     masked |= int32(1) << j
                 j += 1
+                e = int32(e + 32)
         sync_warp()  # ps (and kept) written by every lane before any lane scans them
 
-        # K rounds of a warp arg-max over each lane's best remaining expert. A lane keeps its
-        # next CACHE candidates sorted in registers (ranked by key desc, id asc) and rescans
-        # its experts only when they run out: those ranked after the last one it gave.
+        # First scan: each lane's best CACHE candidates, sorted (key desc, id asc). Experts
+        # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts.
+        c0v = c1v = c2v = c3v = NEG_INF  # below every clamped key: empty
+        c0i = c1i = c2i = c3i = int32(NO_ID)
+        choosable = int32(0)
+        j = 0
+        e = lane
+        while e < n:
+            v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
+            if grouped and (masked >> j) & 1:
+                v = NEG_INF  # a dropped group's expert never enters the cache
+            else:
+                choosable += 1
+            if v > c3v:
+                c3v, c3i = v, e
+            if c3v > c2v:
+                c2v, c3v, c2i, c3i = c3v, c2v, c3i, c2i
+            if c2v > c1v:
+                c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
+            if c1v > c0v:
+                c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
+            j += 1
+            e = int32(e + 32)
+        exhausted = choosable <= CACHE  # the cache holds every choosable expert of the lane
+
+        # K rounds of a warp arg-max over each lane's best remaining candidate. A lane whose
+        # cache runs dry rescans its experts for those ranked after the last one it gave.
         my_id = int32(0)
         my_p = float32(0)
-        last_v = float32(math.inf)
-        last_i = int32(-1)
-        need_fill = True
-        exhausted = False
-        c0v = c1v = c2v = c3v = NEG_INF
-        c0i = c1i = c2i = c3i = int32(NO_ID)
-        c0p = c1p = c2p = c3p = float32(0)
         for r in range(K):
-            if need_fill and not exhausted:
-                c0v = c1v = c2v = c3v = NEG_INF
-                c0i = c1i = c2i = c3i = int32(NO_ID)
-                remaining = int32(0)
-                j = 0
-                for e in range(lane, n, 32):
-                    pv = ps[w, e]
-                    v = selection_key(pv, e, bias, has_bias)
-                    # choosable, ranked after the last one given ...
-                    if not (masked >> j) & 1 and (v < last_v or (v == last_v and e > last_i)):
-                        remaining += 1
-                        if v > c3v or (v == c3v and e < c3i):  # ... and before the 4th held
-                            c3v, c3i, c3p = v, e, pv
-                            if c3v > c2v or (c3v == c2v and c3i < c2i):
-                                c2v, c3v, c2i, c3i, c2p, c3p = c3v, c2v, c3i, c2i, c3p, c2p
-                                if c2v > c1v or (c2v == c1v and c2i < c1i):
-                                    c1v, c2v, c1i, c2i, c1p, c2p = c2v, c1v, c2i, c1i, c2p, c1p
-                                    if c1v > c0v or (c1v == c0v and c1i < c0i):
-                                        c0v, c1v, c0i, c1i, c0p, c1p = \
-                                            c1v, c0v, c1i, c0i, c1p, c0p
-                    j += 1
-                exhausted = remaining <= CACHE
-                need_fill = False
             bv, bi = reduce_argmax(c0v, c0i, w, lane, fs, js)
             if bi >= n:
                 bi = 0  # unreachable when K <= choosable experts (validated on the host)
-            wp = c0p
             if c0i == bi:  # this lane gave the winner: pop it
                 last_v, last_i = c0v, c0i
                 c0v, c1v, c2v, c3v = c1v, c2v, c3v, NEG_INF
                 c0i, c1i, c2i, c3i = c1i, c2i, c3i, int32(NO_ID)
-                c0p, c1p, c2p = c1p, c2p, c3p
-                need_fill = c0i == NO_ID
-            wp = broadcast(wp, bi % 32, w, lane, fs)
+                if c0i == NO_ID and not exhausted:
+                    remaining = int32(0)
+                    j = 0
+                    e = lane
+                    while e < n:
+                        v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
+                        # choosable, ranked after the last one given, and before the 4th held
+                        if not (masked >> j) & 1 and (
+                                v < last_v or (v == last_v and e > last_i)):
+                            remaining += 1
+                            if v > c3v:
+                                c3v, c3i = v, e
+                                if c3v > c2v:
+                                    c2v, c3v, c2i, c3i = c3v, c2v, c3i, c2i
+                                    if c2v > c1v:
+                                        c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
+                                        if c1v > c0v:
+                                            c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
+                        j += 1
+                        e = int32(e + 32)
+                    exhausted = remaining <= CACHE
             if lane == r:
                 my_id = bi
-                my_p = wp
+                my_p = ps[base + uint32(bi)] * scale
         if renorm:
             total = reduce_sum(my_p if lane < K else float32(0), w, lane, fs)
             my_p = my_p / total
