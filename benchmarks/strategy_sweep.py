@@ -1,5 +1,5 @@
 """Forward time of the LongCat-Flash layer per expert strategy and tile sizes, to set the
-"auto" rules in experts.py (PAIRS_MAX, PADDED_MIN_ROWS, BIG_TILE, SMALL_TILE).
+"auto" rules in experts.py (PAIRS_MAX, PADDED_MIN_ROWS, PAD_ROWS, MAX_TILE).
 
 usage: python benchmarks/strategy_sweep.py OUT.json
 """
@@ -18,11 +18,11 @@ layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
 calibrate_zero_bias(layer, 8.0)
 bw, rate = measure_ceilings(layer.w13.dtype, quick=True)
 timer = _Timer(True, 2, 7)
-TILES = [(256, 64), (128, 64), (256, 128), (128, 32)]
+TILES = [(64, 512), (64, 256), (128, 512), (32, 512)]  # (PAD_ROWS, MAX_TILE)
 rows = []
 print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy {bw / 1e12:.2f} TB/s, "
       f"matmul {rate / 1e12:.0f} TFLOP/s")
-for T in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 2048, 4096, 8192, 16384):
+for T in (1, 8, 16, 24, 32, 256, 1024, 2048, 4096, 8192, 16384):
     n_sets = int(min(8, max(2, (128 << 20) // (T * cfg.hidden_size * 2))))
     xs = [_normal(cp, (T, cfg.hidden_size), layer.w13.dtype, 100 + i) for i in range(n_sets)]
     ids = layer.route(xs[0]).topk_ids.get()
@@ -31,16 +31,18 @@ for T in (1, 2, 4, 8, 16, 32, 64, 256, 1024, 2048, 4096, 8192, 16384):
     row = {"T": T, "floor_ms": floor * 1e3,
            "rows_per_active": float(counts.sum() / max(1, np.count_nonzero(counts)))}
     plans = [("grouped", None)] + [("padded", t) for t in TILES]
-    if T <= 64:
+    if T <= 32:
         plans.insert(0, ("pairs", None))
+    if T < 1024:
+        plans = plans[:3]
     for strategy, tiles in plans:
         if tiles:
-            experts.BIG_TILE, experts.SMALL_TILE = tiles
+            experts.PAD_ROWS, experts.MAX_TILE = tiles
         layer.expert_strategy = strategy
         key = strategy if tiles is None else f"padded_{tiles[0]}_{tiles[1]}"
         row[key] = timer(layer, xs)
         cp.get_default_memory_pool().free_all_blocks()
-    experts.BIG_TILE, experts.SMALL_TILE = TILES[0]
+    experts.PAD_ROWS, experts.MAX_TILE = TILES[0]
     layer.expert_strategy = "auto"
     row["auto"] = timer(layer, xs)
     rows.append(row)

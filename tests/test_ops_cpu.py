@@ -103,24 +103,35 @@ def test_constant_experts_need_their_parameters(rng):
         ops.zero_expert_output(x, ids, w, 3, "constant", const_vec=cv, const_gate=cv)
 
 
-@pytest.mark.parametrize("big,small", [(256, 64), (128, 32), (4, 4), (1, 1)])
-def test_tile_plan_covers_each_experts_rows(big, small, rng):
-    from zeromoe_cupy.experts import padded_counts, tile_plan
-    counts = rng.integers(0, 700, 40)
+@pytest.mark.parametrize("pad,max_tile", [(64, 512), (64, 256), (4, 8), (1, 512)])
+def test_tile_plan_covers_each_experts_rows(pad, max_tile, rng):
+    from zeromoe_cupy.experts import tile_plan
+    counts = rng.integers(0, 1300, 40)
     counts[[3, 7]] = 0
-    counts[5] = big  # exactly one whole tile
-    starts, tiles = tile_plan(counts, big, small)
-    padded = padded_counts(counts, big, small)
-    assert np.all(padded >= counts) and np.all(padded - counts < small)
-    assert np.array_equal(starts[1:], np.cumsum(padded)[:-1]) and starts[0] == 0
-    if big == small == 1:
+    counts[5] = max_tile  # exactly one whole tile
+    starts, rows_total, tiles = tile_plan(counts, pad, max_tile)
+    padded = -(-counts // pad) * pad
+    assert np.all(padded - counts < pad) and rows_total == padded.sum()
+    assert starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(padded)[:-1])
+    if pad == 1:
         assert tiles == []
         return
-    owner = np.full(int(padded.sum()), -1)
+    assert len({size for size, _, _ in tiles}) == len(tiles)  # one entry per tile size
+    owner = np.full(rows_total, -1)
     for size, experts, first in tiles:
-        assert experts.shape == first.shape
+        assert 0 < size <= max_tile and size % pad == 0 and experts.shape == first.shape
         for e, r in zip(experts, first):
             assert np.all(owner[r:r + size] == -1)  # tiles never overlap
             owner[r:r + size] = e
-    for e, (s, c, p) in enumerate(zip(starts, counts, padded)):
+    for e, (s, p) in enumerate(zip(starts, padded)):
         assert np.all(owner[s:s + p] == e)  # every padded row of e lies in one of e's tiles
+
+
+def test_split_bf16_carries_every_fp32_bit(rng):
+    from zeromoe_cupy.routing import split_bf16
+    w = (rng.standard_normal((64, 300)) * np.logspace(-6, 3, 300)).astype(np.float32)
+    w[0, :4] = [0.0, -0.0, 1e-30, -3.0e38]
+    parts = split_bf16(w)
+    assert all(p.dtype == np_dtype("bfloat16") and p.shape == w.shape for p in parts)
+    total = sum(p.astype(np.float64) for p in parts)
+    assert np.all(np.abs(total - w) <= np.abs(w.astype(np.float64)) * 2.0 ** -24)

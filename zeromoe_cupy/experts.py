@@ -110,13 +110,14 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
 # - "grouped": offsets (device scan) -> gather (atomics give each pair its row) -> one host copy
 #   of the per-expert counts (cuBLAS wants group sizes on the host) -> cublasGemmGroupedBatchedEx,
 #   one group per active expert. Near the bytes floor while experts get few rows each.
-# - "padded": the same, but each expert's rows padded to whole tiles (BIG_TILE rows, then the
-#   rest to SMALL_TILE), every tile one entry of a cublasGemmBatchedEx call of a fixed shape:
-#   the fast Hopper kernels, at the cost of < SMALL_TILE padding rows per expert.
+# - "padded": the same, but each expert's rows padded to a multiple of PAD_ROWS and cut into
+#   tiles of at most MAX_TILE rows; tiles of one size form one cublasGemmBatchedEx call (a few
+#   calls in all). The batched calls run cuBLAS's fast Hopper kernels, which the grouped call
+#   does not; an expert's weights are read once per tile, and padding adds < PAD_ROWS rows.
 STRATEGIES = ("auto", "pairs", "grouped", "padded")
-PAIRS_MAX = 48          # "auto": (token, slot) pairs up to which the pair path runs
+PAIRS_MAX = 256         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
-BIG_TILE, SMALL_TILE = 256, 64
+PAD_ROWS, MAX_TILE = 64, 512
 _PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
 _PAIR_WARPS = 4
 
@@ -190,33 +191,31 @@ def _pairs(x, ids, w13, w2, mark):
     return ExpertOutput(rows, slot_rows)
 
 
-def padded_counts(counts, big: int, small: int):
-    """Rows each expert takes with tile padding (as the expert_offsets kernel computes)."""
-    return counts // big * big + (counts % big + small - 1) // small * small
+def tile_plan(counts, pad: int, max_tile: int):
+    """The layout of the "padded" strategy, from per-expert row counts (host ints).
 
-
-def tile_plan(counts, big: int, small: int):
-    """The padded layout of the "padded" strategy, from per-expert row counts (host ints).
-
-    Returns (starts, tiles): starts[e] is expert e's first row (an exclusive scan of the
-    padded counts, as the expert_offsets kernel computes); tiles is a list of (tile rows,
-    experts, first rows): whole ``big`` tiles, then ``small`` ones, each expert's tiles
-    covering its rows. With big == small == 1 (no padding) tiles is empty.
+    Returns (starts, rows_total, tiles): expert e's rows begin at starts[e] (an exclusive scan
+    of the counts rounded up to a multiple of ``pad``, as the expert_offsets kernel computes);
+    tiles is a list of (tile rows, experts, first rows), one entry per tile size: each
+    expert's padded rows cut into ``max_tile``-row tiles and one smaller last tile.
+    With pad == 1 (no padding) tiles is empty.
     """
     counts = np.asarray(counts, np.int64)
-    padded = padded_counts(counts, big, small)
-    starts = np.concatenate(([0], np.cumsum(padded)[:-1])).astype(np.int64)
-    tiles = []
-    if big == small == 1:
-        return starts, tiles
-    full = counts // big
-    for size, n_tiles, first in ((big, full, starts),
-                                 (small, (padded - full * big) // small, starts + full * big)):
-        e = np.repeat(np.arange(counts.size), n_tiles)
-        within = np.arange(e.size) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
-        if e.size:
-            tiles.append((size, e, first[e] + within * size))
-    return starts, tiles
+    padded = -(-counts // pad) * pad
+    ends = np.cumsum(padded)
+    starts = ends - padded
+    rows_total = int(ends[-1]) if ends.size else 0
+    if pad == 1:
+        return starts, rows_total, []
+    full = padded // max_tile
+    e = np.repeat(np.arange(counts.size), full)
+    within = np.arange(e.size) - np.repeat(np.cumsum(full) - full, full)
+    tiles = [(max_tile, e, starts[e] + within * max_tile)] if e.size else []
+    rest = padded - full * max_tile
+    for size in np.unique(rest[rest > 0]):
+        e = np.nonzero(rest == size)[0]
+        tiles.append((int(size), e, starts[e] + full[e] * max_tile))
+    return starts, rows_total, tiles
 
 
 def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -247,13 +246,12 @@ def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
                                 and M >= PADDED_MIN_ROWS * active.size) else "grouped"
     if strategy == "padded" and not aligned:
         strategy = "grouped"  # the per-expert fallback below serves odd sizes
-    big, small = (BIG_TILE, SMALL_TILE) if strategy == "padded" else (1, 1)
-    starts, tiles = tile_plan(counts_host, big, small)
-    rows_total = int(padded_counts(counts_host, big, small).sum())
+    pad = PAD_ROWS if strategy == "padded" else 1
+    starts, rows_total, tiles = tile_plan(counts_host, pad, MAX_TILE)
     offsets = cp.empty(E + 1, np.int32)
     cursor = cp.empty(E, np.int32)
-    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(big),
-                                                       np.int32(small), offsets, cursor))
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(pad),
+                                                       offsets, cursor))
     slot_rows = cp.empty((T, K), np.int32)
     xs = cp.empty((rows_total, H), x.dtype)
     x_stride = x.strides[0] // x.itemsize

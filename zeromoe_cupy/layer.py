@@ -12,7 +12,7 @@ import numpy as np
 from ._arrays import as_array, cupy_module, dtype_name, gpu_available, is_cupy, np_dtype
 from .config import MoEConfig
 from .experts import STRATEGIES, expert_mlp
-from .routing import RoutingResult, route, router_logits
+from .routing import RoutingResult, route, router_logits, split_bf16
 from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
@@ -292,7 +292,19 @@ class ZeroExpertMoE:
                      num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group)
 
     def _logits(self, x):
-        return router_logits(x, self.router_weight, self.router_bias)
+        return router_logits(x, self.router_weight, self.router_bias,
+                             weight_parts=self._router_parts())
+
+    def _router_parts(self):
+        """The router weight as three bf16 parts (routing.split_bf16) for a bf16 layer on the
+        GPU, made once per router weight array; None otherwise."""
+        if self.device != "cuda" or self.config.dtype != "bfloat16":
+            return None
+        cached = getattr(self, "_router_parts_cache", None)
+        if cached is None or cached[0] is not self.router_weight:
+            cached = (self.router_weight, split_bf16(self.router_weight))
+            self._router_parts_cache = cached
+        return cached[1]
 
     def __call__(self, x, router_logits=None, routing: RoutingResult | None = None):
         """y [T, H] in x's dtype. ``routing`` reuses a result of ``route`` (no second pass)."""
@@ -324,17 +336,17 @@ class ZeroExpertMoE:
         router logits (T, E+Z) fp32, and for every expert row, its gathered input (H), its
         GEMM 1 output (2I), activation (I) and output (H); plus the output (T, H). Expert rows:
         one per real (token, slot) pair, at most T*K, plus the padding of the "padded"
-        strategy: under SMALL_TILE rows per active expert, and "auto" pads only experts that
-        average PADDED_MIN_ROWS rows or more.
+        strategy: under PAD_ROWS rows per active expert, and "auto" pads only when the
+        active experts average PADDED_MIN_ROWS rows or more.
         """
-        from .experts import PADDED_MIN_ROWS, SMALL_TILE
+        from .experts import PAD_ROWS, PADDED_MIN_ROWS
         cfg = self.config
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
         padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs}.get(
             self.expert_strategy, 0)
-        rows = pairs + min(cfg.num_experts, padded_experts) * (SMALL_TILE - 1)
+        rows = pairs + min(cfg.num_experts, padded_experts) * (PAD_ROWS - 1)
         per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12
                      + rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
         total = tokens if tokens is not None else T
@@ -387,7 +399,9 @@ class ZeroExpertMoE:
         """The float64 evaluation of SPEC.md for this layer's weights: (y, routing)."""
         from . import reference
         cfg = self.config
-        to_host = (lambda a: a.get()) if self.device == "cuda" else np.asarray
+
+        def to_host(a):  # routing may come as host arrays even for a GPU layer
+            return a.get() if is_cupy(a) else np.asarray(a)
         w = self.numpy_weights()
         return reference.forward(
             to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,

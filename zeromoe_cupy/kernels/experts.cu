@@ -2,22 +2,18 @@
 // expert order, and SiLU(gate) * up between the two grouped GEMMs.
 #include "common.cuh"
 
-// counts: (E,) pairs per real expert -> offsets: (E+1,) exclusive scan of the padded counts;
-// cursor: (E,) zeroed. Padding: whole tiles of `big` rows, then the rest rounded up to a multiple
-// of `small` (big = small = 1: no padding), so padded batched GEMMs see whole tiles.
-// One block; E may exceed blockDim (each thread scans a contiguous chunk).
-__device__ __forceinline__ int padded_count(int c, int big, int small) {
-  return (c / big) * big + (c % big + small - 1) / small * small;
-}
+// counts: (E,) pairs per real expert -> offsets: (E+1,) exclusive scan of the counts, each
+// rounded up to a multiple of `pad` (1: no padding) so padded batched GEMMs see whole tiles;
+// cursor: (E,) zeroed. One block; E may exceed blockDim (each thread scans a contiguous chunk).
+__device__ __forceinline__ int padded_count(int c, int pad) { return (c + pad - 1) / pad * pad; }
 
-extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E, int big,
-                                          int small, int* __restrict__ offsets,
-                                          int* __restrict__ cursor) {
+extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E, int pad,
+                                          int* __restrict__ offsets, int* __restrict__ cursor) {
   __shared__ int partial[1024];
   const int chunk = (E + blockDim.x - 1) / blockDim.x;
   const int begin = min(E, (int)threadIdx.x * chunk), end = min(E, begin + chunk);
   int sum = 0;
-  for (int e = begin; e < end; ++e) sum += padded_count(counts[e], big, small);
+  for (int e = begin; e < end; ++e) sum += padded_count(counts[e], pad);
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int off = 1; off < blockDim.x; off <<= 1) {  // Hillis-Steele inclusive scan
@@ -30,7 +26,7 @@ extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E,
   for (int e = begin; e < end; ++e) {
     offsets[e] = run;
     cursor[e] = 0;
-    run += padded_count(counts[e], big, small);
+    run += padded_count(counts[e], pad);
   }
   if (threadIdx.x == blockDim.x - 1) offsets[E] = partial[threadIdx.x];
 }
