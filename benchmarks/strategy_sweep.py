@@ -11,7 +11,8 @@ import numpy as np
 
 import zeromoe_cupy as zm
 from zeromoe_cupy import experts
-from zeromoe_cupy.bench import _normal, _Timer, calibrate_zero_bias, floor_time, measure_ceilings
+from zeromoe_cupy.bench import (_normal, _stage_times, _Timer, calibrate_zero_bias, floor_time,
+                                measure_ceilings)
 
 cfg = zm.MoEConfig.preset("longcat-flash")
 layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
@@ -45,9 +46,12 @@ for T in (1, 8, 16, 24, 32, 256, 1024, 2048, 4096, 8192, 16384):
     experts.PAD_ROWS, experts.MAX_TILE = TILES[0]
     layer.expert_strategy = "auto"
     row["auto"] = timer(layer, xs)
+    if T in (1, 16, 4096, 16384):
+        row["auto_stages"] = _stage_times(layer, xs, timer)
     rows.append(row)
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in row.items()), flush=True)
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else
+                   f"{k}={ {a: round(b, 3) for a, b in v.items()} }" if isinstance(v, dict) else
+                   f"{k}={v}" for k, v in row.items()), flush=True)
 with open(sys.argv[1], "w") as f:
     json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "rows": rows}, f,
               indent=1)
