@@ -89,6 +89,8 @@ def test_layer_construction_errors():
         zm.ZeroExpertMoE(CFG, device="cpu", max_chunk_tokens=0)
     with pytest.raises(ValueError, match="expert_strategy: expected one of"):
         zm.ZeroExpertMoE(CFG, device="cpu", expert_strategy="fast")
+    with pytest.raises(ValueError, match="router_gemm: expected one of"):
+        zm.ZeroExpertMoE(CFG, device="cpu", router_gemm="tf32")
 
 
 @pytest.mark.skipif(gpu_available(), reason="only without a GPU")

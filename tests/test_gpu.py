@@ -209,6 +209,18 @@ def test_route_kernel_one_lane_wins_many_times(order):
     np.testing.assert_allclose(r.topk_weights.get(), ref.topk_weights, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_kernel_ties_go_to_lower_ids(scoring):
+    # Equal scores in many lanes at once (the arg-max's tie path): order follows the ids.
+    N, K = 768, 12
+    e = np.arange(N)
+    logits = np.stack([np.zeros(N), e % 7, -(e % 5), (e % 64 == 3) * 1.0]).astype(np.float32)
+    r = ops.route(cp.asarray(logits), K, scoring_func=scoring)
+    ref = reference.route(logits, K, scoring)
+    np.testing.assert_array_equal(r.topk_ids.get(), ref.topk_ids)
+    np.testing.assert_allclose(r.topk_weights.get(), ref.topk_weights, rtol=1e-6)
+
+
 @pytest.mark.parametrize("T", [0, 1, 7, 128, 4096])
 @pytest.mark.parametrize("K", [1, 2, 8, 12])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,9 +252,9 @@ def test_zero_expert_output_tokens_and_slots(T, K, dtype, rng):
         assert not out.get().astype(np.float32).any()
 
 
-def test_router_logits_from_bf16_parts_have_fp32_accuracy(rng):
-    # bf16 x: the layer computes the router GEMM as three bf16 GEMMs summed in fp32; it must
-    # be as close to the float64 product as the fp32 GEMM is.
+def test_router_logits_from_bf16_parts_stay_close(rng):
+    # router_gemm="bf16x3": three bf16 GEMMs summed in fp32. The tensor cores accumulate with
+    # less than fp32 precision, so the bound is 2e-5 relative (fp32 measures about 6e-7).
     from zeromoe_cupy.routing import router_logits, split_bf16
     T, H, N = 512, 6144, 768
     x = cp.asarray(random_x(rng, T, H, "bfloat16"))
@@ -252,9 +264,19 @@ def test_router_logits_from_bf16_parts_have_fp32_accuracy(rng):
     fp32 = router_logits(x, wr).get()
     err_split = np.abs(split - exact).max() / np.abs(exact).max()
     err_fp32 = np.abs(fp32 - exact).max() / np.abs(exact).max()
-    assert split.dtype == np.float32 and err_split <= max(2 * err_fp32, 1e-6)
+    assert split.dtype == np.float32 and err_fp32 <= 2e-6 and err_split <= 2e-5
     # a strided view of x gives the same logits (up to the GEMM kernel cuBLAS picks)
     wide = cp.zeros((T, H + 8), x.dtype)
     wide[:, :H] = x
     strided = router_logits(wide[:, :H], wr, weight_parts=split_bf16(wr)).get()
-    assert np.abs(strided - exact).max() / np.abs(exact).max() <= max(2 * err_fp32, 1e-6)
+    assert np.abs(strided - exact).max() / np.abs(exact).max() <= 2e-5
+    # the layer uses it only when asked, for bf16 and 256 tokens or more
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=64, num_experts=N - 8,
+                       num_zero_experts=8, top_k=4)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, router_weight=wr,
+                                          w13=cp.zeros((N - 8, 128, H), x.dtype),
+                                          w2=cp.zeros((N - 8, H, 64), x.dtype))
+    cp.testing.assert_array_equal(layer._logits(x), cp.asarray(fp32))
+    layer.router_gemm = "bf16x3"
+    cp.testing.assert_array_equal(layer._logits(x), cp.asarray(split))
+    assert layer._router_parts(255) is None

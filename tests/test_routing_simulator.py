@@ -90,3 +90,14 @@ def test_simulated_kernel_one_lane_wins_many_times(order):
     ref = reference.route(logits, K, "softmax")
     np.testing.assert_array_equal(ids, ref.topk_ids)
     np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)
+
+
+def test_simulated_kernel_ties_go_to_lower_ids():
+    # Equal scores in many lanes at once: the order must follow the ids.
+    N, K = 200, 12
+    logits = np.stack([np.zeros(N), np.arange(N) % 7, -(np.arange(N) % 5)]).astype(np.float32)
+    for scoring in ("softmax", "sigmoid"):
+        ids, w, _ = run_kernel(logits, K, scoring)
+        ref = reference.route(logits, K, scoring)
+        np.testing.assert_array_equal(ids, ref.topk_ids)
+        np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)

@@ -106,17 +106,26 @@ def reduce_argmax(v, i, w, lane, fs, js):
 
 
 @cuda.jit(device=True)
-def broadcast(v, src, w, lane, fs):
-    # Lane src's v, for every lane of the warp.
+def warp_best(v, i, w, lane, fs, js):
+    """reduce_argmax for values that are never NaN (clamped keys): a max over the values,
+    then a vote for who holds it; only a tie needs the arg-min over the ids."""
     if _SIM:
-        cuda.syncthreads()
-        if lane == src:
-            fs[w, 0] = v
-        cuda.syncthreads()
-        v = fs[w, 0]
-        cuda.syncthreads()
-        return v
-    return cuda.shfl_sync(FULL, v, src)
+        return reduce_argmax(v, i, w, lane, fs, js)
+    m = max(v, cuda.shfl_xor_sync(FULL, v, 16))
+    m = max(m, cuda.shfl_xor_sync(FULL, m, 8))
+    m = max(m, cuda.shfl_xor_sync(FULL, m, 4))
+    m = max(m, cuda.shfl_xor_sync(FULL, m, 2))
+    m = max(m, cuda.shfl_xor_sync(FULL, m, 1))
+    holders = cuda.ballot_sync(FULL, v == m)
+    if cuda.popc(holders) == 1:  # one lane holds the best value (a warp-uniform branch)
+        return m, cuda.shfl_sync(FULL, i, cuda.ffs(holders) - 1)
+    b = i if v == m else int32(NO_ID)
+    b = min(b, cuda.shfl_xor_sync(FULL, b, 16))
+    b = min(b, cuda.shfl_xor_sync(FULL, b, 8))
+    b = min(b, cuda.shfl_xor_sync(FULL, b, 4))
+    b = min(b, cuda.shfl_xor_sync(FULL, b, 2))
+    b = min(b, cuda.shfl_xor_sync(FULL, b, 1))
+    return m, b
 
 
 @cuda.jit(device=True)
@@ -229,14 +238,19 @@ def make_route_kernel(grouped: bool):
                 v = NEG_INF  # a dropped group's expert never enters the cache
             else:
                 choosable += 1
-            if v > c3v:
-                c3v, c3i = v, e
-            if c3v > c2v:
-                c2v, c3v, c2i, c3i = c3v, c2v, c3i, c2i
-            if c2v > c1v:
-                c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
-            if c1v > c0v:
-                c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
+            # Insert (v, e): four compares against the old entries, then selects (no chain).
+            g0 = v > c0v
+            g1 = v > c1v
+            g2 = v > c2v
+            g3 = v > c3v
+            c3v = c2v if g2 else (v if g3 else c3v)
+            c3i = c2i if g2 else (e if g3 else c3i)
+            c2v = c1v if g1 else (v if g2 else c2v)
+            c2i = c1i if g1 else (e if g2 else c2i)
+            c1v = c0v if g0 else (v if g1 else c1v)
+            c1i = c0i if g0 else (e if g1 else c1i)
+            c0v = v if g0 else c0v
+            c0i = e if g0 else c0i
             j += 1
             e = int32(e + 32)
         exhausted = choosable <= CACHE  # the cache holds every choosable expert of the lane
@@ -245,14 +259,25 @@ def make_route_kernel(grouped: bool):
         # cache runs dry rescans its experts for those ranked after the last one it gave.
         my_id = int32(0)
         my_p = float32(0)
+        last_v = float32(math.inf)
+        last_i = int32(-1)
         for r in range(K):
-            bv, bi = reduce_argmax(c0v, c0i, w, lane, fs, js)
+            bv, bi = warp_best(c0v, c0i, w, lane, fs, js)
             if bi >= n:
                 bi = 0  # unreachable when K <= choosable experts (validated on the host)
-            if c0i == bi:  # this lane gave the winner: pop it
-                last_v, last_i = c0v, c0i
-                c0v, c1v, c2v, c3v = c1v, c2v, c3v, NEG_INF
-                c0i, c1i, c2i, c3i = c1i, c2i, c3i, int32(NO_ID)
+            # The lane that gave the winner pops it (selects, not a branch: one lane pops).
+            win = c0i == bi
+            last_v = c0v if win else last_v
+            last_i = c0i if win else last_i
+            c0v = c1v if win else c0v
+            c1v = c2v if win else c1v
+            c2v = c3v if win else c2v
+            c3v = NEG_INF if win else c3v
+            c0i = c1i if win else c0i
+            c1i = c2i if win else c1i
+            c2i = c3i if win else c2i
+            c3i = int32(NO_ID) if win else c3i
+            if win:
                 if c0i == NO_ID and not exhausted:
                     remaining = int32(0)
                     j = 0

@@ -38,6 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="auto",
                    help="expert path on the GPU: auto | pairs | grouped | padded")
+    p.add_argument("--router-gemm", default="fp32", help="fp32 | bf16x3 (see ZeroExpertMoE)")
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -158,11 +159,13 @@ def run(args) -> int:
         real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3
     xp = cupy_module() if gpu else np
     print(f"building {preset} ({cfg.dtype}) on {device} ...", flush=True)
-    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy)
+    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy,
+                             router_gemm=args.router_gemm)
     offset, share = calibrate_zero_bias(layer, real_per_token)
     print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
           flush=True)
     result = {"preset": preset, "dtype": cfg.dtype, "device": device, "strategy": args.strategy,
+              "router_gemm": args.router_gemm,
               "real_per_token_target": real_per_token, "real_per_token": share,
               "zero_bias_offset": offset, "versions": _versions(), "rows": []}
     if gpu:

@@ -115,7 +115,7 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
 #   calls in all). The batched calls run cuBLAS's fast Hopper kernels, which the grouped call
 #   does not; an expert's weights are read once per tile, and padding adds < PAD_ROWS rows.
 STRATEGIES = ("auto", "pairs", "grouped", "padded")
-PAIRS_MAX = 256         # "auto": (token, slot) pairs up to which the pair path runs
+PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
 _PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain

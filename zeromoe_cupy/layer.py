@@ -16,6 +16,9 @@ from .routing import RoutingResult, route, router_logits, split_bf16
 from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
+ROUTER_GEMMS = ("fp32", "bf16x3")
+# "bf16x3" from this many tokens up; fewer are bound by reading Wr, which fp32 reads once.
+BF16X3_MIN_TOKENS = 256
 
 
 class ZeroExpertMoE:
@@ -28,6 +31,11 @@ class ZeroExpertMoE:
     ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes for the expert stage.
     ``expert_strategy`` picks how the GPU runs the real experts ("auto": by token count and
     rows per expert; see ``experts.expert_mlp``); every choice computes the same values.
+    ``router_gemm``: "fp32" (default) computes the router logits with an fp32 GEMM as SPEC.md
+    states. "bf16x3" (bf16 layers on the GPU, calls of 256 tokens or more) uses three bf16
+    tensor-core GEMMs over a three-way bf16 split of Wr summed in fp32, about 4x faster at
+    large T; the tensor cores' accumulation makes the logits' error about 1e-5 relative
+    instead of about 1e-6, so near-ties between experts may be decided differently.
 
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
@@ -36,7 +44,7 @@ class ZeroExpertMoE:
 
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
-                 expert_strategy: str = "auto", _weights=None):
+                 expert_strategy: str = "auto", router_gemm: str = "fp32", _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if device not in ("cuda", "cpu"):
@@ -50,9 +58,12 @@ class ZeroExpertMoE:
         if expert_strategy not in STRATEGIES:
             raise ValueError(f"expert_strategy: expected one of {STRATEGIES}, "
                              f"got {expert_strategy!r}")
+        if router_gemm not in ROUTER_GEMMS:
+            raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
         self.config = config
         self.device = device
         self.expert_strategy = expert_strategy
+        self.router_gemm = router_gemm
         self.max_chunk_tokens = max_chunk_tokens
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
@@ -293,12 +304,13 @@ class ZeroExpertMoE:
 
     def _logits(self, x):
         return router_logits(x, self.router_weight, self.router_bias,
-                             weight_parts=self._router_parts())
+                             weight_parts=self._router_parts(x.shape[0]))
 
-    def _router_parts(self):
-        """The router weight as three bf16 parts (routing.split_bf16) for a bf16 layer on the
-        GPU, made once per router weight array; None otherwise."""
-        if self.device != "cuda" or self.config.dtype != "bfloat16":
+    def _router_parts(self, tokens: int):
+        """The router weight as three bf16 parts (routing.split_bf16) when "bf16x3" applies,
+        made once per router weight array; None otherwise."""
+        if (self.router_gemm != "bf16x3" or self.device != "cuda"
+                or self.config.dtype != "bfloat16" or tokens < BF16X3_MIN_TOKENS):
             return None
         cached = getattr(self, "_router_parts_cache", None)
         if cached is None or cached[0] is not self.router_weight:

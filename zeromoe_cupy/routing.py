@@ -4,6 +4,7 @@ Shapes: logits (T, N) fp32 with N = E + Z; ids (T, K) int32; weights (T, K) fp32
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -164,8 +165,23 @@ def route_kernel_signature():
 def numba_array_args(a):
     """A C-contiguous 1-D CuPy array as the 7 kernel parameters Numba expands it into:
     meminfo, parent, nitems, itemsize, data, shape[0], strides[0]."""
-    return (np.uint64(0), np.uint64(0), np.int64(a.size), np.int64(a.itemsize), a,
-            np.int64(a.shape[0]), np.int64(a.strides[0]))
+    head, tail = _array_abi(a.size, a.itemsize)
+    return (*head, a, *tail)
+
+
+@functools.lru_cache(maxsize=64)
+def _array_abi(size: int, itemsize: int):
+    # Made once per size: this runs on every routing call.
+    return ((np.uint64(0), np.uint64(0), np.int64(size), np.int64(itemsize)),
+            (np.int64(size), np.int64(itemsize)))
+
+
+@functools.lru_cache(maxsize=64)
+def _static_args(n, top_k, scoring_func, has_bias, renormalize, rsf, groups, topk_group):
+    """The kernel's scalar arguments after T, made once per routing configuration."""
+    return (np.int32(n), np.int32(top_k), np.int32(_SCORING_CODES[scoring_func]),
+            np.int32(has_bias), np.int32(renormalize), np.float32(rsf),
+            np.int32(groups or 0), np.int32(topk_group or 0))
 
 
 @memoize_per_device
@@ -186,9 +202,8 @@ def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scori
     T, n = logits.shape
     blocks = (T + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
     args = (logits, bias if bias is not None else logits, ids, weights, *counts_args(counts),
-            np.int32(T), np.int32(n), np.int32(top_k), np.int32(_SCORING_CODES[scoring_func]),
-            np.int32(bias is not None), np.int32(renormalize), np.float32(rsf),
-            np.int32(groups or 0), np.int32(topk_group or 0))
+            np.int32(T), *_static_args(n, top_k, scoring_func, bias is not None, renormalize,
+                                       rsf, groups, topk_group))
     launch(kernel, (blocks,), (32 * _WARPS_PER_BLOCK,), args)
 
 
