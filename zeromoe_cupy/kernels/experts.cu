@@ -108,20 +108,27 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)  // rows past N repeat row j0: computed, never stored
       w[m][r] = W + (e * rows_per_expert + m * N + (j0 + r < N ? j0 + r : j0)) * Kd;
+  // Each lane sums 16-byte chunks (CH elements) in the same order whatever VEC is, so the
+  // scalar path (misaligned or odd sizes) gives the same bits as the vector path.
+  constexpr int CH = 16 / sizeof(T);
   float acc[MATS][ROWS] = {};
 #pragma unroll 2
-  for (int c = lane * VEC; c < Kd; c += 32 * VEC) {
-    float xv[VEC];
-    load_f32<T, VEC>(x + c, xv);
+  for (int c = lane * CH; c < Kd; c += 32 * CH) {
 #pragma unroll
-    for (int m = 0; m < MATS; ++m)
+    for (int v = 0; v < CH; v += VEC) {
+      if (VEC == 1 && c + v >= Kd) break;
+      float xv[VEC];
+      load_f32<T, VEC>(x + c + v, xv);
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        float wv[VEC];
-        load_f32<T, VEC>(w[m][r] + c, wv);
+      for (int m = 0; m < MATS; ++m)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[m][r] = fmaf(wv[i], xv[i], acc[m][r]);
-      }
+        for (int r = 0; r < ROWS; ++r) {
+          float wv[VEC];
+          load_f32<T, VEC>(w[m][r] + c + v, wv);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[m][r] = fmaf(wv[i], xv[i], acc[m][r]);
+        }
+    }
   }
 #pragma unroll
   for (int m = 0; m < MATS; ++m)
