@@ -38,8 +38,8 @@ for T in (1, 128, 4096, 65536):
     routing.launch_route_kernel(
         kern, logits[0], bias, cp.empty((T, K), np.int32), cp.empty((T, K), np.float32),
         cp.zeros(N, np.int32), K, "softmax", False, 6.0, None, None,
-        lambda k, g, b, a: prebuilt.append((g, b, a)), counts_args=routing.numba_array_args)
-    kernel_only = throughput(lambda _: kern(*prebuilt[0]), [0])
+        lambda k, g, b, a, sh: prebuilt.append((g, b, a, sh)), counts_args=routing.numba_array_args)
+    kernel_only = throughput(lambda _: kern(*prebuilt[0][:3], shared_mem=prebuilt[0][3]), [0])
     row = {"T": T, "ours_ms": ours, "ours_back_to_back_ms": ours_back_to_back,
            "kernel_only_back_to_back_ms": kernel_only,
            "read_logits_ms": T * N * 4 / bw * 1e3}
@@ -93,18 +93,18 @@ parts = {
     "memset": lambda: cp.cuda.runtime.memsetAsync(c_.data.ptr, 0, c_.nbytes, stream.ptr),
     "launch_only": lambda: routing.launch_route_kernel(
         kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-        lambda k, g, b, a: k(g, b, a), counts_args=routing.numba_array_args),
+        lambda k, g, b, a, sh: k(g, b, a, sh), counts_args=routing.numba_array_args),
     "kernel_call_prebuilt": (lambda a=None: None),
     "driver_launch": lambda: routing.launch_route_kernel(
         routing._route_launcher(False), L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None,
-        None, lambda k, g, b, a: k(g, b, a), counts_args=routing.numba_array_args),
+        None, lambda k, g, b, a, sh: k(g, b, a, sh), counts_args=routing.numba_array_args),
 }
 args_prebuilt = []
 routing.launch_route_kernel(kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-                            lambda k, g, b, a: args_prebuilt.append((g, b, a)),
+                            lambda k, g, b, a, sh: args_prebuilt.append((g, b, a, sh)),
                             counts_args=routing.numba_array_args)
-g_, b_, a_ = args_prebuilt[0]
-parts["kernel_call_prebuilt"] = lambda: kern(g_, b_, a_)
+g_, b_, a_, sh_ = args_prebuilt[0]
+parts["kernel_call_prebuilt"] = lambda: kern(g_, b_, a_, shared_mem=sh_)
 res["route_host_parts_us"] = {k: host_us(f) for k, f in parts.items()}
 print("route host parts (us):", {k: round(v, 1) for k, v in res["route_host_parts_us"].items()})
 # Zero experts (identity) and combine at T=16384, H=6144, K=12, bf16, 8 real slots.

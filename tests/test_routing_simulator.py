@@ -28,9 +28,9 @@ def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.
     w = np.full((T, top_k), np.nan, np.float32)
     counts = np.zeros(n, np.int32)
 
-    def launch(k, grid, block, args):
+    def launch(k, grid, block, args, shared):
         args = [a.ravel() if isinstance(a, np.ndarray) else a for a in args]
-        k[grid, block](*args)
+        k[grid, block, 0, shared](*args)
 
     launch_route_kernel(kernel, logits.astype(np.float32), bias, ids, w, counts, top_k,
                         scoring, renorm, rsf, groups, topk_group, launch)

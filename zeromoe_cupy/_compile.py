@@ -111,7 +111,7 @@ class DriverLauncher:
             bufs = self._local.bufs = (values, params)
         return bufs
 
-    def __call__(self, grid, block, args):
+    def __call__(self, grid, block, args, shared_mem: int = 0):
         cp = cupy_module()
         launch = _cu_launch_kernel()
         if launch is not None:
@@ -123,11 +123,12 @@ class DriverLauncher:
                     v.value = int(a) if pointer else a
             grid = tuple(grid) + (1,) * (3 - len(grid))
             block = tuple(block) + (1,) * (3 - len(block))
-            status = launch(self.function.ptr, *grid, *block, 0,
+            status = launch(self.function.ptr, *grid, *block, shared_mem,
                             cp.cuda.get_current_stream().ptr, params, None)
             if status == 0:
                 return
-        self.function(grid, block, args)  # no driver entry point, or no current context
+        # no driver entry point, or no current context
+        self.function(grid, block, args, shared_mem=shared_mem)
 
 
 def memoize_per_device(fn):

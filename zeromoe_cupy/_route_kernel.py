@@ -15,7 +15,7 @@ import math
 
 from numba import config, cuda, float32, int32, uint32
 
-from .routing import MAX_ROUTED_EXPERTS, _WARPS_PER_BLOCK as WARPS
+from .routing import _WARPS_PER_BLOCK as WARPS
 
 _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
@@ -25,8 +25,7 @@ NEG_INF = float32(-math.inf)
 LOWEST = float32(-3.4028234663852886e38)
 NAN = float32(math.nan)
 NO_ID = 0x7FFFFFFF
-CACHE = 4  # candidates each lane holds between rescans
-PS_SIZE = WARPS * MAX_ROUTED_EXPERTS
+CACHE = 3  # candidates each lane holds between rescans
 
 
 @cuda.jit(device=True)
@@ -152,9 +151,10 @@ def make_route_kernel(grouped: bool):
             t = T - 1  # idle warps still take part in block-wide barriers (simulator)
         fs = cuda.shared.array((WARPS, 32), float32)
         js = cuda.shared.array((WARPS, 32), int32)
-        # Scores of the token: p (sigmoid) or exp(l - max) (softmax; p = that * scale).
-        ps = cuda.shared.array(PS_SIZE, float32)
-        base = uint32(w * MAX_ROUTED_EXPERTS)
+        # Scores of the token: p (sigmoid) or exp(l - max) (softmax; p = that * scale). Sized
+        # at launch (WARPS * n floats), so small n leaves room for more blocks per SM.
+        ps = cuda.shared.array(0, float32)
+        base = uint32(w * n)
         row = t * n
 
         if scoring == 0:
@@ -227,8 +227,8 @@ def make_route_kernel(grouped: bool):
 
         # First scan: each lane's best CACHE candidates, sorted (key desc, id asc). Experts
         # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts.
-        c0v = c1v = c2v = c3v = NEG_INF  # below every clamped key: empty
-        c0i = c1i = c2i = c3i = int32(NO_ID)
+        c0v = c1v = c2v = NEG_INF  # below every clamped key: empty
+        c0i = c1i = c2i = int32(NO_ID)
         choosable = int32(0)
         j = 0
         e = lane
@@ -238,13 +238,10 @@ def make_route_kernel(grouped: bool):
                 v = NEG_INF  # a dropped group's expert never enters the cache
             else:
                 choosable += 1
-            # Insert (v, e): four compares against the old entries, then selects (no chain).
+            # Insert (v, e): three compares against the old entries, then selects (no chain).
             g0 = v > c0v
             g1 = v > c1v
             g2 = v > c2v
-            g3 = v > c3v
-            c3v = c2v if g2 else (v if g3 else c3v)
-            c3i = c2i if g2 else (e if g3 else c3i)
             c2v = c1v if g1 else (v if g2 else c2v)
             c2i = c1i if g1 else (e if g2 else c2i)
             c1v = c0v if g0 else (v if g1 else c1v)
@@ -271,12 +268,10 @@ def make_route_kernel(grouped: bool):
             last_i = c0i if win else last_i
             c0v = c1v if win else c0v
             c1v = c2v if win else c1v
-            c2v = c3v if win else c2v
-            c3v = NEG_INF if win else c3v
+            c2v = NEG_INF if win else c2v
             c0i = c1i if win else c0i
             c1i = c2i if win else c1i
-            c2i = c3i if win else c2i
-            c3i = int32(NO_ID) if win else c3i
+            c2i = int32(NO_ID) if win else c2i
             if win:
                 if c0i == NO_ID and not exhausted:
                     remaining = int32(0)
@@ -284,18 +279,16 @@ def make_route_kernel(grouped: bool):
                     e = lane
                     while e < n:
                         v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
-                        # choosable, ranked after the last one given, and before the 4th held
+                        # choosable, ranked after the last one given, and before the last held
                         if not (masked >> j) & 1 and (
                                 v < last_v or (v == last_v and e > last_i)):
                             remaining += 1
-                            if v > c3v:
-                                c3v, c3i = v, e
-                                if c3v > c2v:
-                                    c2v, c3v, c2i, c3i = c3v, c2v, c3i, c2i
-                                    if c2v > c1v:
-                                        c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
-                                        if c1v > c0v:
-                                            c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
+                            if v > c2v:
+                                c2v, c2i = v, e
+                                if c2v > c1v:
+                                    c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
+                                    if c1v > c0v:
+                                        c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
                         j += 1
                         e = int32(e + 32)
                     exhausted = remaining <= CACHE

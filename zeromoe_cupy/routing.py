@@ -18,9 +18,9 @@ MAX_ROUTED_EXPERTS = 1024
 MAX_TOP_K = 32
 _WARPS_PER_BLOCK = 4
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
-# 128 threads, at least 8 blocks per SM: caps registers at 64 a thread, so 32 warps per SM
-# hide the shuffle latencies of the arg-max rounds.
-ROUTE_LAUNCH_BOUNDS = (32 * _WARPS_PER_BLOCK, 8)
+# 128 threads, 16 blocks per SM: caps registers at 32 a thread (the kernel needs no more), so
+# an SM holds 64 warps to hide the latencies of the shuffles and loads.
+ROUTE_LAUNCH_BOUNDS = (32 * _WARPS_PER_BLOCK, 16)
 
 
 class RoutingResult(NamedTuple):
@@ -200,7 +200,8 @@ def _route_launcher(grouped: bool):
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
                         renormalize, rsf, groups, topk_group, launch,
                         counts_args=lambda c: (c,)):
-    """Launch a compiled route kernel; ``launch(kernel, grid, block, args)`` does the call.
+    """Launch a compiled route kernel; ``launch(kernel, grid, block, args, shared_bytes)``
+    does the call (the kernel's score buffer is dynamic shared memory).
 
     ``counts_args`` turns the counts array into kernel arguments (Numba's expanded array
     ABI when launching through CuPy; the array itself under the simulator).
@@ -210,7 +211,7 @@ def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scori
     args = (logits, bias if bias is not None else logits, ids, weights, *counts_args(counts),
             np.int32(T), *_static_args(n, top_k, scoring_func, bias is not None, renormalize,
                                        rsf, groups, topk_group))
-    launch(kernel, (blocks,), (32 * _WARPS_PER_BLOCK,), args)
+    launch(kernel, (blocks,), (32 * _WARPS_PER_BLOCK,), args, _WARPS_PER_BLOCK * n * 4)
 
 
 def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk_group):
@@ -233,6 +234,6 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
     if T:
         launch_route_kernel(_route_launcher(groups is not None), logits, bias, ids, weights,
                             counts, top_k, scoring_func, renormalize, rsf, groups, topk_group,
-                            lambda k, grid, block, args: k(grid, block, args),
+                            lambda k, grid, block, args, shared: k(grid, block, args, shared),
                             counts_args=numba_array_args)
     return RoutingResult(ids, weights, counts)
