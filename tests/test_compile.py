@@ -76,7 +76,7 @@ def test_routing_kernel_compiles_to_ptx(cc, grouped):
         "from zeromoe_cupy.routing import ROUTE_LAUNCH_BOUNDS, route_kernel_signature\n"
         f"kernel = make_route_kernel({grouped})\n"
         f"ptx, _ = cuda.compile_ptx(kernel, route_kernel_signature(), cc={cc},\n"
-        "                           launch_bounds=ROUTE_LAUNCH_BOUNDS)\n"
+        f"                           launch_bounds=ROUTE_LAUNCH_BOUNDS[{grouped}])\n"
         "assert '.entry' in ptx, 'no kernel entry in the PTX'\n"
         "assert 'shfl.sync' in ptx, 'no warp shuffles in the PTX'\n"
         "import re\n"

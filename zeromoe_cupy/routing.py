@@ -19,8 +19,9 @@ MAX_TOP_K = 32
 _WARPS_PER_BLOCK = 4
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 # 128 threads, 16 blocks per SM: caps registers at 32 a thread (the kernel needs no more), so
-# an SM holds 64 warps to hide the latencies of the shuffles and loads.
-ROUTE_LAUNCH_BOUNDS = (32 * _WARPS_PER_BLOCK, 16)
+# an SM holds 64 warps to hide the latencies of the shuffles and loads. The grouped variant
+# needs a few more registers (12 blocks: 40).
+ROUTE_LAUNCH_BOUNDS = {False: (32 * _WARPS_PER_BLOCK, 16), True: (32 * _WARPS_PER_BLOCK, 12)}
 
 
 class RoutingResult(NamedTuple):
@@ -189,7 +190,7 @@ def _static_args(n, top_k, scoring_func, has_bias, renormalize, rsf, groups, top
 def _route_function(grouped: bool):
     from ._route_kernel import make_route_kernel
     return numba_kernel_as_cupy(make_route_kernel(grouped), route_kernel_signature(),
-                                launch_bounds=ROUTE_LAUNCH_BOUNDS)
+                                launch_bounds=ROUTE_LAUNCH_BOUNDS[grouped])
 
 
 @memoize_per_device
