@@ -95,9 +95,6 @@ parts = {
         kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
         lambda k, g, b, a, sh: k(g, b, a, sh), counts_args=routing.numba_array_args),
     "kernel_call_prebuilt": (lambda a=None: None),
-    "driver_launch": lambda: routing.launch_route_kernel(
-        routing._route_launcher(False), L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None,
-        None, lambda k, g, b, a, sh: k(g, b, a, sh), counts_args=routing.numba_array_args),
 }
 args_prebuilt = []
 routing.launch_route_kernel(kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,

@@ -82,14 +82,6 @@ def test_routing_kernel_compiles_to_ptx(cc, grouped):
         "import re\n"
         "shared = re.findall(r'\\.shared .*\\[(\\d+)\\]', ptx)\n"
         "print('ptx', len(ptx), 'local' if '.local' in ptx else 'no-local', shared)\n"
-        # The driver launch passes parameters by these ctypes: widths must match the PTX's.
-        "import ctypes\n"
-        "from zeromoe_cupy._compile import numba_param_ctypes\n"
-        "params = re.findall(r'\\.param \\.([a-z]+)(\\d+) ', ptx)\n"
-        "kinds = [('f' if k == 'f' else 'i') + str(int(b) // 8) for k, b in params]\n"
-        "mine = [('f' if t is ctypes.c_float else 'i') + str(ctypes.sizeof(t))\n"
-        "        for t in numba_param_ctypes(route_kernel_signature())]\n"
-        "assert kinds == mine, (kinds, mine)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

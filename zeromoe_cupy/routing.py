@@ -10,8 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._arrays import as_array, cupy_module, is_cupy, np_dtype
-from ._compile import (DriverLauncher, memoize_per_device, numba_kernel_as_cupy,
-                       numba_param_ctypes)
+from ._compile import memoize_per_device, numba_kernel_as_cupy
 
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
 MAX_ROUTED_EXPERTS = 1024
@@ -193,10 +192,6 @@ def _route_function(grouped: bool):
                                 launch_bounds=ROUTE_LAUNCH_BOUNDS[grouped])
 
 
-@memoize_per_device
-def _route_launcher(grouped: bool):
-    return DriverLauncher(_route_function(grouped), numba_param_ctypes(route_kernel_signature()))
-
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
                         renormalize, rsf, groups, topk_group, launch,
@@ -233,8 +228,9 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
     cp.cuda.runtime.memsetAsync(counts.data.ptr, 0, counts.nbytes,
                                 cp.cuda.get_current_stream().ptr)
     if T:
-        launch_route_kernel(_route_launcher(groups is not None), logits, bias, ids, weights,
+        launch_route_kernel(_route_function(groups is not None), logits, bias, ids, weights,
                             counts, top_k, scoring_func, renormalize, rsf, groups, topk_group,
-                            lambda k, grid, block, args, shared: k(grid, block, args, shared),
+                            lambda k, grid, block, args, shared: k(grid, block, args,
+                                                                   shared_mem=shared),
                             counts_args=numba_array_args)
     return RoutingResult(ids, weights, counts)
