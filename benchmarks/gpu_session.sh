@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine. Parts (default: all): tests sweep ops bench chunk memcheck ncu.
+# One call on the GPU machine. Parts (default: tests sweep ops bench chunk memcheck); also
+# bench_bf16x3 and ncu.
 # Summaries go to $OUT/log.txt; full logs and JSON beside it.
 export PYTHONUNBUFFERED=1
 parts=${*:-tests sweep ops bench chunk memcheck}
@@ -14,10 +15,17 @@ for part in $parts; do
     sweep)
       timeout 200 python3 benchmarks/strategy_sweep.py "$OUT/sweep.json" 2>&1 | tail -20 | tee -a "$log" ;;
     ops)
-      timeout 90 python3 benchmarks/ops_bench.py "$OUT/ops_bench.json" 2>&1 | tail -16 | tee -a "$log" ;;
+      nvidia-smi -q -d CLOCK | grep -A3 -E "^    (Clocks|Applications Clocks|Max Clocks)$" >> "$log"
+      nvidia-smi --query-gpu=clocks.sm,power.draw,clocks_event_reasons.active --format=csv \
+        -lms 250 > "$OUT/clocks.txt" 2>&1 & smi=$!
+      timeout 90 python3 benchmarks/ops_bench.py "$OUT/ops_bench.json" 2>&1 | tail -16 | tee -a "$log"
+      kill $smi; sort "$OUT/clocks.txt" | uniq -c | sort -rn | head -5 | tee -a "$log" ;;
     bench)
-      timeout 200 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
+      timeout 240 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
         --plot "$OUT/bench.png" 2>&1 | tail -14 | tee -a "$log" ;;
+    bench_bf16x3)
+      timeout 150 python3 -m zeromoe_cupy bench --router-gemm bf16x3 --tokens 1024,4096,16384 \
+        --json "$OUT/bench_bf16x3.json" 2>&1 | tail -8 | tee -a "$log" ;;
     chunk)
       timeout 60 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
     memcheck)
