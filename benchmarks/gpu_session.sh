@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine. Parts (default: tests sweep ops bench chunk memcheck); also
-# bench_bf16x3 and ncu.
+# bench_bf16x3, router and ncu.
 # Summaries go to $OUT/log.txt; full logs and JSON beside it.
 export PYTHONUNBUFFERED=1
 parts=${*:-tests sweep ops bench chunk memcheck}
@@ -26,6 +26,8 @@ for part in $parts; do
     bench_bf16x3)
       timeout 150 python3 -m zeromoe_cupy bench --router-gemm bf16x3 --tokens 1024,4096,16384 \
         --json "$OUT/bench_bf16x3.json" 2>&1 | tail -8 | tee -a "$log" ;;
+    router)
+      timeout 120 python3 benchmarks/router_precision.py "$OUT/router.json" 2>&1 | tail -8 | tee -a "$log" ;;
     chunk)
       timeout 60 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
     memcheck)

@@ -125,8 +125,8 @@ def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dt
 
 def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None:
     """out[m, n] = x[m, k] @ weight[n, k]^T + beta * out for one matrix (cublasGemmEx through
-    CuPy). Each operand has its own dtype (e.g. bf16 inputs, fp32 out); x may have a row
-    stride; weight and out are C-contiguous."""
+    CuPy). Each operand has its own dtype (e.g. bf16 inputs, fp32 out); weight and x may be
+    row-strided views (unit column stride); out is C-contiguous."""
     from cupy_backends.cuda.libs import cublas
     from ._arrays import dtype_name
     m, k = x.shape
@@ -138,7 +138,8 @@ def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None
     alpha = np.ones(1, np.float32)
     beta_arr = np.full(1, beta, np.float32)
     cublas.gemmEx(_handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,
-                  alpha.ctypes.data, weight.data.ptr, CUDA_DTYPE[dtype_name(weight.dtype)], k,
+                  alpha.ctypes.data, weight.data.ptr, CUDA_DTYPE[dtype_name(weight.dtype)],
+                  weight.strides[0] // weight.itemsize,
                   x.data.ptr, CUDA_DTYPE[name], x.strides[0] // x.itemsize,
                   beta_arr.ctypes.data, out.data.ptr, CUDA_DTYPE[dtype_name(out.dtype)], n,
                   compute, CUBLAS_GEMM_DEFAULT)

@@ -17,8 +17,9 @@ from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
 ROUTER_GEMMS = ("fp32", "bf16x3")
-# "bf16x3" from this many tokens up; fewer are bound by reading Wr, which fp32 reads once.
-BF16X3_MIN_TOKENS = 256
+# "bf16x3" from this many tokens up: below, its dozen cuBLAS calls cost more host time than
+# the fp32 GEMM takes.
+BF16X3_MIN_TOKENS = 2048
 
 
 class ZeroExpertMoE:
@@ -32,10 +33,9 @@ class ZeroExpertMoE:
     ``expert_strategy`` picks how the GPU runs the real experts ("auto": by token count and
     rows per expert; see ``experts.expert_mlp``); every choice computes the same values.
     ``router_gemm``: "fp32" (default) computes the router logits with an fp32 GEMM as SPEC.md
-    states. "bf16x3" (bf16 layers on the GPU, calls of 256 tokens or more) uses three bf16
-    tensor-core GEMMs over a three-way bf16 split of Wr summed in fp32, about 4x faster at
-    large T; the tensor cores' accumulation makes the logits' error about 1e-5 relative
-    instead of about 1e-6, so near-ties between experts may be decided differently.
+    states. "bf16x3" (bf16 layers on the GPU, calls of BF16X3_MIN_TOKENS tokens or more)
+    computes the same product with bf16 tensor-core GEMMs over a three-way bf16 split of Wr,
+    summed in fp32 (``routing.router_logits``), several times faster at large T.
 
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output

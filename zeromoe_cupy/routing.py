@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._arrays import as_array, cupy_module, is_cupy, np_dtype
-from ._compile import memoize_per_device, numba_kernel_as_cupy
+from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, np_dtype
+from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
 MAX_ROUTED_EXPERTS = 1024
@@ -35,26 +35,76 @@ class RoutingResult(NamedTuple):
 def router_logits(x, router_weight, router_bias=None, weight_parts=None):
     """L = fp32(x) @ Wr^T (+ br), in fp32 (no TF32).
 
-    ``weight_parts`` (from ``split_bf16(router_weight)``, CuPy, used when x is a bfloat16
-    CuPy array): the same product from three bf16 tensor-core GEMMs accumulated into one fp32
-    output. x is exact in bf16 and the three parts carry Wr's 24 mantissa bits, so every
-    product is exact and the sums run in fp32: fp32 accuracy at a fraction of an fp32 GEMM's
-    time.
+    On the GPU, up to ROUTER_GEMV_MAX_T tokens take one matrix-vector kernel (no fp32 copy of
+    x, one launch). ``weight_parts`` (from ``split_bf16(router_weight)``, used when x is a
+    bfloat16 CuPy array): the same product from bf16 tensor-core GEMMs accumulated into one
+    fp32 output. x is exact in bf16 and the three parts carry Wr's 24 mantissa bits, so every
+    product is exact; the tensor cores accumulate with truncation, so the leading part runs in
+    K-chunks of BF16X3_CHUNK, each added in fp32, to keep the error near an fp32 GEMM's.
     """
+    if is_cupy(x) and x.shape[0] <= ROUTER_GEMV_MAX_T and dtype_name(x.dtype) is not None:
+        return _router_gemv(x, router_weight, router_bias)
     if weight_parts is not None and is_cupy(x) and x.dtype == np_dtype("bfloat16"):
-        from . import _cublas
-        cp = cupy_module()
-        if x.strides[1] != x.itemsize or x.strides[0] < x.shape[1] * x.itemsize:
-            x = cp.ascontiguousarray(x)
-        logits = cp.empty((x.shape[0], router_weight.shape[0]), np.float32)
-        if x.shape[0]:
-            for i, part in enumerate(reversed(weight_parts)):  # smallest part first
-                _cublas.gemm_nt(part, x, logits, beta=0.0 if i == 0 else 1.0)
+        logits = _router_bf16x3(x, weight_parts)
     else:
         x32 = x.astype(np.float32, copy=False)
         logits = x32 @ router_weight.astype(np.float32, copy=False).T
     if router_bias is not None:
         logits += router_bias.astype(np.float32, copy=False)
+    return logits
+
+
+ROUTER_GEMV_MAX_T = 8
+BF16X3_CHUNK = 512
+
+
+def router_kernel_names() -> list[str]:
+    """Every instantiation in kernels/router.cu that router_logits may launch."""
+    return [f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>"
+            for _, (dt, ctype) in DTYPES.items() for vec in (1, 4)]
+
+
+@memoize_per_device
+def _router_module():
+    return raw_module("router.cu", router_kernel_names())
+
+
+def _router_gemv(x, router_weight, router_bias):
+    cp = cupy_module()
+    T, H = x.shape
+    N = router_weight.shape[0]
+    w = cp.ascontiguousarray(router_weight, dtype=np.float32)
+    bias = None if router_bias is None else cp.ascontiguousarray(router_bias, dtype=np.float32)
+    if x.strides[1] != x.itemsize:
+        x = cp.ascontiguousarray(x)
+    x_stride = x.strides[0] // x.itemsize
+    vec = 4 if (H % 4 == 0 and x_stride % 4 == 0 and w.data.ptr % 16 == 0
+                and x.data.ptr % (4 * x.itemsize) == 0) else 1
+    logits = cp.empty((T, N), np.float32)
+    if T:
+        ctype = DTYPES[dtype_name(x.dtype)][1]
+        warps = 8
+        _router_module().get_function(f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>")(
+            (-(-N // warps),), (32 * warps,),
+            (x, np.int64(x_stride), np.int32(T), w, np.int32(H), np.int32(N), bias, logits))
+    return logits
+
+
+def _router_bf16x3(x, weight_parts):
+    from . import _cublas
+    cp = cupy_module()
+    if x.strides[1] != x.itemsize or x.strides[0] < x.shape[1] * x.itemsize:
+        x = cp.ascontiguousarray(x)
+    hi, mid, lo = weight_parts
+    H = x.shape[1]
+    logits = cp.empty((x.shape[0], hi.shape[0]), np.float32)
+    if x.shape[0]:
+        # smallest parts first; the leading part in K-chunks (see router_logits)
+        _cublas.gemm_nt(lo, x, logits, beta=0.0)
+        _cublas.gemm_nt(mid, x, logits, beta=1.0)
+        for k0 in range(0, H, BF16X3_CHUNK):
+            k1 = min(H, k0 + BF16X3_CHUNK)
+            _cublas.gemm_nt(hi[:, k0:k1], x[:, k0:k1], logits, beta=1.0)
     return logits
 
 
