@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine. Parts (default: tests sweep ops bench chunk memcheck); also
-# bench_bf16x3, router and ncu.
+# bench_fp32 (router_gemm='fp32'), router and ncu.
 # Summaries go to $OUT/log.txt; full logs and JSON beside it.
 export PYTHONUNBUFFERED=1
 parts=${*:-tests sweep ops bench chunk memcheck}
@@ -23,9 +23,9 @@ for part in $parts; do
     bench)
       timeout 240 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
         --plot "$OUT/bench.png" 2>&1 | tail -14 | tee -a "$log" ;;
-    bench_bf16x3)
-      timeout 150 python3 -m zeromoe_cupy bench --router-gemm bf16x3 --tokens 1024,4096,16384 \
-        --json "$OUT/bench_bf16x3.json" 2>&1 | tail -8 | tee -a "$log" ;;
+    bench_fp32)
+      timeout 150 python3 -m zeromoe_cupy bench --router-gemm fp32 --tokens 4096,16384 \
+        --json "$OUT/bench_fp32.json" 2>&1 | tail -8 | tee -a "$log" ;;
     router)
       timeout 120 python3 benchmarks/router_precision.py "$OUT/router.json" 2>&1 | tail -8 | tee -a "$log" ;;
     chunk)

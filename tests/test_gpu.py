@@ -272,16 +272,16 @@ def test_router_logits_from_bf16_parts_match_fp32_accuracy(rng):
     wide[:, :H] = x
     strided = router_logits(wide[:, :H], wr, weight_parts=split_bf16(wr)).get()
     assert np.abs(strided - exact).max() / np.abs(exact).max() <= max(2 * err_fp32, 1e-6)
-    # the layer uses it only when asked, for bf16 and BF16X3_MIN_TOKENS tokens or more
+    # the layer uses it by default for bf16 and BF16X3_MIN_TOKENS tokens or more
     cfg = zm.MoEConfig(hidden_size=H, intermediate_size=64, num_experts=N - 8,
                        num_zero_experts=8, top_k=4)
     layer = zm.ZeroExpertMoE.from_weights(cfg, router_weight=wr,
                                           w13=cp.zeros((N - 8, 128, H), x.dtype),
                                           w2=cp.zeros((N - 8, H, 64), x.dtype))
-    cp.testing.assert_array_equal(layer._logits(x), cp.asarray(fp32))
-    layer.router_gemm = "bf16x3"
     cp.testing.assert_array_equal(layer._logits(x), cp.asarray(split))
     assert layer._router_parts(BF16X3_MIN_TOKENS - 1) is None
+    layer.router_gemm = "fp32"
+    cp.testing.assert_array_equal(layer._logits(x), cp.asarray(fp32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

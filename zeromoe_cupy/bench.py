@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="auto",
                    help="expert path on the GPU: auto | pairs | grouped | padded")
-    p.add_argument("--router-gemm", default="fp32", help="fp32 | bf16x3 (see ZeroExpertMoE)")
+    p.add_argument("--router-gemm", default="auto", help="auto | fp32 (see ZeroExpertMoE)")
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):

@@ -16,9 +16,9 @@ from .routing import RoutingResult, route, router_logits, split_bf16
 from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
-ROUTER_GEMMS = ("fp32", "bf16x3")
-# "bf16x3" from this many tokens up: below, its dozen cuBLAS calls cost more host time than
-# the fp32 GEMM takes.
+ROUTER_GEMMS = ("auto", "fp32")
+# "auto" takes bf16x3 from this many tokens up: below, its dozen cuBLAS calls cost more host
+# time than the fp32 GEMM takes.
 BF16X3_MIN_TOKENS = 2048
 
 
@@ -32,10 +32,11 @@ class ZeroExpertMoE:
     ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes for the expert stage.
     ``expert_strategy`` picks how the GPU runs the real experts ("auto": by token count and
     rows per expert; see ``experts.expert_mlp``); every choice computes the same values.
-    ``router_gemm``: "fp32" (default) computes the router logits with an fp32 GEMM as SPEC.md
-    states. "bf16x3" (bf16 layers on the GPU, calls of BF16X3_MIN_TOKENS tokens or more)
-    computes the same product with bf16 tensor-core GEMMs over a three-way bf16 split of Wr,
-    summed in fp32 (``routing.router_logits``), several times faster at large T.
+    ``router_gemm``: the router logits fp32(x) @ Wr^T are computed to fp32 accuracy either
+    way. "auto" (default): for bf16 layers on the GPU and calls of BF16X3_MIN_TOKENS tokens or
+    more, with bf16 tensor-core GEMMs over a three-way bf16 split of Wr summed in fp32
+    ("bf16x3", ``routing.router_logits``; several times faster), else with an fp32 GEMM.
+    "fp32": always the fp32 GEMM.
 
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
@@ -44,7 +45,7 @@ class ZeroExpertMoE:
 
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
-                 expert_strategy: str = "auto", router_gemm: str = "fp32", _weights=None):
+                 expert_strategy: str = "auto", router_gemm: str = "auto", _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if device not in ("cuda", "cpu"):
@@ -307,9 +308,9 @@ class ZeroExpertMoE:
                              weight_parts=self._router_parts(x.shape[0]))
 
     def _router_parts(self, tokens: int):
-        """The router weight as three bf16 parts (routing.split_bf16) when "bf16x3" applies,
+        """The router weight as three bf16 parts (routing.split_bf16) when bf16x3 applies,
         made once per router weight array; None otherwise."""
-        if (self.router_gemm != "bf16x3" or self.device != "cuda"
+        if (self.router_gemm != "auto" or self.device != "cuda"
                 or self.config.dtype != "bfloat16" or tokens < BF16X3_MIN_TOKENS):
             return None
         cached = getattr(self, "_router_parts_cache", None)
