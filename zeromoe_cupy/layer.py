@@ -36,7 +36,8 @@ class ZeroExpertMoE:
     way. "auto" (default): for bf16 layers on the GPU and calls of BF16X3_MIN_TOKENS tokens or
     more, with bf16 tensor-core GEMMs over a three-way bf16 split of Wr summed in fp32
     ("bf16x3", ``routing.router_logits``; several times faster), else with an fp32 GEMM.
-    "fp32": always the fp32 GEMM.
+    "fp32": always the fp32 GEMM. The split of Wr is made once per router weight array:
+    assign a new array to ``router_weight`` rather than writing into it.
 
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
