@@ -123,6 +123,23 @@ def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dt
         raise RuntimeError(f"cublasGemmBatchedEx failed with status {status}")
 
 
+def gemm_nt_bf16_f32_accumulate(pairs, out) -> None:
+    """out[m, n] = sum over (weight, x) in pairs of x[m, k] @ weight[n, k]^T, bf16 inputs, fp32
+    out and compute, in the order given: the first call overwrites out, the next ones add to
+    it (beta = 1, an fp32 add in cuBLAS's epilogue). One handle and stream set for all."""
+    from cupy_backends.cuda.libs import cublas
+    handle = _handle_on_current_stream()
+    alpha = np.ones(1, np.float32)
+    betas = (np.zeros(1, np.float32), np.ones(1, np.float32))
+    m, n = out.shape
+    for i, (weight, x) in enumerate(pairs):
+        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, x.shape[1], alpha.ctypes.data,
+                      weight.data.ptr, CUDA_R_16BF, weight.strides[0] // weight.itemsize,
+                      x.data.ptr, CUDA_R_16BF, x.strides[0] // x.itemsize,
+                      betas[i > 0].ctypes.data, out.data.ptr, CUDA_R_32F, n,
+                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+
+
 def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None:
     """out[m, n] = x[m, k] @ weight[n, k]^T + beta * out for one matrix (cublasGemmEx through
     CuPy). Each operand has its own dtype (e.g. bf16 inputs, fp32 out); weight and x may be

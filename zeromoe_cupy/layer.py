@@ -17,9 +17,9 @@ from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
 ROUTER_GEMMS = ("auto", "fp32")
-# "auto" takes bf16x3 from this many tokens up: below, its dozen cuBLAS calls cost more host
-# time than the fp32 GEMM takes.
-BF16X3_MIN_TOKENS = 2048
+# "auto" takes bf16x3 from this many tokens up: below, its cuBLAS calls (2 + H / 1024) cost
+# more host time than the fp32 GEMM takes.
+BF16X3_MIN_TOKENS = 512
 
 
 class ZeroExpertMoE:

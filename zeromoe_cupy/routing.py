@@ -55,7 +55,9 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None):
 
 
 ROUTER_GEMV_MAX_T = 8
-BF16X3_CHUNK = 512
+# Measured at H=6144 (H200): max error vs float64 1.8e-6 (1536), 6.2e-7 (512); the fp32
+# GEMM 3.2e-6, the unchunked product 7.9e-6.
+BF16X3_CHUNK = 1024
 
 
 def router_kernel_names() -> list[str]:
@@ -100,11 +102,9 @@ def _router_bf16x3(x, weight_parts):
     logits = cp.empty((x.shape[0], hi.shape[0]), np.float32)
     if x.shape[0]:
         # smallest parts first; the leading part in K-chunks (see router_logits)
-        _cublas.gemm_nt(lo, x, logits, beta=0.0)
-        _cublas.gemm_nt(mid, x, logits, beta=1.0)
-        for k0 in range(0, H, BF16X3_CHUNK):
-            k1 = min(H, k0 + BF16X3_CHUNK)
-            _cublas.gemm_nt(hi[:, k0:k1], x[:, k0:k1], logits, beta=1.0)
+        chunks = [(hi[:, k:k + BF16X3_CHUNK], x[:, k:k + BF16X3_CHUNK])
+                  for k in range(0, H, BF16X3_CHUNK)]
+        _cublas.gemm_nt_bf16_f32_accumulate([(lo, x), (mid, x)] + chunks, logits)
     return logits
 
 
