@@ -17,7 +17,7 @@ from .zero_experts import combine
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
 ROUTER_GEMMS = ("auto", "fp32")
-# "auto" takes bf16x3 from this many tokens up: below, its cuBLAS calls (2 + H / 1024) cost
+# "auto" takes bf16x3 from this many tokens up: below, its cuBLAS calls (2 + H / 512) cost
 # more host time than the fp32 GEMM takes.
 BF16X3_MIN_TOKENS = 512
 
