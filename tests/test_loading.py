@@ -49,9 +49,13 @@ def test_from_state_dict_layouts(layout, rng):
         for e in range(CFG.num_experts):
             for name, mats in zip(names, (gate, up, down)):
                 sd[f"{prefix}experts.{e}.{name}.weight"] = mats[e]
-    layer = zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix=prefix)
+    layer = zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix=prefix, expert_strategy="grouped",
+                                             router_gemm="fp32")
+    assert (layer.expert_strategy, layer.router_gemm) == ("grouped", "fp32")  # options pass on
     x = random_x(rng, 9, 24, "float32")
     np.testing.assert_array_equal(layer(x), zm.ZeroExpertMoE.from_weights(CFG, **w)(x))
+    with pytest.raises(ValueError, match="expert_strategy"):
+        zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix=prefix, expert_strategy="nope")
 
 
 def test_state_dict_errors_name_what_is_missing(rng):

@@ -104,8 +104,10 @@ class ZeroExpertMoE:
     @classmethod
     def from_weights(cls, config: MoEConfig, router_weight, w13, w2, e_score_correction_bias=None,
                      router_bias=None, const_vec=None, const_gate=None,
-                     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS) -> "ZeroExpertMoE":
+                     max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+                     **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
+        ``options``: the constructor's keyword options (expert_strategy, router_gemm).
 
         GPU tensors are wrapped without a copy when they already have the layer's dtype and
         a contiguous layout, so the layer shares their memory.
@@ -149,13 +151,14 @@ class ZeroExpertMoE:
                    out["w13"], out["w2"], out["const_vec"], out["const_gate"])
         if device == "cuda" and not gpu_available():  # pragma: no cover
             raise RuntimeError("CuPy arrays were given but no GPU is visible")
-        return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights)
+        return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights,
+                   **options)
 
     @classmethod
     def from_expert_weights(cls, config: MoEConfig, router_weight, gate, up, down,
                             e_score_correction_bias=None, router_bias=None, const_vec=None,
-                            const_gate=None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS
-                            ) -> "ZeroExpertMoE":
+                            const_gate=None, max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+                            **options) -> "ZeroExpertMoE":
         """A layer from per-expert matrices, as most checkpoints store them.
 
         ``gate[e]``, ``up[e]``: [I, H]; ``down[e]``: [H, I], for e in 0..E-1 (NumPy, CuPy or
@@ -182,7 +185,7 @@ class ZeroExpertMoE:
         w13 = xp.stack([xp.concatenate([g, u], axis=0) for g, u in zip(gate, up)])
         w2 = xp.stack(down)
         return cls.from_weights(config, router_weight, w13, w2, e_score_correction_bias,
-                                router_bias, const_vec, const_gate, max_chunk_tokens)
+                                router_bias, const_vec, const_gate, max_chunk_tokens, **options)
 
     # Checkpoint key names understood by from_state_dict (after the prefix).
     STATE_DICT_KEYS = {
@@ -201,7 +204,8 @@ class ZeroExpertMoE:
 
     @classmethod
     def from_state_dict(cls, config: MoEConfig, state_dict, prefix: str = "",
-                        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS) -> "ZeroExpertMoE":
+                        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+                        **options) -> "ZeroExpertMoE":
         """A layer from a checkpoint's tensors (a dict of name -> NumPy/CuPy/DLPack tensor).
 
         Keys, after ``prefix`` (e.g. "model.layers.0.mlp."): the router weight as
@@ -226,7 +230,7 @@ class ZeroExpertMoE:
                                        "const_gate")}
         if found["w13"] is not None and found["w2"] is not None:
             return cls.from_weights(config, found["router_weight"], found["w13"], found["w2"],
-                                    max_chunk_tokens=max_chunk_tokens, **extra)
+                                    max_chunk_tokens=max_chunk_tokens, **extra, **options)
         mats = {}
         for role, names in cls.PER_EXPERT_KEYS.items():
             for name in names:
@@ -240,7 +244,8 @@ class ZeroExpertMoE:
                                  f"experts.{{e}}.{names[0]}.weight and experts.{{e}}."
                                  f"{names[1]}.weight, or fused experts.w13_weight/w2_weight)")
         return cls.from_expert_weights(config, found["router_weight"], mats["gate"], mats["up"],
-                                       mats["down"], max_chunk_tokens=max_chunk_tokens, **extra)
+                                       mats["down"], max_chunk_tokens=max_chunk_tokens, **extra,
+                                       **options)
 
     # --- inputs ------------------------------------------------------------------------------
     def _input(self, x):
