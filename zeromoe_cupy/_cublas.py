@@ -42,21 +42,21 @@ def has_grouped_gemm() -> bool:
     return hasattr(library(), "cublasGemmGroupedBatchedEx")
 
 
-@functools.lru_cache(maxsize=None)
-def _grouped_fn():
-    fn = library().cublasGemmGroupedBatchedEx
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, p, p, i, p, p, i, p, p, p, i, p, i, p, i]
-    fn.restype = ctypes.c_int
-    return fn
+_P, _I = ctypes.c_void_p, ctypes.c_int
+# Parameter types of the entry points called through ctypes (p: pointer or handle, i: int).
+_SIGNATURES = {
+    "cublasGemmGroupedBatchedEx": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P,
+                                   _I, _P, _I, _P, _I],
+    "cublasGemmBatchedEx": [_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I,
+                            _I, _I, _I],
+}
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_fn():
-    fn = library().cublasGemmBatchedEx
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i, i]
-    fn.restype = ctypes.c_int
+def _function(name: str):
+    fn = getattr(library(), name)
+    fn.argtypes = _SIGNATURES[name]
+    fn.restype = ctypes.c_int  # cublasStatus_t
     return fn
 
 
@@ -94,7 +94,7 @@ def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: 
     ones = np.ones(groups, i32)
     dt = CUDA_DTYPE[dtype]
     compute = _compute_type(dtype, allow_tf32)
-    status = _grouped_fn()(
+    status = _function("cublasGemmGroupedBatchedEx")(
         _handle_on_current_stream(), transa.ctypes.data, transb.ctypes.data,
         m_arr.ctypes.data, n_arr.ctypes.data, k_arr.ctypes.data, alpha.ctypes.data,
         weight_ptrs.data.ptr, dt, k_arr.ctypes.data,
@@ -115,7 +115,7 @@ def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dt
     dt = CUDA_DTYPE[dtype]
     alpha = np.ones(1, np.float32)
     beta = np.zeros(1, np.float32)
-    status = _batched_fn()(
+    status = _function("cublasGemmBatchedEx")(
         _handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, alpha.ctypes.data,
         weight_ptrs.data.ptr, dt, k, x_ptrs.data.ptr, dt, k, beta.ctypes.data,
         out_ptrs.data.ptr, dt, n, count, _compute_type(dtype, allow_tf32), CUBLAS_GEMM_DEFAULT)
