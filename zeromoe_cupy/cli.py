@@ -39,7 +39,10 @@ def info() -> int:
         from . import _cublas
         try:
             lib = _cublas.library()
-            print(f"cuBLAS {lib._name}  grouped GEMM: {_cublas.has_grouped_gemm()}")
+            grouped = _cublas.has_grouped_gemm()
+            print(f"cuBLAS {lib._name}  grouped GEMM: {grouped}")
+            print("expert paths: pairs, padded (batched GEMM), "
+                  + ("grouped" if grouped else "one GEMM per expert (no grouped GEMM)"))
         except Exception as exc:  # noqa: BLE001
             print(f"cuBLAS not loadable: {exc}")
         paths.append("CuPy + CUDA kernels (GPU)")
