@@ -112,8 +112,8 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
 #   one group per active expert. Near the bytes floor while experts get few rows each.
 # - "padded": the same, but each expert's rows padded to a multiple of PAD_ROWS and cut into
 #   tiles of at most MAX_TILE rows; tiles of one size form one cublasGemmBatchedEx call (a few
-#   calls in all). With many rows per expert these calls measured 1.3x (4096 tokens) to 3x
-#   (16384) faster than the grouped call at LongCat shapes (benchmarks/NOTES.md); an expert's
+#   calls in all). With many rows per expert the forward measured 1.3x (4096 tokens) to 3x
+#   (16384) faster this way than with the grouped call at LongCat shapes (NOTES.md); an expert's
 #   weights are read once per tile, and padding adds < PAD_ROWS rows per expert.
 STRATEGIES = ("auto", "pairs", "grouped", "padded")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
