@@ -268,8 +268,8 @@ class ZeroExpertMoE:
         logits = as_array(logits, "router_logits")
         N = self.config.num_total_experts
         if is_cupy(logits) != (self.device == "cuda"):
-            raise TypeError(f"router_logits: expected a {'CUDA' if self.device == 'cuda' else 'NumPy'}"
-                            f" array like x")
+            kind = "CUDA" if self.device == "cuda" else "NumPy"
+            raise TypeError(f"router_logits: expected a {kind} array like x")
         if tuple(logits.shape) != (T, N):
             raise ValueError(f"router_logits: expected shape ({T}, {N}), got {tuple(logits.shape)}")
         if logits.dtype.kind != "f":
@@ -422,6 +422,8 @@ class ZeroExpertMoE:
         def to_host(a):  # routing may come as host arrays even for a GPU layer
             return a.get() if is_cupy(a) else np.asarray(a)
         w = self.numpy_weights()
+        if router_logits is not None:
+            router_logits = to_host(as_array(router_logits, "router_logits"))
         return reference.forward(
             to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
             num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
@@ -430,7 +432,7 @@ class ZeroExpertMoE:
             routed_scaling_factor=cfg.routed_scaling_factor,
             num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
             const_vec=w["const_vec"], const_gate=w["const_gate"],
-            router_logits=None if router_logits is None else to_host(as_array(router_logits, "router_logits")),
+            router_logits=router_logits,
             routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])))
 
     def __repr__(self) -> str:
