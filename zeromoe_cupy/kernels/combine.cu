@@ -10,11 +10,6 @@
 #define MAX_SLOTS 64
 #define COMBINE_WARPS 8  // tokens per block: one warp each, so many tokens are in flight
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // One warp per token; its lanes stride over H in VEC-element steps.
 // x: (T, H) row stride x_stride; ids, weights: (T, K); rows: (M, H) or null;
 // slot_rows: (T, K) row of rows for each real slot (-1 otherwise) or null;

@@ -15,6 +15,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
+// Sum of v over the 32 lanes of a warp (all lanes get it).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // VEC elements of T moved as one access: 16 bytes when VEC * sizeof(T) == 16.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {

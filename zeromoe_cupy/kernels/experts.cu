@@ -71,11 +71,6 @@ __global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ h, long 
   }
 }
 
-__device__ __forceinline__ float warp_sum_f32(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // The experts for a few tokens, with no host synchronization: one matrix-vector product per
 // (token, slot) pair, straight from the routing ids (no permutation). Each warp computes ROWS
 // output features of one pair; its lanes stride over the reduction dimension Kd in VEC-element
@@ -133,7 +128,7 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
 #pragma unroll
   for (int m = 0; m < MATS; ++m)
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum_f32(acc[m][r]);
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
   if (lane < ROWS && j0 + lane < N) {
     float v = 0.f;
 #pragma unroll

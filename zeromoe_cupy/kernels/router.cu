@@ -26,8 +26,7 @@ __global__ void router_gemv(const T* __restrict__ x, long long x_stride, int tok
   }
 #pragma unroll
   for (int t = 0; t < MAXT; ++t) {
-    float v = acc[t];
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const float v = warp_sum(acc[t]);
     if (lane == 0 && t < tokens) out[(long long)t * N + n] = bias != nullptr ? v + bias[n] : v;
   }
 }
