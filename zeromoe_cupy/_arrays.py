@@ -55,11 +55,6 @@ def is_cupy(a: Any) -> bool:
     return cp is not None and isinstance(a, cp.ndarray)
 
 
-def xp_of(a: Any):
-    """numpy for NumPy arrays, cupy for CuPy arrays."""
-    return cupy_module() if is_cupy(a) else np
-
-
 _KDLCPU, _KDLCUDA, _KDLCUDAHOST, _KDLCUDAMANAGED = 1, 2, 3, 13
 
 
@@ -108,15 +103,6 @@ def as_array(a: Any, name: str, allow_none: bool = False):
 def _int16_dtype_of(t):  # torch.int16 without importing torch at module import
     import torch
     return torch.int16
-
-
-def device_of(a) -> str:
-    return "cuda" if is_cupy(a) else "cpu"
-
-
-def to_numpy(a) -> np.ndarray:
-    """A NumPy copy (or view) of a NumPy/CuPy array."""
-    return a.get() if is_cupy(a) else np.asarray(a)
 
 
 def vector_width(itemsize: int, H: int, *arrays, row_stride: int | None = None) -> int:

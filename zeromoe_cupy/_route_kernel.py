@@ -23,7 +23,6 @@ NEG_INF = float32(-math.inf)
 # Selection keys are clamped to >= -FLT_MAX, so NaN (and -inf) keys rank below every finite
 # one yet above an empty cache slot (-inf): the first scan can insert on a plain ">".
 LOWEST = float32(-3.4028234663852886e38)
-NAN = float32(math.nan)
 NO_ID = 0x7FFFFFFF
 CACHE = 3  # candidates each lane holds between rescans
 
