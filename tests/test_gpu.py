@@ -9,7 +9,7 @@ from zeromoe_cupy import ops, reference
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import random_layer_weights, random_x, separated_rows
+from helpers import one_lane_wins_logits, random_layer_weights, random_x, separated_rows
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -199,10 +199,7 @@ def test_route_kernel_one_lane_wins_many_times(order):
     # Experts 0, 32, 64, ... (one lane's) hold the top scores: that lane gives more winners
     # than it caches and must rescan.
     N, K = 768, 12
-    logits = np.random.default_rng(5).standard_normal((64, N)).astype(np.float32)
-    lane0 = np.arange(0, N, 32)
-    ramp = np.arange(lane0.size, dtype=np.float32)
-    logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
+    logits = one_lane_wins_logits(64, N, order)
     r = ops.route(cp.asarray(logits), K)
     ref = reference.route(logits, K, "softmax")
     np.testing.assert_array_equal(r.topk_ids.get(), ref.topk_ids)

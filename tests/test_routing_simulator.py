@@ -12,7 +12,7 @@ import pytest
 from zeromoe_cupy import reference
 from zeromoe_cupy.routing import launch_route_kernel
 
-from helpers import separated_rows
+from helpers import one_lane_wins_logits, separated_rows
 
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
                                 reason="the simulator runs only on machines without a GPU")
@@ -82,10 +82,7 @@ def test_simulated_kernel_one_lane_wins_many_times(order):
     # Experts 0, 32, 64, ... (all owned by lane 0) hold the top scores, so lane 0 gives
     # more winners than it caches and must rescan; both scan orders of its experts.
     N, K = 200, 9
-    logits = np.random.default_rng(5).standard_normal((2, N)).astype(np.float32)
-    lane0 = np.arange(0, N, 32)
-    ramp = np.arange(lane0.size, dtype=np.float32)
-    logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
+    logits = one_lane_wins_logits(2, N, order)
     ids, w, _ = run_kernel(logits, K, "softmax")
     ref = reference.route(logits, K, "softmax")
     np.testing.assert_array_equal(ids, ref.topk_ids)
