@@ -105,6 +105,15 @@ def _int16_dtype_of(t):  # torch.int16 without importing torch at module import
     return torch.int16
 
 
+def with_unit_row_layout(x):
+    """The 2-D CuPy array x itself when each row is a unit-stride run and rows follow at a
+    positive whole-element stride (what the kernels and cuBLAS read), else a C-contiguous copy."""
+    if (x.strides[1] == x.itemsize and x.strides[0] % x.itemsize == 0
+            and x.strides[0] >= x.shape[1] * x.itemsize):
+        return x
+    return cupy_module().ascontiguousarray(x)
+
+
 def vector_width(itemsize: int, H: int, *arrays, row_stride: int | None = None) -> int:
     """Elements per 16-byte access when H, the row stride (in elements) and every pointer
     allow it, else 1."""

@@ -9,7 +9,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width,
+                      with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 
 
@@ -144,8 +145,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     T, H = x.shape
     K = topk_ids.shape[1]
     ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
-    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
-        x = cp.ascontiguousarray(x)
+    x = with_unit_row_layout(x)
     w13 = cp.ascontiguousarray(w13)
     w2 = cp.ascontiguousarray(w2)
     if strategy == "auto" and T * K <= PAIRS_MAX:

@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, np_dtype
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, np_dtype,
+                      with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
@@ -77,8 +78,7 @@ def _router_gemv(x, router_weight, router_bias):
     N = router_weight.shape[0]
     w = cp.ascontiguousarray(router_weight, dtype=np.float32)
     bias = None if router_bias is None else cp.ascontiguousarray(router_bias, dtype=np.float32)
-    if x.strides[1] != x.itemsize:
-        x = cp.ascontiguousarray(x)
+    x = with_unit_row_layout(x)
     x_stride = x.strides[0] // x.itemsize
     vec = 4 if (H % 4 == 0 and x_stride % 4 == 0 and w.data.ptr % 16 == 0
                 and x.data.ptr % (4 * x.itemsize) == 0) else 1
@@ -95,8 +95,7 @@ def _router_gemv(x, router_weight, router_bias):
 def _router_bf16x3(x, weight_parts):
     from . import _cublas
     cp = cupy_module()
-    if x.strides[1] != x.itemsize or x.strides[0] < x.shape[1] * x.itemsize:
-        x = cp.ascontiguousarray(x)
+    x = with_unit_row_layout(x)
     hi, mid, lo = weight_parts
     H = x.shape[1]
     logits = cp.empty((x.shape[0], hi.shape[0]), np.float32)

@@ -10,7 +10,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ._arrays import DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width,
+                      with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 from .config import ZERO_EXPERT_TYPES
 
@@ -206,8 +207,7 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
     out = cp.empty((T, H), x.dtype)
     if T == 0:
         return out
-    if x.strides[1] != x.itemsize or x.strides[0] % x.itemsize:
-        x = cp.ascontiguousarray(x)
+    x = with_unit_row_layout(x)
     ids = cp.ascontiguousarray(ids, dtype=np.int32)
     weights = cp.ascontiguousarray(weights, dtype=np.float32)
     rows = slot_rows = None
