@@ -31,17 +31,24 @@ for T in (1, 128, 4096, 65536):
     ours_back_to_back = throughput(ours_fn, logits)  # the GPU time per call
     # bw counts the bytes a copy reads plus those it writes: reading the logits once takes
     # their size over bw.
-    # The kernel alone, arguments made once (no allocation, memset or checks per call).
+    # The kernel alone, arguments made once (no allocation, memset or checks per call), with
+    # this bias and with a zero bias (which ncu runs used).
     from zeromoe_cupy import routing
-    kern = routing._route_function(False)
-    prebuilt = []
-    routing.launch_route_kernel(
-        kern, logits[0], bias, cp.empty((T, K), np.int32), cp.empty((T, K), np.float32),
-        cp.zeros(N, np.int32), K, "softmax", False, 6.0, None, None,
-        lambda k, g, b, a, sh: prebuilt.append((g, b, a, sh)), counts_args=routing.numba_array_args)
-    kernel_only = throughput(lambda _: kern(*prebuilt[0][:3], shared_mem=prebuilt[0][3]), [0])
+    kern = routing._route_function(False, N)
+
+    def kernel_alone(b):
+        prebuilt = []
+        routing.launch_route_kernel(
+            kern, logits[0], b, cp.empty((T, K), np.int32), cp.empty((T, K), np.float32),
+            cp.zeros(N, np.int32), K, "softmax", False, 6.0, None, None,
+            lambda k, g, bl, a, sh: prebuilt.append((g, bl, a, sh)))
+        g, bl, a, sh = prebuilt[0]
+        return throughput(lambda _: kern(g, bl, a, shared_mem=sh), [0])
+    kernel_only = kernel_alone(bias)
+    kernel_only_zero_bias = kernel_alone(cp.zeros(N, cp.float32))
     row = {"T": T, "ours_ms": ours, "ours_back_to_back_ms": ours_back_to_back,
            "kernel_only_back_to_back_ms": kernel_only,
+           "kernel_only_zero_bias_ms": kernel_only_zero_bias,
            "read_logits_ms": T * N * 4 / bw * 1e3}
     row["back_to_back_over_read"] = ours_back_to_back / row["read_logits_ms"]
     if torch is not None:
@@ -83,23 +90,25 @@ def host_us(fn, n=2000):
 
 # Where the route call's host time goes.
 from zeromoe_cupy import routing
-kern = routing._route_function(False)
+kern = routing._route_function(False, N)
 ids_, w_, c_ = (cp.empty((1, K), np.int32), cp.empty((1, K), np.float32),
                 cp.empty(N, np.int32))
 stream = cp.cuda.get_current_stream()
 parts = {
     "three_empty": lambda: (cp.empty((1, K), np.int32), cp.empty((1, K), np.float32),
                             cp.empty(N, np.int32)),
+    "one_empty_three_views": lambda: (lambda o: (o[:K].reshape(1, K),
+                                                 o[K:2 * K].view(np.float32).reshape(1, K),
+                                                 o[2 * K:]))(cp.empty(2 * K + N, np.int32)),
     "memset": lambda: cp.cuda.runtime.memsetAsync(c_.data.ptr, 0, c_.nbytes, stream.ptr),
     "launch_only": lambda: routing.launch_route_kernel(
         kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-        lambda k, g, b, a, sh: k(g, b, a, sh), counts_args=routing.numba_array_args),
+        lambda k, g, b, a, sh: k(g, b, a, sh)),
     "kernel_call_prebuilt": (lambda a=None: None),
 }
 args_prebuilt = []
 routing.launch_route_kernel(kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-                            lambda k, g, b, a, sh: args_prebuilt.append((g, b, a, sh)),
-                            counts_args=routing.numba_array_args)
+                            lambda k, g, b, a, sh: args_prebuilt.append((g, b, a, sh)))
 g_, b_, a_, sh_ = args_prebuilt[0]
 parts["kernel_call_prebuilt"] = lambda: kern(g_, b_, a_, shared_mem=sh_)
 res["route_host_parts_us"] = {k: host_us(f) for k, f in parts.items()}

@@ -54,10 +54,10 @@ def separated_rows(logits, cfg_like, bias=None, rel=1e-6):
 
 
 def one_lane_wins_logits(T, N, order):
-    """Logits where experts 0, 32, 64, ... (all owned by routing lane 0) hold the top scores,
-    in descending or ascending id order: lane 0 gives more winners than it caches."""
+    """Logits where experts 0-3, 128-131, 256-259, ... (all owned by routing lane 0) hold the
+    top scores, in descending or ascending id order: lane 0 gives more winners than it caches."""
     logits = np.random.default_rng(5).standard_normal((T, N)).astype(np.float32)
-    lane0 = np.arange(0, N, 32)
+    lane0 = np.flatnonzero(np.arange(N) % 128 < 4)
     ramp = np.arange(lane0.size, dtype=np.float32)
     logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
     return logits

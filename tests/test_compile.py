@@ -66,8 +66,9 @@ def test_cuda_kernels_compile_with_nvrtc(filename, arch):
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_routing_kernel_compiles_to_ptx(cc, grouped):
+@pytest.mark.parametrize("grouped,n", [(False, 768), (True, 256), (False, 20), (True, 1024),
+                                       (False, 33)])
+def test_routing_kernel_compiles_to_ptx(cc, grouped, n):
     # In a subprocess: this process may run Numba's simulator, which has no compile_ptx.
     # Numba compiles device functions for "the current device"; with no GPU, name one.
     code = (
@@ -75,20 +76,21 @@ def test_routing_kernel_compiles_to_ptx(cc, grouped):
         f"d.get_current_device = lambda: type('Dev', (), {{'compute_capability': {cc}}})\n"
         "from numba import cuda\n"
         "from zeromoe_cupy._route_kernel import make_route_kernel\n"
-        "from zeromoe_cupy.routing import ROUTE_LAUNCH_BOUNDS, route_kernel_signature\n"
-        f"kernel = make_route_kernel({grouped})\n"
+        "from zeromoe_cupy.routing import route_kernel_signature, route_launch_bounds\n"
+        f"kernel = make_route_kernel({grouped}, {n})\n"
         f"ptx, _ = cuda.compile_ptx(kernel, route_kernel_signature(), cc={cc},\n"
-        f"                           launch_bounds=ROUTE_LAUNCH_BOUNDS[{grouped}])\n"
+        f"                           launch_bounds=route_launch_bounds({grouped}, {n}))\n"
         "assert '.entry' in ptx, 'no kernel entry in the PTX'\n"
         "assert 'shfl.sync' in ptx, 'no warp shuffles in the PTX'\n"
-        "import re\n"
-        "shared = re.findall(r'\\.shared .*\\[(\\d+)\\]', ptx)\n"
-        "print('ptx', len(ptx), 'local' if '.local' in ptx else 'no-local', shared)\n"
+        "print('ptx', len(ptx), 'local' if '.local' in ptx else 'no-local',\n"
+        "      'v4' if 'ld.global.v4.f32' in ptx else 'scalar')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ptx ")
-    # Nothing goes to local memory (the candidate cache stays in registers).
+    # Nothing goes to local memory (the scores and the candidate cache stay in registers).
     assert "no-local" in res.stdout, res.stdout
+    # Rows of N % 4 == 0 floats are read 16 bytes at a time.
+    assert ("v4" in res.stdout.split()) == (n % 4 == 0), res.stdout

@@ -196,8 +196,8 @@ def test_longcat_layer_sampled_rows(rng):
 
 @pytest.mark.parametrize("order", ["descending", "ascending"])
 def test_route_kernel_one_lane_wins_many_times(order):
-    # Experts 0, 32, 64, ... (one lane's) hold the top scores: that lane gives more winners
-    # than it caches and must rescan.
+    # Experts 0-3, 128-131, ... (one lane's) hold the top scores: that lane gives more
+    # winners than it caches and must rescan.
     N, K = 768, 12
     logits = one_lane_wins_logits(64, N, order)
     r = ops.route(cp.asarray(logits), K)

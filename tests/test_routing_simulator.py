@@ -22,8 +22,8 @@ def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.
                groups=None, topk_group=None):
     from numba import cuda
     from zeromoe_cupy._route_kernel import make_route_kernel
-    kernel = cuda.jit(make_route_kernel(groups is not None))
     T, n = logits.shape
+    kernel = cuda.jit(make_route_kernel(groups is not None, n))
     ids = np.full((T, top_k), -7, np.int32)
     w = np.full((T, top_k), np.nan, np.float32)
     counts = np.zeros(n, np.int32)
@@ -44,6 +44,8 @@ CASES = [
     (3, 96, 12, "softmax", True, False, 6.0, None, None),    # LongCat-like, scaled down
     (2, 33, 5, "sigmoid", False, True, 1.0, 3, 2),           # N not a multiple of 32
     (1, 7, 7, "softmax", False, False, 1.0, None, None),     # K = N
+    (2, 300, 12, "softmax", True, True, 6.0, None, None),    # 3 groups of 4 a lane, a part
+    (2, 258, 6, "sigmoid", True, False, 1.0, 6, 3),          # scalar loads, 3 groups a lane
 ]
 
 
@@ -79,7 +81,7 @@ def test_simulated_kernel_nan_rows_give_valid_ids():
 
 @pytest.mark.parametrize("order", ["descending", "ascending"])
 def test_simulated_kernel_one_lane_wins_many_times(order):
-    # Experts 0, 32, 64, ... (all owned by lane 0) hold the top scores, so lane 0 gives
+    # Experts 0-3, 128-131 (all owned by lane 0) hold the top scores, so lane 0 gives
     # more winners than it caches and must rescan; both scan orders of its experts.
     N, K = 200, 9
     logits = one_lane_wins_logits(2, N, order)

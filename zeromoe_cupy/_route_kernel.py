@@ -1,19 +1,21 @@
 """The routing kernel (SPEC.md steps 2-7) in Numba CUDA, imported only when it is needed.
 
-One warp routes one token: its N scores sit in shared memory, lane l owning experts l, l+32,
-...; K rounds of a warp arg-max over each lane's best remaining expert pick the ids in order,
-ties to the lower id. Each lane keeps its next few candidates sorted in registers, so the
-rounds rarely touch memory.
-Written for few instructions per expert (the kernel is instruction-bound): 32-bit loop
-counters (Numba's range() counts in 64 bits), unsigned shared-memory indices (no negative-index
-wraparound code), softmax weights kept unnormalised in shared memory and scaled on the fly, and
-a branch-free insertion into the candidate cache on the first scan.
-Under Numba's CUDA simulator (no warp shuffles) the same body runs with block-wide
-reductions through shared memory instead; `_SIM` picks the branch at compile time.
+One warp routes one token. Lane l owns experts 4l + 128g + c (c < 4): one 16-byte load per
+group g, and its scores stay in registers (the kernel is compiled per N, so the per-lane loops
+have fixed trip counts and unroll). K rounds of a warp arg-max over each lane's best remaining
+expert pick the ids in order, ties to the lower id. Each lane keeps its next few candidates
+sorted in registers and rescans its own scores only when they run out.
+Written for few instructions per expert (the kernel is instruction-bound): 32-bit indices,
+softmax scores scaled on the fly, branch-free insertion into the candidate cache, a vote-based
+arg-max, and the winners' weights recomputed from the logits by the lanes that write them.
+Under Numba's CUDA simulator (no warp shuffles, no intrinsics) the same body runs with
+block-wide reductions through shared memory and plain loads; `_SIM` picks at compile time.
 """
 import math
 
-from numba import config, cuda, float32, int32, uint32
+from llvmlite import ir
+from numba import config, cuda, float32, int32, types, uint32
+from numba.core.extending import intrinsic
 
 from .routing import _WARPS_PER_BLOCK as WARPS
 
@@ -21,10 +23,50 @@ _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
 NEG_INF = float32(-math.inf)
 # Selection keys are clamped to >= -FLT_MAX, so NaN (and -inf) keys rank below every finite
-# one yet above an empty cache slot (-inf): the first scan can insert on a plain ">".
+# one yet above an empty cache slot or a padding/dropped expert (-inf).
 LOWEST = float32(-3.4028234663852886e38)
 NO_ID = 0x7FFFFFFF
 CACHE = 3  # candidates each lane holds between rescans
+
+
+@intrinsic
+def _load4(typingctx, ptr, index):
+    """ptr[index : index + 4] in one 16-byte load (index * 4 bytes must be 16-aligned)."""
+    ret = types.UniTuple(float32, 4)
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), 4)
+        value = builder.load(builder.bitcast(builder.gep(args[0], [args[1]]), vec.as_pointer()),
+                             align=16)
+        return context.make_tuple(builder, ret, [
+            builder.extract_element(value, ir.Constant(ir.IntType(32), k)) for k in range(4)])
+    return ret(ptr, index), codegen
+
+
+@intrinsic
+def _count_one(typingctx, ptr, index):
+    """atomicAdd(ptr + index, 1) on a plain int32 pointer (cuda.atomic.add needs an array,
+    which Numba passes as 7 kernel parameters)."""
+    def codegen(context, builder, sig, args):
+        builder.atomic_rmw("add", builder.gep(args[0], [args[1]]),
+                           ir.Constant(ir.IntType(32), 1), "monotonic")
+        return context.get_dummy_value()
+    return types.none(ptr, index), codegen
+
+
+@cuda.jit(device=True)
+def load4(p, i):
+    if _SIM:
+        return p[i], p[i + 1], p[i + 2], p[i + 3]
+    return _load4(p, i)
+
+
+@cuda.jit(device=True)
+def count_one(counts, i):
+    if _SIM:
+        cuda.atomic.add(counts, i, 1)
+    else:
+        _count_one(counts, i)
 
 
 @cuda.jit(device=True)
@@ -127,19 +169,39 @@ def warp_best(v, i, w, lane, fs, js):
 
 
 @cuda.jit(device=True)
-def selection_key(pv, e, bias, has_bias):
-    # s = p + bias, clamped to >= -FLT_MAX: NaN and -inf rank with -FLT_MAX, below every
-    # finite score.
-    s = pv
-    if has_bias:
-        s += bias[e]
+def clamp_key(s):
+    # NaN and -inf rank with -FLT_MAX, below every finite score.
     return s if s > LOWEST else LOWEST
 
 
-def make_route_kernel(grouped: bool):
-    """The routing kernel; only the ``grouped`` variant has the grouped top-k code."""
+def make_route_kernel(grouped: bool, n: int):
+    """The routing kernel for N = n experts; only the ``grouped`` variant has the grouped
+    top-k code (and uses dynamic shared memory: WARPS * n floats)."""
+    G = (n + 127) // 128  # 4-expert groups per lane
+    V = 4 * G             # scores per lane, in registers
+    VEC = n % 4 == 0      # rows start 16-byte aligned: vector loads
 
-    def route_kernel(logits, bias, out_ids, out_w, counts, T, n, K, scoring, has_bias,
+    @cuda.jit(device=True)
+    def load_group(p, row, e0):
+        # Experts e0 .. e0+3 of the row; -inf past the end (they never become candidates).
+        if VEC:
+            if e0 < n:
+                return load4(p, row + e0)
+            return NEG_INF, NEG_INF, NEG_INF, NEG_INF
+        a = p[row + e0] if e0 < n else NEG_INF
+        b = p[row + e0 + 1] if e0 + 1 < n else NEG_INF
+        c = p[row + e0 + 2] if e0 + 2 < n else NEG_INF
+        d = p[row + e0 + 3] if e0 + 3 < n else NEG_INF
+        return a, b, c, d
+
+    @cuda.jit(device=True)
+    def score(logit, m, scoring):
+        # softmax: exp(l - max), scaled by 1 / sum later; sigmoid: the score itself
+        if scoring == 0:
+            return math.exp(logit - m)
+        return float32(1) / (float32(1) + math.exp(-logit))
+
+    def route_kernel(logits, bias, out_ids, out_w, counts, T, K, scoring, has_bias,
                      renorm, rsf, groups, topk_group):
         tid = int32(cuda.threadIdx.x)
         w = int32(tid >> 5)
@@ -150,41 +212,56 @@ def make_route_kernel(grouped: bool):
             t = T - 1  # idle warps still take part in block-wide barriers (simulator)
         fs = cuda.shared.array((WARPS, 32), float32)
         js = cuda.shared.array((WARPS, 32), int32)
-        # Scores of the token: p (sigmoid) or exp(l - max) (softmax; p = that * scale). Sized
-        # at launch (WARPS * n floats), so small n leaves room for more blocks per SM.
-        ps = cuda.shared.array(0, float32)
-        base = uint32(w * n)
         row = t * n
+        first = int32(4 * lane)
+        keys = cuda.local.array(V, float32)
 
+        # Logits into registers, and their max (softmax).
+        m = NEG_INF
+        for g in range(G):
+            a, b, c, d = load_group(logits, row, first + 128 * g)
+            keys[4 * g] = a
+            keys[4 * g + 1] = b
+            keys[4 * g + 2] = c
+            keys[4 * g + 3] = d
+            if scoring == 0:
+                m = a if a > m else m  # NaN never becomes the max
+                m = b if b > m else m
+                m = c if c > m else m
+                m = d if d > m else m
+        scale = float32(1)
         if scoring == 0:
-            m = NEG_INF
-            e = lane
-            while e < n:
-                v = logits[row + e]
-                ps[base + uint32(e)] = v
-                m = v if v > m else m
-                e = int32(e + 32)
             m = reduce_max(m, w, lane, fs)
             total = float32(0)
-            e = lane
-            while e < n:
-                ex = math.exp(ps[base + uint32(e)] - m)
-                ps[base + uint32(e)] = ex
+            for i in range(V):
+                ex = math.exp(keys[i] - m)
+                keys[i] = ex
                 total += ex
-                e = int32(e + 32)
-            total = reduce_sum(total, w, lane, fs)
-            scale = float32(1) / total
+            scale = float32(1) / reduce_sum(total, w, lane, fs)
         else:
-            e = lane
-            while e < n:
-                ps[base + uint32(e)] = float32(1) / (float32(1) + math.exp(-logits[row + e]))
-                e = int32(e + 32)
-            scale = float32(1)
+            for i in range(V):
+                keys[i] = score(keys[i], m, scoring)
 
-        masked = int32(0)  # bit j: expert lane + 32 j is in a dropped group
+        # Selection keys: p + bias, clamped; -inf for experts past the end.
+        for g in range(G):
+            e0 = first + 128 * g
+            b0 = b1 = b2 = b3 = float32(0)
+            if has_bias:
+                b0, b1, b2, b3 = load_group(bias, 0, e0)
+            keys[4 * g] = clamp_key(keys[4 * g] * scale + b0) if e0 < n else NEG_INF
+            keys[4 * g + 1] = clamp_key(keys[4 * g + 1] * scale + b1) if e0 + 1 < n else NEG_INF
+            keys[4 * g + 2] = clamp_key(keys[4 * g + 2] * scale + b2) if e0 + 2 < n else NEG_INF
+            keys[4 * g + 3] = clamp_key(keys[4 * g + 3] * scale + b3) if e0 + 3 < n else NEG_INF
+
         if grouped:
             # Keep the topk_group groups whose best key (the best two keys' sum when a bias is
-            # present) is largest; every other expert is masked.
+            # present) is largest; every other expert's key becomes -inf.
+            ks = cuda.shared.array(0, float32)  # the warp's keys, WARPS * n at launch
+            base = uint32(w * n)
+            for i in range(V):
+                e = first + 128 * (i >> 2) + (i & 3)
+                if e < n:
+                    ks[base + uint32(e)] = keys[i]
             kept = cuda.shared.array((WARPS, 32), int32)  # bit g % 32 of word g // 32
             kept[w, lane] = 0
             sync_warp()
@@ -195,66 +272,56 @@ def make_route_kernel(grouped: bool):
             for r in range(topk_group):
                 bv = NEG_INF
                 bi = int32(NO_ID)
-                for g in range(lane, groups, 32):
-                    if not (kept[w, g // 32] >> (g % 32)) & 1:
+                for grp in range(lane, groups, 32):
+                    if not (kept[w, grp // 32] >> (grp % 32)) & 1:
                         a = NEG_INF
                         b = NEG_INF
-                        for e in range(g * gsize, (g + 1) * gsize):
-                            v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
+                        for e in range(grp * gsize, (grp + 1) * gsize):
+                            v = ks[base + uint32(e)]
                             if v > a:
                                 b = a
                                 a = v
                             elif v > b:
                                 b = v
-                        score = a + b if best == 2 else a
-                        if score > bv or (score == bv and g < bi):
-                            bv = score
-                            bi = g
+                        gscore = a + b if best == 2 else a
+                        if gscore > bv or (gscore == bv and grp < bi):
+                            bv = gscore
+                            bi = grp
                 bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
                 if lane == 0 and bi < groups:
                     kept[w, bi // 32] |= int32(1) << (bi % 32)
                 sync_warp()
-            j = 0
-            e = lane
-            while e < n:
-                g = e // gsize
-                if not (kept[w, g // 32] >> (g % 32)) & 1:
-                    masked |= int32(1) << j
-                j += 1
-                e = int32(e + 32)
-        sync_warp()  # ps (and kept) written by every lane before any lane scans them
+            for i in range(V):
+                grp = uint32(first + 128 * (i >> 2) + (i & 3)) // uint32(gsize)
+                dropped = not (kept[w, grp >> 5] >> (grp & 31)) & 1
+                keys[i] = NEG_INF if dropped else keys[i]
 
         # First scan: each lane's best CACHE candidates, sorted (key desc, id asc). Experts
-        # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts.
-        c0v = c1v = c2v = NEG_INF  # below every clamped key: empty
+        # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts, and
+        # -inf keys (past the end, dropped groups) never enter.
+        c0v = c1v = c2v = NEG_INF
         c0i = c1i = c2i = int32(NO_ID)
         choosable = int32(0)
-        j = 0
-        e = lane
-        while e < n:
-            v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
-            if grouped and (masked >> j) & 1:
-                v = NEG_INF  # a dropped group's expert never enters the cache
-            else:
-                choosable += 1
-            # Insert (v, e): three compares against the old entries, then selects (no chain).
-            g0 = v > c0v
-            g1 = v > c1v
-            g2 = v > c2v
-            c2v = c1v if g1 else (v if g2 else c2v)
-            c2i = c1i if g1 else (e if g2 else c2i)
-            c1v = c0v if g0 else (v if g1 else c1v)
-            c1i = c0i if g0 else (e if g1 else c1i)
-            c0v = v if g0 else c0v
-            c0i = e if g0 else c0i
-            j += 1
-            e = int32(e + 32)
+        for g in range(G):
+            for c in range(4):
+                v = keys[4 * g + c]
+                e = first + 128 * g + c
+                choosable += 1 if v > NEG_INF else 0
+                # Insert (v, e): three compares against the old entries, then selects.
+                g0 = v > c0v
+                g1 = v > c1v
+                g2 = v > c2v
+                c2v = c1v if g1 else (v if g2 else c2v)
+                c2i = c1i if g1 else (e if g2 else c2i)
+                c1v = c0v if g0 else (v if g1 else c1v)
+                c1i = c0i if g0 else (e if g1 else c1i)
+                c0v = v if g0 else c0v
+                c0i = e if g0 else c0i
         exhausted = choosable <= CACHE  # the cache holds every choosable expert of the lane
 
         # K rounds of a warp arg-max over each lane's best remaining candidate. A lane whose
-        # cache runs dry rescans its experts for those ranked after the last one it gave.
+        # cache runs dry rescans its keys for those ranked after the last one it gave.
         my_id = int32(0)
-        my_p = float32(0)
         last_v = float32(math.inf)
         last_i = int32(-1)
         for r in range(K):
@@ -274,32 +341,32 @@ def make_route_kernel(grouped: bool):
             if win:
                 if c0i == NO_ID and not exhausted:
                     remaining = int32(0)
-                    j = 0
-                    e = lane
-                    while e < n:
-                        v = selection_key(ps[base + uint32(e)] * scale, e, bias, has_bias)
-                        # choosable, ranked after the last one given, and before the last held
-                        if not (masked >> j) & 1 and (
-                                v < last_v or (v == last_v and e > last_i)):
-                            remaining += 1
-                            if v > c2v:
-                                c2v, c2i = v, e
-                                if c2v > c1v:
-                                    c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
-                                    if c1v > c0v:
-                                        c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
-                        j += 1
-                        e = int32(e + 32)
+                    for g in range(G):
+                        for c in range(4):
+                            v = keys[4 * g + c]
+                            e = first + 128 * g + c
+                            # choosable, and ranked after the last one given
+                            if v > NEG_INF and (v < last_v or (v == last_v and e > last_i)):
+                                remaining += 1
+                                if v > c2v:
+                                    c2v, c2i = v, e
+                                    if c2v > c1v:
+                                        c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
+                                        if c1v > c0v:
+                                            c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
                     exhausted = remaining <= CACHE
-            if lane == r:
-                my_id = bi
-                my_p = ps[base + uint32(bi)] * scale
+            my_id = bi if lane == r else my_id
+
+        # Lane r < K writes the r-th winner; its weight is recomputed from the logit exactly
+        # as its key was (same operations, same bits).
+        my_p = float32(0)
+        if lane < K:
+            my_p = score(logits[row + my_id], m, scoring) * scale
         if renorm:
-            total = reduce_sum(my_p if lane < K else float32(0), w, lane, fs)
-            my_p = my_p / total
+            my_p = my_p / reduce_sum(my_p, w, lane, fs)
         if valid and lane < K:
             out_ids[t * K + lane] = my_id
             out_w[t * K + lane] = my_p * rsf
-            cuda.atomic.add(counts, my_id, 1)
+            count_one(counts, my_id)
 
     return route_kernel
