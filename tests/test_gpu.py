@@ -59,6 +59,40 @@ def test_route_kernel_matches_reference(T, shape, scoring, bias, renorm, rng):
     np.testing.assert_allclose(w[sample][ok], ref.topk_weights[ok], rtol=1e-6, atol=1e-9)
 
 
+def test_route_kernel_collapsed_router_counts():
+    # Every token prefers the same K experts (a collapsed router): the per-block counts meet
+    # on a few counters; with 20000 tokens the grid loops over the tokens.
+    T, N, K = 20000, 768, 12
+    rng = np.random.default_rng(4)
+    logits_h = rng.standard_normal((T, N)).astype(np.float32)
+    hot = rng.choice(N, K, replace=False)
+    logits_h[:, hot] += 20.0
+    r = ops.route(cp.asarray(logits_h), K)
+    ids = r.topk_ids.get()
+    assert (np.sort(ids, axis=1) == np.sort(hot)).all()
+    expected = np.zeros(N, np.int64)
+    expected[hot] = T
+    np.testing.assert_array_equal(r.expert_counts.get(), expected)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_kernel_misaligned_inputs(scoring):
+    # Logits and bias views that do not start on 16 bytes (the kernel's vector loads): the
+    # router copies them and gives the reference's answer.
+    T, N, K = 37, 256, 8
+    rng = np.random.default_rng(6)
+    big = cp.asarray(rng.standard_normal((T * N + 1,)).astype(np.float32))
+    logits = big[1:].reshape(T, N)
+    bias_big = cp.asarray((rng.standard_normal(N + 1) * 0.02).astype(np.float32))
+    bias = bias_big[1:]
+    assert logits.data.ptr % 16 and bias.data.ptr % 16
+    r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                  num_expert_group=8, topk_group=4)
+    ref = reference.route(logits.get(), K, scoring, bias.get(), False, 1.0, 8, 4)
+    np.testing.assert_array_equal(r.topk_ids.get(), ref.topk_ids)
+    np.testing.assert_allclose(r.topk_weights.get(), ref.topk_weights, rtol=1e-6)
+
+
 def test_route_kernel_nan_rows():
     logits = cp.asarray(np.random.default_rng(0).standard_normal((4, 768)).astype(np.float32))
     logits[0] = cp.nan

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
 
 
 def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.0,
-               groups=None, topk_group=None):
+               groups=None, topk_group=None, max_blocks=None):
     from numba import cuda
     from zeromoe_cupy._route_kernel import make_route_kernel
     T, n = logits.shape
@@ -33,7 +33,7 @@ def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.
         k[grid, block, 0, shared](*args)
 
     launch_route_kernel(kernel, logits.astype(np.float32), bias, ids, w, counts, top_k,
-                        scoring, renorm, rsf, groups, topk_group, launch)
+                        scoring, renorm, rsf, groups, topk_group, launch, max_blocks)
     return ids, w, counts
 
 
@@ -100,3 +100,17 @@ def test_simulated_kernel_ties_go_to_lower_ids():
         ref = reference.route(logits, K, scoring)
         np.testing.assert_array_equal(ids, ref.topk_ids)
         np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups,tg", [(None, None), (4, 2)])
+def test_simulated_kernel_blocks_loop_over_tokens(groups, tg):
+    # Two blocks of 8 warps for 19 tokens: each block routes tokens in steps of 16, the last
+    # step with idle warps; the per-block counts add up to the whole histogram.
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((19, 40)).astype(np.float32)
+    bias = (rng.standard_normal(40) * 0.05).astype(np.float32)
+    ids, w, counts = run_kernel(logits, 4, "sigmoid", bias, True, 2.0, groups, tg, max_blocks=2)
+    ref = reference.route(logits, 4, "sigmoid", bias, True, 2.0, groups, tg)
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)
+    np.testing.assert_array_equal(counts, np.bincount(ref.topk_ids.ravel(), minlength=40))

@@ -15,6 +15,7 @@ import math
 
 from llvmlite import ir
 from numba import config, cuda, float32, int32, types, uint32
+from numba.cuda import libdevice
 from numba.core.extending import intrinsic
 
 from .routing import _WARPS_PER_BLOCK as WARPS
@@ -44,14 +45,13 @@ def _load4(typingctx, ptr, index):
 
 
 @intrinsic
-def _count_one(typingctx, ptr, index):
-    """atomicAdd(ptr + index, 1) on a plain int32 pointer (cuda.atomic.add needs an array,
-    which Numba passes as 7 kernel parameters)."""
+def _count_add(typingctx, ptr, index, value):
+    """atomicAdd(ptr + index, value) on a plain int32 pointer (cuda.atomic.add needs an
+    array, which Numba passes as 7 kernel parameters)."""
     def codegen(context, builder, sig, args):
-        builder.atomic_rmw("add", builder.gep(args[0], [args[1]]),
-                           ir.Constant(ir.IntType(32), 1), "monotonic")
+        builder.atomic_rmw("add", builder.gep(args[0], [args[1]]), args[2], "monotonic")
         return context.get_dummy_value()
-    return types.none(ptr, index), codegen
+    return types.none(ptr, index, value), codegen
 
 
 @cuda.jit(device=True)
@@ -62,11 +62,11 @@ def load4(p, i):
 
 
 @cuda.jit(device=True)
-def count_one(counts, i):
+def count_add(counts, i, value):
     if _SIM:
-        cuda.atomic.add(counts, i, 1)
+        cuda.atomic.add(counts, i, value)
     else:
-        _count_one(counts, i)
+        _count_add(counts, i, value)
 
 
 @cuda.jit(device=True)
@@ -169,9 +169,17 @@ def warp_best(v, i, w, lane, fs, js):
 
 
 @cuda.jit(device=True)
+def fmax(a, b):
+    """The larger of a and b; a NaN loses to a number (one instruction on the GPU)."""
+    if _SIM:
+        return a if a > b or b != b else b
+    return libdevice.fmaxf(a, b)
+
+
+@cuda.jit(device=True)
 def clamp_key(s):
     # NaN and -inf rank with -FLT_MAX, below every finite score.
-    return s if s > LOWEST else LOWEST
+    return fmax(s, LOWEST)
 
 
 def make_route_kernel(grouped: bool, n: int):
@@ -180,12 +188,13 @@ def make_route_kernel(grouped: bool, n: int):
     G = (n + 127) // 128  # 4-expert groups per lane
     V = 4 * G             # scores per lane, in registers
     VEC = n % 4 == 0      # rows start 16-byte aligned: vector loads
+    FULL = n % 128 == 0   # every lane's groups lie inside the row (no end checks)
 
     @cuda.jit(device=True)
     def load_group(p, row, e0):
         # Experts e0 .. e0+3 of the row; -inf past the end (they never become candidates).
         if VEC:
-            if e0 < n:
+            if FULL or e0 < n:
                 return load4(p, row + e0)
             return NEG_INF, NEG_INF, NEG_INF, NEG_INF
         a = p[row + e0] if e0 < n else NEG_INF
@@ -201,17 +210,10 @@ def make_route_kernel(grouped: bool, n: int):
             return math.exp(logit - m)
         return float32(1) / (float32(1) + math.exp(-logit))
 
-    def route_kernel(logits, bias, out_ids, out_w, counts, T, K, scoring, has_bias,
-                     renorm, rsf, groups, topk_group):
-        tid = int32(cuda.threadIdx.x)
-        w = int32(tid >> 5)
-        lane = int32(tid & 31)
-        t = cuda.blockIdx.x * WARPS + w
-        valid = t < T
-        if not valid:
-            t = T - 1  # idle warps still take part in block-wide barriers (simulator)
-        fs = cuda.shared.array((WARPS, 32), float32)
-        js = cuda.shared.array((WARPS, 32), int32)
+    @cuda.jit(device=True)
+    def route_token(logits, bias, out_ids, out_w, hist, t, valid, w, lane, fs, js, ks, kept,
+                    K, scoring, has_bias, renorm, rsf, groups, topk_group):
+        """Route token t with warp w; its K ids go into the block's histogram."""
         row = t * n
         first = int32(4 * lane)
         keys = cuda.local.array(V, float32)
@@ -219,16 +221,13 @@ def make_route_kernel(grouped: bool, n: int):
         # Logits into registers, and their max (softmax).
         m = NEG_INF
         for g in range(G):
-            a, b, c, d = load_group(logits, row, first + 128 * g)
+            a, b, c, d = load_group(logits, row, int32(first + 128 * g))
             keys[4 * g] = a
             keys[4 * g + 1] = b
             keys[4 * g + 2] = c
             keys[4 * g + 3] = d
             if scoring == 0:
-                m = a if a > m else m  # NaN never becomes the max
-                m = b if b > m else m
-                m = c if c > m else m
-                m = d if d > m else m
+                m = fmax(fmax(m, a), fmax(b, fmax(c, d)))  # NaN never becomes the max
         scale = float32(1)
         if scoring == 0:
             m = reduce_max(m, w, lane, fs)
@@ -244,25 +243,29 @@ def make_route_kernel(grouped: bool, n: int):
 
         # Selection keys: p + bias, clamped; -inf for experts past the end.
         for g in range(G):
-            e0 = first + 128 * g
+            e0 = int32(first + 128 * g)
             b0 = b1 = b2 = b3 = float32(0)
             if has_bias:
                 b0, b1, b2, b3 = load_group(bias, 0, e0)
-            keys[4 * g] = clamp_key(keys[4 * g] * scale + b0) if e0 < n else NEG_INF
-            keys[4 * g + 1] = clamp_key(keys[4 * g + 1] * scale + b1) if e0 + 1 < n else NEG_INF
-            keys[4 * g + 2] = clamp_key(keys[4 * g + 2] * scale + b2) if e0 + 2 < n else NEG_INF
-            keys[4 * g + 3] = clamp_key(keys[4 * g + 3] * scale + b3) if e0 + 3 < n else NEG_INF
+            keys[4 * g] = clamp_key(keys[4 * g] * scale + b0)
+            keys[4 * g + 1] = clamp_key(keys[4 * g + 1] * scale + b1)
+            keys[4 * g + 2] = clamp_key(keys[4 * g + 2] * scale + b2)
+            keys[4 * g + 3] = clamp_key(keys[4 * g + 3] * scale + b3)
+            if not FULL:
+                keys[4 * g] = keys[4 * g] if e0 < n else NEG_INF
+                keys[4 * g + 1] = keys[4 * g + 1] if e0 + 1 < n else NEG_INF
+                keys[4 * g + 2] = keys[4 * g + 2] if e0 + 2 < n else NEG_INF
+                keys[4 * g + 3] = keys[4 * g + 3] if e0 + 3 < n else NEG_INF
 
         if grouped:
             # Keep the topk_group groups whose best key (the best two keys' sum when a bias is
             # present) is largest; every other expert's key becomes -inf.
-            ks = cuda.shared.array(0, float32)  # the warp's keys, WARPS * n at launch
+            sync_warp()  # every lane is done with the previous token's ks and kept
             base = uint32(w * n)
             for i in range(V):
-                e = first + 128 * (i >> 2) + (i & 3)
+                e = int32(first + 128 * (i >> 2) + (i & 3))
                 if e < n:
                     ks[base + uint32(e)] = keys[i]
-            kept = cuda.shared.array((WARPS, 32), int32)  # bit g % 32 of word g // 32
             kept[w, lane] = 0
             sync_warp()
             gsize = n // groups
@@ -301,12 +304,10 @@ def make_route_kernel(grouped: bool, n: int):
         # -inf keys (past the end, dropped groups) never enter.
         c0v = c1v = c2v = NEG_INF
         c0i = c1i = c2i = int32(NO_ID)
-        choosable = int32(0)
         for g in range(G):
             for c in range(4):
                 v = keys[4 * g + c]
-                e = first + 128 * g + c
-                choosable += 1 if v > NEG_INF else 0
+                e = int32(first + 128 * g + c)
                 # Insert (v, e): three compares against the old entries, then selects.
                 g0 = v > c0v
                 g1 = v > c1v
@@ -317,45 +318,36 @@ def make_route_kernel(grouped: bool, n: int):
                 c1i = c0i if g0 else (e if g1 else c1i)
                 c0v = v if g0 else c0v
                 c0i = e if g0 else c0i
-        exhausted = choosable <= CACHE  # the cache holds every choosable expert of the lane
 
         # K rounds of a warp arg-max over each lane's best remaining candidate. A lane whose
-        # cache runs dry rescans its keys for those ranked after the last one it gave.
+        # cache runs dry rescans its keys for those ranked after the one it just gave.
         my_id = int32(0)
-        last_v = float32(math.inf)
-        last_i = int32(-1)
         for r in range(K):
             bv, bi = warp_best(c0v, c0i, w, lane, fs, js)
-            if bi >= n:
-                bi = 0  # unreachable when K <= choosable experts (validated on the host)
             # The lane that gave the winner pops it (selects, not a branch: one lane pops).
             win = c0i == bi
-            last_v = c0v if win else last_v
-            last_i = c0i if win else last_i
             c0v = c1v if win else c0v
             c1v = c2v if win else c1v
             c2v = NEG_INF if win else c2v
             c0i = c1i if win else c0i
             c1i = c2i if win else c1i
             c2i = int32(NO_ID) if win else c2i
-            if win:
-                if c0i == NO_ID and not exhausted:
-                    remaining = int32(0)
-                    for g in range(G):
-                        for c in range(4):
-                            v = keys[4 * g + c]
-                            e = first + 128 * g + c
-                            # choosable, and ranked after the last one given
-                            if v > NEG_INF and (v < last_v or (v == last_v and e > last_i)):
-                                remaining += 1
-                                if v > c2v:
-                                    c2v, c2i = v, e
-                                    if c2v > c1v:
-                                        c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
-                                        if c1v > c0v:
-                                            c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
-                    exhausted = remaining <= CACHE
+            if win and c0i == NO_ID:
+                for g in range(G):
+                    for c in range(4):
+                        v = keys[4 * g + c]
+                        e = int32(first + 128 * g + c)
+                        # choosable, and ranked after (bv, bi), the last one given
+                        if v > NEG_INF and (v < bv or (v == bv and e > bi)):
+                            if v > c2v:
+                                c2v, c2i = v, e
+                                if c2v > c1v:
+                                    c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
+                                    if c1v > c0v:
+                                        c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
             my_id = bi if lane == r else my_id
+        if my_id >= n:
+            my_id = 0  # unreachable when K <= choosable experts (validated on the host)
 
         # Lane r < K writes the r-th winner; its weight is recomputed from the logit exactly
         # as its key was (same operations, same bits).
@@ -367,6 +359,43 @@ def make_route_kernel(grouped: bool, n: int):
         if valid and lane < K:
             out_ids[t * K + lane] = my_id
             out_w[t * K + lane] = my_p * rsf
-            count_one(counts, my_id)
+            cuda.atomic.add(hist, my_id, 1)
+
+    def route_kernel(logits, bias, out_ids, out_w, counts, T, K, scoring, has_bias,
+                     renorm, rsf, groups, topk_group):
+        tid = int32(cuda.threadIdx.x)
+        w = int32(tid >> 5)
+        lane = int32(tid & 31)
+        fs = cuda.shared.array((WARPS, 32), float32)
+        js = cuda.shared.array((WARPS, 32), int32)
+        ks = cuda.shared.array(0, float32)  # grouped: the warps' keys, WARPS * n at launch
+        kept = cuda.shared.array((WARPS, 32), int32)  # grouped: bit g % 32 of word g // 32
+        # The block's expert counts, added to the global ones once at the end: a few global
+        # atomics per block instead of one per (token, slot), which contend on the cache
+        # lines of popular experts.
+        hist = cuda.shared.array(n, int32)
+        e = tid
+        while e < n:
+            hist[e] = 0
+            e += 32 * WARPS
+        cuda.syncthreads()
+        # The grid is capped at what the GPU holds at once; each block takes WARPS tokens at a
+        # time. Every warp of a block runs the same number of steps (block-wide barriers in the
+        # simulator): a warp past the end routes the last token again and writes nothing.
+        step = int32(cuda.blockIdx.x * WARPS)
+        while step < T:
+            t = step + w
+            valid = t < T
+            route_token(logits, bias, out_ids, out_w, hist, t if valid else T - 1, valid, w,
+                        lane, fs, js, ks, kept, K, scoring, has_bias, renorm, rsf, groups,
+                        topk_group)
+            step += int32(cuda.gridDim.x * WARPS)
+        cuda.syncthreads()
+        e = tid
+        while e < n:
+            c = hist[e]
+            if c:
+                count_add(counts, e, c)
+            e += 32 * WARPS
 
     return route_kernel

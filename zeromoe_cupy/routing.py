@@ -16,7 +16,7 @@ from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
 MAX_ROUTED_EXPERTS = 1024
 MAX_TOP_K = 32
-_WARPS_PER_BLOCK = 4
+_WARPS_PER_BLOCK = 8
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 
 
@@ -213,7 +213,8 @@ def route_launch_bounds(grouped: bool, n: int):
     registers, so larger N gets fewer blocks and more registers a thread (no spills)."""
     scores = 4 * -(-n // 128)
     registers = -(-(scores + (48 if grouped else 32)) // 8) * 8  # allocated in steps of 8
-    return 32 * _WARPS_PER_BLOCK, max(4, min(16, 65536 // (32 * _WARPS_PER_BLOCK * registers)))
+    threads = 32 * _WARPS_PER_BLOCK
+    return threads, max(2, min(64 // _WARPS_PER_BLOCK, 65536 // (threads * registers)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,6 +226,13 @@ def _static_args(top_k, scoring_func, has_bias, renormalize, rsf, groups, topk_g
 
 
 @memoize_per_device
+def route_max_blocks(grouped: bool, n: int) -> int:
+    """The blocks the current GPU runs at once: the routing grid's cap."""
+    sms = cupy_module().cuda.Device().attributes["MultiProcessorCount"]
+    return sms * route_launch_bounds(grouped, n)[1]
+
+
+@memoize_per_device
 def _route_function(grouped: bool, n: int):
     from ._route_kernel import make_route_kernel
     return numba_kernel_as_cupy(make_route_kernel(grouped, n), route_kernel_signature(),
@@ -232,11 +240,16 @@ def _route_function(grouped: bool, n: int):
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
-                        renormalize, rsf, groups, topk_group, launch):
+                        renormalize, rsf, groups, topk_group, launch, max_blocks=None):
     """Launch a compiled route kernel; ``launch(kernel, grid, block, args, shared_bytes)``
-    does the call (the grouped kernel keeps the keys in dynamic shared memory)."""
+    does the call (the grouped kernel keeps the keys in dynamic shared memory).
+
+    ``max_blocks`` caps the grid (blocks then loop over the tokens); None: a block per
+    _WARPS_PER_BLOCK tokens."""
     T, n = logits.shape
     blocks = (T + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
+    if max_blocks is not None:
+        blocks = min(blocks, max_blocks)
     args = (logits, bias if bias is not None else logits, ids, weights, counts, np.int32(T),
             *_static_args(top_k, scoring_func, bias is not None, renormalize, rsf, groups,
                           topk_group))
@@ -274,5 +287,6 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
         launch_route_kernel(_route_function(groups is not None, n), logits, bias, ids, weights,
                             counts, top_k, scoring_func, renormalize, rsf, groups, topk_group,
                             lambda k, grid, block, args, shared: k(grid, block, args,
-                                                                   shared_mem=shared))
+                                                                   shared_mem=shared),
+                            max_blocks=route_max_blocks(groups is not None, n))
     return RoutingResult(ids, weights, counts)
