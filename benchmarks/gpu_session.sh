@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine. Parts (default: tests sweep ops bench chunk memcheck); also
-# bench_fp32 (router_gemm='fp32'), router and ncu.
+# bench_fp32 (router_gemm='fp32'), bench_det (deterministic=True), router and ncu.
 # Summaries go to $OUT/log.txt; full logs and JSON beside it.
 export PYTHONUNBUFFERED=1
 parts=${*:-tests sweep ops bench chunk memcheck}
@@ -26,10 +26,13 @@ for part in $parts; do
     bench_fp32)
       timeout 150 python3 -m zeromoe_cupy bench --router-gemm fp32 --tokens 4096,16384 \
         --json "$OUT/bench_fp32.json" 2>&1 | tail -8 | tee -a "$log" ;;
+    bench_det)
+      timeout 200 python3 -m zeromoe_cupy bench --deterministic --tokens 1,128,4096,16384 \
+        --json "$OUT/bench_det.json" 2>&1 | tail -8 | tee -a "$log" ;;
     router)
       timeout 120 python3 benchmarks/router_precision.py "$OUT/router.json" 2>&1 | tail -8 | tee -a "$log" ;;
     chunk)
-      timeout 60 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
+      timeout 150 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
     memcheck)
       timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 \
         python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "not longcat" \

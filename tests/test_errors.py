@@ -91,6 +91,12 @@ def test_layer_construction_errors():
         zm.ZeroExpertMoE(CFG, device="cpu", expert_strategy="fast")
     with pytest.raises(ValueError, match="router_gemm: expected one of"):
         zm.ZeroExpertMoE(CFG, device="cpu", router_gemm="tf32")
+    with pytest.raises(TypeError, match="deterministic: expected a bool"):
+        zm.ZeroExpertMoE(CFG, device="cpu", deterministic="yes")
+    with pytest.raises(ValueError, match="deterministic=True picks its own kernels"):
+        zm.ZeroExpertMoE(CFG, device="cpu", deterministic=True, expert_strategy="padded")
+    with pytest.raises(ValueError, match="deterministic=True picks its own kernels"):
+        zm.ZeroExpertMoE(CFG, device="cpu", deterministic=True, router_gemm="fp32")
 
 
 @pytest.mark.skipif(gpu_available(), reason="only without a GPU")

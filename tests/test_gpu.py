@@ -163,7 +163,7 @@ LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
@@ -186,7 +186,7 @@ def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
     assert relative_error(chunked.get(), ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
 def test_layer_gpu_skewed_routing(force, strategy, rng):
     cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
@@ -337,3 +337,21 @@ def test_router_logits_for_few_tokens(T, dtype, layout, rng):
     if T:
         assert np.abs(out.get() - exact).max() <= 2e-6 * np.abs(exact).max()
     cp.testing.assert_array_equal(x, x_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_logits_fixed_order_any_batch(dtype, rng):
+    # fixed_order=True: the matrix-vector kernel at any T; a row has the same bits alone, in
+    # any batch, and from a misaligned copy of x (scalar loads, same summation order).
+    from zeromoe_cupy.routing import router_logits
+    T, H, N = 37, 1000, 96
+    big = cp.asarray(random_x(rng, T, H + 1, dtype))
+    x, x_odd = cp.ascontiguousarray(big[:, 1:]), big[:, 1:]
+    wr = cp.asarray((rng.standard_normal((N, H)) * H ** -0.5).astype(np.float32))
+    br = cp.asarray(rng.standard_normal(N).astype(np.float32))
+    out = router_logits(x, wr, br, fixed_order=True)
+    exact = x.get().astype(np.float64) @ wr.get().astype(np.float64).T + br.get()
+    assert np.abs(out.get() - exact).max() <= 2e-6 * np.abs(exact).max()
+    cp.testing.assert_array_equal(router_logits(x_odd, wr, br, fixed_order=True), out)
+    for s, t in ((0, 1), (3, 11), (20, 37)):
+        cp.testing.assert_array_equal(router_logits(x[s:t], wr, br, fixed_order=True), out[s:t])

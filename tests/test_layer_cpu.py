@@ -101,12 +101,41 @@ def test_routing_reuse_gives_the_same_output(dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_chunked_equals_unchunked(dtype, rng):
     cfg, layer, x, _ = build("mixed", dtype, rng)
-    # NumPy's BLAS may block a product differently for fewer rows, so on the CPU chunks agree
-    # to rounding (the GPU test asks for bitwise equality).
+    # NumPy's BLAS may block a product differently for fewer rows, so chunks agree to
+    # rounding (bitwise with deterministic=True: the next test).
     whole = layer(x)
     layer.max_chunk_tokens = 5
     assert relative_error(layer(x), whole) <= TOL[dtype] / 10
     assert relative_error(layer(x, routing=layer.route(x)), whole) <= TOL[dtype] / 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_layer_gives_the_same_bits_in_any_chunk(dtype, rng):
+    cfg = zm.MoEConfig(**{**BASE, "dtype": dtype, "use_correction_bias": True})
+    w = random_layer_weights(rng, cfg, bias_scale=0.02, router_bias=True)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **w, deterministic=True)
+    assert layer.expert_strategy == "fixed"
+    x = random_x(rng, 40, cfg.hidden_size, dtype)
+    whole = layer(x)
+    ref, _ = layer.reference(x)
+    assert relative_error(whole, ref) <= TOL[dtype]
+    for chunk in (17, 5, 1):
+        layer.max_chunk_tokens = chunk
+        np.testing.assert_array_equal(layer(x).view(np.uint8), whole.view(np.uint8))
+    # a token alone gives its row's bits
+    np.testing.assert_array_equal(layer(x[11:12]).view(np.uint8), whole[11:12].view(np.uint8))
+
+
+def test_fixed_order_matmul_rows_do_not_depend_on_the_batch(rng):
+    from zeromoe_cupy._arrays import fixed_order_matmul
+    a = rng.standard_normal((70, 33)).astype(np.float32)
+    b = rng.standard_normal((33, 9)).astype(np.float32)
+    full = fixed_order_matmul(a, b)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert full.dtype == np.float32
+    assert np.abs(full - exact).max() <= 1e-6 * np.abs(exact).max()
+    for s, t in ((0, 1), (5, 6), (3, 40), (64, 70)):
+        np.testing.assert_array_equal(fixed_order_matmul(a[s:t], b), full[s:t])
 
 
 def test_random_init_layer_runs_on_cpu_and_scales_weights(rng):

@@ -45,6 +45,24 @@ def test_chunk_sizes_agree(layer, rng):
         cp.testing.assert_array_equal(layer(x), y)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_deterministic_layer_is_bitwise_chunk_invariant(dtype, rng):
+    import dataclasses
+    cfg = dataclasses.replace(CFG, dtype=dtype)
+    w = random_layer_weights(rng, cfg, bias_scale=0.01)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                          deterministic=True)
+    x = cp.asarray(random_x(rng, 500, 512, dtype))
+    whole = layer(x)
+    ref, _ = layer.reference(x)
+    assert relative_error(whole.get(), ref) <= TOL[dtype]
+    for chunk in (250, 97, 8, 1):
+        layer.max_chunk_tokens = chunk
+        cp.testing.assert_array_equal(layer(x).view(cp.uint8), whole.view(cp.uint8))
+    cp.testing.assert_array_equal(layer(x[123:124]).view(cp.uint8),
+                                  whole[123:124].view(cp.uint8))
+
+
 def test_no_memory_growth_over_1000_forwards(layer, rng):
     x = cp.asarray(random_x(rng, 64, 512, "bfloat16"))
     pool = cp.get_default_memory_pool()

@@ -124,3 +124,14 @@ def vector_width(itemsize: int, H: int, *arrays, row_stride: int | None = None) 
         if a is not None and a.data.ptr % 16:
             return 1
     return vec
+
+
+def fixed_order_matmul(a, b):
+    """a @ b (NumPy, float32 out) with each output summed over k = 0, 1, 2, ... in that order,
+    whatever the shapes: BLAS picks kernels and blockings by shape, so a row's bits would
+    depend on the other rows. Elementwise float64 steps instead (the fp32 products are exact
+    in float64); slow, for the deterministic mode on the CPU."""
+    out = np.zeros((a.shape[0], b.shape[1]), np.float64)
+    for k in range(a.shape[1]):
+        out += np.multiply.outer(a[:, k].astype(np.float64), b[k].astype(np.float64))
+    return out.astype(np.float32)

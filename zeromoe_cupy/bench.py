@@ -37,8 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", default="auto",
-                   help="expert path on the GPU: auto | pairs | grouped | padded")
+                   help="expert path on the GPU: auto | pairs | grouped | padded | fixed")
     p.add_argument("--router-gemm", default="auto", help="auto | fp32 (see ZeroExpertMoE)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the layer's deterministic mode (chunk-invariant bits; slower)")
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -160,12 +162,12 @@ def run(args) -> int:
     xp = cupy_module() if gpu else np
     print(f"building {preset} ({cfg.dtype}) on {device} ...", flush=True)
     layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy,
-                             router_gemm=args.router_gemm)
+                             router_gemm=args.router_gemm, deterministic=args.deterministic)
     offset, share = calibrate_zero_bias(layer, real_per_token)
     print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
           flush=True)
     result = {"preset": preset, "dtype": cfg.dtype, "device": device, "strategy": args.strategy,
-              "router_gemm": args.router_gemm,
+              "router_gemm": args.router_gemm, "deterministic": args.deterministic,
               "real_per_token_target": real_per_token, "real_per_token": share,
               "zero_bias_offset": offset, "versions": _versions(), "rows": []}
     if gpu:

@@ -9,8 +9,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width,
-                      with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, fixed_order_matmul, is_cupy,
+                      vector_width, with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 
 
@@ -50,8 +50,9 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
 
     Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
     ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
-    ("auto", "pairs", "grouped" or "padded"; see below); every path computes the same
-    values, and the CPU ignores it. ``stage_marks(name)``, if given, is
+    ("auto", "pairs", "grouped", "padded" or "fixed"; see below); every path computes the
+    same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
+    (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``, if given, is
     called after each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the
     benchmark records CUDA events there. Inputs are never modified.
     """
@@ -65,7 +66,7 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     mark = stage_marks or _no_mark
     if is_cupy(x):
         return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
-    return _expert_mlp_numpy(x, topk_ids, w13, w2, mark)
+    return _expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=strategy == "fixed")
 
 
 def _no_mark(stage: str) -> None:
@@ -77,7 +78,7 @@ def _silu(v):
         return v / (np.float32(1) + np.exp(-v))
 
 
-def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
+def _expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     K = topk_ids.shape[1]
@@ -90,16 +91,17 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
     experts, starts = np.unique(flat[order], return_index=True)
     blocks = list(zip(experts, starts, np.append(starts[1:], order.size)))
     mark("permute")
+    matmul = fixed_order_matmul if fixed_order else np.matmul
     gate_up = np.empty((order.size, 2 * I), np.float32)
     for e, s, t in blocks:  # a loop over active experts, not tokens
-        gate_up[s:t] = xs[s:t] @ w13[e].astype(np.float32).T
+        gate_up[s:t] = matmul(xs[s:t], w13[e].astype(np.float32).T)
     gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
     mark("gemm1")
     h = (_silu(gate_up[:, :I]) * gate_up[:, I:]).astype(x.dtype).astype(np.float32)
     mark("activation")
     rows = np.empty((order.size, H), x.dtype)
     for e, s, t in blocks:
-        rows[s:t] = (h[s:t] @ w2[e].astype(np.float32).T).astype(x.dtype)
+        rows[s:t] = matmul(h[s:t], w2[e].astype(np.float32).T).astype(x.dtype)
     mark("gemm2")
     return ExpertOutput(rows, slot_rows.reshape(T, K))
 
@@ -116,10 +118,15 @@ def _expert_mlp_numpy(x, topk_ids, w13, w2, mark):
 #   calls in all). With many rows per expert the forward measured 1.3x (4096 tokens) to 3x
 #   (16384) faster this way than with the grouped call at LongCat shapes (NOTES.md); an expert's
 #   weights are read once per tile, and padding adds < PAD_ROWS rows per expert.
-STRATEGIES = ("auto", "pairs", "grouped", "padded")
+# - "fixed" (never picked by "auto"): the padded layout (FIXED_TILE rows) and our own tiled
+#   GEMM kernel, whose every output sums over k in one fixed order: a token's result has the
+#   same bits whatever the batch or chunk it comes in. No host synchronization; several times
+#   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
+STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
+FIXED_TILE = 64  # kernels/experts.cu
 _PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
 _PAIR_WARPS = 4
 
@@ -128,6 +135,7 @@ def experts_kernel_names() -> list[str]:
     """Every instantiation in kernels/experts.cu that the GPU path may launch."""
     names = ["expert_offsets"]
     for _, (dt, ctype) in DTYPES.items():
+        names.append(f"fixed_gemm_nt<{ctype}>")
         for vec in (1, 16 // dt.itemsize):
             names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{vec}>"]
             names += [f"pair_gemv<{ctype},{vec},{_PAIR_ROWS[glu]},{str(glu).lower()}>"
@@ -155,6 +163,8 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
             raise ValueError(f"strategy='pairs': expected T * K <= 65535 (token, slot) pairs, "
                              f"got {T * K}")
         return _pairs(x, ids, w13, w2, mark)
+    if strategy == "fixed":
+        return _fixed(x, ids, w13, w2, expert_counts, mark)
     return _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
 
 
@@ -310,6 +320,58 @@ def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
             s, n = starts[e], counts_host[e]
             _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
         mark("gemm2")
+    return ExpertOutput(rows, slot_rows)
+
+
+def _fixed(x, ids, w13, w2, expert_counts, mark):
+    cp = cupy_module()
+    T, H = x.shape
+    E, I2 = w13.shape[0], w13.shape[1]
+    I = I2 // 2
+    K = ids.shape[1]
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod = _experts_module()
+    if expert_counts is None:  # a histogram on the device (bincount would synchronize)
+        flat = ids.ravel()
+        counts = cp.zeros(E + 1, np.int32)
+        cp.add.at(counts, cp.where((flat >= 0) & (flat < E), flat, E), 1)
+        counts = counts[:E]
+    else:
+        counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    # Rows: each expert's block rounded up to whole tiles; the bound is known without the
+    # counts on the host (at most T*K real pairs, padding below FIXED_TILE per active expert).
+    pairs = T * K
+    rows_bound = -(-(pairs + min(E, pairs) * (FIXED_TILE - 1)) // FIXED_TILE) * FIXED_TILE
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E),
+                                                       np.int32(FIXED_TILE), offsets, cursor))
+    slot_rows = cp.empty((T, K), np.int32)
+    xs = cp.empty((rows_bound, H), x.dtype)
+    gate_up = cp.empty((rows_bound, I2), x.dtype)
+    h = cp.empty((rows_bound, I), x.dtype)
+    rows = cp.empty((rows_bound, H), x.dtype)
+    if pairs:
+        x_stride = x.strides[0] // x.itemsize
+        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
+        threads = min(256, max(32, -(-(H // vec) // 32) * 32))
+        mod.get_function(f"gather_rows<{ctype},{vec}>")(
+            (pairs,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
+                                   offsets, cursor, slot_rows, xs, np.int32(H)))
+    mark("permute")
+    gemm = mod.get_function(f"fixed_gemm_nt<{ctype}>")
+    tiles = rows_bound // FIXED_TILE
+    if tiles:
+        gemm((-(-I2 // FIXED_TILE), tiles), (256,),
+             (xs, w13, gate_up, offsets, np.int32(E), np.int32(I2), np.int32(H)))
+    mark("gemm1")
+    if tiles:
+        _silu_mul(mod, ctype, gate_up, h, rows_bound, I)
+    mark("activation")
+    if tiles:
+        gemm((-(-H // FIXED_TILE), tiles), (256,),
+             (h, w2, rows, offsets, np.int32(E), np.int32(H), np.int32(I)))
+    mark("gemm2")
     return ExpertOutput(rows, slot_rows)
 
 

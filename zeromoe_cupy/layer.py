@@ -39,6 +39,13 @@ class ZeroExpertMoE:
     "fp32": always the fp32 GEMM. The split of Wr is made once per router weight array:
     assign a new array to ``router_weight`` rather than writing into it.
 
+    Determinism: the same inputs give the same bits on every call. ``deterministic=True``
+    also makes a token's output independent of the batch it comes in (any T, any
+    ``max_chunk_tokens``): on the GPU the router runs a fixed-order matrix-vector kernel at
+    every T and the experts the "fixed" strategy (our tiled GEMM, one summation order); on the
+    CPU the matmuls run as ordered float64 sums (slow). It costs speed on the GPU: no tensor cores
+    for the experts, no GEMM for the router (measured in benchmarks/NOTES.md).
+
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
     row is NaN; other tokens are unaffected. A NaN in one token's x stays in that row.
@@ -46,7 +53,8 @@ class ZeroExpertMoE:
 
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
-                 expert_strategy: str = "auto", router_gemm: str = "auto", _weights=None):
+                 expert_strategy: str = "auto", router_gemm: str = "auto",
+                 deterministic: bool = False, _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if device not in ("cuda", "cpu"):
@@ -62,10 +70,19 @@ class ZeroExpertMoE:
                              f"got {expert_strategy!r}")
         if router_gemm not in ROUTER_GEMMS:
             raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
+        if deterministic and (expert_strategy not in ("auto", "fixed") or router_gemm != "auto"):
+            raise ValueError(f"deterministic=True picks its own kernels: expected "
+                             f"expert_strategy='auto' or 'fixed' and router_gemm='auto', got "
+                             f"{expert_strategy!r} and {router_gemm!r}")
+        if deterministic:
+            expert_strategy = "fixed"
         self.config = config
         self.device = device
         self.expert_strategy = expert_strategy
         self.router_gemm = router_gemm
+        self.deterministic = deterministic
         self.max_chunk_tokens = max_chunk_tokens
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
@@ -107,7 +124,8 @@ class ZeroExpertMoE:
                      max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
                      **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
-        ``options``: the constructor's keyword options (expert_strategy, router_gemm).
+        ``options``: the constructor's keyword options (expert_strategy, router_gemm,
+        deterministic).
 
         GPU tensors are wrapped without a copy when they already have the layer's dtype and
         a contiguous layout, so the layer shares their memory.
@@ -311,12 +329,13 @@ class ZeroExpertMoE:
 
     def _logits(self, x):
         return router_logits(x, self.router_weight, self.router_bias,
-                             weight_parts=self._router_parts(x.shape[0]))
+                             weight_parts=self._router_parts(x.shape[0]),
+                             fixed_order=self.deterministic)
 
     def _router_parts(self, tokens: int):
         """The router weight as three bf16 parts (routing.split_bf16) when bf16x3 applies,
         made once per router weight array; None otherwise."""
-        if (self.router_gemm != "auto" or self.device != "cuda"
+        if (self.router_gemm != "auto" or self.deterministic or self.device != "cuda"
                 or self.config.dtype != "bfloat16" or tokens < BF16X3_MIN_TOKENS):
             return None
         cached = getattr(self, "_router_parts_cache", None)
@@ -363,7 +382,7 @@ class ZeroExpertMoE:
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
-        padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs}.get(
+        padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs, "fixed": pairs}.get(
             self.expert_strategy, 0)
         rows = pairs + min(cfg.num_experts, padded_experts) * (PAD_ROWS - 1)
         per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, np_dtype,
-                      with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, fixed_order_matmul, is_cupy,
+                      np_dtype, with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
@@ -29,23 +29,29 @@ class RoutingResult(NamedTuple):
 
 
 # x: (T, H) any float dtype; router_weight: (N, H); router_bias: (N,) -> (T, N) fp32
-def router_logits(x, router_weight, router_bias=None, weight_parts=None):
+def router_logits(x, router_weight, router_bias=None, weight_parts=None,
+                  fixed_order: bool = False):
     """L = fp32(x) @ Wr^T (+ br), in fp32 (no TF32).
 
     On the GPU, up to ROUTER_GEMV_MAX_T tokens take one matrix-vector kernel (no fp32 copy of
-    x, one launch). ``weight_parts`` (from ``split_bf16(router_weight)``, used when x is a
-    bfloat16 CuPy array): the same product from bf16 tensor-core GEMMs accumulated into one
-    fp32 output. x is exact in bf16 and the three parts carry Wr's 24 mantissa bits, so every
-    product is exact; the tensor cores accumulate with truncation, so the leading part runs in
-    K-chunks of BF16X3_CHUNK, each added in fp32, to keep the error near an fp32 GEMM's.
+    x, one launch). ``fixed_order=True``: that kernel for any T, so every logit is summed in
+    one order whatever the batch (a token gets the same bits alone or in any chunk; slower
+    than a GEMM from a few dozen tokens); on the CPU, ordered float64 sums. ``weight_parts`` (from ``split_bf16(router_weight)``,
+    used when x is a bfloat16 CuPy array): the same product from bf16 tensor-core GEMMs
+    accumulated into one fp32 output. x is exact in bf16 and the three parts carry Wr's 24
+    mantissa bits, so every product is exact; the tensor cores accumulate with truncation, so
+    the leading part runs in K-chunks of BF16X3_CHUNK, each added in fp32, to keep the error
+    near an fp32 GEMM's.
     """
-    if is_cupy(x) and x.shape[0] <= ROUTER_GEMV_MAX_T and dtype_name(x.dtype) is not None:
+    if (is_cupy(x) and (fixed_order or x.shape[0] <= ROUTER_GEMV_MAX_T)
+            and dtype_name(x.dtype) is not None):
         return _router_gemv(x, router_weight, router_bias)
     if weight_parts is not None and is_cupy(x) and x.dtype == np_dtype("bfloat16"):
         logits = _router_bf16x3(x, weight_parts)
     else:
         x32 = x.astype(np.float32, copy=False)
-        logits = x32 @ router_weight.astype(np.float32, copy=False).T
+        w32 = router_weight.astype(np.float32, copy=False)
+        logits = fixed_order_matmul(x32, w32.T) if fixed_order and not is_cupy(x) else x32 @ w32.T
     if router_bias is not None:
         logits += router_bias.astype(np.float32, copy=False)
     return logits
@@ -83,7 +89,7 @@ def _router_gemv(x, router_weight, router_bias):
         ctype = DTYPES[dtype_name(x.dtype)][1]
         warps = 8
         _router_module().get_function(f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>")(
-            (-(-N // warps),), (32 * warps,),
+            (-(-N // warps), -(-T // ROUTER_GEMV_MAX_T)), (32 * warps,),
             (x, np.int64(x_stride), np.int32(T), w, np.int32(H), np.int32(N), bias, logits))
     return logits
 

@@ -147,3 +147,61 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
     out[p * N + j0 + lane] = from_f32<T>(v);
   }
 }
+
+// The experts' GEMMs in one fixed summation order (the "fixed" strategy):
+//   out[r, j] = sum_k in[r, k] * W[e, j, k]   for every row r of expert e's block,
+// in: (rows, Kd), W: (E, N, Kd), out: (rows, N). The blocks start at multiples of FIXED_TILE
+// (expert_offsets with pad = FIXED_TILE), so a tile of rows belongs to one expert, found from
+// the offsets on the device (no host synchronization; tiles past offsets[E] exit). Each output
+// is one thread's fp32 FMA chain over k = 0, 1, 2, ... in order, whatever the tile, the
+// number of rows or the token batch: a token's experts give the same bits in any chunk.
+#define FIXED_TILE 64
+#define FIXED_KSTEP 16
+template <typename T>
+__global__ void __launch_bounds__(256)
+fixed_gemm_nt(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__ out,
+              const int* __restrict__ offsets, int E, int N, int Kd) {
+  const int row0 = blockIdx.y * FIXED_TILE;
+  if (row0 >= offsets[E]) return;
+  int lo = 0, hi = E;  // offsets[lo] <= row0 < offsets[hi]: the expert is lo when hi = lo + 1
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (offsets[mid] <= row0) lo = mid; else hi = mid;
+  }
+  const int col0 = blockIdx.x * FIXED_TILE;
+  const T* w = W + (long long)lo * N * Kd;
+  __shared__ float a_tile[FIXED_KSTEP][FIXED_TILE + 4];
+  __shared__ float b_tile[FIXED_KSTEP][FIXED_TILE + 4];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < Kd; k0 += FIXED_KSTEP) {
+    for (int i = threadIdx.x; i < FIXED_TILE * FIXED_KSTEP; i += blockDim.x) {
+      const int r = i / FIXED_KSTEP, k = i % FIXED_KSTEP;
+      const bool in_k = k0 + k < Kd;  // past Kd: zeros, which leave the sums as they are
+      a_tile[k][r] = in_k ? to_f32(in[(long long)(row0 + r) * Kd + k0 + k]) : 0.f;
+      b_tile[k][r] = in_k && col0 + r < N ? to_f32(w[(long long)(col0 + r) * Kd + k0 + k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < FIXED_KSTEP; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = a_tile[k][ty * 4 + i];
+        b[i] = b_tile[k][tx * 4 + i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = col0 + tx * 4 + j;
+      if (c < N) out[(long long)(row0 + ty * 4 + i) * N + c] = from_f32<T>(acc[i][j]);
+    }
+}
