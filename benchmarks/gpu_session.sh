@@ -10,7 +10,7 @@ for part in $parts; do
   echo "== $part $(date +%T)" | tee -a "$log"
   case $part in
     tests)
-      timeout 300 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
+      timeout 420 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
       grep -E "passed|failed|Error" "$OUT/gpu_tests.txt" | tail -25 | tee -a "$log" ;;
     sweep)
       timeout 200 python3 benchmarks/strategy_sweep.py "$OUT/sweep.json" 2>&1 | tail -20 | tee -a "$log" ;;
