@@ -34,14 +34,14 @@ for T in (1, 128, 4096, 65536):
     # The kernel alone, arguments made once (no allocation, memset or checks per call), with
     # this bias and with a zero bias (which ncu runs used).
     from zeromoe_cupy import routing
-    kern = routing._route_function(False, N)
+    kern, max_blocks = routing._route_function(False, N)
 
     def kernel_alone(b):
         prebuilt = []
         routing.launch_route_kernel(
             kern, logits[0], b, cp.empty((T, K), np.int32), cp.empty((T, K), np.float32),
             cp.zeros(N, np.int32), K, "softmax", False, 6.0, None, None,
-            lambda k, g, bl, a, sh: prebuilt.append((g, bl, a, sh)))
+            lambda k, g, bl, a, sh: prebuilt.append((g, bl, a, sh)), max_blocks)
         g, bl, a, sh = prebuilt[0]
         return throughput(lambda _: kern(g, bl, a, shared_mem=sh), [0])
     kernel_only = kernel_alone(bias)
@@ -62,18 +62,23 @@ for T in (1, 128, 4096, 65536):
         row["torch_ms"] = timer(peer, logits)
     res["route"].append(row)
     print(row)
-# Host enqueue cost at T=1: many launches timed with a host clock, one sync at the end.
+# Host enqueue cost at T=1: many calls timed with a host clock, a sync after each batch of
+# 1000; the median of 7 batches.
 L1 = cp.random.default_rng(9).standard_normal((1, N), dtype=cp.float32)
 for _ in range(100):
     ops.route(L1, K, e_score_correction_bias=bias)
+batches = []
+for _ in range(7):
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        ops.route(L1, K, e_score_correction_bias=bias)
+    batches.append((time.perf_counter() - t0) / 1000 * 1e6)
 cp.cuda.Device().synchronize()
-n = 2000
-t0 = time.perf_counter()
-for _ in range(n):
-    ops.route(L1, K, e_score_correction_bias=bias)
-res["route_host_us_per_call"] = (time.perf_counter() - t0) / n * 1e6
-cp.cuda.Device().synchronize()
-print(f"route host enqueue: {res['route_host_us_per_call']:.1f} us/call")
+res["route_host_us_per_call"] = float(np.median(batches))
+res["route_host_us_batches"] = batches
+print(f"route host enqueue: {res['route_host_us_per_call']:.1f} us/call "
+      f"(batches {min(batches):.1f}-{max(batches):.1f})")
 
 
 def host_us(fn, n=2000):
@@ -90,7 +95,7 @@ def host_us(fn, n=2000):
 
 # Where the route call's host time goes.
 from zeromoe_cupy import routing
-kern = routing._route_function(False, N)
+kern, max_blocks = routing._route_function(False, N)
 ids_, w_, c_ = (cp.empty((1, K), np.int32), cp.empty((1, K), np.float32),
                 cp.empty(N, np.int32))
 stream = cp.cuda.get_current_stream()
@@ -103,12 +108,13 @@ parts = {
     "memset": lambda: cp.cuda.runtime.memsetAsync(c_.data.ptr, 0, c_.nbytes, stream.ptr),
     "launch_only": lambda: routing.launch_route_kernel(
         kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-        lambda k, g, b, a, sh: k(g, b, a, sh)),
+        lambda k, g, b, a, sh: k(g, b, a, sh), max_blocks),
     "kernel_call_prebuilt": (lambda a=None: None),
 }
 args_prebuilt = []
 routing.launch_route_kernel(kern, L1, bias, ids_, w_, c_, K, "softmax", False, 1.0, None, None,
-                            lambda k, g, b, a, sh: args_prebuilt.append((g, b, a, sh)))
+                            lambda k, g, b, a, sh: args_prebuilt.append((g, b, a, sh)),
+                            max_blocks)
 g_, b_, a_, sh_ = args_prebuilt[0]
 parts["kernel_call_prebuilt"] = lambda: kern(g_, b_, a_, shared_mem=sh_)
 res["route_host_parts_us"] = {k: host_us(f) for k, f in parts.items()}

@@ -42,11 +42,12 @@ def configs(draw):
 
 
 @SETTINGS
-@given(cfg=configs(), T=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
-def test_layer_matches_reference_on_random_configs(cfg, T, seed):
+@given(cfg=configs(), T=st.integers(0, 9), seed=st.integers(0, 2**31 - 1),
+       deterministic=st.booleans())
+def test_layer_matches_reference_on_random_configs(cfg, T, seed, deterministic):
     rng = np.random.default_rng(seed)
     w = random_layer_weights(rng, cfg, bias_scale=0.02 if cfg.use_correction_bias else 0.0)
-    layer = zm.ZeroExpertMoE.from_weights(cfg, **w)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **w, deterministic=deterministic)
     x = random_x(rng, T, cfg.hidden_size, cfg.dtype)
     snapshot = {k: v.copy() for k, v in w.items()}
     x0 = x.copy()

@@ -160,12 +160,14 @@ def test_random_configs_on_the_gpu_match_the_cpu_bound():
     from test_properties import _magnitude, configs
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(cfg=configs(), T=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
-    def check(cfg, T, seed):
+    @given(cfg=configs(), T=st.integers(0, 9), seed=st.integers(0, 2**31 - 1),
+           deterministic=st.booleans())
+    def check(cfg, T, seed, deterministic):
         import ml_dtypes
         rng = np.random.default_rng(seed)
         w = random_layer_weights(rng, cfg, bias_scale=0.02 if cfg.use_correction_bias else 0)
-        layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                              deterministic=deterministic)
         x_h = random_x(rng, T, cfg.hidden_size, cfg.dtype)
         x = cp.asarray(x_h)
         r = layer.route(x)

@@ -338,10 +338,11 @@ def _fixed(x, ids, w13, w2, expert_counts, mark):
         counts = counts[:E]
     else:
         counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
-    # Rows: each expert's block rounded up to whole tiles; the bound is known without the
-    # counts on the host (at most T*K real pairs, padding below FIXED_TILE per active expert).
+    # Rows: each expert's block rounded up to whole tiles. A bound known without the counts
+    # on the host: at most T*K real pairs plus under FIXED_TILE padding per active expert,
+    # and a whole number of tiles (the blocks' total is one).
     pairs = T * K
-    rows_bound = -(-(pairs + min(E, pairs) * (FIXED_TILE - 1)) // FIXED_TILE) * FIXED_TILE
+    rows_bound = (pairs + min(E, pairs) * (FIXED_TILE - 1)) // FIXED_TILE * FIXED_TILE
     offsets = cp.empty(E + 1, np.int32)
     cursor = cp.empty(E, np.int32)
     mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E),

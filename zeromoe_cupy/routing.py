@@ -232,17 +232,14 @@ def _static_args(top_k, scoring_func, has_bias, renormalize, rsf, groups, topk_g
 
 
 @memoize_per_device
-def route_max_blocks(grouped: bool, n: int) -> int:
-    """The blocks the current GPU runs at once: the routing grid's cap."""
-    sms = cupy_module().cuda.Device().attributes["MultiProcessorCount"]
-    return sms * route_launch_bounds(grouped, n)[1]
-
-
-@memoize_per_device
 def _route_function(grouped: bool, n: int):
+    """The compiled kernel for this device, and its grid cap: the blocks the GPU runs at once."""
     from ._route_kernel import make_route_kernel
-    return numba_kernel_as_cupy(make_route_kernel(grouped, n), route_kernel_signature(),
-                                launch_bounds=route_launch_bounds(grouped, n))
+    threads, blocks_per_sm = route_launch_bounds(grouped, n)
+    kernel = numba_kernel_as_cupy(make_route_kernel(grouped, n), route_kernel_signature(),
+                                  launch_bounds=(threads, blocks_per_sm))
+    sms = cupy_module().cuda.Device().attributes["MultiProcessorCount"]
+    return kernel, sms * blocks_per_sm
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
@@ -290,9 +287,10 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
     cp.cuda.runtime.memsetAsync(counts.data.ptr, 0, counts.nbytes,
                                 cp.cuda.get_current_stream().ptr)
     if T:
-        launch_route_kernel(_route_function(groups is not None, n), logits, bias, ids, weights,
-                            counts, top_k, scoring_func, renormalize, rsf, groups, topk_group,
+        kernel, max_blocks = _route_function(groups is not None, n)
+        launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
+                            renormalize, rsf, groups, topk_group,
                             lambda k, grid, block, args, shared: k(grid, block, args,
                                                                    shared_mem=shared),
-                            max_blocks=route_max_blocks(groups is not None, n))
+                            max_blocks=max_blocks)
     return RoutingResult(ids, weights, counts)
