@@ -27,7 +27,6 @@ NEG_INF = float32(-math.inf)
 # one yet above an empty cache slot or a padding/dropped expert (-inf).
 LOWEST = float32(-3.4028234663852886e38)
 NO_ID = 0x7FFFFFFF
-CACHE = 3  # candidates each lane holds between rescans
 
 
 @intrinsic
@@ -233,7 +232,7 @@ def make_route_kernel(grouped: bool, n: int):
             m = reduce_max(m, w, lane, fs)
             total = float32(0)
             for i in range(V):
-                ex = math.exp(keys[i] - m)
+                ex = score(keys[i], m, scoring)  # as the weights below recompute it
                 keys[i] = ex
                 total += ex
             scale = float32(1) / reduce_sum(total, w, lane, fs)
@@ -299,7 +298,7 @@ def make_route_kernel(grouped: bool, n: int):
                 dropped = not (kept[w, grp >> 5] >> (grp & 31)) & 1
                 keys[i] = NEG_INF if dropped else keys[i]
 
-        # First scan: each lane's best CACHE candidates, sorted (key desc, id asc). Experts
+        # First scan: each lane's best 3 candidates, sorted (key desc, id asc). Experts
         # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts, and
         # -inf keys (past the end, dropped groups) never enter.
         c0v = c1v = c2v = NEG_INF
