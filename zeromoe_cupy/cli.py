@@ -42,7 +42,8 @@ def info() -> int:
             grouped = _cublas.has_grouped_gemm()
             print(f"cuBLAS {lib._name}  grouped GEMM: {grouped}")
             print("expert paths: pairs, padded (batched GEMM), "
-                  + ("grouped" if grouped else "one GEMM per expert (no grouped GEMM)"))
+                  + ("grouped" if grouped else "one GEMM per expert (no grouped GEMM)")
+                  + ", fixed (deterministic=True)")
         except Exception as exc:  # noqa: BLE001
             print(f"cuBLAS not loadable: {exc}")
         paths.append("CuPy + CUDA kernels (GPU)")
