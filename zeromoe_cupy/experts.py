@@ -52,9 +52,9 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
     ("auto", "pairs", "grouped", "padded" or "fixed"; see below); every path computes the
     same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
-    (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``, if given, is
-    called after each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the
-    benchmark records CUDA events there. Inputs are never modified.
+    (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``,
+    if given, is called after each stage is enqueued ("permute", "gemm1", "activation",
+    "gemm2"); the benchmark records CUDA events there. Inputs are never modified.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -236,15 +236,10 @@ def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
     T, H = x.shape
     E, I2 = w13.shape[0], w13.shape[1]
     I = I2 // 2
-    K = ids.shape[1]
     name = dtype_name(x.dtype)
     ctype = DTYPES[name][1]
     mod = _experts_module()
-    if expert_counts is None:
-        flat = ids.ravel()
-        counts = cp.bincount(flat[(flat >= 0) & (flat < E)], minlength=E).astype(np.int32)
-    else:
-        counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    counts = _real_counts(ids, expert_counts, E)
     counts_host = counts.get().astype(np.int64)  # the one host synchronization of the pass
     active = np.nonzero(counts_host)[0]
     M = int(counts_host.sum())
@@ -259,19 +254,7 @@ def _sorted(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
         strategy = "grouped"  # the per-expert fallback below serves odd sizes
     pad = PAD_ROWS if strategy == "padded" else 1
     starts, rows_total, tiles = tile_plan(counts_host, pad, MAX_TILE)
-    offsets = cp.empty(E + 1, np.int32)
-    cursor = cp.empty(E, np.int32)
-    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(pad),
-                                                       offsets, cursor))
-    slot_rows = cp.empty((T, K), np.int32)
-    xs = cp.empty((rows_total, H), x.dtype)
-    x_stride = x.strides[0] // x.itemsize
-    if T * K:
-        vec = vector_width(item, H, x, xs, row_stride=x_stride)
-        threads = min(256, max(32, -(-(H // vec) // 32) * 32))
-        mod.get_function(f"gather_rows<{ctype},{vec}>")(
-            (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
-                                   offsets, cursor, slot_rows, xs, np.int32(H)))
+    offsets, slot_rows, xs = _gather(mod, ctype, x, ids, counts, E, pad, rows_total)
     gate_up = cp.empty((rows_total, I2), x.dtype)
     h = cp.empty((rows_total, I), x.dtype)
     rows = cp.empty((rows_total, H), x.dtype)
@@ -331,49 +314,67 @@ def _fixed(x, ids, w13, w2, expert_counts, mark):
     K = ids.shape[1]
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod = _experts_module()
-    if expert_counts is None:  # a histogram on the device (bincount would synchronize)
-        flat = ids.ravel()
-        counts = cp.zeros(E + 1, np.int32)
-        cp.add.at(counts, cp.where((flat >= 0) & (flat < E), flat, E), 1)
-        counts = counts[:E]
-    else:
-        counts = cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    counts = _real_counts(ids, expert_counts, E)
     # Rows: each expert's block rounded up to whole tiles. A bound known without the counts
     # on the host: at most T*K real pairs plus under FIXED_TILE padding per active expert,
     # and a whole number of tiles (the blocks' total is one).
     pairs = T * K
     rows_bound = (pairs + min(E, pairs) * (FIXED_TILE - 1)) // FIXED_TILE * FIXED_TILE
-    offsets = cp.empty(E + 1, np.int32)
-    cursor = cp.empty(E, np.int32)
-    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E),
-                                                       np.int32(FIXED_TILE), offsets, cursor))
-    slot_rows = cp.empty((T, K), np.int32)
-    xs = cp.empty((rows_bound, H), x.dtype)
+    offsets, slot_rows, xs = _gather(mod, ctype, x, ids, counts, E, FIXED_TILE, rows_bound)
     gate_up = cp.empty((rows_bound, I2), x.dtype)
     h = cp.empty((rows_bound, I), x.dtype)
     rows = cp.empty((rows_bound, H), x.dtype)
-    if pairs:
+    mark("permute")
+    tiles = rows_bound // FIXED_TILE
+    if tiles == 0:
+        for stage in ("gemm1", "activation", "gemm2"):
+            mark(stage)
+        return ExpertOutput(rows, slot_rows)
+    gemm = mod.get_function(f"fixed_gemm_nt<{ctype}>")
+    gemm((-(-I2 // FIXED_TILE), tiles), (256,),
+         (xs, w13, gate_up, offsets, np.int32(E), np.int32(I2), np.int32(H)))
+    mark("gemm1")
+    _silu_mul(mod, ctype, gate_up, h, rows_bound, I)
+    mark("activation")
+    gemm((-(-H // FIXED_TILE), tiles), (256,),
+         (h, w2, rows, offsets, np.int32(E), np.int32(H), np.int32(I)))
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows)
+
+
+def _real_counts(ids, expert_counts, E):
+    """(E,) int32 pairs per real expert: ``route``'s counts when given, else a histogram of
+    the ids on the device (no host synchronization, unlike cupy.bincount)."""
+    cp = cupy_module()
+    if expert_counts is not None:
+        return cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    flat = ids.ravel()
+    counts = cp.zeros(E + 1, np.int32)
+    cp.add.at(counts, cp.where((flat >= 0) & (flat < E), flat, E), 1)  # E: zero-expert slots
+    return counts[:E]
+
+
+def _gather(mod, ctype, x, ids, counts, E, pad, rows_total):
+    """Each expert's rows laid out by the device scan of the counts (blocks rounded up to a
+    multiple of ``pad``), and x's row copied there for every real (token, slot) pair.
+    Returns (offsets (E+1,), slot_rows (T, K), xs (rows_total, H))."""
+    cp = cupy_module()
+    T, H = x.shape
+    K = ids.shape[1]
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(pad),
+                                                       offsets, cursor))
+    slot_rows = cp.empty((T, K), np.int32)
+    xs = cp.empty((rows_total, H), x.dtype)
+    if T * K:
         x_stride = x.strides[0] // x.itemsize
         vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
         threads = min(256, max(32, -(-(H // vec) // 32) * 32))
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
-            (pairs,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
+            (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
                                    offsets, cursor, slot_rows, xs, np.int32(H)))
-    mark("permute")
-    gemm = mod.get_function(f"fixed_gemm_nt<{ctype}>")
-    tiles = rows_bound // FIXED_TILE
-    if tiles:
-        gemm((-(-I2 // FIXED_TILE), tiles), (256,),
-             (xs, w13, gate_up, offsets, np.int32(E), np.int32(I2), np.int32(H)))
-    mark("gemm1")
-    if tiles:
-        _silu_mul(mod, ctype, gate_up, h, rows_bound, I)
-    mark("activation")
-    if tiles:
-        gemm((-(-H // FIXED_TILE), tiles), (256,),
-             (h, w2, rows, offsets, np.int32(E), np.int32(H), np.int32(I)))
-    mark("gemm2")
-    return ExpertOutput(rows, slot_rows)
+    return offsets, slot_rows, xs
 
 
 def _silu_mul(mod, ctype, gate_up, h, M, I):

@@ -13,7 +13,8 @@ from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, fixed_order_mat
                       np_dtype, with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
-# Sizes the GPU kernel handles: each warp keeps one token's N scores in shared memory.
+# Sizes the GPU kernel handles: a lane keeps 4 * ceil(N / 128) scores in registers, and K
+# lanes of the warp write the K winners.
 MAX_ROUTED_EXPERTS = 1024
 MAX_TOP_K = 32
 _WARPS_PER_BLOCK = 8
@@ -36,12 +37,12 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
     On the GPU, up to ROUTER_GEMV_MAX_T tokens take one matrix-vector kernel (no fp32 copy of
     x, one launch). ``fixed_order=True``: that kernel for any T, so every logit is summed in
     one order whatever the batch (a token gets the same bits alone or in any chunk; slower
-    than a GEMM from a few dozen tokens); on the CPU, ordered float64 sums. ``weight_parts`` (from ``split_bf16(router_weight)``,
-    used when x is a bfloat16 CuPy array): the same product from bf16 tensor-core GEMMs
-    accumulated into one fp32 output. x is exact in bf16 and the three parts carry Wr's 24
-    mantissa bits, so every product is exact; the tensor cores accumulate with truncation, so
-    the leading part runs in K-chunks of BF16X3_CHUNK, each added in fp32, to keep the error
-    near an fp32 GEMM's.
+    than a GEMM from a few dozen tokens); on the CPU, ordered float64 sums.
+    ``weight_parts`` (from ``split_bf16(router_weight)``, used when x is a bfloat16 CuPy
+    array): the same product from bf16 tensor-core GEMMs accumulated into one fp32 output.
+    x is exact in bf16 and the three parts carry Wr's 24 mantissa bits, so every product is
+    exact; the tensor cores accumulate with truncation, so the leading part runs in K-chunks
+    of BF16X3_CHUNK, each added in fp32, to keep the error near an fp32 GEMM's.
     """
     if (is_cupy(x) and (fixed_order or x.shape[0] <= ROUTER_GEMV_MAX_T)
             and dtype_name(x.dtype) is not None):
