@@ -1,5 +1,5 @@
 """Forward time of the LongCat-Flash layer per expert strategy and tile sizes, to set the
-"auto" rules in experts.py (PAIRS_MAX, PADDED_MIN_ROWS, PAD_ROWS, MAX_TILE).
+"auto" rules in experts/_common.py (PAIRS_MAX, PADDED_MIN_ROWS, PAD_ROWS, MAX_TILE).
 
 usage: python benchmarks/strategy_sweep.py OUT.json
 """
@@ -38,12 +38,12 @@ for T in (1, 8, 16, 24, 32, 256, 1024, 2048, 4096, 8192, 16384):
         plans = plans[:3]
     for strategy, tiles in plans:
         if tiles:
-            experts.PAD_ROWS, experts.MAX_TILE = tiles
+            experts.grouped.PAD_ROWS, experts.grouped.MAX_TILE = tiles
         layer.expert_strategy = strategy
         key = strategy if tiles is None else f"padded_{tiles[0]}_{tiles[1]}"
         row[key] = timer(layer, xs)
         cp.get_default_memory_pool().free_all_blocks()
-    experts.PAD_ROWS, experts.MAX_TILE = TILES[0]
+    experts.grouped.PAD_ROWS, experts.grouped.MAX_TILE = TILES[0]
     layer.expert_strategy = "auto"
     row["auto"] = timer(layer, xs)
     if T in (1, 16, 4096, 16384):

@@ -1,0 +1,114 @@
+"""The real experts (SPEC.md step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
+
+One module per GPU path (pairs, grouped/padded, fixed) and one for the CPU; this module checks
+the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
+real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
+``combine`` reads it from there.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
+from . import fixed, grouped, numpy_path, pairs
+from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
+                      STRATEGIES, ExpertOutput, experts_kernel_names, tile_plan)
+
+__all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX", "STRATEGIES",
+           "ExpertOutput", "expert_mlp", "experts_kernel_names", "tile_plan"]
+
+
+def _check(x, topk_ids, w13, w2):
+    if x.ndim != 2:
+        raise ValueError(f"x: expected a 2-D array [T, H], got shape {x.shape}")
+    if dtype_name(x.dtype) is None:
+        raise TypeError(f"x: expected bfloat16, float16 or float32, got {x.dtype}")
+    T, H = x.shape
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids: expected shape [T={T}, K], got {topk_ids.shape}")
+    if topk_ids.dtype.kind not in "iu":
+        raise TypeError(f"topk_ids: expected an integer array, got {topk_ids.dtype}")
+    if w13.ndim != 3 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"w13: expected shape [E, 2I, H={H}], got {w13.shape}")
+    E, I2 = w13.shape[0], w13.shape[1]
+    if w2.shape != (E, H, I2 // 2):
+        raise ValueError(f"w2: expected shape ({E}, {H}, {I2 // 2}), got {w2.shape}")
+    for name, a in (("topk_ids", topk_ids), ("w13", w13), ("w2", w2)):
+        if is_cupy(a) != is_cupy(x):
+            raise TypeError(f"{name}: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'})")
+    for name, a in (("w13", w13), ("w2", w2)):
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
+
+
+def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = False,
+               strategy: str = "auto",
+               stage_marks: Callable[[str], None] | None = None) -> ExpertOutput:
+    """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
+
+    Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
+    ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
+    ("auto", "pairs", "grouped", "padded" or "fixed"; see below); every path computes the
+    same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
+    (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``,
+    if given, is called after each stage is enqueued ("permute", "gemm1", "activation",
+    "gemm2"); the benchmark records CUDA events there. Inputs are never modified.
+    """
+    x = as_array(x, "x")
+    topk_ids = as_array(topk_ids, "topk_ids")
+    w13 = as_array(w13, "w13")
+    w2 = as_array(w2, "w2")
+    _check(x, topk_ids, w13, w2)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    mark = stage_marks or _no_mark
+    if is_cupy(x):
+        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
+    return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=strategy == "fixed")
+
+
+def _no_mark(stage: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU paths, chosen per call by ``strategy`` ("auto" picks by the rules below):
+# - "pairs": a few tokens. One matrix-vector kernel per GEMM over the (token, slot) pairs,
+#   reading the routing ids on the device: no permutation and no host synchronization.
+# - "grouped": offsets (device scan) -> gather (atomics give each pair its row) -> one host copy
+#   of the per-expert counts (cuBLAS wants group sizes on the host) -> cublasGemmGroupedBatchedEx,
+#   one group per active expert. Near the bytes floor while experts get few rows each.
+# - "padded": the same, but each expert's rows padded to a multiple of PAD_ROWS and cut into
+#   tiles of at most MAX_TILE rows; tiles of one size form one cublasGemmBatchedEx call (a few
+#   calls in all). With many rows per expert the forward measured 1.3x (4096 tokens) to 3x
+#   (16384) faster this way than with the grouped call at LongCat shapes (NOTES.md); an expert's
+#   weights are read once per tile, and padding adds < PAD_ROWS rows per expert.
+# - "fixed" (never picked by "auto"): the padded layout (FIXED_TILE rows) and our own tiled
+#   GEMM kernel, whose every output sums over k in one fixed order: a token's result has the
+#   same bits whatever the batch or chunk it comes in. No host synchronization; several times
+#   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
+
+
+def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
+    cp = cupy_module()
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
+    x = with_unit_row_layout(x)
+    w13 = cp.ascontiguousarray(w13)
+    w2 = cp.ascontiguousarray(w2)
+    if strategy == "auto" and T * K <= PAIRS_MAX:
+        strategy = "pairs"
+    if strategy == "pairs":
+        if T * K > 65535:
+            raise ValueError(f"strategy='pairs': expected T * K <= 65535 (token, slot) pairs, "
+                             f"got {T * K}")
+        return pairs.pairs(x, ids, w13, w2, mark)
+    if strategy == "fixed":
+        return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
+    return grouped.grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
+
+

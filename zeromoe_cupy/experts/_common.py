@@ -1,0 +1,111 @@
+"""What the GPU expert paths share: the kernels module, the "auto" thresholds, the row layout
+(offsets scan + gather), the per-expert counts and the SiLU-and-mul pass."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._arrays import DTYPES, cupy_module, vector_width
+from .._compile import memoize_per_device, raw_module
+
+
+class ExpertOutput(NamedTuple):
+    rows: Any       # (M, H) x's dtype: FFN_e(x_t) for each real pair, grouped by expert
+    slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
+
+
+STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed")
+PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
+PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
+PAD_ROWS, MAX_TILE = 64, 512
+FIXED_TILE = 64  # kernels/experts.cu
+PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
+PAIR_WARPS = 4
+
+
+def experts_kernel_names() -> list[str]:
+    """Every instantiation in kernels/experts.cu that the GPU path may launch."""
+    names = ["expert_offsets"]
+    for _, (dt, ctype) in DTYPES.items():
+        names.append(f"fixed_gemm_nt<{ctype}>")
+        for vec in (1, 16 // dt.itemsize):
+            names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{vec}>"]
+            names += [f"pair_gemv<{ctype},{vec},{PAIR_ROWS[glu]},{str(glu).lower()}>"
+                      for glu in (True, False)]
+    return names
+
+
+@memoize_per_device
+def experts_module():
+    return raw_module("experts.cu", experts_kernel_names())
+
+
+def tile_plan(counts, pad: int, max_tile: int):
+    """The layout of the "padded" strategy, from per-expert row counts (host ints).
+
+    Returns (starts, rows_total, tiles): expert e's rows begin at starts[e] (an exclusive scan
+    of the counts rounded up to a multiple of ``pad``, as the expert_offsets kernel computes);
+    tiles is a list of (tile rows, experts, first rows), one entry per tile size: each
+    expert's padded rows cut into ``max_tile``-row tiles and one smaller last tile.
+    With pad == 1 (no padding) tiles is empty.
+    """
+    counts = np.asarray(counts, np.int64)
+    padded = -(-counts // pad) * pad
+    ends = np.cumsum(padded)
+    starts = ends - padded
+    rows_total = int(ends[-1]) if ends.size else 0
+    if pad == 1:
+        return starts, rows_total, []
+    full = padded // max_tile
+    e = np.repeat(np.arange(counts.size), full)
+    within = np.arange(e.size) - np.repeat(np.cumsum(full) - full, full)
+    tiles = [(max_tile, e, starts[e] + within * max_tile)] if e.size else []
+    rest = padded - full * max_tile
+    for size in np.unique(rest[rest > 0]):
+        e = np.nonzero(rest == size)[0]
+        tiles.append((int(size), e, starts[e] + full[e] * max_tile))
+    return starts, rows_total, tiles
+
+
+def real_counts(ids, expert_counts, E):
+    """(E,) int32 pairs per real expert: ``route``'s counts when given, else a histogram of
+    the ids on the device (no host synchronization, unlike cupy.bincount)."""
+    cp = cupy_module()
+    if expert_counts is not None:
+        return cp.ascontiguousarray(expert_counts[:E], dtype=np.int32)
+    flat = ids.ravel()
+    counts = cp.zeros(E + 1, np.int32)
+    cp.add.at(counts, cp.where((flat >= 0) & (flat < E), flat, E), 1)  # E: zero-expert slots
+    return counts[:E]
+
+
+def gather(mod, ctype, x, ids, counts, E, pad, rows_total):
+    """Each expert's rows laid out by the device scan of the counts (blocks rounded up to a
+    multiple of ``pad``), and x's row copied there for every real (token, slot) pair.
+    Returns (offsets (E+1,), slot_rows (T, K), xs (rows_total, H))."""
+    cp = cupy_module()
+    T, H = x.shape
+    K = ids.shape[1]
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(pad),
+                                                       offsets, cursor))
+    slot_rows = cp.empty((T, K), np.int32)
+    xs = cp.empty((rows_total, H), x.dtype)
+    if T * K:
+        x_stride = x.strides[0] // x.itemsize
+        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
+        threads = min(256, max(32, -(-(H // vec) // 32) * 32))
+        mod.get_function(f"gather_rows<{ctype},{vec}>")(
+            (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
+                                   offsets, cursor, slot_rows, xs, np.int32(H)))
+    return offsets, slot_rows, xs
+
+
+def silu_mul(mod, ctype, gate_up, h, M, I):
+    vec = vector_width(gate_up.itemsize, I, gate_up, h)
+    n = M * (I // vec)
+    blocks = int(min(max(1, -(-n // 256)), 132 * 16))  # grid-stride: a cap, right on any GPU
+    mod.get_function(f"silu_mul<{ctype},{vec}>")((blocks,), (256,),
+                                                  (gate_up, h, np.int64(M), np.int32(I)))

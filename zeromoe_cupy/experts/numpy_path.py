@@ -1,0 +1,40 @@
+"""The real experts on the CPU (NumPy): pairs sorted by expert, one matmul per active expert."""
+from __future__ import annotations
+
+import numpy as np
+
+from .._arrays import fixed_order_matmul
+from ._common import ExpertOutput
+
+
+def _silu(v):
+    with np.errstate(over="ignore"):
+        return v / (np.float32(1) + np.exp(-v))
+
+
+def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    K = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).astype(np.int64)
+    real = np.nonzero((flat >= 0) & (flat < E))[0]
+    order = real[np.argsort(flat[real], kind="stable")]  # pairs grouped by expert
+    slot_rows = np.full(T * K, -1, np.int32)
+    slot_rows[order] = np.arange(order.size, dtype=np.int32)
+    xs = x[order // K].astype(np.float32)
+    experts, starts = np.unique(flat[order], return_index=True)
+    blocks = list(zip(experts, starts, np.append(starts[1:], order.size)))
+    mark("permute")
+    matmul = fixed_order_matmul if fixed_order else np.matmul
+    gate_up = np.empty((order.size, 2 * I), np.float32)
+    for e, s, t in blocks:  # a loop over active experts, not tokens
+        gate_up[s:t] = matmul(xs[s:t], w13[e].astype(np.float32).T)
+    gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
+    mark("gemm1")
+    h = (_silu(gate_up[:, :I]) * gate_up[:, I:]).astype(x.dtype).astype(np.float32)
+    mark("activation")
+    rows = np.empty((order.size, H), x.dtype)
+    for e, s, t in blocks:
+        rows[s:t] = matmul(h[s:t], w2[e].astype(np.float32).T).astype(x.dtype)
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows.reshape(T, K))
