@@ -16,6 +16,7 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (
 KERNELS = {
     "combine.cu": [f"combine_kernel<{c},{v}>" for _, (dt, c) in DTYPES.items()
                    for v in (1, 16 // dt.itemsize)],
+    "copy.cu": ["copy_16byte"],
     "experts.cu": experts_kernel_names(),
     "router.cu": router_kernel_names(),
 }
