@@ -1,11 +1,12 @@
 """`zeromoe bench` without a GPU: the NumPy path on the tiny preset, said to be CPU numbers;
-the floor and the workload calibration by hand."""
+the floor and the workload calibration by hand; the ceilings' plumbing with fake methods."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import zeromoe_cupy as zm
 from zeromoe_cupy import bench
@@ -29,6 +30,9 @@ def test_cpu_bench_writes_every_figure(tmp_path):
             assert r[f"{stage}_ms"] >= 0
         assert r["forward_ms"] > 0
     assert abs(d["real_per_token"] - d["real_per_token_target"]) < 0.05
+    # No GPU, no ceilings: the CPU numbers are not put against a floor.
+    assert "ceilings" not in d and "copy_bandwidth_Bps" not in d
+    assert all("floor_ms" not in r for r in d["rows"])
 
 
 def test_floor_by_hand():
@@ -48,3 +52,60 @@ def test_zero_bias_calibration_hits_the_target():
     assert abs(share - 2.0) < 0.05
     bias = layer.e_score_correction_bias
     assert (bias[:cfg.num_experts] == 0).all() and (bias[cfg.num_experts:] == np.float32(offset)).all()
+
+
+def _fake_methods(monkeypatch, rng):
+    """Fake ceiling methods with random rates per case, in place of the GPU ones; returns the
+    tables of rates they give ({method: {case: rate}}), as the tests' own record."""
+    copy = {name: {s: float(rng.uniform(1e12, 5e12)) for s in (1 << 20, 4 << 20)}
+            for name in ("way_a", "way_b", "way_c")}
+    matmul = {name: {s: float(rng.uniform(1e14, 9e14)) for s in ((8, 16, 32), (64, 8, 16))}
+              for name in ("gemm_a", "gemm_b")}
+    monkeypatch.setattr(bench, "COPY_METHODS", {
+        name: (lambda nbytes, timer, t=t: t[nbytes]) for name, t in copy.items()})
+    methods = {name: (lambda shape, dtype, timer, t=t: t[shape] if dtype == "bfloat16" else None)
+               for name, t in matmul.items()}
+    # A method for another dtype only (as an fp8 one would be): left out for bfloat16.
+    methods["fp8_only"] = lambda shape, dtype, timer: 1e18 if dtype == "float8_e4m3fn" else None
+    monkeypatch.setattr(bench, "MATMUL_METHODS", methods)
+    return copy, matmul
+
+
+def test_ceilings_are_the_best_way_and_the_floor_uses_them(monkeypatch):
+    rng = np.random.default_rng()
+    copy, matmul = _fake_methods(monkeypatch, rng)
+    c = bench.measure_ceilings("bfloat16", quick=True, copy_sizes=[1 << 20, 4 << 20],
+                               matmul_shapes=[(8, 16, 32), (64, 8, 16)])
+    for got, table, case, label in ((c["copy"], copy, "size", lambda s: f"{s >> 20}MiB"),
+                                    (c["matmul"], matmul, "shape",
+                                     lambda s: "x".join(map(str, s)))):
+        best_rate, best_name, best_case = max((r, n, k) for n, t in table.items()
+                                              for k, r in t.items())
+        assert got["best"] == best_rate and got["method"] == best_name
+        assert got[case] == label(best_case)
+        assert got["all"] == {n: max(t.values()) for n, t in table.items()}
+        assert got["by_" + case] == {n: {label(k): r for k, r in t.items()}
+                                     for n, t in table.items()}
+    assert c["matmul"]["dtype"] == "bfloat16"
+    text = bench.format_ceilings(c)
+    for name in list(copy) + list(matmul):
+        assert name in text
+    assert "fp8_only" not in text
+
+    cfg = zm.MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, num_zero_experts=2,
+                       top_k=3, dtype="bfloat16")
+    ids = rng.integers(0, 6, size=(5, 3))
+    floor, bytes_, flops = bench.floor_time(cfg, ids, c["copy"]["best"], c["matmul"]["best"])
+    best_copy = max(r for t in copy.values() for r in t.values())
+    best_matmul = max(r for t in matmul.values() for r in t.values())
+    assert floor == max(bytes_ / best_copy, flops / best_matmul)
+
+
+def test_ceiling_dtype_without_a_method_is_an_error_and_fp8_methods_plug_in(monkeypatch):
+    import ml_dtypes
+    _fake_methods(monkeypatch, np.random.default_rng())
+    with pytest.raises(ValueError, match="float16 matmul"):
+        bench.measure_matmul("float16", quick=True, shapes=[(8, 16, 32)])
+    got = bench.measure_matmul(ml_dtypes.float8_e4m3fn, quick=True, shapes=[(8, 16, 32)])
+    assert got["method"] == "fp8_only" and list(got["all"]) == ["fp8_only"]
+    assert got["dtype"] == "float8_e4m3fn"

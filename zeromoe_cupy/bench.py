@@ -8,13 +8,15 @@ timings after warm-up, with inputs rotated so that the L2 cache does not flatter
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
 
 import numpy as np
 
-from ._arrays import cupy_module, gpu_available, np_dtype
+from ._arrays import DTYPES, cupy_module, gpu_available, np_dtype
+from ._compile import memoize_per_device, raw_module
 
 DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384)
 # A peer is timed only if its output agrees with ours this closely (two implementations, each
@@ -111,21 +113,185 @@ class _Timer:
         return float(np.median(times))
 
 
-def measure_ceilings(dtype, quick: bool):
-    """Device-to-device copy bandwidth (read + write, B/s) and a large matmul rate (FLOP/s)."""
+# The ceilings: each is the best of a few standard ways of doing the same work, so that the
+# floor does not depend on one library's choice. A copy method is (nbytes, timer) -> B/s, read
+# plus write counted; a matmul method is ((m, n, k), dtype name, timer) -> FLOP/s, or None for
+# a dtype it does not handle (a method for float8_e4m3fn joins MATMUL_METHODS the same way).
+COPY_SIZES = (256 << 20, 1 << 30, 4 << 30)  # bytes of the source
+# (m, n, k): squares, and the LongCat-Flash expert GEMMs at 16384 rows (n = 2I, k = H; n = H,
+# k = I).
+MATMUL_SHAPES = ((8192, 8192, 8192), (16384, 8192, 8192), (16384, 4096, 6144),
+                 (16384, 6144, 2048))
+_MEMORY_MARGIN = 1 << 30  # left free beside a ceiling's buffers
+
+
+def _copy_method(copy):
+    """A copy method from copy(src, dst) on nbytes-long uint8 device buffers."""
+    def timed(nbytes, timer):
+        cp = cupy_module()
+        src = cp.ones(nbytes, cp.uint8)
+        dst = cp.empty_like(src)
+        return timer(lambda _: copy(src, dst), [None])
+
+    def method(nbytes, timer):
+        ms = timed(nbytes, timer)
+        cupy_module().get_default_memory_pool().free_all_blocks()  # room for the next size
+        return 2 * nbytes / (ms * 1e-3)
+    return method
+
+
+def _memcpy_async(src, dst):
     cp = cupy_module()
+    rt = cp.cuda.runtime
+    rt.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, rt.memcpyDeviceToDevice,
+                   cp.cuda.get_current_stream().ptr)
+
+
+@memoize_per_device
+def _copy_kernel():
+    cp = cupy_module()
+    kernel = raw_module("copy.cu", ["copy_16byte"]).get_function("copy_16byte")
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    return kernel, 8 * sms  # 8 blocks of 256 threads: a full SM of threads on sm_80 / sm_90
+
+
+def _copy_16byte(src, dst):
+    kernel, blocks = _copy_kernel()
+    kernel((blocks,), (256,), (src, dst, np.int64(src.nbytes // 16)))
+
+
+COPY_METHODS = {
+    "cudaMemcpyAsync": _copy_method(_memcpy_async),
+    "copy_16byte_kernel": _copy_method(_copy_16byte),
+    "cupy_assign": _copy_method(lambda src, dst: dst.__setitem__(Ellipsis, src)),
+}
+
+
+def _matmul_method(setup):
+    """A matmul method from setup(m, n, k, dtype name) -> a call that does one product (inputs
+    in the dtype, fp32 accumulation), or None where the method does not handle the dtype."""
+    def method(shape, dtype, timer):
+        m, n, k = shape
+        call = setup(m, n, k, dtype)
+        if call is None:
+            return None
+        ms = timer(lambda _: call(), [None])
+        return 2 * m * n * k / (ms * 1e-3)
+    return method
+
+
+def _cupy_matmul(m, n, k, dtype):
+    # CUPY_TF32 would turn CuPy's fp32 products into TF32 ones: not an fp32 rate.
+    if dtype not in DTYPES or (dtype == "float32" and int(os.getenv("CUPY_TF32", "0")) > 0):
+        return None
+    cp = cupy_module()
+    a = _normal(cp, (m, k), np_dtype(dtype), 2)
+    b = _normal(cp, (k, n), np_dtype(dtype), 3)
+    return lambda: cp.matmul(a, b)
+
+
+def _cublas_gemm_ex(m, n, k, dtype):
+    if dtype not in DTYPES:
+        return None
+    from ._cublas import gemm_nt
+    cp = cupy_module()
+    x = _normal(cp, (m, k), np_dtype(dtype), 2)
+    w = _normal(cp, (n, k), np_dtype(dtype), 3)
+    out = cp.empty((m, n), np_dtype(dtype))
+    return lambda: gemm_nt(w, x, out, allow_tf32=False)  # out = x @ w^T
+
+
+MATMUL_METHODS = {
+    "cupy.matmul": _matmul_method(_cupy_matmul),
+    "cublasGemmEx": _matmul_method(_cublas_gemm_ex),
+}
+
+
+def _fits(nbytes: int) -> bool:
+    cp = cupy_module()
+    cp.get_default_memory_pool().free_all_blocks()
+    return nbytes + _MEMORY_MARGIN <= cp.cuda.runtime.memGetInfo()[0]
+
+
+def _best(rates: dict, what: str, case: str) -> dict:
+    """{method: {case label: rate or None}} -> {"best": rate, "method": name, case: its label,
+    "all": {method: its best rate}, "by_" + case: rates}; a method with no rate is left out."""
+    by_case = {name: {c: r for c, r in cases.items() if r is not None}
+               for name, cases in rates.items()}
+    by_case = {name: cases for name, cases in by_case.items() if cases}
+    if not by_case:
+        raise ValueError(f"{what}: no method measured a rate (methods: {sorted(rates)})")
+    every = {name: max(cases.values()) for name, cases in by_case.items()}
+    method = max(every, key=every.get)
+    return {"best": every[method], "method": method,
+            case: max(by_case[method], key=by_case[method].get), "all": every,
+            "by_" + case: by_case}
+
+
+def measure_copy(quick: bool, sizes=None) -> dict:
+    """Device-to-device copy bandwidth (B/s, read + write) as the best of COPY_METHODS.
+
+    Args:
+        quick: fewer repeats.
+        sizes: source sizes in bytes; default COPY_SIZES, less those that do not fit in the
+            free GPU memory.
+
+    Returns:
+        {"best": B/s, "method": name, "size": "<n>MiB", "all": {method: its best B/s},
+        "by_size": {method: {"<n>MiB": B/s}}}.
+    """
+    if sizes is None:
+        sizes = [s for s in COPY_SIZES if _fits(2 * s)]
     timer = _Timer(True, 3, 10 if quick else 30)
-    n = 1 << 28  # 1 GiB of bytes
-    src = cp.ones(n // 4, np.float32)
-    dst = cp.empty_like(src)
-    ms = timer(lambda _: dst.__setitem__(Ellipsis, src), [None])
-    bandwidth = 2 * n / (ms * 1e-3)
-    m = 8192
-    a = _normal(cp, (m, m), dtype, 2)
-    b = _normal(cp, (m, m), dtype, 3)
-    ms = timer(lambda _: cp.matmul(a, b), [None])
-    rate = 2 * m ** 3 / (ms * 1e-3)
-    return bandwidth, rate
+    rates = {name: {f"{s >> 20}MiB": method(s, timer) for s in sizes}
+             for name, method in COPY_METHODS.items()}
+    return _best(rates, "copy", "size")
+
+
+def measure_matmul(dtype, quick: bool, shapes=None) -> dict:
+    """A large matmul's rate (FLOP/s, 2*m*n*k per product) as the best of MATMUL_METHODS.
+
+    Args:
+        dtype: a dtype or its name; the inputs and the output have it, products accumulate in
+            fp32 (no TF32 for float32: CuPy's own matmul is left out when CUPY_TF32 is set).
+        quick: fewer repeats.
+        shapes: (m, n, k) products out[m, n] = x[m, k] @ w[n, k]^T; default MATMUL_SHAPES,
+            less those that do not fit.
+
+    Returns:
+        {"best": FLOP/s, "method": name, "shape": "MxNxK", "all": {method: its best FLOP/s},
+        "by_shape": {method: {"MxNxK": FLOP/s}}, "dtype": name}.
+
+    Raises:
+        ValueError: no method handles dtype.
+    """
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if shapes is None:  # 4 bytes an element bounds every dtype's inputs and output
+        shapes = [(m, n, k) for m, n, k in MATMUL_SHAPES if _fits(4 * (m * k + n * k + m * n))]
+    timer = _Timer(True, 3, 10 if quick else 30)
+    rates = {m: {"x".join(map(str, s)): method(s, name, timer) for s in shapes}
+             for m, method in MATMUL_METHODS.items()}
+    return {**_best(rates, f"{name} matmul", "shape"), "dtype": name}
+
+
+def measure_ceilings(dtype, quick: bool, copy_sizes=None, matmul_shapes=None) -> dict:
+    """Both ceilings of SPEC.md's floor: {"copy": measure_copy(...), "matmul":
+    measure_matmul(dtype, ...)}; the floor takes each one's "best"."""
+    return {"copy": measure_copy(quick, copy_sizes),
+            "matmul": measure_matmul(dtype, quick, matmul_shapes)}
+
+
+def format_ceilings(ceilings) -> str:
+    """Two lines: each ceiling's best, the way that won and where, the others beside it."""
+    copy, mm = ceilings["copy"], ceilings["matmul"]
+    lines = []
+    for c, what, case, unit, fmt in ((copy, "copy", "size", "TB/s", ".2f"),
+                                     (mm, f"{mm['dtype']} matmul", "shape", "TFLOP/s", ".0f")):
+        others = ", ".join(f"{name} {rate / 1e12:{fmt}}" for name, rate in c["all"].items()
+                           if name != c["method"])
+        lines.append(f"{what} {c['best'] / 1e12:{fmt}} {unit} by {c['method']} at {c[case]}"
+                     + (f" (others at their best: {others})" if others else ""))
+    return "\n".join(lines)
 
 
 def floor_time(cfg, ids_host, bandwidth, rate):
@@ -174,10 +340,11 @@ def run(args) -> int:
         cp = xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
         result["gpu"] = props["name"].decode()
-        bandwidth, rate = measure_ceilings(np_dtype(cfg.dtype), args.quick)
-        result.update(copy_bandwidth_Bps=bandwidth, matmul_flops=rate)
-        print(f"{result['gpu']}: copy {bandwidth / 1e12:.2f} TB/s, "
-              f"{cfg.dtype} matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+        ceilings = measure_ceilings(cfg.dtype, args.quick)
+        bandwidth, rate = ceilings["copy"]["best"], ceilings["matmul"]["best"]
+        result.update(copy_bandwidth_Bps=bandwidth, matmul_flops=rate, ceilings=ceilings)
+        print(f"{result['gpu']}, ceilings of the floor (the best way of each, this run):\n"
+              f"{format_ceilings(ceilings)}", flush=True)
         layer.warmup()
     else:
         bandwidth = rate = None
