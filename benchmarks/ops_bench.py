@@ -8,11 +8,11 @@ import cupy as cp
 import numpy as np
 
 from zeromoe_cupy import ops
-from zeromoe_cupy.bench import _Timer, measure_ceilings
+from zeromoe_cupy.bench import _Timer, measure_copy
 
 timer = _Timer(True, 5, 50)
 throughput = _Timer(True, 2, 20, batch=10)
-bw, _ = measure_ceilings(np.float32, quick=True)
+bw = measure_copy(quick=True)["best"]
 res = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "copy_Bps": bw, "route": [],
        "zero": {}}
 print(f"{res['gpu']}: copy {bw / 1e12:.2f} TB/s")
