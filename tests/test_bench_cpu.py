@@ -71,8 +71,7 @@ def _fake_methods(monkeypatch, rng):
     return copy, matmul
 
 
-def test_ceilings_are_the_best_way_and_the_floor_uses_them(monkeypatch):
-    rng = np.random.default_rng()
+def test_ceilings_are_the_best_way_and_the_floor_uses_them(monkeypatch, rng):
     copy, matmul = _fake_methods(monkeypatch, rng)
     c = bench.measure_ceilings("bfloat16", quick=True, copy_sizes=[1 << 20, 4 << 20],
                                matmul_shapes=[(8, 16, 32), (64, 8, 16)])
@@ -101,9 +100,9 @@ def test_ceilings_are_the_best_way_and_the_floor_uses_them(monkeypatch):
     assert floor == max(bytes_ / best_copy, flops / best_matmul)
 
 
-def test_ceiling_dtype_without_a_method_is_an_error_and_fp8_methods_plug_in(monkeypatch):
+def test_ceiling_dtype_without_a_method_is_an_error_and_fp8_methods_plug_in(monkeypatch, rng):
     import ml_dtypes
-    _fake_methods(monkeypatch, np.random.default_rng())
+    _fake_methods(monkeypatch, rng)
     with pytest.raises(ValueError, match="float16 matmul"):
         bench.measure_matmul("float16", quick=True, shapes=[(8, 16, 32)])
     got = bench.measure_matmul(ml_dtypes.float8_e4m3fn, quick=True, shapes=[(8, 16, 32)])
