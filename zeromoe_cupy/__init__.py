@@ -2,7 +2,7 @@
 
 Importing compiles nothing and needs no GPU; kernels compile on first use, once per device.
 """
-from . import ops, reference
+from . import ops, parallel, reference
 from .config import MoEConfig
 from .experts import ExpertOutput
 from .layer import ZeroExpertMoE
@@ -17,5 +17,6 @@ __all__ = [
     "ZeroExpertMoE",
     "__version__",
     "ops",
+    "parallel",
     "reference",
 ]

@@ -47,6 +47,17 @@ class ZeroExpertMoE:
     CPU the matmuls run as ordered float64 sums (slow). It costs speed on the GPU: no tensor cores
     for the experts, no GEMM for the router (measured in benchmarks/NOTES.md).
 
+    Expert parallelism (SPEC.md): with ``group=`` (``zm.parallel.init()`` or
+    ``zm.parallel.local_groups``) the layer is rank ``group.rank``'s part: the router, all zero
+    experts and the real experts [r*E/R, (r+1)*E/R) (``w13`` / ``w2`` hold that slice).
+    ``layer(x_r)`` is collective (every rank calls it as often, with T_r = 0 when it has no
+    tokens) and returns what the whole layer gives for x_r; ``route()`` stays local.
+    Constructors never communicate; the random constructor draws the same full layer as
+    without a group for the same seed and keeps the rank's slice. ``last_exchange`` gives the
+    rows and bytes of the latest forward (parallel.exchange.ExchangeStats). A rank layer runs
+    its calls unchunked over the exchange; ``max_chunk_tokens`` bounds the rows its expert
+    stage takes per pass.
+
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
     row is NaN; other tokens are unaffected. A NaN in one token's x stays in that row.
@@ -55,7 +66,7 @@ class ZeroExpertMoE:
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
                  expert_strategy: str = "auto", router_gemm: str = "auto",
-                 deterministic: bool = False, _weights=None):
+                 deterministic: bool = False, group=None, _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if device not in ("cuda", "cpu"):
@@ -79,6 +90,8 @@ class ZeroExpertMoE:
                              f"{expert_strategy!r} and {router_gemm!r}")
         if deterministic:
             expert_strategy = "fixed"
+        _check_group(group, config)
+        self.group = group
         self.config = config
         self.device = device
         self.expert_strategy = expert_strategy
@@ -90,6 +103,10 @@ class ZeroExpertMoE:
             _weights = self._random_weights(seed)
         (self.router_weight, self.router_bias, self.e_score_correction_bias,
          self.w13, self.w2, self.const_vec, self.const_gate) = _weights
+        self._exchange = None
+        if group is not None:
+            from .parallel.exchange import Exchange
+            self._exchange = Exchange(group, config.num_experts)
 
     # --- construction ------------------------------------------------------------------------
     def _random_weights(self, seed: int):
@@ -99,19 +116,26 @@ class ZeroExpertMoE:
         dt = np_dtype(cfg.dtype)
         rng = xp.random.default_rng(seed)
 
-        def normal(shape, scale, dtype):
-            # Drawn in fp32 a slab at a time so a 40 GB bf16 tensor needs no fp32 copy.
-            out = xp.empty(shape, dtype)
+        lo, hi = _expert_slice(self.group, E)
+
+        def normal(shape, scale, dtype, keep=None):
+            # Drawn in fp32 a slab at a time so a 40 GB bf16 tensor needs no fp32 copy. With
+            # keep=(lo, hi) every slab is drawn (the stream stays that of the full tensor) but
+            # only rows lo..hi-1 are kept: a rank gets its slice of the one-GPU layer.
+            lo, hi = keep or (0, shape[0])
+            out = xp.empty((hi - lo,) + tuple(shape[1:]), dtype)
             step = max(1, (1 << 26) // max(1, int(np.prod(shape[1:]))))
             for s in range(0, shape[0], step):
                 block = rng.standard_normal((min(step, shape[0] - s),) + tuple(shape[1:]),
                                             dtype=np.float32)
-                out[s:s + step] = (block * np.float32(scale)).astype(dtype)
+                a, b = max(s, lo), min(s + step, hi)
+                if a < b:
+                    out[a - lo:b - lo] = (block[a - s:b - s] * np.float32(scale)).astype(dtype)
             return out
 
         router_weight = normal((N, H), H ** -0.5, np.float32)
-        w13 = normal((E, 2 * I, H), H ** -0.5, dt)
-        w2 = normal((E, H, I), I ** -0.5, dt)
+        w13 = normal((E, 2 * I, H), H ** -0.5, dt, (lo, hi))
+        w2 = normal((E, H, I), I ** -0.5, dt, (lo, hi))
         bias = xp.zeros(N, np.float32) if cfg.use_correction_bias else None
         const_vec = const_gate = None
         if cfg.has_constant_experts:
@@ -126,7 +150,9 @@ class ZeroExpertMoE:
                      **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
         ``options``: the constructor's keyword options (expert_strategy, router_gemm,
-        deterministic).
+        deterministic, group). With ``group=``, w13 / w2 are the full [E, ...] tensors and the
+        rank keeps its slice [r*E/R, (r+1)*E/R) (no communication; ValueError when R does
+        not divide E).
 
         GPU tensors are wrapped without a copy when they already have the layer's dtype and
         a contiguous layout, so the layer shares their memory.
@@ -147,6 +173,8 @@ class ZeroExpertMoE:
         H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
                          cfg.num_zero_experts, cfg.num_total_experts)
         dt = np_dtype(cfg.dtype)
+        _check_group(options.get("group"), cfg)
+        lo, hi = _expert_slice(options.get("group"), E)
         expected = {"router_weight": (N, H), "w13": (E, 2 * I, H), "w2": (E, H, I),
                     "e_score_correction_bias": (N,), "router_bias": (N,),
                     "const_vec": (Z, H), "const_gate": (Z, 2, H)}
@@ -161,6 +189,8 @@ class ZeroExpertMoE:
                                        "router_bias") else dt
             if a.dtype.kind != "f" and dtype_name(a.dtype) is None:
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
+            if k in ("w13", "w2"):
+                a = a[lo:hi]  # the rank's experts (all of them without a group)
             out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
         if cfg.has_constant_experts and (out["const_vec"] is None or out["const_gate"] is None):
             raise ValueError("const_vec, const_gate: required by the config's 'constant' experts")
@@ -287,7 +317,7 @@ class ZeroExpertMoE:
         elif router_logits is not None:
             router_logits = self._logits_input(router_logits, T)
         chunk = self.max_chunk_tokens
-        if T <= chunk:
+        if T <= chunk or self.group is not None:  # rank layers: one collective call
             return self._forward(x, router_logits, routing, counts_valid=routing is not None)
         y = self.xp.empty(x.shape, x.dtype)  # chunks write into it: no concatenation
         for s in range(0, T, chunk):
@@ -342,6 +372,9 @@ class ZeroExpertMoE:
             counts = routing.expert_counts
         else:
             counts = routing.expert_counts if counts_valid else None
+        if self.group is not None:
+            from .parallel.exchange import ep_forward
+            return ep_forward(self, x, routing)
         ids, weights = routing.topk_ids, routing.topk_weights
         experts = None
         if cfg.num_experts:
@@ -369,6 +402,10 @@ class ZeroExpertMoE:
         """The float64 evaluation of SPEC.md for this layer's weights: (y, routing)."""
         from . import reference
         cfg = self.config
+        if self.group is not None:
+            raise ValueError("reference(): a rank layer holds only its experts; build the "
+                             "whole layer (zm.parallel.gather_layer(rank_layers) for local "
+                             "groups, or from_weights without group) and call its reference()")
 
         def to_host(a):  # routing may come as host arrays even for a GPU layer
             return a.get() if is_cupy(a) else np.asarray(a)
@@ -386,7 +423,43 @@ class ZeroExpertMoE:
             router_logits=router_logits,
             routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])))
 
+    @property
+    def last_exchange(self):
+        """ExchangeStats of the latest forward of a rank layer (rows and bytes sent and
+        received over links); None without a group or before the first call."""
+        return None if self._exchange is None else self._exchange.last_stats
+
+    @property
+    def last_exchange_bytes(self) -> dict[str, int] | None:
+        """{"sent": bytes, "received": bytes} over links in the latest forward of a rank layer."""
+        st = self.last_exchange
+        return None if st is None else {"sent": st.bytes_sent, "received": st.bytes_received}
+
     def __repr__(self) -> str:
         c = self.config
+        ep = "" if self.group is None else f", rank={self.group.rank}/{self.group.world_size}"
         return (f"ZeroExpertMoE(H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, "
-                f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, device={self.device!r})")
+                f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, device={self.device!r}"
+                f"{ep})")
+
+
+def _check_group(group, config) -> None:
+    """ValueError on every rank when the group size does not divide E (before any
+    communication)."""
+    if group is None:
+        return
+    if not (hasattr(group, "rank") and hasattr(group, "world_size")):
+        raise TypeError(f"group: expected a zm.parallel group (with rank and world_size), "
+                        f"got {type(group).__name__}")
+    if config.num_experts % group.world_size:
+        raise ValueError(f"group: the {group.world_size} ranks must divide the "
+                         f"{config.num_experts} real experts evenly (num_experts % world_size "
+                         f"== 0), got a remainder of {config.num_experts % group.world_size}")
+
+
+def _expert_slice(group, E: int) -> tuple[int, int]:
+    """The real experts [lo, hi) the rank holds (all of them without a group)."""
+    if group is None:
+        return 0, E
+    per = E // group.world_size
+    return group.rank * per, (group.rank + 1) * per

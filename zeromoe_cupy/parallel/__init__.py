@@ -1,0 +1,36 @@
+"""Expert parallelism (SPEC.md "Expert parallelism"): the real experts spread over R ranks,
+the router and the zero experts on every rank.
+
+- ``init()``: the NCCL group of this process, from the launcher's environment (torchrun,
+  mpirun, srun, or ``zeromoe launch -n N``); ``local_groups(R)`` / ``run_local(fn, R)``: R
+  ranks as threads of one process (NumPy, or CuPy on one GPU).
+- ``ZeroExpertMoE(..., group=g)`` / ``ZeroExpertMoE.from_weights(..., group=g)``: a rank's
+  layer; its forward exchanges rows through ``Exchange`` (dispatch / combine).
+- ``gather_layer(rank_layers)``: the whole layer from the R rank layers of one process.
+"""
+from .exchange import Dispatched, Exchange, ExchangeStats, ep_forward
+from .group import Group, LocalGroup, NcclGroup, local_groups, run_local
+from .launch import RankInfo, init, launch, rank_info, rendezvous
+
+__all__ = ["Dispatched", "Exchange", "ExchangeStats", "Group", "LocalGroup", "NcclGroup",
+           "RankInfo", "ep_forward", "gather_layer", "init", "launch", "local_groups",
+           "rank_info", "rendezvous", "run_local"]
+
+
+def gather_layer(rank_layers):
+    """The single (group-less) layer whose experts are those of ``rank_layers`` (one per rank,
+    any order) concatenated in rank order; router, biases and zero experts from rank 0. For
+    testing rank layers against the whole layer (``.reference()``)."""
+    from ..layer import ZeroExpertMoE
+    layers = sorted(rank_layers, key=lambda layer: layer.group.rank)
+    ranks = [layer.group.rank for layer in layers]
+    if ranks != list(range(layers[0].group.world_size)):
+        raise ValueError(f"rank_layers: expected one layer per rank 0..R-1, got ranks {ranks}")
+    first = layers[0]
+    xp = first.xp
+    return ZeroExpertMoE.from_weights(
+        first.config, first.router_weight, xp.concatenate([la.w13 for la in layers]),
+        xp.concatenate([la.w2 for la in layers]), first.e_score_correction_bias,
+        first.router_bias, first.const_vec, first.const_gate, first.max_chunk_tokens,
+        expert_strategy=first.expert_strategy, router_gemm=first.router_gemm,
+        deterministic=first.deterministic)

@@ -1,0 +1,181 @@
+"""Dispatch and combine for expert parallelism (SPEC.md "Expert parallelism"), and the forward
+of a rank layer built on them.
+
+Rank r holds the real experts [r*E/R, (r+1)*E/R) and all zero experts. Per forward on its
+tokens x [T, H] (T may be 0):
+
+- ``dispatch``: the rows each rank needs. A token goes ONCE to every rank that holds at least
+  one of its real experts (zero-expert slots never leave the rank), with its K slot ids in
+  that rank's numbering (-1 for slots elsewhere) and its K weights. The sizes are exchanged
+  first: one host synchronization per call.
+- the destination runs its local experts on the received rows (``expert_mlp``, any strategy;
+  slots with id -1 are skipped by every path) and weights and sums each row's slots in fp32
+  (``combine`` with no zero experts), one row per (token, rank) in x's dtype.
+- ``combine``: those rows go back; the home rank adds the zero experts' share and every
+  rank's row in fp32 (one ``combine`` pass over K + R slots) and casts once.
+
+Rows travel back in x's dtype: a bf16 partial sum is rounded once (relative 2**-9), the same
+rounding each expert row gets on one GPU, and its fp32 sum with the other ranks' rows keeps
+the result within SPEC.md's tolerance (twice the single layer's error) while halving the
+combine traffic against fp32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from .._arrays import cupy_module, is_cupy
+from ..experts import expert_mlp
+from ..zero_experts import combine
+
+
+class ExchangeStats(NamedTuple):
+    """What one forward moved. Rows and bytes over links count other ranks only; ``rows_local``
+    is the rank's own tokens served by its own experts (a device copy)."""
+
+    rows_sent: int            # (token, destination rank) pairs with a real expert there
+    rows_received: int
+    rows_local: int
+    dispatch_bytes_sent: int
+    dispatch_bytes_received: int
+    combine_bytes_sent: int
+    combine_bytes_received: int
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.dispatch_bytes_sent + self.combine_bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.dispatch_bytes_received + self.combine_bytes_received
+
+
+class Dispatched(NamedTuple):
+    """What ``dispatch`` returns: the rows this rank serves, and what ``combine`` needs."""
+
+    x: Any            # [S_in, H] x's dtype: received token rows, grouped by source rank
+    ids: Any          # [S_in, K] int32: local expert ids, -1 for slots on other ranks
+    weights: Any      # [S_in, K] float32
+    handle: Any       # (send order, send splits, receive splits), for combine
+
+
+class Exchange:
+    """DeepEP-style buffer object of one rank: ``dispatch`` then ``combine`` per forward.
+
+    ``num_experts``: E, the real experts of the whole layer (divisible by the group size).
+    ``last_stats`` holds the ExchangeStats of the latest forward.
+    """
+
+    def __init__(self, group, num_experts: int):
+        R = group.world_size
+        if num_experts % R:
+            raise ValueError(f"num_experts: expected a multiple of the group size {R}, "
+                             f"got {num_experts}")
+        self.group = group
+        self.num_experts = num_experts
+        self.local_experts = num_experts // R
+        self.last_stats: ExchangeStats | None = None
+
+    def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
+        """Send each token once to every rank holding one of its real experts (collective;
+        one host synchronization for the sizes). x [T, H]; ids, weights [T, K]."""
+        g, R, El = self.group, self.group.world_size, self.local_experts
+        xp = cupy_module() if is_cupy(x) else np
+        T, K = topk_ids.shape
+        ids = topk_ids.astype(np.int32, copy=False)
+        dest = xp.where(ids < self.num_experts, ids // El, -1)  # rank of each slot; -1: zero
+        # need[p, t]: token t has a slot on rank p (rank-major, so rows group by destination)
+        need = (dest[None, :, :] == xp.arange(R, dtype=np.int32)[:, None, None]).any(axis=2)
+        send_counts = need.sum(axis=1)
+        sent, received = g.exchange_counts(send_counts)
+        send_splits, recv_splits = sent[:, 0], received[:, 0]
+        S, S_in = int(send_splits.sum()), int(recv_splits.sum())
+        # Row order: every needed (p, t) in rank-major order, placed by a prefix sum; the
+        # others write to a spare last slot (no host synchronization).
+        flat = need.reshape(-1)
+        pos = xp.where(flat, xp.cumsum(flat) - 1, S)
+        order = xp.empty(S + 1, np.int64)
+        order[pos] = xp.arange(R * T, dtype=np.int64)
+        order = order[:S]
+        tok, to = order % max(T, 1), order // max(T, 1)
+        send_x = xp.ascontiguousarray(x[tok])
+        row_ids = ids[tok]
+        send_ids = xp.where(dest[tok] == to[:, None], row_ids - (to * El)[:, None].astype(
+            np.int32), -1).astype(np.int32)
+        send_w = xp.ascontiguousarray(topk_weights[tok], dtype=np.float32)
+        recv_x = xp.empty((S_in, x.shape[1]), x.dtype)
+        recv_ids = xp.empty((S_in, K), np.int32)
+        recv_w = xp.empty((S_in, K), np.float32)
+        g.all_to_all([send_x, xp.ascontiguousarray(send_ids), send_w], send_splits,
+                      [recv_x, recv_ids, recv_w], recv_splits)
+        me = g.rank
+        row_bytes = x.shape[1] * x.itemsize + K * 8
+        out_rows, in_rows = S - int(send_splits[me]), S_in - int(recv_splits[me])
+        self.last_stats = ExchangeStats(out_rows, in_rows, int(send_splits[me]),
+                                        out_rows * row_bytes, in_rows * row_bytes, 0, 0)
+        return Dispatched(recv_x, recv_ids, recv_w, (tok, to, send_splits, recv_splits))
+
+    def combine(self, rows, handle):
+        """Send each served row back to its home rank (collective). ``rows`` [S_in, H]: one per
+        row ``dispatch`` received, in its order. Returns [S, H]: one row per (token,
+        destination rank) this rank sent, in dispatch's send order (``handle``)."""
+        g = self.group
+        tok, to, send_splits, recv_splits = handle
+        xp = cupy_module() if is_cupy(rows) else np
+        back = xp.empty((int(send_splits.sum()), rows.shape[1]), rows.dtype)
+        g.all_to_all([xp.ascontiguousarray(rows)], recv_splits, [back], send_splits)
+        row_bytes = rows.shape[1] * rows.itemsize
+        st = self.last_stats
+        self.last_stats = st._replace(combine_bytes_sent=st.rows_received * row_bytes,
+                                      combine_bytes_received=st.rows_sent * row_bytes)
+        return back
+
+
+def _no_mark(stage: str) -> None:
+    pass
+
+
+def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):
+    """y [T, H] of a rank layer (``layer.group`` set) for its tokens x and their routing over
+    all E+Z experts. Collective: every rank calls it the same number of times.
+    ``mark(stage)``, if given, is called after "dispatch", "experts" and "combine"."""
+    mark = mark or _no_mark
+    cfg = layer.config
+    ex = layer._exchange
+    ids, weights = routing.topk_ids, routing.topk_weights
+    T, K = ids.shape
+    xp = layer.xp
+    E = cfg.num_experts
+    if E == 0:  # nothing to exchange: every slot is a zero expert
+        return combine(x, ids, weights, 0, cfg.zero_types, None, layer.const_vec,
+                       layer.const_gate, num_zero_experts=cfg.num_zero_experts, check_ids=False)
+    d = ex.dispatch(x, ids, weights)
+    mark("dispatch")
+    S_in = d.x.shape[0]
+    partial = xp.empty((S_in, x.shape[1]), x.dtype)
+    step = layer.max_chunk_tokens  # bounds the expert stage's workspace per pass
+    for s in range(0, S_in, step):
+        sl = slice(s, min(S_in, s + step))
+        out = expert_mlp(d.x[sl], d.ids[sl], layer.w13, layer.w2,
+                         strategy=layer.expert_strategy)
+        partial[sl] = combine(d.x[sl], d.ids[sl], d.weights[sl], ex.local_experts, "identity",
+                              out, num_zero_experts=0, check_ids=False)
+    mark("experts")
+    back = ex.combine(partial, d.handle)
+    tok, to = d.handle[0], d.handle[1]
+    R = layer.group.world_size
+    # One combine over K + R slots: the zero experts' slots as routed (real ones masked to -1,
+    # which contributes nothing) and one slot per rank with weight 1 reading the row it sent
+    # back (slot_rows -1 where the token had nothing there).
+    extra = xp.full((T, R), -1, np.int32)
+    extra[tok, to] = xp.arange(back.shape[0], dtype=np.int32)
+    all_ids = xp.concatenate([xp.where(ids < E, -1, ids).astype(np.int32),
+                              xp.zeros((T, R), np.int32)], axis=1)
+    all_w = xp.concatenate([weights.astype(np.float32, copy=False),
+                            xp.ones((T, R), np.float32)], axis=1)
+    slot_rows = xp.concatenate([xp.full((T, K), -1, np.int32), extra], axis=1)
+    y = combine(x, all_ids, all_w, E, cfg.zero_types, (back, slot_rows), layer.const_vec,
+                layer.const_gate, num_zero_experts=cfg.num_zero_experts, check_ids=False)
+    mark("combine")
+    return y
