@@ -1,4 +1,4 @@
-"""Command line: `zeromoe info | demo | bench` (also `python -m zeromoe_cupy`)."""
+"""Command line: `zeromoe info | demo | bench | launch` (also `python -m zeromoe_cupy`)."""
 from __future__ import annotations
 
 import argparse
@@ -97,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     p_bench = sub.add_parser("bench", help="time the layer against the memory/FLOP floor")
     from .bench import add_arguments
     add_arguments(p_bench)
+    p_launch = sub.add_parser("launch", help="run a script as N ranks on this host (one GPU "
+                              "each), with the environment zm.parallel.init() reads")
+    p_launch.add_argument("-n", "--nprocs", type=int, required=True, help="number of ranks")
+    p_launch.add_argument("--no-prefix", action="store_true",
+                          help="pass output through instead of prefixing lines with [rank r]")
+    p_launch.add_argument("script", help="the Python script (or -m module)")
+    p_launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        from .parallel.launch import launch
+        return launch(args.nprocs, [args.script, *args.args], prefix=not args.no_prefix)
     if args.command == "info":
         return info()
     if args.command == "demo":

@@ -7,13 +7,14 @@ the router and the zero experts on every rank.
 - ``ZeroExpertMoE(..., group=g)`` / ``ZeroExpertMoE.from_weights(..., group=g)``: a rank's
   layer; its forward exchanges rows through ``Exchange`` (dispatch / combine).
 - ``gather_layer(rank_layers)``: the whole layer from the R rank layers of one process.
+- ``launch.launch(n, argv)``: ``zeromoe launch -n N script.py``.
 """
 from .exchange import Dispatched, Exchange, ExchangeStats, ep_forward
 from .group import Group, LocalGroup, NcclGroup, local_groups, run_local
-from .launch import RankInfo, init, launch, rank_info, rendezvous
+from .launch import RankInfo, init, rank_info, rendezvous
 
 __all__ = ["Dispatched", "Exchange", "ExchangeStats", "Group", "LocalGroup", "NcclGroup",
-           "RankInfo", "ep_forward", "gather_layer", "init", "launch", "local_groups",
+           "RankInfo", "ep_forward", "gather_layer", "init", "local_groups",
            "rank_info", "rendezvous", "run_local"]
 
 
