@@ -7,6 +7,7 @@ timings after warm-up, with inputs rotated so that the L2 cache does not flatter
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -43,6 +44,10 @@ def add_arguments(p) -> None:
     p.add_argument("--router-gemm", default="auto", help="auto | fp32 (see ZeroExpertMoE)")
     p.add_argument("--deterministic", action="store_true",
                    help="the layer's deterministic mode (chunk-invariant bits; slower)")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism: N ranks on this host (one GPU each) against the "
+                   "one-GPU layer (parallel/bench_ep.py)")
+    p.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -308,6 +313,10 @@ def floor_time(cfg, ids_host, bandwidth, rate):
 
 def run(args) -> int:
     import zeromoe_cupy as zm
+
+    if getattr(args, "ep", None):
+        from .parallel import bench_ep
+        return bench_ep.worker(args) if args.ep_worker else bench_ep.run_ep(args)
 
     device = args.device or ("cuda" if gpu_available() else "cpu")
     gpu = device == "cuda"

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p_launch.add_argument("-n", "--nprocs", type=int, required=True, help="number of ranks")
     p_launch.add_argument("--no-prefix", action="store_true",
                           help="pass output through instead of prefixing lines with [rank r]")
-    p_launch.add_argument("script", help="the Python script (or -m module)")
+    p_launch.add_argument("script", help="the Python script")
     p_launch.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     args = parser.parse_args(argv)
     if args.command == "launch":

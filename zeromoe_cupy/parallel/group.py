@@ -214,6 +214,7 @@ class LocalGroup(Group):
         return got
 
     def _exchange_counts(self, counts):
+        counts = counts.get() if is_cupy(counts) else counts  # host results, as NCCL's
         got = self._exchange([counts[p].copy() for p in range(self.world_size)])
         return counts.copy(), np.stack(got)
 

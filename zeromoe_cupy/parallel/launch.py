@@ -50,8 +50,8 @@ def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
     """This process's rank, world size, local rank and rendezvous address, from ``env``
     (default os.environ). ValueError naming the variables when they are missing or wrong.
 
-    The rendezvous port is MASTER_PORT, or MASTER_PORT + 1 under torchrun's elastic agent
-    (TORCHELASTIC_USE_AGENT_STORE set), whose own store already listens on MASTER_PORT.
+    The rendezvous port is ZEROMOE_RENDEZVOUS_PORT if set, else MASTER_PORT, or MASTER_PORT + 1
+    under torchrun (TORCHELASTIC_* variables set), whose agent's store listens on MASTER_PORT.
     """
     env = os.environ if env is None else env
     for _, rank_var, size_var, local_var in _LAUNCHERS:
@@ -74,8 +74,10 @@ def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
                          "host and a free TCP port, e.g. `mpirun -x MASTER_ADDR=node0 -x "
                          f"MASTER_PORT=29500`), got {addr!r} and {port!r}")
     port_n = _int_var(env, "MASTER_PORT") if port else 0
-    if env.get("TORCHELASTIC_USE_AGENT_STORE"):
+    if any(k.startswith("TORCHELASTIC_") for k in env):
         port_n += 1
+    if "ZEROMOE_RENDEZVOUS_PORT" in env:
+        port_n = _int_var(env, "ZEROMOE_RENDEZVOUS_PORT")
     return RankInfo(rank, world, local, addr or "127.0.0.1", port_n)
 
 
