@@ -42,7 +42,7 @@ def _ns(ms):
 
 def measure_link(group, timer) -> float:
     """Bytes sent + received per second by one rank in an all-to-all of LINK_BYTES per peer."""
-    cp = __import__("cupy")
+    import cupy as cp
     R, me = group.world_size, group.rank
     if R == 1:
         return float("inf")
@@ -57,7 +57,8 @@ def worker(args) -> int:
     import cupy as cp
 
     import zeromoe_cupy as zm
-    from ..bench import (_Timer, _normal, calibrate_zero_bias, floor_time, measure_ceilings)
+    from ..bench import (_Timer, _normal, calibrate_zero_bias, floor_time, format_ceilings,
+                         measure_ceilings)
     from .exchange import ep_forward
 
     group = zm.parallel.init()
@@ -80,15 +81,16 @@ def worker(args) -> int:
     dt = whole.w13.dtype
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
     gpu = props["name"].decode()
-    bandwidth, rate = measure_ceilings(dt, args.quick)
+    ceilings = measure_ceilings(cfg.dtype, args.quick)
+    bandwidth, rate = ceilings["copy"]["best"], ceilings["matmul"]["best"]
     timer = _Timer(True, 3 if args.quick else 10, 10 if args.quick else 30)
     link = measure_link(group, _Timer(True, 2, 5))
-    say(f"{gpu} x{R}: copy {bandwidth / 1e12:.2f} TB/s, {cfg.dtype} matmul {rate / 1e12:.0f} "
-        f"TFLOP/s, link {link / 1e9:.0f} GB/s (sent + received per rank); zero-expert bias "
-        f"{offset:+.4f}: {share:.2f} of {cfg.top_k} slots real", flush=True)
+    say(f"{gpu} x{R}:\n{format_ceilings(ceilings)}\nlink {link / 1e9:.0f} GB/s (sent + "
+        f"received per rank, NCCL all-to-all of {LINK_BYTES >> 20} MiB per peer); zero-expert "
+        f"bias {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real", flush=True)
     whole.warmup()
     part.warmup()
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    H, I = cfg.hidden_size, cfg.intermediate_size
     item = np.dtype(dt).itemsize
     rows = []
     for T in tokens:
@@ -116,6 +118,7 @@ def worker(args) -> int:
         rows.append([dict(zip(_FIELDS, [int(v) for v in rank_row])) for rank_row in allr])
     result = {"preset": preset, "dtype": cfg.dtype, "ranks": R, "gpu": gpu,
               "copy_bandwidth_Bps": bandwidth, "matmul_flops": rate, "link_Bps": link,
+              "ceilings": ceilings,
               "real_per_token": share, "strategy": args.strategy, "rows": rows}
     if r == 0:
         _print_table(result)
