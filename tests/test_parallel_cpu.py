@@ -284,3 +284,20 @@ def test_launch_sets_the_environment_and_stops_the_others_on_failure(tmp_path):
     assert bad.returncode == 3
     assert "rank 1 exited with status 3" in bad.stderr
     assert not list(tmp_path.glob("late*"))  # ranks 0 and 2 were stopped
+
+
+@pytest.mark.parametrize("wants", [bytes, tuple])
+def test_nccl_unique_id_reaches_the_communicator_in_the_type_cupy_wants(wants):
+    # CuPy >= 14 gives and takes the id as bytes, older CuPy as a tuple of signed chars; the
+    # id travels from rank 0 as a JSON list of its ints.
+    from zeromoe_cupy.parallel.group import _communicator
+    uid = bytes(range(120, 248)) if wants is bytes else tuple(range(-64, 64))
+
+    class FakeNccl:
+        @staticmethod
+        def NcclCommunicator(world, comm_id, rank):
+            if not isinstance(comm_id, wants):
+                raise TypeError(f"Argument 'commId' has incorrect type (expected {wants})")
+            return world, comm_id, rank
+
+    assert _communicator(FakeNccl, 2, list(uid), 1) == (2, uid, 1)

@@ -18,6 +18,13 @@ Rows travel back in x's dtype: a bf16 partial sum is rounded once (relative 2**-
 rounding each expert row gets on one GPU, and its fp32 sum with the other ranks' rows keeps
 the result within SPEC.md's tolerance (twice the single layer's error) while halving the
 combine traffic against fp32.
+
+Not graph-capturable: the sizes cross to the host once per call. A capturable variant would
+give every (source, destination) pair a fixed capacity of rows (e.g. T_max per rank, or a
+configured cap with an overflow error flag read later), exchange full fixed-size buffers
+with the counts travelling in them, build the send order on the device into those slots,
+and run the experts with a strategy that needs no host counts (the "fixed" path, or a
+padded batched GEMM over the capacity); the price is link bytes for the unused capacity.
 """
 from __future__ import annotations
 

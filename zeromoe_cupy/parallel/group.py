@@ -106,7 +106,7 @@ class NcclGroup(Group):
         self._nccl = nccl
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = cupy_module().cuda.Device().id
-        self.comm = nccl.NcclCommunicator(self.world_size, tuple(unique_id), self.rank)
+        self.comm = _communicator(nccl, self.world_size, unique_id, self.rank)
 
     def _exchange_counts(self, counts):
         cp = cupy_module()
@@ -143,6 +143,16 @@ class NcclGroup(Group):
                                        nccl.NCCL_INT8, p, stream)
         finally:
             nccl.groupEnd()
+
+
+def _communicator(nccl, world_size, unique_id, rank):
+    """NcclCommunicator from a unique id as ``get_unique_id`` gave it (bytes in CuPy >= 14, a
+    tuple of signed chars before) or as a list of its ints after a JSON round trip."""
+    ints = [int(b) for b in unique_id]
+    try:
+        return nccl.NcclCommunicator(world_size, bytes(b & 0xFF for b in ints), rank)
+    except TypeError:  # CuPy < 14 wants the tuple; the check comes before any NCCL call
+        return nccl.NcclCommunicator(world_size, tuple(ints), rank)
 
 
 # --- local threads -----------------------------------------------------------------------------
