@@ -1,11 +1,26 @@
-"""Checkpoint names and tensors -> the layer's arrays (no GPU code of its own).
+"""Checkpoint names and files -> the layer's arrays (no GPU code of its own: arrays are made
+with the array module passed in, NumPy or CuPy).
+
+Files are safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian
+header length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}},
+then the tensors' bytes. The few lines that read and write that format live here rather than
+going through the ``safetensors`` package's NumPy API, because that API cannot read float8
+tensors (FP8 checkpoints) and maps whole files into memory, while a layer of many GB should
+pass through the host one expert at a time.
 
 Shape legend as in layer.py: H hidden, I expert intermediate, E real experts, Z zero experts.
 """
 from __future__ import annotations
 
-from typing import Any
+import concurrent.futures
+import dataclasses
+import json
+import os
+import struct
+import sys
+from typing import Any, Iterator
 
+import ml_dtypes
 import numpy as np
 
 from ._arrays import as_array, cupy_module, is_cupy
@@ -95,3 +110,445 @@ def state_dict_weights(config, state_dict, prefix: str = "") -> dict[str, Any]:
                              f"{names[1]}.weight, or fused experts.w13_weight/w2_weight)")
     w13, w2 = stack_expert_weights(config, mats["gate"], mats["up"], mats["down"])
     return {**out, "w13": w13, "w2": w2}
+
+
+
+# --- the safetensors format -------------------------------------------------------------------
+ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+_READ_CHUNK = 1 << 30    # one read() moves at most this many bytes (Linux caps a read near 2 GiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file: where its bytes are and what they hold."""
+
+    path: str
+    name: str
+    dtype: str            # safetensors name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    offset: int           # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def np_dtype(self) -> np.dtype | None:
+        return ST_DTYPES.get(self.dtype)
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors file (name -> TensorInfo) and its ``__metadata__``.
+
+    Reads only the header. Raises FileNotFoundError naming the path, ValueError naming the
+    path for a file that is not safetensors (bad length, JSON, or offsets past the end).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header "
+                             f"length)")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file (header length {n} for a file "
+                             f"of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {exc})") \
+                from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, e in header.items():
+        try:
+            dtype, shape = str(e["dtype"]), tuple(int(d) for d in e["shape"])
+            begin, end = (int(o) for o in e["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: tensor {name!r}: malformed header entry {e!r}") from exc
+        info = TensorInfo(path, name, dtype, shape, 8 + n + begin, end - begin)
+        itemsize = ST_DTYPES[dtype].itemsize if dtype in ST_DTYPES else None
+        if (not 0 <= begin <= end or 8 + n + end > size
+                or (itemsize and int(np.prod(shape)) * itemsize != end - begin)):
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets {[begin, end]} do not fit "
+                             f"its shape {list(shape)} / dtype {dtype} or the file size {size}")
+        tensors[name] = info
+    return tensors, meta
+
+
+def read_into(info: TensorInfo, out: np.ndarray, index: int | None = None) -> np.ndarray:
+    """Read a tensor (or its ``index``-th slice along axis 0) into the C-contiguous host
+    array ``out`` of the tensor's dtype; returns ``out``. Thread-safe (positional reads)."""
+    offset, nbytes = info.offset, info.nbytes
+    if index is not None:
+        nbytes //= info.shape[0]
+        offset += index * nbytes
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    if len(buf) != nbytes:  # pragma: no cover - callers size out from the header
+        raise ValueError(f"{info.path}: tensor {info.name!r}: {nbytes} bytes into a buffer of "
+                         f"{len(buf)}")
+    fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [buf[done:done + _READ_CHUNK]], offset + done)
+            if got <= 0:
+                raise ValueError(f"{info.path}: tensor {info.name!r}: file ended early")
+            done += got
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_tensor(info: TensorInfo, index: int | None = None) -> np.ndarray:
+    """A new host array with the tensor (or its ``index``-th slice along axis 0)."""
+    shape = info.shape if index is None else info.shape[1:]
+    return read_into(info, np.empty(shape, info.np_dtype), index)
+
+
+def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write NumPy or CuPy arrays (None values skipped) into one safetensors file.
+
+    A CuPy array passes through the host one slice along axis 0 at a time. The file is
+    written under a temporary name and renamed, so a failed save leaves no partial file.
+    """
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    pos = 0
+    for name, a in tensors.items():
+        dt = np.dtype(a.dtype)
+        if dt not in _ST_NAMES:
+            raise TypeError(f"{name}: dtype {dt} has no safetensors name")
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(a.shape),
+                        "data_offsets": [pos, pos + a.size * dt.itemsize]}
+        pos += a.size * dt.itemsize
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for a in tensors.values():
+                if is_cupy(a):
+                    parts = (a[i].get() for i in range(a.shape[0])) if a.ndim > 1 else [a.get()]
+                else:
+                    parts = [a]
+                for part in parts:
+                    f.write(np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --- a checkpoint's layer -> the layer's arrays -----------------------------------------------
+@dataclasses.dataclass
+class Target:
+    """One array of the layer and where each of its pieces comes from in the files."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    # (tensor, slice index of the tensor along axis 0 or None, index into the target)
+    pieces: list[tuple[TensorInfo, int | None, tuple]] = dataclasses.field(default_factory=list)
+
+
+FUSED_EXPERT_KEYS = (  # (gate_up or w13 [E(+Z), 2I, H], down [E, H, I]), first pair found
+    ("experts.gate_up_proj", "experts.down_proj"),   # transformers v5's in-memory layout
+    ("experts.w13_weight", "experts.w2_weight"),     # vLLM's
+)
+ROUTER_WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class _Files:
+    """Which file holds each tensor name; headers read on first use, each file at most once."""
+
+    def __init__(self, where: dict[str, str], described_by: str):
+        self.where, self.described_by = where, described_by
+        self.headers: dict[str, dict[str, TensorInfo]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def info(self, key: str) -> TensorInfo:
+        path = self.where[key]
+        if path not in self.headers:
+            self.headers[path] = read_header(path)[0]
+        if key not in self.headers[path]:
+            raise ValueError(f"{path}: no tensor {key!r} although {self.described_by} "
+                             f"places it there")
+        return self.headers[path][key]
+
+
+def checkpoint_files(path: str) -> _Files:
+    """The tensor -> file map of a checkpoint directory: ``model.safetensors.index.json``
+    (its weight_map; no shard is opened here) or a single ``model.safetensors``."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            where = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor "
+                             f"name -> shard file ({exc!r})") from exc
+        return _Files(where, index)
+    if os.path.isfile(single):
+        return _Files({k: single for k in read_header(single)[0]}, single)
+    raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no model.safetensors "
+                            f"in the checkpoint directory")
+
+
+def _check(info: TensorInfo, shape: tuple, allowed: tuple[str, ...], what: str) -> None:
+    if info.shape != tuple(shape):
+        raise ValueError(f"{info.path}: tensor {info.name!r} ({what}): expected shape "
+                         f"{list(shape)}, got {list(info.shape)}")
+    if info.dtype not in allowed:
+        raise TypeError(f"{info.path}: tensor {info.name!r} ({what}): expected dtype one of "
+                        f"{list(allowed)}, got {info.dtype}")
+
+
+def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
+                       router_bias: bool | None = None) -> dict[str, Target]:
+    """The layer's arrays (from_weights' argument names) and the file pieces that fill them,
+    every shape and dtype checked against the headers (no tensor data read).
+
+    ``prefix``: "model.layers.L.mlp."; ``dtype``: the expert arrays' dtype. ``router_bias``:
+    True requires ``router.classifier.bias``, False ignores it, None loads it if present.
+    Raises ValueError (missing key, wrong shape) / TypeError (wrong dtype) naming file and key.
+    """
+    cfg = config
+    H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
+                     cfg.num_zero_experts, cfg.num_total_experts)
+    fp8 = getattr(cfg, "quantization", None) == "fp8"
+    floats = ("F64", "F32", "F16", "BF16")
+    expert_dtypes = ("F8_E4M3",) if fp8 else floats
+    fp32 = np.dtype(np.float32)
+
+    def find(role: str, required: bool = True) -> TensorInfo | None:
+        names = STATE_DICT_KEYS[role]
+        for name in names:
+            if prefix + name in files:
+                return files.info(prefix + name)
+        if required:
+            raise ValueError(f"{files.described_by}: no tensor {prefix + names[0]!r} ({role}; "
+                             f"looked for {[prefix + n for n in names]})")
+        return None
+
+    out: dict[str, Target] = {}
+    router = find("router_weight")
+    _check(router, (N, H), floats, "router weight")
+    out["router_weight"] = Target((N, H), fp32, [(router, None, ())])
+    for role, wanted in (("e_score_correction_bias", cfg.use_correction_bias),
+                         ("router_bias", router_bias)):
+        info = find(role, required=bool(wanted))
+        if info is not None and wanted is not False:
+            _check(info, (N,), floats, role)
+            out[role] = Target((N,), fp32, [(info, None, ())])
+    w13 = out["w13"] = Target((E, 2 * I, H), dtype)
+    w2 = out["w2"] = Target((E, H, I), dtype)
+    if fp8:
+        bi, bh = -(-I // 128), -(-H // 128)
+        s13 = out["w13_scale_inv"] = Target((E, 2 * bi, bh), fp32)
+        s2 = out["w2_scale_inv"] = Target((E, bh, bi), fp32)
+    fused = next(((gu, d) for gu, d in FUSED_EXPERT_KEYS
+                  if prefix + gu in files and prefix + d in files), None)
+    if fused is not None:
+        if fp8:
+            raise ValueError(f"{files.described_by}: fused expert tensors "
+                             f"{prefix + fused[0]!r} with quantization 'fp8': expected the "
+                             f"per-expert layout (experts.M.gate_proj.weight + weight_scale_inv)")
+        gate_up, down = files.info(prefix + fused[0]), files.info(prefix + fused[1])
+        rows = gate_up.shape[0] if gate_up.shape and gate_up.shape[0] in (E, E + Z) else E
+        _check(gate_up, (rows, 2 * I, H), expert_dtypes, f"experts' gate and up, gate rows first")
+        _check(down, (E, H, I), expert_dtypes, "experts' down projection")
+        for e in range(E):
+            w13.pieces.append((gate_up, e, (e,)))
+            w2.pieces.append((down, e, (e,)))
+        return out
+    names = next((n for n in zip(*PER_EXPERT_KEYS.values())
+                  if f"{prefix}experts.0.{n[0]}.weight" in files), None)
+    if names is None:
+        raise ValueError(f"{files.described_by}: no expert tensors under {prefix!r} (looked for "
+                         f"{prefix}experts.0.gate_proj.weight, {prefix}experts.0.w1.weight, "
+                         f"and the fused {[prefix + k for k, _ in FUSED_EXPERT_KEYS]})")
+    gate_n, up_n, down_n = names
+    for e in range(E):
+        for name, target, shape, index, what in (
+                (gate_n, w13, (I, H), (e, slice(0, I)), "gate projection"),
+                (up_n, w13, (I, H), (e, slice(I, 2 * I)), "up projection"),
+                (down_n, w2, (H, I), (e,), "down projection")):
+            key = f"{prefix}experts.{e}.{name}.weight"
+            if key not in files:
+                raise ValueError(f"{files.described_by}: no tensor {key!r} (expert {e}'s "
+                                 f"{what}; the layer has {E} real experts)")
+            info = files.info(key)
+            _check(info, shape, expert_dtypes, f"expert {e}'s {what}")
+            target.pieces.append((info, None, index))
+        if fp8:
+            for name, target, shape, index in (
+                    (gate_n, s13, (bi, bh), (e, slice(0, bi))),
+                    (up_n, s13, (bi, bh), (e, slice(bi, 2 * bi))),
+                    (down_n, s2, (bh, bi), (e,))):
+                key = f"{prefix}experts.{e}.{name}.weight_scale_inv"
+                if key not in files:
+                    raise ValueError(f"{files.described_by}: no tensor {key!r} (expert {e}'s "
+                                     f"fp8 block scales)")
+                info = files.info(key)
+                _check(info, shape, ("F32",), f"expert {e}'s fp8 block scales")
+                target.pieces.append((info, None, index))
+    return out
+
+
+def fill_targets(targets: dict[str, Target], xp, progress: bool | None = None,
+                 workers: int = 4) -> dict[str, Any]:
+    """Allocate each target with ``xp`` (NumPy or CuPy) and fill it piece by piece.
+
+    Pieces are read in file order by ``workers`` threads, a few ahead of the copy, so the
+    host holds only those few pieces (one expert matrix each) at a time; with NumPy and a
+    matching dtype they are read straight into the target. ``progress``: a tqdm bar (None:
+    when the pieces exceed 1 GiB and stderr is a terminal).
+    """
+    def alloc_dtype(dt):  # e4m3 on the GPU: a uint8 array of the bits (SPEC.md "FP8 experts")
+        return np.dtype(np.uint8) if xp is not np and dt == _E4M3 else dt
+    arrays = {name: xp.empty(t.shape, alloc_dtype(t.dtype)) for name, t in targets.items()}
+    jobs = sorted(((info.path, info.offset, name, info, index, dest)
+                   for name, t in targets.items() for info, index, dest in t.pieces),
+                  key=lambda j: (j[0], j[1]))
+    total = sum(info.nbytes // (info.shape[0] if index is not None else 1)
+                for _, _, _, info, index, _ in jobs)
+    bar = None
+    if progress or (progress is None and total > (1 << 30) and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading layer")
+
+    def read(job):
+        _, _, name, info, index, dest = job
+        target = arrays[name]
+        if xp is np and target.dtype == info.np_dtype:
+            view = target[dest] if dest else target
+            if view.flags.c_contiguous:
+                read_into(info, view, index)
+                return None
+        return read_tensor(info, index)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            window = 2 * workers
+            futures = [pool.submit(read, j) for j in jobs[:window]]
+            for i, job in enumerate(jobs):
+                host = futures[i].result()
+                futures[i] = None  # drop the finished piece
+                if i + window < len(jobs):
+                    futures.append(pool.submit(read, jobs[i + window]))
+                _, _, name, info, index, dest = job
+                if host is not None:
+                    target = arrays[name]
+                    if host.dtype == _E4M3 and target.dtype == np.uint8:
+                        host = host.view(np.uint8)
+                    if dest:
+                        target[dest] = xp.asarray(host)
+                    else:
+                        target[...] = xp.asarray(host)
+                if bar is not None:
+                    bar.update(host.nbytes if host is not None
+                               else info.nbytes // (info.shape[0] if index is not None else 1))
+    finally:
+        if bar is not None:
+            bar.close()
+    return arrays
+
+
+
+def pretrained_layer(path, layer: int, dtype: str | None = None):
+    """(config, targets) for ``model.layers.<layer>.mlp`` of a Hugging Face checkpoint
+    directory: the config from its config.json (``MoEConfig.from_hf_config``; ``dtype``
+    overrides its dtype), the targets as ``pretrained_targets`` gives them. Reads config.json,
+    the index and the headers of the shards that hold the layer's tensors; no tensor data.
+
+    Raises FileNotFoundError naming a missing directory or file; ValueError for a layer out
+    of range or a dense (non-MoE) layer; ValueError / TypeError naming file and key for a
+    missing tensor, a wrong shape or dtype.
+    """
+    from .config import DTYPES, parse_hf_config
+    from ._arrays import np_dtype
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint directory, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    model = parse_hf_config(path)
+    cfg = model.config
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer: expected an int, got {type(layer).__name__} {layer!r}")
+    layer = int(layer)
+    if not 0 <= layer < model.num_layers:
+        raise ValueError(f"layer: expected 0 <= layer < {model.num_layers} (the decoder layers "
+                         f"of {path}), got {layer}")
+    if layer in model.dense_layers:
+        raise ValueError(f"layer: model.layers.{layer} of {path} is a dense MLP layer, not an "
+                         f"MoE layer (the {model.model_type} config makes layers "
+                         f"{list(model.dense_layers)} dense); the MoE layers are "
+                         f"{[L for L in range(model.num_layers) if L not in model.dense_layers]}")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype: expected None (the checkpoint's) or one of {DTYPES}, "
+                            f"got {dtype!r}")
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    files = checkpoint_files(path)
+    expert_dtype = _E4M3 if getattr(cfg, "quantization", None) == "fp8" else np_dtype(cfg.dtype)
+    targets = pretrained_targets(files, f"model.layers.{layer}.mlp.", cfg, expert_dtype,
+                                 router_bias=True if model.router_bias else None)
+    return cfg, targets
+
+
+# --- the library's own file: one layer, config and options in the metadata --------------------
+FORMAT_NAME = "zeromoe_cupy.layer"
+FORMAT_VERSION = "1"
+
+
+def save_layer(path, arrays: dict[str, Any], config, options: dict[str, Any]) -> None:
+    """One safetensors file: ``arrays`` under from_weights' argument names; the metadata holds
+    the format name, ``config.to_dict()`` and ``options`` as JSON."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "config": json.dumps(config.to_dict()), "options": json.dumps(options)}
+    write_safetensors(os.fspath(path), arrays, meta)
+
+
+def load_layer(path):
+    """(config, options, targets) of a file written by ``save_layer``. Raises
+    FileNotFoundError naming the path, ValueError for a file that is not one."""
+    from .config import MoEConfig
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    tensors, meta = read_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a layer saved by ZeroExpertMoE.save (metadata 'format' "
+                         f"is {meta.get('format')!r}, expected {FORMAT_NAME!r}); for a Hugging "
+                         f"Face checkpoint use ZeroExpertMoE.from_pretrained")
+    try:
+        cfg = MoEConfig.from_dict(json.loads(meta["config"]))
+        options = json.loads(meta["options"])
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: metadata 'config' / 'options' unreadable ({exc})") from exc
+    targets = {}
+    for name, info in tensors.items():
+        if info.np_dtype is None:
+            raise TypeError(f"{path}: tensor {name!r}: unsupported dtype {info.dtype}")
+        targets[name] = Target(info.shape, info.np_dtype, [(info, None, ())])
+    return cfg, options, targets

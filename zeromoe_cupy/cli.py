@@ -87,6 +87,34 @@ def demo(device: str | None = None, tokens: int = 64) -> int:
     return 0 if ok else 1
 
 
+def demo_checkpoint(moe, path: str, layer: int, tokens: int = 64) -> int:
+    """The demo on a real layer ``moe`` (``model.layers.<layer>.mlp`` of the checkpoint at
+    ``path``): random tokens N(0, 1), checked against the float64 reference."""
+    import zeromoe_cupy as zm
+    from ._arrays import np_dtype
+
+    device, cfg = moe.device, moe.config
+    if device == "cpu":
+        print("No GPU in use: running the NumPy path on the CPU.")
+    x_host = np.random.default_rng(1).standard_normal((tokens, cfg.hidden_size))
+    x_host = x_host.astype(np.float32).astype(np_dtype(cfg.dtype))
+    x = cupy_module().asarray(x_host) if device == "cuda" else x_host
+    r = moe.route(x)
+    y = moe(x, routing=r)
+    ref, _ = moe.reference(x)
+    y_host = y.get() if device == "cuda" else y
+    err = zm.reference.relative_error(y_host, ref)
+    ids = r.topk_ids.get() if device == "cuda" else r.topk_ids
+    real = float((ids < cfg.num_experts).sum(axis=1).mean())
+    passed = err <= TOLERANCE[cfg.dtype]
+    print(f"{path} layer {layer}: {cfg.dtype} T={tokens} H={cfg.hidden_size} "
+          f"I={cfg.intermediate_size} E={cfg.num_experts} Z={cfg.num_zero_experts} "
+          f"K={cfg.top_k}: real experts/token {real:.2f}, rel. error vs float64 {err:.2e} "
+          f"(<= {TOLERANCE[cfg.dtype]:.0e}) {'ok' if passed else 'FAIL'}")
+    print(f"demo on {device}: {'all checks passed' if passed else 'CHECK FAILED'}")
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zeromoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="a small layer end to end, checked against float64")
     p_demo.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p_demo.add_argument("--tokens", type=int, default=64)
+    p_demo.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="a Hugging Face checkpoint directory: run the demo on its layer")
+    p_demo.add_argument("--layer", type=int, default=None,
+                        help="with --checkpoint: the decoder layer whose MoE block is loaded")
     p_bench = sub.add_parser("bench", help="time the layer against the memory/FLOP floor")
     from .bench import add_arguments
     add_arguments(p_bench)
@@ -111,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "demo":
+        if (args.checkpoint is None) != (args.layer is None):
+            p_demo.error("--checkpoint and --layer go together")
+        if args.checkpoint is not None:
+            import zeromoe_cupy as zm
+            try:
+                moe = zm.ZeroExpertMoE.from_pretrained(args.checkpoint, layer=args.layer,
+                                                       device=args.device or "auto")
+            except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
+                p_demo.error(str(exc))
+            return demo_checkpoint(moe, args.checkpoint, args.layer, args.tokens)
         return demo(args.device, args.tokens)
     from .bench import run
     return run(args)

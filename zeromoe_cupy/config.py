@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence, Union
+import json
+import os
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 ZERO_EXPERT_TYPES = ("identity", "zero", "constant")
 SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZATIONS = (None, "fp8")
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -59,6 +62,11 @@ class MoEConfig:
     topk_group: int | None = None
     dtype: str = "bfloat16"
     use_correction_bias: bool = False
+    # FP8 experts (block-scaled e4m3). These two fields are shared with the FP8 expert path,
+    # which computes with them; the checkpoint side only parses and stores them. Keep one
+    # definition when both sides are merged.
+    quantization: str | None = None
+    weight_block_size: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
@@ -113,6 +121,16 @@ class MoEConfig:
             if self.top_k > tg * (n // g):
                 raise ValueError(f"top_k: expected <= topk_group * group size = "
                                  f"{tg * (n // g)}, got {self.top_k}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, "
+                             f"got {self.quantization!r}")
+        block = self.weight_block_size
+        if isinstance(block, (list, tuple)) and len(block) == 2:
+            block = tuple(block)
+        if block != (128, 128) or not all(type(b) is int for b in block):
+            raise ValueError(f"weight_block_size: expected (128, 128) (the only block size "
+                             f"supported), got {self.weight_block_size!r}")
+        object.__setattr__(self, "weight_block_size", block)
 
     # Derived sizes, named as in SPEC.md.
     @property
@@ -142,3 +160,215 @@ class MoEConfig:
     @staticmethod
     def preset_names() -> tuple[str, ...]:
         return tuple(_PRESETS)
+
+    # --- the library's own format --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-safe values (str, int, float, bool, None, lists).
+
+        ``MoEConfig.from_dict(cfg.to_dict()) == cfg``; ``json.dumps`` takes the result.
+        """
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
+        """The inverse of ``to_dict``. Raises TypeError for a non-dict or unknown keys, and
+        whatever the constructor raises for bad values."""
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict (from MoEConfig.to_dict), got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TypeError(f"MoEConfig.from_dict: unknown key(s) {unknown}; expected keys "
+                            f"among {sorted(names)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    # --- Hugging Face configs ------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, path_or_dict: Union[str, "os.PathLike[str]", dict]) -> "MoEConfig":
+        """The MoE layer's config from a Hugging Face model config.
+
+        ``path_or_dict``: a checkpoint directory (its ``config.json`` is read), a path to a
+        ``config.json``, or the config as a dict. Supported ``model_type`` values are the keys
+        of ``HF_MODEL_TYPES`` ("longcat_flash", "deepseek_v3"); missing keys take the defaults
+        of the matching transformers config class. ``torch_dtype`` / ``dtype`` gives ``dtype``
+        (absent: "bfloat16"); ``quantization_config`` with ``quant_method "fp8"`` (e4m3,
+        128x128 blocks, dynamic activations) gives ``quantization="fp8"``.
+
+        Raises FileNotFoundError naming the path when there is no config file; ValueError for
+        an unknown model type (listing the supported ones) or an unsupported value, naming
+        the key; TypeError for a wrong kind of argument.
+        """
+        return parse_hf_config(path_or_dict).config
+
+
+class HFModel(NamedTuple):
+    """What a Hugging Face config says about the model around the MoE layers."""
+
+    config: MoEConfig                 # the MoE layer's config
+    model_type: str
+    num_layers: int                   # decoder layers: model.layers.0 .. num_layers - 1
+    dense_layers: tuple[int, ...]     # layers whose mlp is a dense MLP, not this MoE layer
+    router_bias: bool                 # the config declares a router (classifier) bias
+
+
+class _Keys:
+    """Reads a Hugging Face config dict with the defaults of its transformers class; errors
+    name the key."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def get(self, key: str, default: Any) -> Any:
+        v = self.d.get(key, default)
+        return default if v is None and default is not None else v
+
+    def int(self, key: str, default: Any) -> int:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{self.source}: key {key!r}: expected an int, got {v!r}")
+        return v
+
+    def error(self, key: str, expected: str) -> ValueError:
+        return ValueError(f"{self.source}: key {key!r}: expected {expected}, "
+                          f"got {self.d.get(key)!r}")
+
+
+def _hf_dtype(k: _Keys) -> str:
+    v = k.d.get("dtype", k.d.get("torch_dtype"))
+    if v is None:
+        return "bfloat16"
+    v = str(v).removeprefix("torch.")
+    if v not in DTYPES:
+        raise k.error("dtype" if "dtype" in k.d else "torch_dtype", f"one of {DTYPES}")
+    return v
+
+
+def _hf_quantization(k: _Keys) -> dict[str, Any]:
+    q = k.d.get("quantization_config")
+    if q is None:
+        return {}
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        raise ValueError(f"{k.source}: key 'quantization_config': expected quant_method 'fp8' "
+                         f"(the only quantization supported), got {q!r}")
+    fmt, act = q.get("fmt", "e4m3"), q.get("activation_scheme", "dynamic")
+    block = q.get("weight_block_size", [128, 128])
+    if fmt != "e4m3" or act != "dynamic" or list(block or []) != [128, 128]:
+        raise ValueError(f"{k.source}: key 'quantization_config': expected fmt 'e4m3', "
+                         f"activation_scheme 'dynamic', weight_block_size [128, 128], got "
+                         f"fmt={fmt!r}, activation_scheme={act!r}, weight_block_size={block!r}")
+    return {"quantization": "fp8", "weight_block_size": (128, 128)}
+
+
+def _parse_longcat_flash(k: _Keys) -> dict[str, Any]:
+    # transformers' LongcatFlashConfig: softmax scores, the correction bias chooses, no
+    # renormalization; every decoder layer holds one MoE block (model.layers.L.mlp).
+    zero_type = k.get("zero_expert_type", "identity")
+    if zero_type not in ZERO_EXPERT_TYPES:
+        raise k.error("zero_expert_type", f"one of {ZERO_EXPERT_TYPES}")
+    router_bias = k.get("router_bias", False)
+    if not isinstance(router_bias, bool):
+        raise k.error("router_bias", "a bool")
+    fields = dict(
+        hidden_size=k.int("hidden_size", 6144),
+        intermediate_size=k.int("expert_ffn_hidden_size", 2048),
+        num_experts=k.int("n_routed_experts", 512),
+        num_zero_experts=k.int("zero_expert_num", 0) if "zero_expert_num" in k.d else 256,
+        zero_expert_type=zero_type, top_k=k.int("moe_topk", 12), scoring_func="softmax",
+        renormalize=False, routed_scaling_factor=k.get("routed_scaling_factor", 6.0),
+        use_correction_bias=True)
+    keys = dict(hidden_size="hidden_size", intermediate_size="expert_ffn_hidden_size",
+                num_experts="n_routed_experts", num_zero_experts="zero_expert_num",
+                top_k="moe_topk", routed_scaling_factor="routed_scaling_factor")
+    return dict(fields=fields, num_layers=k.int("num_layers", 28), dense_layers=(),
+                router_bias=router_bias, keys=keys)
+
+
+def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
+    # transformers' DeepseekV3Config; DeepSeek's own config.json adds scoring_func (sigmoid),
+    # topk_method and moe_layer_freq. No zero experts; shared experts are not this layer.
+    top_k = k.d.get("num_experts_per_tok", 8)
+    if top_k is None:
+        raise k.error("num_experts_per_tok", "an int (None means a dense model, no MoE layer)")
+    scoring = k.get("scoring_func", "sigmoid")
+    if scoring not in SCORING_FUNCS:
+        raise k.error("scoring_func", f"one of {SCORING_FUNCS}")
+    norm = k.get("norm_topk_prob", True)
+    if not isinstance(norm, bool):
+        raise k.error("norm_topk_prob", "a bool")
+    n_layers = k.int("num_hidden_layers", 61)
+    first_dense = k.int("first_k_dense_replace", 3)
+    freq = k.int("moe_layer_freq", 1)
+    dense = tuple(L for L in range(n_layers) if L < first_dense or L % freq)
+    n_group, topk_group = k.d.get("n_group", 8), k.d.get("topk_group", 4)
+    fields = dict(
+        hidden_size=k.int("hidden_size", 7168),
+        intermediate_size=k.int("moe_intermediate_size", 2048),
+        num_experts=k.int("n_routed_experts", 256), num_zero_experts=0,
+        top_k=top_k, scoring_func=scoring, renormalize=norm,
+        routed_scaling_factor=k.get("routed_scaling_factor", 2.5),
+        num_expert_group=n_group, topk_group=topk_group,
+        use_correction_bias=k.get("topk_method", "noaux_tc") == "noaux_tc")
+    keys = dict(hidden_size="hidden_size", intermediate_size="moe_intermediate_size",
+                num_experts="n_routed_experts", top_k="num_experts_per_tok",
+                routed_scaling_factor="routed_scaling_factor", num_expert_group="n_group",
+                topk_group="topk_group")
+    return dict(fields=fields, num_layers=n_layers, dense_layers=dense, router_bias=False,
+                keys=keys)
+
+
+# model_type -> parser: _Keys -> dict(fields=MoEConfig fields without dtype/quantization,
+# num_layers, dense_layers, router_bias, keys={field: the config key it comes from}, for
+# error messages). A new model type is one entry here.
+HF_MODEL_TYPES: dict[str, Callable[[_Keys], dict[str, Any]]] = {
+    "longcat_flash": _parse_longcat_flash,
+    "deepseek_v3": _parse_deepseek_v3,
+}
+
+
+def read_hf_config(path_or_dict) -> tuple[dict, str]:
+    """(the config dict, where it came from) for a directory, a config.json path or a dict."""
+    if isinstance(path_or_dict, dict):
+        return path_or_dict, "config"
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        raise TypeError(f"path_or_dict: expected a directory, a config.json path or a dict, "
+                        f"got {type(path_or_dict).__name__}")
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file (expected a checkpoint directory "
+                                f"holding config.json, or a config.json path)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d, path
+
+
+def parse_hf_config(path_or_dict) -> HFModel:
+    """``MoEConfig.from_hf_config`` plus what ``from_pretrained`` needs about the model."""
+    d, source = read_hf_config(path_or_dict)
+    model_type = d.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{source}: key 'model_type': expected one of "
+                         f"{sorted(HF_MODEL_TYPES)}, got {model_type!r}")
+    k = _Keys(d, source)
+    parsed = HF_MODEL_TYPES[model_type](k)
+    fields = {**parsed["fields"], "dtype": _hf_dtype(k), **_hf_quantization(k)}
+    try:
+        cfg = MoEConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        named = [f"{f} <- key {key!r}" for f, key in parsed.get("keys", {}).items()
+                 if f in str(exc)]
+        raise type(exc)(f"{source}: {exc}" + (f" ({', '.join(named)})" if named else "")) \
+            from exc
+    return HFModel(cfg, model_type, parsed["num_layers"], parsed["dense_layers"],
+                   parsed["router_bias"])

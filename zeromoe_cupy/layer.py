@@ -23,6 +23,18 @@ ROUTER_GEMMS = ("auto", "fp32")
 BF16X3_MIN_TOKENS = 512
 
 
+def _resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is usable, else "cpu"; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not gpu_available():
+        raise RuntimeError("device='cuda': no CUDA GPU is visible to CuPy (or CuPy is not "
+                           "installed); use device='cpu' or 'auto'")
+    return device
+
+
 class ZeroExpertMoE:
     """A Mixture-of-Experts layer with zero-computation experts, on NumPy or CuPy arrays.
 
@@ -389,14 +401,110 @@ class ZeroExpertMoE:
         x = self.xp.zeros((1, self.config.hidden_size), np_dtype(self.config.dtype))
         self(x)
 
+    # Arrays a layer may hold, under from_weights' argument names; those beyond the first seven
+    # exist only on layers whose options use them (FP8 scales, MoE++ routers).
+    WEIGHT_NAMES = ("router_weight", "router_bias", "e_score_correction_bias", "w13", "w2",
+                    "const_vec", "const_gate", "w13_scale_inv", "w2_scale_inv",
+                    "router_hidden_weight", "gate_map")
+    OPTION_NAMES = ("expert_strategy", "router_gemm", "deterministic", "max_chunk_tokens")
+
     def numpy_weights(self) -> dict[str, Any]:
-        """Host copies of the weights (for the float64 reference)."""
+        """The weights as host arrays, keyed by ``from_weights``' argument names, so that
+        ``ZeroExpertMoE.from_weights(layer.config, **layer.numpy_weights())`` rebuilds the layer.
+
+        A GPU layer's arrays are copied to the host; a CPU layer's are returned as they are
+        (not copies: do not modify them). The first seven names are always present (None
+        where the layer has no such array); the others only where the layer holds them.
+        """
         def host(a):
             return None if a is None else (a.get() if is_cupy(a) else a)
-        return {"router_weight": host(self.router_weight), "router_bias": host(self.router_bias),
-                "correction_bias": host(self.e_score_correction_bias), "w13": host(self.w13),
-                "w2": host(self.w2), "const_vec": host(self.const_vec),
-                "const_gate": host(self.const_gate)}
+        out = {k: host(getattr(self, k, None)) for k in self.WEIGHT_NAMES}
+        return {k: v for i, (k, v) in enumerate(out.items()) if i < 7 or v is not None}
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's keyword options of this layer (what save / pickle keep)."""
+        return {k: getattr(self, k) for k in self.OPTION_NAMES}
+
+    # --- files and copies --------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, layer: int, device: str = "auto", dtype: str | None = None,
+                        **options) -> "ZeroExpertMoE":
+        """Layer ``layer``'s MoE block (``model.layers.<layer>.mlp``) of a Hugging Face
+        checkpoint directory: config.json (``MoEConfig.from_hf_config``) and
+        ``model.safetensors`` or ``model.safetensors.index.json`` with its shards.
+
+        Reads only that layer's tensors, and only the shards that hold them: the router
+        (``router.classifier.weight`` [E+Z, H] as LongCat-Flash names it, or ``gate.weight``
+        [E, H] as DeepSeek-V3 does; fp32 in the layer), the correction bias
+        (``router.e_score_correction_bias`` / ``gate.e_score_correction_bias``), a router bias
+        ``router.classifier.bias`` when present (added to the logits as SPEC.md step 1 says;
+        transformers' LongcatFlash leaves it out), and the real experts 0..E-1 either per
+        expert (``experts.M.gate_proj.weight`` [I, H], ``up_proj`` [I, H], ``down_proj`` [H, I];
+        entries of the zero experts M >= E are ignored) or fused as transformers keeps them in
+        memory (``experts.gate_up_proj`` [E or E+Z, 2I, H], gate rows first;
+        ``experts.down_proj`` [E, H, I]). Shared experts (DeepSeek's ``shared_experts``) are
+        not part of this layer: the caller adds their output. A zero expert of type "zero"
+        outputs 0 here (transformers' LongcatFlash computes every zero expert as identity).
+
+        ``device``: "auto" (the GPU when one is usable), "cuda" or "cpu". On the GPU the
+        weights are allocated there first and filled expert by expert: the host holds a few
+        expert matrices at a time, never the layer. ``dtype``: None keeps the config's
+        (``torch_dtype``), else the experts are cast to it. ``options``: the constructor's
+        (expert_strategy, router_gemm, deterministic, max_chunk_tokens). A progress bar
+        shows for layers over 1 GiB when stderr is a terminal. Nothing is written to ``path``.
+
+        Raises FileNotFoundError naming a missing directory or file; ValueError for an unknown
+        model type, a layer out of range or a dense layer; ValueError / TypeError naming the
+        file and key for a missing tensor, a wrong shape or dtype, all before any weight
+        memory is allocated.
+        """
+        device = _resolve_device(device)
+        cfg, targets = checkpoint.pretrained_layer(path, layer, dtype)
+        xp = cupy_module() if device == "cuda" else np
+        arrays = checkpoint.fill_targets(targets, xp)
+        return cls.from_weights(cfg, **arrays, **options)
+
+    def save(self, path) -> None:
+        """Write the layer to one safetensors file: its arrays under from_weights' argument
+        names, ``config.to_dict()`` and ``options()`` as JSON in the metadata. A GPU layer's
+        arrays pass through the host one expert at a time. Read back with ``load``."""
+        arrays = {k: getattr(self, k, None) for k in self.WEIGHT_NAMES}
+        checkpoint.save_layer(path, arrays, self.config, self.options())
+
+    @classmethod
+    def load(cls, path, device: str = "auto") -> "ZeroExpertMoE":
+        """A layer written by ``save``, on ``device`` ("auto": the GPU when one is usable),
+        with the config and options it was saved with. Raises FileNotFoundError naming the
+        path; ValueError for a file ``save`` did not write."""
+        device = _resolve_device(device)
+        cfg, options, targets = checkpoint.load_layer(path)
+        xp = cupy_module() if device == "cuda" else np
+        arrays = checkpoint.fill_targets(targets, xp)
+        return cls.from_weights(cfg, **arrays, **options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Host arrays and plain values: the state of a GPU layer needs no GPU to be read.
+        return {"config": self.config.to_dict(), "device": self.device,
+                "options": self.options(), "weights": self.numpy_weights()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (and copy.deepcopy) rebuild the layer through from_weights, on the device
+        it had; a GPU layer unpickled where no GPU is usable comes back on the CPU, with a
+        RuntimeWarning. The new layer shares no memory with the original."""
+        device = state["device"]
+        weights = dict(state["weights"])
+        if device == "cuda" and not gpu_available():
+            import warnings
+            warnings.warn("unpickling a GPU ZeroExpertMoE where no GPU is usable: the layer is "
+                          "on the CPU (NumPy arrays)", RuntimeWarning, stacklevel=2)
+            device = "cpu"
+        if device == "cuda":
+            cp = cupy_module()
+            weights = {k: None if v is None else cp.asarray(v) for k, v in weights.items()}
+        # On the CPU the arrays are already fresh: pickle makes new ones, deepcopy copies the state.
+        new = type(self).from_weights(MoEConfig.from_dict(state["config"]), **weights,
+                                      **state["options"])
+        self.__dict__.update(new.__dict__)
 
     def reference(self, x, router_logits=None, routing=None):
         """The float64 evaluation of SPEC.md for this layer's weights: (y, routing)."""
@@ -415,7 +523,7 @@ class ZeroExpertMoE:
         return reference.forward(
             to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
             num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
-            scoring_func=cfg.scoring_func, correction_bias=w["correction_bias"],
+            scoring_func=cfg.scoring_func, correction_bias=w["e_score_correction_bias"],
             router_bias=w["router_bias"], renormalize=cfg.renormalize,
             routed_scaling_factor=cfg.routed_scaling_factor,
             num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
