@@ -474,3 +474,42 @@ def test_cli_demo_on_a_checkpoint(tmp_path, rng, capsys):
     assert exc.value.code == 2 and "layer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--checkpoint", str(tmp_path)])
+
+
+@pytest.mark.skipif(zm._arrays.gpu_available(), reason="tests the machine without a GPU")
+def test_gpu_layer_unpickles_on_the_cpu_with_a_warning(rng):
+    layer = zm.ZeroExpertMoE(SAVE_CASES[0], seed=4, device="cpu")
+    state = layer.__getstate__()
+    state["device"] = "cuda"  # what a GPU layer's pickle holds
+    back = zm.ZeroExpertMoE.__new__(zm.ZeroExpertMoE)
+    with pytest.warns(RuntimeWarning, match="no GPU"):
+        back.__setstate__(state)
+    assert back.device == "cpu"
+    x = random_x(rng, 4, H, "bfloat16")
+    np.testing.assert_array_equal(back(x), layer(x))
+
+
+# --- on the GPU -------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout, shards", [("per_expert", 2), ("fused", 1)])
+def test_from_pretrained_save_load_pickle_on_the_gpu(tmp_path, rng, layout, shards):
+    cp = pytest.importorskip("cupy")
+    w = layer_tensors(rng, E + Z, E, "bfloat16")
+    write_checkpoint(tmp_path / "ck", longcat_config(dtype="bfloat16"),
+                     hf_tensors(w, P, layout, n_unused=Z), shards)
+    layer = zm.ZeroExpertMoE.from_pretrained(tmp_path / "ck", layer=1, device="cuda")
+    assert layer.device == "cuda" and isinstance(layer.w13, cp.ndarray)
+    for k in ("router_weight", "w13", "w2", "e_score_correction_bias"):
+        np.testing.assert_array_equal(layer.numpy_weights()[k], w[k])
+    x = random_x(rng, 19, H, "bfloat16")
+    xd = cp.asarray(x)
+    assert zm.reference.relative_error(layer(xd).get(), reference_y(layer.config, w, x)) <= 1e-2
+    layer.save(tmp_path / "moe.safetensors")
+    copies = [zm.ZeroExpertMoE.load(tmp_path / "moe.safetensors", device="cuda"),
+              pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)]
+    for c in copies:
+        assert c.device == "cuda" and c.config == layer.config and c.options() == layer.options()
+        assert c.w13.data.ptr != layer.w13.data.ptr
+        cp.testing.assert_array_equal(c(xd), layer(xd))
+    cpu = zm.ZeroExpertMoE.load(tmp_path / "moe.safetensors", device="cpu")
+    np.testing.assert_array_equal(cpu.w13, layer.w13.get())
