@@ -112,7 +112,6 @@ def state_dict_weights(config, state_dict, prefix: str = "") -> dict[str, Any]:
     return {**out, "w13": w13, "w2": w2}
 
 
-
 # --- the safetensors format -------------------------------------------------------------------
 ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -192,20 +191,22 @@ def read_into(info: TensorInfo, out: np.ndarray, index: int | None = None) -> np
     if index is not None:
         nbytes //= info.shape[0]
         offset += index * nbytes
-    buf = memoryview(out.reshape(-1).view(np.uint8))
-    if len(buf) != nbytes:  # pragma: no cover - callers size out from the header
+    if not out.flags.c_contiguous or out.nbytes != nbytes:  # pragma: no cover - callers' bug
         raise ValueError(f"{info.path}: tensor {info.name!r}: {nbytes} bytes into a buffer of "
-                         f"{len(buf)}")
-    fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    try:
+                         f"{out.nbytes} bytes (C-contiguous: {out.flags.c_contiguous})")
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    with open(info.path, "rb", buffering=0) as f:
         done = 0
         while done < nbytes:
-            got = os.preadv(fd, [buf[done:done + _READ_CHUNK]], offset + done)
-            if got <= 0:
+            part = buf[done:done + _READ_CHUNK]
+            if hasattr(os, "preadv"):
+                got = os.preadv(f.fileno(), [part], offset + done)
+            else:  # pragma: no cover - platforms without preadv; each call has its own file
+                f.seek(offset + done)
+                got = f.readinto(part)
+            if not got:
                 raise ValueError(f"{info.path}: tensor {info.name!r}: file ended early")
             done += got
-    finally:
-        os.close(fd)
     return out
 
 
@@ -266,7 +267,6 @@ FUSED_EXPERT_KEYS = (  # (gate_up or w13 [E(+Z), 2I, H], down [E, H, I]), first 
     ("experts.gate_up_proj", "experts.down_proj"),   # transformers v5's in-memory layout
     ("experts.w13_weight", "experts.w2_weight"),     # vLLM's
 )
-ROUTER_WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class _Files:
