@@ -35,6 +35,16 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+class _ExpertsOnHost:
+    """expert_array[e] as a host array, copied from the GPU when asked for."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __getitem__(self, e):
+        return self.a[e].get()
+
+
 class ZeroExpertMoE:
     """A Mixture-of-Experts layer with zero-computation experts, on NumPy or CuPy arrays.
 
@@ -421,6 +431,17 @@ class ZeroExpertMoE:
         out = {k: host(getattr(self, k, None)) for k in self.WEIGHT_NAMES}
         return {k: v for i, (k, v) in enumerate(out.items()) if i < 7 or v is not None}
 
+    def _reference_weights(self) -> dict[str, Any]:
+        """numpy_weights() for the float64 reference, except that a GPU layer's w13 / w2 come
+        to the host one expert at a time, when the reference reads that expert (a checkpoint
+        layer of tens of GB is never copied whole)."""
+        out = {}
+        for k in self.WEIGHT_NAMES:
+            a = getattr(self, k, None)
+            out[k] = (_ExpertsOnHost(a) if k in ("w13", "w2") and is_cupy(a)
+                      else a.get() if is_cupy(a) else a)
+        return out
+
     def options(self) -> dict[str, Any]:
         """The constructor's keyword options of this layer (what save / pickle keep)."""
         return {k: getattr(self, k) for k in self.OPTION_NAMES}
@@ -517,7 +538,7 @@ class ZeroExpertMoE:
 
         def to_host(a):  # routing may come as host arrays even for a GPU layer
             return a.get() if is_cupy(a) else np.asarray(a)
-        w = self.numpy_weights()
+        w = self._reference_weights()
         if router_logits is not None:
             router_logits = to_host(as_array(router_logits, "router_logits"))
         return reference.forward(
