@@ -513,3 +513,18 @@ def test_from_pretrained_save_load_pickle_on_the_gpu(tmp_path, rng, layout, shar
         cp.testing.assert_array_equal(c(xd), layer(xd))
     cpu = zm.ZeroExpertMoE.load(tmp_path / "moe.safetensors", device="cpu")
     np.testing.assert_array_equal(cpu.w13, layer.w13.get())
+
+
+def test_e4m3_bits_are_written_as_f8_and_read_back(tmp_path, rng):
+    q = rng.standard_normal((3, 4, 5)).astype(ml_dtypes.float8_e4m3fn)
+    path = str(tmp_path / "f8.safetensors")
+    checkpoint.write_safetensors(path, {"w13": q.view(np.uint8), "w2": q}, {},
+                                 e4m3_bits=("w13", "w2"))
+    tensors, _ = checkpoint.read_header(path)
+    assert tensors["w13"].dtype == tensors["w2"].dtype == "F8_E4M3"
+    for name in ("w13", "w2"):
+        back = checkpoint.read_tensor(tensors[name])
+        assert back.dtype == ml_dtypes.float8_e4m3fn
+        np.testing.assert_array_equal(back.view(np.uint8), q.view(np.uint8))
+        np.testing.assert_array_equal(checkpoint.read_tensor(tensors[name], index=2).view(
+            np.uint8), q[2].view(np.uint8))

@@ -216,11 +216,14 @@ def read_tensor(info: TensorInfo, index: int | None = None) -> np.ndarray:
     return read_into(info, np.empty(shape, info.np_dtype), index)
 
 
-def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, str],
+                      e4m3_bits: tuple[str, ...] = ()) -> None:
     """Write NumPy or CuPy arrays (None values skipped) into one safetensors file.
 
-    A CuPy array passes through the host one slice along axis 0 at a time. The file is
-    written under a temporary name and renamed, so a failed save leaves no partial file.
+    Tensors named in ``e4m3_bits`` that are uint8 hold float8_e4m3fn bits (how a GPU keeps
+    e4m3 where CuPy has no such dtype) and are written as F8_E4M3. A CuPy array passes
+    through the host one slice along axis 0 at a time. The file is written under a
+    temporary name and renamed, so a failed save leaves no partial file.
     """
     tensors = {k: v for k, v in tensors.items() if v is not None}
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -229,7 +232,8 @@ def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, st
         dt = np.dtype(a.dtype)
         if dt not in _ST_NAMES:
             raise TypeError(f"{name}: dtype {dt} has no safetensors name")
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(a.shape),
+        st_name = "F8_E4M3" if name in e4m3_bits and dt == np.uint8 else _ST_NAMES[dt]
+        header[name] = {"dtype": st_name, "shape": list(a.shape),
                         "data_offsets": [pos, pos + a.size * dt.itemsize]}
         pos += a.size * dt.itemsize
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -525,7 +529,7 @@ def save_layer(path, arrays: dict[str, Any], config, options: dict[str, Any]) ->
         raise TypeError(f"path: expected a file path, got {type(path).__name__}")
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "config": json.dumps(config.to_dict()), "options": json.dumps(options)}
-    write_safetensors(os.fspath(path), arrays, meta)
+    write_safetensors(os.fspath(path), arrays, meta, e4m3_bits=("w13", "w2"))
 
 
 def load_layer(path):
