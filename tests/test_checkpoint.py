@@ -528,3 +528,13 @@ def test_e4m3_bits_are_written_as_f8_and_read_back(tmp_path, rng):
         np.testing.assert_array_equal(back.view(np.uint8), q.view(np.uint8))
         np.testing.assert_array_equal(checkpoint.read_tensor(tensors[name], index=2).view(
             np.uint8), q[2].view(np.uint8))
+
+
+def test_progress_bar_counts_every_byte(tmp_path, rng, capsys):
+    _good_checkpoint(tmp_path, rng, shards=2)
+    cfg, targets = checkpoint.pretrained_layer(str(tmp_path), 1)
+    arrays = checkpoint.fill_targets(targets, np, progress=True)
+    err = capsys.readouterr().err
+    total = sum(a.nbytes for a in arrays.values())
+    assert "loading layer" in err and "100%" in err
+    assert f"{total / 1e3:.1f}k" in err or f"{total / 1e3:.0f}k" in err
