@@ -18,7 +18,7 @@ import json
 import os
 import struct
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -374,7 +374,7 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
                              f"per-expert layout (experts.M.gate_proj.weight + weight_scale_inv)")
         gate_up, down = files.info(prefix + fused[0]), files.info(prefix + fused[1])
         rows = gate_up.shape[0] if gate_up.shape and gate_up.shape[0] in (E, E + Z) else E
-        _check(gate_up, (rows, 2 * I, H), expert_dtypes, f"experts' gate and up, gate rows first")
+        _check(gate_up, (rows, 2 * I, H), expert_dtypes, "experts' gate and up, gate rows first")
         _check(down, (E, H, I), expert_dtypes, "experts' down projection")
         for e in range(E):
             w13.pieces.append((gate_up, e, (e,)))
