@@ -538,3 +538,52 @@ def test_progress_bar_counts_every_byte(tmp_path, rng, capsys):
     total = sum(a.nbytes for a in arrays.values())
     assert "loading layer" in err and "100%" in err
     assert f"{total / 1e3:.1f}k" in err or f"{total / 1e3:.0f}k" in err
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_from_pretrained_rank_reads_only_its_experts(tmp_path, rng, layout):
+    R, E8 = 2, 8
+    w = layer_tensors(rng, E8 + Z, E8, "float32")
+    write_checkpoint(tmp_path, longcat_config(n_routed_experts=E8),
+                     hf_tensors(w, P, layout), shards=1)
+    groups = zm.parallel.local_groups(R)
+    for g in groups:
+        part = zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu", group=g)
+        lo, hi = g.rank * E8 // R, (g.rank + 1) * E8 // R
+        np.testing.assert_array_equal(part.w13, w["w13"][lo:hi])
+        np.testing.assert_array_equal(part.w2, w["w2"][lo:hi])
+        np.testing.assert_array_equal(part.router_weight, w["router_weight"])
+        with pytest.raises(TypeError, match="rank layer"):
+            pickle.dumps(part)
+        with pytest.raises(TypeError, match="rank layer"):
+            part.save(tmp_path / "x.safetensors")
+    # The ranks' layers together compute the whole layer.
+    xs = [random_x(rng, 6, H, "float32"), random_x(rng, 3, H, "float32")]
+    outs = zm.parallel.run_local(
+        lambda g: zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu",
+                                                   group=g)(xs[g.rank]), R, 30.0)
+    cfg = zm.MoEConfig.from_hf_config(tmp_path)
+    for x, y in zip(xs, outs):
+        assert zm.reference.relative_error(y, reference_y(cfg, w, x)) <= 1e-5
+    with pytest.raises(ValueError, match="3 ranks must divide"):
+        zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu",
+                                         group=zm.parallel.local_groups(3)[0])
+
+
+def test_rank_opens_only_the_shards_of_its_experts(tmp_path, rng):
+    E8 = 8
+    w = layer_tensors(rng, E8 + Z, E8, "float32")
+    tensors = hf_tensors(w, P, "per_expert")
+    write_checkpoint(tmp_path, longcat_config(n_routed_experts=E8), tensors, shards=1)
+    # Move experts 4..7 into a shard that is garbage: rank 0 of 2 must never open it.
+    index = {"weight_map": {k: "model.safetensors" for k in tensors}}
+    for e in range(4, E8):
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            index["weight_map"][f"{P}experts.{e}.{n}.weight"] = "garbage.safetensors"
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    g0, g1 = zm.parallel.local_groups(2)
+    part = zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu", group=g0)
+    np.testing.assert_array_equal(part.w13, w["w13"][:4])
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu", group=g1)

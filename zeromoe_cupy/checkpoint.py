@@ -323,17 +323,21 @@ def _check(info: TensorInfo, shape: tuple, allowed: tuple[str, ...], what: str) 
 
 
 def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
-                       router_bias: bool | None = None) -> dict[str, Target]:
+                       router_bias: bool | None = None,
+                       experts: tuple[int, int] | None = None) -> dict[str, Target]:
     """The layer's arrays (from_weights' argument names) and the file pieces that fill them,
     every shape and dtype checked against the headers (no tensor data read).
 
     ``prefix``: "model.layers.L.mlp."; ``dtype``: the expert arrays' dtype. ``router_bias``:
     True requires ``router.classifier.bias``, False ignores it, None loads it if present.
+    ``experts``: (lo, hi) to load only real experts lo..hi-1 (an expert-parallel rank's
+    slice; w13 / w2 then have hi - lo rows); None: all E.
     Raises ValueError (missing key, wrong shape) / TypeError (wrong dtype) naming file and key.
     """
     cfg = config
     H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
                      cfg.num_zero_experts, cfg.num_total_experts)
+    lo, hi = experts or (0, E)
     fp8 = getattr(cfg, "quantization", None) == "fp8"
     floats = ("F64", "F32", "F16", "BF16")
     expert_dtypes = ("F8_E4M3",) if fp8 else floats
@@ -359,12 +363,12 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
         if info is not None and wanted is not False:
             _check(info, (N,), floats, role)
             out[role] = Target((N,), fp32, [(info, None, ())])
-    w13 = out["w13"] = Target((E, 2 * I, H), dtype)
-    w2 = out["w2"] = Target((E, H, I), dtype)
+    w13 = out["w13"] = Target((hi - lo, 2 * I, H), dtype)
+    w2 = out["w2"] = Target((hi - lo, H, I), dtype)
     if fp8:
         bi, bh = -(-I // 128), -(-H // 128)
-        s13 = out["w13_scale_inv"] = Target((E, 2 * bi, bh), fp32)
-        s2 = out["w2_scale_inv"] = Target((E, bh, bi), fp32)
+        s13 = out["w13_scale_inv"] = Target((hi - lo, 2 * bi, bh), fp32)
+        s2 = out["w2_scale_inv"] = Target((hi - lo, bh, bi), fp32)
     fused = next(((gu, d) for gu, d in FUSED_EXPERT_KEYS
                   if prefix + gu in files and prefix + d in files), None)
     if fused is not None:
@@ -376,9 +380,9 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
         rows = gate_up.shape[0] if gate_up.shape and gate_up.shape[0] in (E, E + Z) else E
         _check(gate_up, (rows, 2 * I, H), expert_dtypes, "experts' gate and up, gate rows first")
         _check(down, (E, H, I), expert_dtypes, "experts' down projection")
-        for e in range(E):
-            w13.pieces.append((gate_up, e, (e,)))
-            w2.pieces.append((down, e, (e,)))
+        for e in range(lo, hi):
+            w13.pieces.append((gate_up, e, (e - lo,)))
+            w2.pieces.append((down, e, (e - lo,)))
         return out
     names = next((n for n in zip(*PER_EXPERT_KEYS.values())
                   if f"{prefix}experts.0.{n[0]}.weight" in files), None)
@@ -387,11 +391,12 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
                          f"{prefix}experts.0.gate_proj.weight, {prefix}experts.0.w1.weight, "
                          f"and the fused {[prefix + k for k, _ in FUSED_EXPERT_KEYS]})")
     gate_n, up_n, down_n = names
-    for e in range(E):
+    for e in range(lo, hi):
+        r = e - lo  # the expert's row in w13 / w2
         for name, target, shape, index, what in (
-                (gate_n, w13, (I, H), (e, slice(0, I)), "gate projection"),
-                (up_n, w13, (I, H), (e, slice(I, 2 * I)), "up projection"),
-                (down_n, w2, (H, I), (e,), "down projection")):
+                (gate_n, w13, (I, H), (r, slice(0, I)), "gate projection"),
+                (up_n, w13, (I, H), (r, slice(I, 2 * I)), "up projection"),
+                (down_n, w2, (H, I), (r,), "down projection")):
             key = f"{prefix}experts.{e}.{name}.weight"
             if key not in files:
                 raise ValueError(f"{files.described_by}: no tensor {key!r} (expert {e}'s "
@@ -401,9 +406,9 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
             target.pieces.append((info, None, index))
         if fp8:
             for name, target, shape, index in (
-                    (gate_n, s13, (bi, bh), (e, slice(0, bi))),
-                    (up_n, s13, (bi, bh), (e, slice(bi, 2 * bi))),
-                    (down_n, s2, (bh, bi), (e,))):
+                    (gate_n, s13, (bi, bh), (r, slice(0, bi))),
+                    (up_n, s13, (bi, bh), (r, slice(bi, 2 * bi))),
+                    (down_n, s2, (bh, bi), (r,))):
                 key = f"{prefix}experts.{e}.{name}.weight_scale_inv"
                 if key not in files:
                     raise ValueError(f"{files.described_by}: no tensor {key!r} (expert {e}'s "
@@ -474,11 +479,14 @@ def fill_targets(targets: dict[str, Target], xp, progress: bool | None = None,
 
 
 
-def pretrained_layer(path, layer: int, dtype: str | None = None):
+def pretrained_layer(path, layer: int, dtype: str | None = None,
+                     part: tuple[int, int] | None = None):
     """(config, targets) for ``model.layers.<layer>.mlp`` of a Hugging Face checkpoint
     directory: the config from its config.json (``MoEConfig.from_hf_config``; ``dtype``
     overrides its dtype), the targets as ``pretrained_targets`` gives them. Reads config.json,
     the index and the headers of the shards that hold the layer's tensors; no tensor data.
+    ``part``: (rank, world_size) of an expert-parallel rank, which loads real experts
+    [rank*E/R, (rank+1)*E/R) only (ValueError when R does not divide E).
 
     Raises FileNotFoundError naming a missing directory or file; ValueError for a layer out
     of range or a dense (non-MoE) layer; ValueError / TypeError naming file and key for a
@@ -510,10 +518,19 @@ def pretrained_layer(path, layer: int, dtype: str | None = None):
             raise TypeError(f"dtype: expected None (the checkpoint's) or one of {DTYPES}, "
                             f"got {dtype!r}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
+    experts = None
+    if part is not None:
+        rank, world = part
+        if cfg.num_experts % world:
+            raise ValueError(f"group: the {world} ranks must divide the {cfg.num_experts} real "
+                             f"experts of {path}")
+        per = cfg.num_experts // world
+        experts = (rank * per, (rank + 1) * per)
     files = checkpoint_files(path)
     expert_dtype = _E4M3 if getattr(cfg, "quantization", None) == "fp8" else np_dtype(cfg.dtype)
     targets = pretrained_targets(files, f"model.layers.{layer}.mlp.", cfg, expert_dtype,
-                                 router_bias=True if model.router_bias else None)
+                                 router_bias=True if model.router_bias else None,
+                                 experts=experts)
     return cfg, targets
 
 

@@ -471,7 +471,8 @@ class ZeroExpertMoE:
         weights are allocated there first and filled expert by expert: the host holds a few
         expert matrices at a time, never the layer. ``dtype``: None keeps the config's
         (``torch_dtype``), else the experts are cast to it. ``options``: the constructor's
-        (expert_strategy, router_gemm, deterministic, max_chunk_tokens). A progress bar
+        (expert_strategy, router_gemm, deterministic, max_chunk_tokens, group); with
+        ``group=`` the rank reads only its real experts [r*E/R, (r+1)*E/R). A progress bar
         shows for layers over 1 GiB when stderr is a terminal. Nothing is written to ``path``.
 
         Raises FileNotFoundError naming a missing directory or file; ValueError for an unknown
@@ -480,15 +481,25 @@ class ZeroExpertMoE:
         memory is allocated.
         """
         device = _resolve_device(device)
-        cfg, targets = checkpoint.pretrained_layer(path, layer, dtype)
+        group = options.get("group")
+        if group is not None:  # a rank reads only its experts: check the group first
+            _check_group(group, MoEConfig.from_hf_config(path))
+        part = None if group is None else (group.rank, group.world_size)
+        cfg, targets = checkpoint.pretrained_layer(path, layer, dtype, part)
         xp = cupy_module() if device == "cuda" else np
         arrays = checkpoint.fill_targets(targets, xp)
-        return cls.from_weights(cfg, **arrays, **options)
+        if group is None:
+            return cls.from_weights(cfg, **arrays, **options)
+        # w13 / w2 are already the rank's slice, which from_weights (full tensors in) would cut
+        # again: the arrays have the layer's dtypes and layout, so they go in as they are.
+        weights = tuple(arrays.get(k) for k in cls.WEIGHT_NAMES[:7])  # the constructor's order
+        return cls(cfg, device=device, _weights=weights, **options)
 
     def save(self, path) -> None:
         """Write the layer to one safetensors file: its arrays under from_weights' argument
         names, ``config.to_dict()`` and ``options()`` as JSON in the metadata. A GPU layer's
         arrays pass through the host one expert at a time. Read back with ``load``."""
+        self._whole_layer_only("save")
         arrays = {k: getattr(self, k, None) for k in self.WEIGHT_NAMES}
         checkpoint.save_layer(path, arrays, self.config, self.options())
 
@@ -503,8 +514,15 @@ class ZeroExpertMoE:
         arrays = checkpoint.fill_targets(targets, xp)
         return cls.from_weights(cfg, **arrays, **options)
 
+    def _whole_layer_only(self, what: str) -> None:
+        if getattr(self, "group", None) is not None:
+            raise TypeError(f"{what}: a rank layer (group=) holds only its experts and a "
+                            f"communicator; gather the whole layer first "
+                            f"(zm.parallel.gather_layer for local groups)")
+
     def __getstate__(self) -> dict[str, Any]:
         # Host arrays and plain values: the state of a GPU layer needs no GPU to be read.
+        self._whole_layer_only("pickle / copy.deepcopy")
         return {"config": self.config.to_dict(), "device": self.device,
                 "options": self.options(), "weights": self.numpy_weights()}
 
