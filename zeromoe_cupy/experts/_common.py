@@ -15,7 +15,7 @@ class ExpertOutput(NamedTuple):
     slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
 
 
-STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed")
+STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
