@@ -68,6 +68,19 @@ def test_cuda_kernels_compile_with_nvrtc(filename, arch):
     nvrtc.nvrtcDestroyProgram(prog)
 
 
+# System headers the kernels may include. A newer NVRTC here may compile more (its builtins
+# carry e.g. <mma.h>'s crt/ part) than the one beside an older CUDA install accepts.
+ALLOWED_INCLUDES = {"cuda_fp16.h", "cuda_bf16.h"}
+
+
+@pytest.mark.parametrize("filename", sorted(KERNELS))
+def test_kernels_include_only_portable_headers(filename):
+    includes = {line.split("<", 1)[1].split(">", 1)[0]
+                for line in kernel_source(filename).splitlines()
+                if line.strip().startswith("#include <")}
+    assert includes <= ALLOWED_INCLUDES, includes - ALLOWED_INCLUDES
+
+
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 @pytest.mark.parametrize("grouped,n", [(False, 768), (True, 256), (False, 20), (True, 1024),
                                        (False, 33)])

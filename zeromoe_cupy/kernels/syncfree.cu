@@ -3,10 +3,11 @@
 // (feature chunk, active-expert slot) blocks covers the worst case; blocks past the number of
 // active experts exit at once. Each block streams its slice of one expert's weights through
 // shared memory (16-byte cp.async, SF_STAGES deep) and multiplies it with that expert's rows,
-// SF_MT rows at a time, on the tensor cores (wmma 16x16x16, fp32 accumulate): in the
-// memory-bound regime (few rows per expert) every active expert's weights are read once.
+// SF_MT rows at a time, on the tensor cores (ldmatrix + mma.sync m16n8k16, fp32 accumulate):
+// in the memory-bound regime (few rows per expert) every active expert's weights are read once.
+// Inline PTX only (sm_80+): NVRTC builds without <mma.h>, whose crt/ part not every CUDA
+// install ships.
 #include "common.cuh"
-#include <mma.h>
 
 // counts: (E,) rows per real expert -> offsets: (E+1,) their exclusive scan; cursor: (E,)
 // zeroed (gather_rows claims rows with it); active: (E+1,): active[0] = number of experts with
@@ -62,15 +63,21 @@ extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __res
 
 #define SF_THREADS 256
 #define SF_BN 128                 // weight rows (output features) per block: 16 per warp
-#define SF_MT 32                  // expert rows per pass: two 16-row wmma tiles
+#define SF_MT 32                  // expert rows per pass: two 16-row mma tiles
 #define SF_BK 32                  // reduction elements per pipeline stage
 #define SF_STAGES 3
 #define SF_LD (SF_BK + 8)         // shared row pitch in elements: 16 bytes of padding (banks)
 #define SF_LDC (SF_BN + 4)        // pitch of the fp32 result tile
 #define SF_CHUNKS (SF_BK / 8)     // 16-byte pieces per row per stage
 
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned dst = smem_address(smem);
   const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(bytes));
@@ -79,6 +86,35 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 tiles of 16-bit elements from shared memory; lane l gives the address of row l % 8
+// of tile l / 8 and receives, per tile, the two elements (row l / 4, columns 2 (l % 4) + 0, 1).
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// c (16x8 fp32) += a (16x16, row-major) * b (16x8, column-major), PTX fragment layouts.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                         unsigned b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4],
+                                                        unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (&a)[4],
+                                                 unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // out[r, j] = sum_k in[r, k] * W[e, j, k] for the rows r of expert e's block (offsets from
@@ -91,7 +127,6 @@ template <typename T, bool GLU>
 __global__ void __launch_bounds__(SF_THREADS, 3)
 syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__ out,
               const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd) {
-  using namespace nvcuda;
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
@@ -106,7 +141,7 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__
   static_assert(BYTES >= SF_MT * SF_LDC * 4, "the result tile reuses the stage buffers");
   __shared__ __align__(128) unsigned char smem_raw[BYTES];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const int warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nk = (Kd + SF_BK - 1) / SF_BK;
 
   for (int r0 = 0; r0 < m; r0 += SF_MT) {
@@ -130,9 +165,8 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__
         cp_async16(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
       }
     };
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.f);
-    wmma::fill_fragment(acc[1], 0.f);
+    // acc[m][n]: rows 16 m.. of the pass x this warp's features 16 warp + 8 n..
+    float acc[2][2][4] = {};
 #pragma unroll
     for (int s = 0; s < SF_STAGES - 1; ++s) {
       if (s < nk) issue(s);
@@ -146,22 +180,36 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__
       const T* st = smem + (kt % SF_STAGES) * STAGE;
 #pragma unroll
       for (int kk = 0; kk < SF_BK; kk += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, st + warp * 16 * SF_LD + kk, SF_LD);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, st + SF_BN * SF_LD + kk, SF_LD);
-        wmma::mma_sync(acc[0], a, b, acc[0]);
+        // b: tiles (features 0-7, k 0-7), (0-7, k 8-15), (8-15, k 0-7), (8-15, k 8-15) of the
+        // warp's 16 weight rows: b[0], b[1] feed features 0-7 and b[2], b[3] features 8-15.
+        unsigned b[4], a[4];
+        ldmatrix_x4(b, st + (warp * 16 + lane % 8 + (lane / 16) * 8) * SF_LD + kk +
+                           ((lane / 8) % 2) * 8);
+        // a: rows 0-7 / 8-15 by lane % 16, k 0-7 / 8-15 by lane / 16 (the A fragment order).
+        ldmatrix_x4(a, st + (SF_BN + lane % 16) * SF_LD + kk + (lane / 16) * 8);
+        mma16816<T>(acc[0][0], a, b[0], b[1]);
+        mma16816<T>(acc[0][1], a, b[2], b[3]);
         if (two) {
-          wmma::load_matrix_sync(a, st + (SF_BN + 16) * SF_LD + kk, SF_LD);
-          wmma::mma_sync(acc[1], a, b, acc[1]);
+          ldmatrix_x4(a, st + (SF_BN + 16 + lane % 16) * SF_LD + kk + (lane / 16) * 8);
+          mma16816<T>(acc[1][0], a, b[0], b[1]);
+          mma16816<T>(acc[1][1], a, b[2], b[3]);
         }
       }
     }
     cp_async_wait<0>();
     __syncthreads();  // every stage consumed: the buffers take the fp32 result tile
     float* c = reinterpret_cast<float*>(smem_raw);
-    wmma::store_matrix_sync(c + warp * 16, acc[0], SF_LDC, wmma::mem_row_major);
-    wmma::store_matrix_sync(c + 16 * SF_LDC + warp * 16, acc[1], SF_LDC, wmma::mem_row_major);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        // accumulator (row l / 4 [+ 8], columns 2 (l % 4) + 0, 1) of the 16x8 tile
+        float* p = c + (mt * 16 + lane / 4) * SF_LDC + warp * 16 + nt * 8 + (lane % 4) * 2;
+        p[0] = acc[mt][nt][0];
+        p[1] = acc[mt][nt][1];
+        p[8 * SF_LDC] = acc[mt][nt][2];
+        p[8 * SF_LDC + 1] = acc[mt][nt][3];
+      }
     __syncthreads();
     const int rows = min(SF_MT, m - r0);
     for (int i = threadIdx.x; i < rows * FEAT; i += SF_THREADS) {
