@@ -27,7 +27,8 @@ dt = np_dtype(cfg.dtype)
 t0 = time.perf_counter()
 layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
 offset, share = calibrate_zero_bias(layer, 8.0)
-bandwidth, rate = measure_ceilings(dt, quick=True)
+ceilings = measure_ceilings(cfg.dtype, quick=True)
+bandwidth, rate = ceilings["copy"]["best"], ceilings["matmul"]["best"]
 layer.warmup()
 print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: built in "
       f"{time.perf_counter() - t0:.1f} s, {share:.2f} real slots, copy "
