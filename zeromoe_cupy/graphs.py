@@ -91,6 +91,8 @@ class GraphedMoE:
     workspace of max_tokens) for its lifetime. The graphs read the weights through the
     pointers captured: writing into a weight array in place is seen by later replays;
     assigning a new array to the layer (``layer.w13 = ...``) is not: call ``graphed`` again.
+    (As in the eager layer, the bf16 split of the router weight that sizes from
+    BF16X3_MIN_TOKENS use is made once: assign a new router weight rather than writing in it.)
     Calls run one at a time on the private stream (safe from several streams, not from
     several threads at once).
 
