@@ -35,6 +35,16 @@ def test_capture_size_arguments_rejected(kw, err):
         graphs._sizes(kw.get("max_tokens"), kw.get("capture_sizes"))
 
 
+@pytest.mark.parametrize("strategy,tokens,expected", [
+    ("auto", PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
+    ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
+    ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree")])
+def test_graph_strategy_is_sync_free(strategy, tokens, expected):
+    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4)
+    layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+    assert graphs.graph_strategy(layer, tokens) == expected
+
+
 def test_graphed_cpu_layer_names_its_device():
     layer = zm.ZeroExpertMoE(zm.MoEConfig.preset("tiny"), device="cpu")
     with pytest.raises(ValueError, match="'cpu'"):
