@@ -97,8 +97,9 @@ class GraphedMoE:
     several threads at once).
 
     Raises (construction): TypeError if ``layer`` is not a ZeroExpertMoE, ValueError if it is
-    not on the GPU or for bad sizes. Calls: the layer's own errors for x's kind, shape and
-    dtype; ValueError for T > max_tokens or a missing/unexpected ``router_logits``.
+    not on the GPU, is an expert-parallel rank layer, or for bad sizes. Calls: the layer's own
+    errors for x's kind, shape and dtype; ValueError for T > max_tokens or a missing or
+    unexpected ``router_logits``.
     """
 
     def __init__(self, layer, max_tokens: int | None = None,
@@ -109,6 +110,9 @@ class GraphedMoE:
         if layer.device != "cuda":
             raise ValueError(f"layer: CUDA graphs need a GPU layer, got one on device "
                              f"{layer.device!r}; build it with device='cuda'")
+        if getattr(layer, "group", None) is not None:
+            raise ValueError("layer: CUDA graphs of an expert-parallel rank layer (group=...) "
+                             "are not supported; graph a layer without a group")
         if not isinstance(router_logits, bool):
             raise TypeError(f"router_logits: expected a bool, got {router_logits!r}")
         self.capture_sizes = _sizes(max_tokens, capture_sizes)
