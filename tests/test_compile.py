@@ -9,6 +9,7 @@ import pytest
 from zeromoe_cupy._arrays import DTYPES
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
+from zeromoe_cupy.experts.syncfree import syncfree_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
@@ -19,6 +20,7 @@ KERNELS = {
     "copy.cu": ["copy_16byte"],
     "experts.cu": experts_kernel_names(),
     "router.cu": router_kernel_names(),
+    "syncfree.cu": syncfree_kernel_names(),
 }
 
 
@@ -64,6 +66,19 @@ def test_cuda_kernels_compile_with_nvrtc(filename, arch):
     size = _check(nvrtc.nvrtcGetCUBINSize(prog))
     assert size > 1000
     nvrtc.nvrtcDestroyProgram(prog)
+
+
+# System headers the kernels may include. A newer NVRTC here may compile more (its builtins
+# carry e.g. <mma.h>'s crt/ part) than the one beside an older CUDA install accepts.
+ALLOWED_INCLUDES = {"cuda_fp16.h", "cuda_bf16.h"}
+
+
+@pytest.mark.parametrize("filename", sorted(KERNELS))
+def test_kernels_include_only_portable_headers(filename):
+    includes = {line.split("<", 1)[1].split(">", 1)[0]
+                for line in kernel_source(filename).splitlines()
+                if line.strip().startswith("#include <")}
+    assert includes <= ALLOWED_INCLUDES, includes - ALLOWED_INCLUDES
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])

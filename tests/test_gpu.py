@@ -163,7 +163,8 @@ LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed",
+                                      "syncfree"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
@@ -186,7 +187,8 @@ def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
     assert relative_error(chunked.get(), ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed",
+                                      "syncfree"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
 def test_layer_gpu_skewed_routing(force, strategy, rng):
     cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,

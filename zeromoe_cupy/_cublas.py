@@ -1,4 +1,6 @@
-"""The cuBLAS entry points CuPy does not wrap, called through ctypes on CuPy's libcublas."""
+"""cuBLAS called through ctypes on CuPy's libcublas: the entry points CuPy does not wrap, and
+the GEMM and stream setting that CuPy refuses while a stream is being captured into a CUDA
+graph (its cublas.setStream raises then; cuBLAS itself supports capture)."""
 from __future__ import annotations
 
 import ctypes
@@ -45,6 +47,8 @@ def has_grouped_gemm() -> bool:
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # Parameter types of the entry points called through ctypes (p: pointer or handle, i: int).
 _SIGNATURES = {
+    "cublasSetStream_v2": [_P, _P],
+    "cublasGemmEx": [_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I],
     "cublasGemmGroupedBatchedEx": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P,
                                    _I, _P, _I, _P, _I],
     "cublasGemmBatchedEx": [_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I,
@@ -66,11 +70,25 @@ def _compute_type(dtype: str, allow_tf32: bool) -> int:
 
 
 def _handle_on_current_stream() -> int:
-    from cupy_backends.cuda.libs import cublas
     cp = cupy_module()
     handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    _check("cublasSetStream_v2", _function("cublasSetStream_v2")(
+        handle, cp.cuda.get_current_stream().ptr))
     return handle
+
+
+def _check(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name} failed with status {status}")
+
+
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta,
+             C, c_type, ldc, compute) -> None:
+    """cublasGemmEx (column-major C = alpha op(A) op(B) + beta C); alpha, beta: host fp32
+    arrays (host pointer mode)."""
+    _check("cublasGemmEx", _function("cublasGemmEx")(
+        handle, transa, transb, m, n, k, alpha.ctypes.data, A, a_type, lda, B, b_type, ldb,
+        beta.ctypes.data, C, c_type, ldc, compute, CUBLAS_GEMM_DEFAULT))
 
 
 def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: str,
@@ -127,24 +145,21 @@ def gemm_nt_bf16_f32_accumulate(pairs, out) -> None:
     """out[m, n] = sum over (weight, x) in pairs of x[m, k] @ weight[n, k]^T, bf16 inputs, fp32
     out and compute, in the order given: the first call overwrites out, the next ones add to
     it (beta = 1, an fp32 add in cuBLAS's epilogue). One handle and stream set for all."""
-    from cupy_backends.cuda.libs import cublas
     handle = _handle_on_current_stream()
     alpha = np.ones(1, np.float32)
     betas = (np.zeros(1, np.float32), np.ones(1, np.float32))
     m, n = out.shape
     for i, (weight, x) in enumerate(pairs):
-        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, x.shape[1], alpha.ctypes.data,
-                      weight.data.ptr, CUDA_R_16BF, weight.strides[0] // weight.itemsize,
-                      x.data.ptr, CUDA_R_16BF, x.strides[0] // x.itemsize,
-                      betas[i > 0].ctypes.data, out.data.ptr, CUDA_R_32F, n,
-                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        _gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, x.shape[1], alpha,
+                 weight.data.ptr, CUDA_R_16BF, weight.strides[0] // weight.itemsize,
+                 x.data.ptr, CUDA_R_16BF, x.strides[0] // x.itemsize,
+                 betas[i > 0], out.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F)
 
 
 def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None:
-    """out[m, n] = x[m, k] @ weight[n, k]^T + beta * out for one matrix (cublasGemmEx through
-    CuPy). Each operand has its own dtype (e.g. bf16 inputs, fp32 out); weight and x may be
+    """out[m, n] = x[m, k] @ weight[n, k]^T + beta * out for one matrix (cublasGemmEx). Each
+    operand has its own dtype (e.g. bf16 inputs, fp32 out); weight and x may be
     row-strided views (unit column stride); out is C-contiguous."""
-    from cupy_backends.cuda.libs import cublas
     from ._arrays import dtype_name
     m, k = x.shape
     n = weight.shape[0]
@@ -154,9 +169,8 @@ def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None
     compute = _compute_type(name, allow_tf32)
     alpha = np.ones(1, np.float32)
     beta_arr = np.full(1, beta, np.float32)
-    cublas.gemmEx(_handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,
-                  alpha.ctypes.data, weight.data.ptr, CUDA_DTYPE[dtype_name(weight.dtype)],
-                  weight.strides[0] // weight.itemsize,
-                  x.data.ptr, CUDA_DTYPE[name], x.strides[0] // x.itemsize,
-                  beta_arr.ctypes.data, out.data.ptr, CUDA_DTYPE[dtype_name(out.dtype)], n,
-                  compute, CUBLAS_GEMM_DEFAULT)
+    _gemm_ex(_handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k,
+             alpha, weight.data.ptr, CUDA_DTYPE[dtype_name(weight.dtype)],
+             weight.strides[0] // weight.itemsize,
+             x.data.ptr, CUDA_DTYPE[name], x.strides[0] // x.itemsize,
+             beta_arr, out.data.ptr, CUDA_DTYPE[dtype_name(out.dtype)], n, compute)

@@ -77,6 +77,38 @@ def make(names, layer):
             peers["torch-loop"] = loop_peer
             if hasattr(torch, "_grouped_mm"):
                 peers["torch-grouped"] = grouped_peer
+        elif name == "vllm":
+            fused = _vllm_fused_experts()
+            if fused is not None:
+                peers["vllm"] = _vllm_peer(fused, routing, zero_share, w13, w2, E,
+                                           cfg.num_total_experts)
         else:
-            raise ValueError(f"--peers: unknown peer {name!r} (known: torch)")
+            raise ValueError(f"--peers: unknown peer {name!r} (known: torch, vllm)")
     return peers
+
+
+def _vllm_fused_experts():
+    """vLLM's fused_experts (its Triton MoE kernels) if vLLM imports, else None."""
+    try:
+        from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    except Exception as exc:  # not installed, or no build for this machine
+        print(f"vllm is not importable ({type(exc).__name__}): no vllm peer")
+        return None
+    return fused_experts
+
+
+def _vllm_peer(fused_experts, routing, zero_share, w13, w2, E, N):
+    """Our routing, the zero experts' share in torch, the real slots through vLLM's kernels
+    (zero-expert slots mapped to -1 by an expert map, as vLLM serves LongCat-Flash)."""
+    import torch
+    expert_map = torch.full((N,), -1, dtype=torch.int32, device=w13.device)
+    expert_map[:E] = torch.arange(E, dtype=torch.int32, device=w13.device)
+
+    def peer(x):
+        x = torch.from_dlpack(x)
+        ids, w = routing(x)
+        y = zero_share(x, ids, w)
+        real = fused_experts(x, w13, w2, w.float(), ids.to(torch.int32),
+                             global_num_experts=N, expert_map=expert_map)
+        return (y + real.float()).to(x.dtype)
+    return peer

@@ -24,6 +24,7 @@ DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384)
 # within SPEC.md's tolerance of the exact result, may differ by about twice that).
 PEER_AGREEMENT = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 QUICK_TOKENS = (1, 128, 4096)
+GRAPH_MAX_TOKENS = 1024  # --graph: sizes up to this are also timed as replayed CUDA graphs
 
 
 def add_arguments(p) -> None:
@@ -33,7 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--real-per-token", type=float, default=None,
                    help="average real experts per token (default 8 for longcat-flash, K*2/3 else)")
     p.add_argument("--peers", default="", help="comma list: torch (per-expert loop + "
-                   "sort/_grouped_mm), if torch imports")
+                   "sort/_grouped_mm), vllm (its fused_experts), each if it imports")
+    p.add_argument("--graph", action="store_true",
+                   help=f"also time replayed CUDA graphs (layer.graphed) up to "
+                        f"{GRAPH_MAX_TOKENS} tokens")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log PNG plot (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -358,6 +362,8 @@ def run(args) -> int:
     else:
         bandwidth = rate = None
     peers = _make_peers(args.peers, layer) if gpu and args.peers else {}
+    graph_sizes = [t for t in tokens if t <= GRAPH_MAX_TOKENS] if gpu and args.graph else []
+    graphed = layer.graphed(capture_sizes=graph_sizes) if graph_sizes else None
     timer = _Timer(gpu, 3 if args.quick else 10, 10 if args.quick else 50)
     for T in tokens:
         print(f"T={T} ...", flush=True)
@@ -380,6 +386,9 @@ def run(args) -> int:
             floor, bytes_, flops = floor_time(cfg, ids_host, bandwidth, rate)
             row.update(floor_ms=floor * 1e3, floor_bytes=bytes_, floor_flops=flops,
                        ratio_to_floor=row["forward_ms"] / (floor * 1e3))
+            if graphed is not None and T in graph_sizes:
+                row["graph_ms"] = timer(graphed, xs)
+                row["graph_ratio_to_floor"] = row["graph_ms"] / row["floor_ms"]
             for name, peer in peers.items():
                 err = _check_peer(peer, layer, xs[0])
                 row[f"peer_{name}_rel_err"] = err
@@ -391,7 +400,7 @@ def run(args) -> int:
                 row[f"peer_{name}_ms"] = timer(peer, xs)
                 row[f"peer_{name}_over_ours"] = row[f"peer_{name}_ms"] / row["forward_ms"]
         result["rows"].append(row)
-    _print_table(result, list(peers))
+    _print_table(result, list(peers), graphed is not None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -473,11 +482,13 @@ def _check_peer(peer, layer, x):
     return relative_error(theirs.get().astype(np.float32), y.get().astype(np.float32))
 
 
-def _print_table(result, peers):
+def _print_table(result, peers, graph=False):
     gpu = result["device"] == "cuda"
     head = f"{'T':>6} {'fwd ms':>9}" + "".join(f" {s[:7]:>7}" for s in STAGES)
     if gpu:
         head += f" {'floor ms':>9} {'x floor':>7} {'MiB ws':>7}"
+        if graph:
+            head += f" {'graph ms':>9} {'x floor':>7}"
         for p in peers:
             head += f" {p + ' ms':>14} {p + '/ours':>12}"
     print(head)
@@ -487,6 +498,9 @@ def _print_table(result, peers):
         if gpu:
             line += (f" {r['floor_ms']:>9.3f} {r['ratio_to_floor']:>7.2f} "
                      f"{r['workspace_bytes'] / 2**20:>7.0f}")
+            if graph:
+                line += (f" {r['graph_ms']:>9.3f} {r['graph_ratio_to_floor']:>7.2f}"
+                         if "graph_ms" in r else f" {'-':>9} {'-':>7}")
             for p in peers:
                 line += f" {r[f'peer_{p}_ms']:>14.3f} {r[f'peer_{p}_over_ours']:>12.2f}"
         print(line)

@@ -43,7 +43,7 @@ def info() -> int:
             print(f"cuBLAS {lib._name}  grouped GEMM: {grouped}")
             print("expert paths: pairs, padded (batched GEMM), "
                   + ("grouped" if grouped else "one GEMM per expert (no grouped GEMM)")
-                  + ", fixed (deterministic=True)")
+                  + ", fixed (deterministic=True), syncfree (CUDA graphs)")
         except Exception as exc:  # noqa: BLE001
             print(f"cuBLAS not loadable: {exc}")
         paths.append("CuPy + CUDA kernels (GPU)")

@@ -5,7 +5,7 @@ Z zero experts (ids E..E+Z-1), K experts per token, N = E + Z.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from .config import MoEConfig
 from .experts import STRATEGIES, expert_mlp
 from .routing import RoutingResult, route, router_logits, split_bf16
 from .zero_experts import combine
+
+if TYPE_CHECKING:
+    from .graphs import GraphedMoE
 
 DEFAULT_MAX_CHUNK_TOKENS = 16384
 ROUTER_GEMMS = ("auto", "fp32")
@@ -388,7 +391,6 @@ class ZeroExpertMoE:
         return self._forward_stages(x, logits, routing, counts_valid)
 
     def _forward_stages(self, x, logits, routing, counts_valid):
-        cfg = self.config
         if routing is None:
             routing = self._route(x, logits)
             counts = routing.expert_counts
@@ -397,14 +399,30 @@ class ZeroExpertMoE:
         if self.group is not None:
             from .parallel.exchange import ep_forward
             return ep_forward(self, x, routing)
+        return self._forward_routed(x, routing, counts, self.expert_strategy)
+
+    def _forward_routed(self, x, routing, counts, strategy):
+        """Steps 8-9 (experts, combine) for a routing result; ``counts``: its per-expert
+        counts when valid, else None. graphs.py captures this with its own strategy."""
+        cfg = self.config
         ids, weights = routing.topk_ids, routing.topk_weights
         experts = None
         if cfg.num_experts:
             experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts,
-                                 strategy=self.expert_strategy)
+                                 strategy=strategy)
         return combine(x, ids, weights, cfg.num_experts, cfg.zero_types, experts,
                        self.const_vec, self.const_gate,
                        num_zero_experts=cfg.num_zero_experts, check_ids=False)
+
+    def graphed(self, max_tokens: int | None = None, capture_sizes=None, *,
+                router_logits: bool = False) -> "GraphedMoE":
+        """This layer's forward captured as CUDA graphs, one per token count in
+        ``capture_sizes`` (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
+        512, then steps of 256, up to and including ``max_tokens``). ``g(x)`` replays the
+        smallest size >= T; see graphs.GraphedMoE (and ``router_logits=True`` for graphs
+        that take the caller's logits). GPU layers only."""
+        from .graphs import GraphedMoE
+        return GraphedMoE(self, max_tokens, capture_sizes, router_logits=router_logits)
 
     def warmup(self) -> None:
         """Compile every kernel this layer uses (one small forward), so timings exclude it."""

@@ -52,7 +52,10 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
     else:
         x32 = x.astype(np.float32, copy=False)
         w32 = router_weight.astype(np.float32, copy=False)
-        logits = fixed_order_matmul(x32, w32.T) if fixed_order and not is_cupy(x) else x32 @ w32.T
+        if is_cupy(x):
+            logits = _router_fp32_gemm(x32, w32)
+        else:
+            logits = fixed_order_matmul(x32, w32.T) if fixed_order else x32 @ w32.T
     if router_bias is not None:
         logits += router_bias.astype(np.float32, copy=False)
     return logits
@@ -92,6 +95,16 @@ def _router_gemv(x, router_weight, router_bias):
         _router_module().get_function(f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>")(
             (-(-N // warps), -(-T // ROUTER_GEMV_MAX_T)), (32 * warps,),
             (x, np.int64(x_stride), np.int32(T), w, np.int32(H), np.int32(N), bias, logits))
+    return logits
+
+
+def _router_fp32_gemm(x32, w32):
+    # cuBLAS through our shim rather than cupy.matmul: CuPy refuses its own cuBLAS calls while
+    # a stream is being captured into a CUDA graph (graphs.py); the GEMM is the same.
+    from . import _cublas
+    cp = cupy_module()
+    logits = cp.empty((x32.shape[0], w32.shape[0]), np.float32)
+    _cublas.gemm_nt(cp.ascontiguousarray(w32), with_unit_row_layout(x32), logits)
     return logits
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
-from . import fixed, grouped, numpy_path, pairs
+from . import fixed, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
                       STRATEGIES, ExpertOutput, experts_kernel_names, tile_plan)
 
@@ -51,8 +51,8 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
 
     Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
     ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
-    ("auto", "pairs", "grouped", "padded" or "fixed"; see below); every path computes the
-    same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
+    ("auto", "pairs", "grouped", "padded", "fixed" or "syncfree"; see below); every path
+    computes the same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
     (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``,
     if given, is called after each stage is enqueued ("permute", "gemm1", "activation",
     "gemm2"); the benchmark records CUDA events there. Inputs are never modified.
@@ -90,6 +90,9 @@ def _no_mark(stage: str) -> None:
 #   GEMM kernel, whose every output sums over k in one fixed order: a token's result has the
 #   same bits whatever the batch or chunk it comes in. No host synchronization; several times
 #   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
+# - "syncfree" (never picked by "auto"; graphs.py uses it): offsets and the active-expert list
+#   by a device scan, then tensor-core GEMMs on a worst-case grid that read each active
+#   expert's weights once per 32 rows. No host synchronization (syncfree.py).
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -109,6 +112,8 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
         return pairs.pairs(x, ids, w13, w2, mark)
     if strategy == "fixed":
         return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
+    if strategy == "syncfree":
+        return syncfree.syncfree(x, ids, w13, w2, expert_counts, mark)
     return grouped.grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
 
 

@@ -15,7 +15,7 @@ class ExpertOutput(NamedTuple):
     slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
 
 
-STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed")
+STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
@@ -85,12 +85,20 @@ def gather(mod, ctype, x, ids, counts, E, pad, rows_total):
     multiple of ``pad``), and x's row copied there for every real (token, slot) pair.
     Returns (offsets (E+1,), slot_rows (T, K), xs (rows_total, H))."""
     cp = cupy_module()
-    T, H = x.shape
-    K = ids.shape[1]
     offsets = cp.empty(E + 1, np.int32)
     cursor = cp.empty(E, np.int32)
     mod.get_function("expert_offsets")((1,), (1024,), (counts, np.int32(E), np.int32(pad),
                                                        offsets, cursor))
+    slot_rows, xs = gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total)
+    return offsets, slot_rows, xs
+
+
+def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total):
+    """x's row copied to row offsets[e] + (a claim on cursor[e]) of xs for every real
+    (token, slot) pair; ``cursor`` (E,) must be zero. Returns (slot_rows (T, K), xs)."""
+    cp = cupy_module()
+    T, H = x.shape
+    K = ids.shape[1]
     slot_rows = cp.empty((T, K), np.int32)
     xs = cp.empty((rows_total, H), x.dtype)
     if T * K:
@@ -100,7 +108,7 @@ def gather(mod, ctype, x, ids, counts, E, pad, rows_total):
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
                                    offsets, cursor, slot_rows, xs, np.int32(H)))
-    return offsets, slot_rows, xs
+    return slot_rows, xs
 
 
 def silu_mul(mod, ctype, gate_up, h, M, I):

@@ -1,0 +1,282 @@
+"""CUDA-graph replay (graphs.py) and the sync-free expert path (experts/syncfree.py).
+
+GPU tests carry the gpu marker (deselected without a GPU); the size rules and the errors that
+need no GPU run everywhere."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import zeromoe_cupy as zm
+from zeromoe_cupy import graphs
+from zeromoe_cupy.experts import PAIRS_MAX
+from zeromoe_cupy.reference import relative_error
+
+from conftest import TOL
+from helpers import random_layer_weights, random_x
+
+
+# --- no GPU needed ------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_tokens,expected", [
+    (1, (1,)), (3, (1, 2, 3)), (16, (1, 2, 4, 8, 16)),
+    (1000, (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1000)),
+    (1024, (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024))])
+def test_default_capture_sizes(max_tokens, expected):
+    assert graphs.default_capture_sizes(max_tokens) == expected
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(), ValueError), (dict(max_tokens=0), ValueError), (dict(max_tokens=2.0), ValueError),
+    (dict(max_tokens=True), ValueError), (dict(capture_sizes=()), ValueError),
+    (dict(capture_sizes=(1, -2)), ValueError), (dict(capture_sizes=5), TypeError),
+    (dict(max_tokens=8, capture_sizes=(1, 4)), ValueError)])
+def test_capture_size_arguments_rejected(kw, err):
+    with pytest.raises(err):
+        graphs._sizes(kw.get("max_tokens"), kw.get("capture_sizes"))
+
+
+@pytest.mark.parametrize("strategy,tokens,expected", [
+    ("auto", PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
+    ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
+    ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree")])
+def test_graph_strategy_is_sync_free(strategy, tokens, expected):
+    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4)
+    layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+    assert graphs.graph_strategy(layer, tokens) == expected
+
+
+def test_graphed_cpu_layer_names_its_device():
+    layer = zm.ZeroExpertMoE(zm.MoEConfig.preset("tiny"), device="cpu")
+    with pytest.raises(ValueError, match="'cpu'"):
+        layer.graphed(max_tokens=4)
+
+
+def test_graphed_rejects_other_objects():
+    with pytest.raises(TypeError, match="ZeroExpertMoE"):
+        graphs.GraphedMoE(object(), max_tokens=4)
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+def _gpu_layer(rng, cfg, **options):
+    cp = pytest.importorskip("cupy")
+    w = random_layer_weights(rng, cfg, bias_scale=0.02)
+    return zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                         **options)
+
+
+def _padded(x, size):
+    import cupy as cp
+    xp = cp.zeros((size, x.shape[1]), x.dtype)
+    xp[:x.shape[0]] = x
+    return xp
+
+
+SYNCFREE_CASES = {
+    # name: (config, T). H, I multiples of 8 take the tensor cores; N not a multiple of the
+    # kernels' feature chunks; "odd" (H % 8 != 0) and fp32 take the "fixed" fallback.
+    "small": (zm.MoEConfig(hidden_size=200, intermediate_size=72, num_experts=12,
+                           num_zero_experts=4, top_k=4, use_correction_bias=True), 50),
+    "many_rows": (zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=3,
+                               num_zero_experts=2, top_k=2), 300),
+    "odd": (zm.MoEConfig(hidden_size=257, intermediate_size=40, num_experts=5,
+                         num_zero_experts=3, top_k=3,
+                         zero_expert_type=("identity", "zero", "constant")), 21),
+    "t1": (zm.MoEConfig.preset("tiny"), 1),
+    "t0": (zm.MoEConfig.preset("tiny"), 0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("case", sorted(SYNCFREE_CASES))
+def test_syncfree_path_matches_reference(case, dtype, rng):
+    cp = pytest.importorskip("cupy")
+    cfg0, T = SYNCFREE_CASES[case]
+    cfg = dataclasses.replace(cfg0, dtype=dtype)
+    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
+    x_before = x.copy()
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    cp.testing.assert_array_equal(x, x_before)
+    if T:
+        ref, _ = layer.reference(x)
+        assert relative_error(y.get(), ref) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("force", ["zero", "one", "single_active"])
+def test_syncfree_path_skewed_routing(force, rng):
+    cp = pytest.importorskip("cupy")
+    cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
+                       num_zero_experts=8, top_k=4, use_correction_bias=True, dtype="bfloat16")
+    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    bias = layer.e_score_correction_bias
+    if force == "zero":
+        bias[16:] += 10
+    elif force == "one":  # one expert gets all 300 tokens: ten passes of 32 rows
+        bias[3] += 10
+    else:
+        bias[5] += 10
+        bias[16:] += 5
+    x = cp.asarray(random_x(rng, 300, 256, "bfloat16"))
+    ref, _ = layer.reference(x)
+    assert relative_error(layer(x).get(), ref) <= TOL["bfloat16"]
+
+
+GRAPH_CFG = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=40,
+                         num_zero_experts=8, top_k=6, use_correction_bias=True,
+                         dtype="bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["syncfree", "pairs"])
+def test_replay_equals_eager_of_padded_input_bitwise(strategy, rng):
+    # The layer runs the graph's own expert path eagerly: every real row's bits must match,
+    # at every captured size, for T = size and T < size, with new x (new routing) each call.
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG, expert_strategy=strategy)
+    g = layer.graphed(max_tokens=72)
+    assert g.capture_sizes == (1, 2, 4, 8, 16, 24, 32, 48, 64, 72)
+    H = GRAPH_CFG.hidden_size
+    previous = None
+    for size in g.capture_sizes:
+        for T in sorted({size, max(1, size - 3)}):
+            x = cp.asarray(random_x(rng, T, H, "bfloat16"))
+            y = g(x)
+            assert isinstance(y, cp.ndarray) and y.shape == (T, H) and y.dtype == x.dtype
+            cp.testing.assert_array_equal(y, layer(_padded(x, size))[:T])
+            if previous is not None and previous.shape == y.shape:
+                assert not bool((previous == y).all())  # the replay saw the new x
+            previous = y
+    # returned arrays are new: a later replay does not change them
+    x = cp.asarray(random_x(rng, 5, H, "bfloat16"))
+    y = g(x)
+    kept = y.copy()
+    g(cp.asarray(random_x(rng, 5, H, "bfloat16")))
+    cp.testing.assert_array_equal(y, kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_replay_matches_reference_with_auto_strategy(dtype, rng):
+    # "auto" takes the cuBLAS paths eagerly above PAIRS_MAX pairs; the graph the sync-free
+    # ones: both within the tolerance of the exact result. T = 1 and T = max_tokens included.
+    cp = pytest.importorskip("cupy")
+    cfg = dataclasses.replace(GRAPH_CFG, dtype=dtype)
+    layer = _gpu_layer(rng, cfg)
+    big = PAIRS_MAX // cfg.top_k + 30
+    g = layer.graphed(capture_sizes=(1, 8, big))
+    for T in (1, 3, 8, big - 7, big):
+        x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
+        ref, _ = layer.reference(x)
+        assert relative_error(g(x).get(), ref) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_replay_zero_expert_only_tokens_and_constant_experts(rng):
+    cp = pytest.importorskip("cupy")
+    cfg = zm.MoEConfig(hidden_size=264, intermediate_size=96, num_experts=10,
+                       num_zero_experts=3, top_k=3, use_correction_bias=True,
+                       zero_expert_type=("identity", "zero", "constant"), dtype="bfloat16")
+    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    g = layer.graphed(capture_sizes=(4, 128))
+    x = cp.asarray(random_x(rng, 100, cfg.hidden_size, "bfloat16"))
+    ref, _ = layer.reference(x)
+    assert relative_error(g(x).get(), ref) <= TOL["bfloat16"]
+    layer.e_score_correction_bias[10:] += 10  # in place: every slot now goes to a zero expert
+    for T in (3, 100):
+        x = cp.asarray(random_x(rng, T, cfg.hidden_size, "bfloat16"))
+        r = layer.route(x)
+        assert bool((r.topk_ids >= cfg.num_experts).all())
+        ref, _ = layer.reference(x)
+        y = g(x)
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+        cp.testing.assert_array_equal(y, layer(_padded(x, 4 if T <= 4 else 128))[:T])
+
+
+@pytest.mark.gpu
+def test_replay_sees_weights_written_in_place(rng):
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG, expert_strategy="syncfree")
+    g = layer.graphed(capture_sizes=(2, 64))
+    H = GRAPH_CFG.hidden_size
+    xs = [cp.asarray(random_x(rng, T, H, "bfloat16")) for T in (2, 50)]
+    before = [g(x) for x in xs]
+    new = random_layer_weights(rng, GRAPH_CFG, bias_scale=0.02)
+    for name in ("router_weight", "w13", "w2", "e_score_correction_bias"):
+        getattr(layer, name)[...] = cp.asarray(new[name])
+    for x, y0, size in zip(xs, before, (2, 64)):
+        y = g(x)
+        assert not bool((y == y0).all())
+        cp.testing.assert_array_equal(y, layer(_padded(x, size))[:x.shape[0]])
+        ref, _ = layer.reference(x)
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+def test_replay_with_router_logits(rng):
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG, expert_strategy="syncfree")
+    g = layer.graphed(max_tokens=16, router_logits=True)
+    N, H = GRAPH_CFG.num_total_experts, GRAPH_CFG.hidden_size
+    for T in (1, 5, 16):
+        x = cp.asarray(random_x(rng, T, H, "bfloat16"))
+        logits = cp.asarray(rng.standard_normal((T, N)).astype(np.float32))
+        y = g(x, router_logits=logits)
+        size = g.capture_sizes[np.searchsorted(g.capture_sizes, T)]
+        lp = cp.zeros((size, N), np.float32)
+        lp[:T] = logits
+        cp.testing.assert_array_equal(y, layer(_padded(x, size), router_logits=lp)[:T])
+        ref, _ = layer.reference(x, router_logits=logits)
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+    with pytest.raises(ValueError, match="router_logits"):
+        g(x)
+    with pytest.raises(ValueError, match="router_logits"):
+        g(x, router_logits=cp.zeros((T, N + 1), np.float32))
+
+
+@pytest.mark.gpu
+def test_replay_deterministic_layer_and_other_stream(rng):
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG, deterministic=True)
+    g = layer.graphed(capture_sizes=(3, 40))
+    x = cp.asarray(random_x(rng, 37, GRAPH_CFG.hidden_size, "bfloat16"))
+    expected = layer(x)  # deterministic: a token's bits do not depend on the batch
+    cp.cuda.get_current_stream().synchronize()  # x and expected, before another stream reads
+    with cp.cuda.Stream(non_blocking=True) as s:
+        y = g(x)
+    s.synchronize()
+    cp.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.gpu
+def test_graphed_call_errors(rng):
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG)
+    g = layer.graphed(max_tokens=8)
+    H = GRAPH_CFG.hidden_size
+    with pytest.raises(ValueError, match="max_tokens=8"):
+        g(cp.zeros((9, H), layer.w13.dtype))
+    with pytest.raises(ValueError, match="shape"):
+        g(cp.zeros((2, H + 1), layer.w13.dtype))
+    with pytest.raises(TypeError, match="dtype"):
+        g(cp.zeros((2, H), np.float32))
+    with pytest.raises(TypeError, match="CUDA"):
+        g(np.zeros((2, H), layer.w13.dtype))
+    with pytest.raises(ValueError, match="router_logits"):
+        g(cp.zeros((2, H), layer.w13.dtype), router_logits=cp.zeros((2, 48), np.float32))
+    assert g(cp.zeros((0, H), layer.w13.dtype)).shape == (0, H)
+
+
+@pytest.mark.gpu
+def test_bench_graph_columns(tmp_path, capsys):
+    import json
+
+    from zeromoe_cupy.cli import main
+    out = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--tokens", "1,16", "--quick", "--graph",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["graph_ms"] > 0 and r["graph_ratio_to_floor"] > 0 for r in rows)
+    assert "graph ms" in capsys.readouterr().out

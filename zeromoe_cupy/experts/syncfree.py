@@ -1,0 +1,84 @@
+"""The "syncfree" path: the experts with the per-expert row counts left on the device, so the
+pass makes no host synchronization and can be captured in a CUDA graph (graphs.py).
+
+Device scan of the counts -> offsets and the list of active experts (kernels/syncfree.cu
+syncfree_plan) -> gather (rows in expert order) -> GEMM 1 fused with SiLU * up -> GEMM 2. Each
+GEMM runs on a fixed grid of (feature chunk, active-expert slot) blocks sized for the worst
+case (min(E, T*K) active experts); blocks past the active count exit at once. Each block
+streams its slice of one expert's weights once per SYNCFREE_ROWS rows of that expert, through
+tensor cores (bf16/fp16 in, fp32 accumulate): built for the memory-bound regime of few rows
+per expert (decode, up to a few thousand tokens). fp32 layers, and sizes the 16-byte loads
+cannot serve (H or I not a multiple of 8, misaligned weights), take the "fixed" path, which
+is also free of host synchronization.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._arrays import DTYPES, cupy_module, dtype_name
+from .._compile import memoize_per_device, raw_module
+from . import fixed
+from ._common import ExpertOutput, experts_module, gather_rows, real_counts
+
+SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
+_BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
+
+
+def syncfree_kernel_names() -> list[str]:
+    """Every instantiation in kernels/syncfree.cu that the path (and graphs.py) may launch."""
+    names = ["syncfree_plan", "mask_padding_rows"]
+    for name in ("bfloat16", "float16"):
+        ctype = DTYPES[name][1]
+        names += [f"syncfree_gemm<{ctype},{str(glu).lower()}>" for glu in (True, False)]
+    return names
+
+
+@memoize_per_device
+def syncfree_module():
+    return raw_module("syncfree.cu", syncfree_kernel_names())
+
+
+def tensor_core_ready(x, w13, w2) -> bool:
+    """Whether the tensor-core kernels serve these arrays (else the "fixed" path runs)."""
+    H, I = x.shape[1], w2.shape[2]
+    return (dtype_name(x.dtype) in ("bfloat16", "float16") and H % 8 == 0 and I % 8 == 0
+            and w13.data.ptr % 16 == 0 and w2.data.ptr % 16 == 0)
+
+
+def syncfree(x, ids, w13, w2, expert_counts, mark):
+    """expert_mlp's GPU contract (rows in expert order + slot_rows) without host syncs."""
+    if not tensor_core_ready(x, w13, w2):
+        return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
+    cp = cupy_module()
+    T, H = x.shape
+    E, I2 = w13.shape[0], w13.shape[1]
+    I = I2 // 2
+    K = ids.shape[1]
+    P = T * K
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod = syncfree_module()
+    counts = real_counts(ids, expert_counts, E)
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    active = cp.empty(E + 1, np.int32)
+    mod.get_function("syncfree_plan")((1,), (1024,), (counts, np.int32(E), offsets, cursor,
+                                                      active))
+    # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
+    slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
+    h = cp.empty((P, I), x.dtype)
+    rows = cp.empty((P, H), x.dtype)
+    mark("permute")
+    slots = min(E, P)
+    if slots:
+        for glu, src, W, N, Kd, out in ((True, xs, w13, I, H, h), (False, h, w2, H, I, rows)):
+            grid = (-(-N // _BLOCK_FEATURES[glu]), slots)
+            mod.get_function(f"syncfree_gemm<{ctype},{str(glu).lower()}>")(
+                grid, (256,), (src, W, out, offsets, active, np.int32(N), np.int32(Kd)))
+            if glu:
+                mark("gemm1")
+                mark("activation")  # fused into GEMM 1
+    else:
+        for stage in ("gemm1", "activation"):
+            mark(stage)
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows)
