@@ -1,5 +1,7 @@
 import dataclasses
 
+import numpy as np
+
 import pytest
 
 import zeromoe_cupy as zm
@@ -49,6 +51,25 @@ BAD = [
     (dict(num_expert_group=2, topk_group=3), ValueError, "topk_group"),
     (dict(num_expert_group=3, topk_group=1, top_k=3), ValueError, "top_k"),
     (dict(routed_scaling_factor="2"), TypeError, "routed_scaling_factor"),
+    # flags are bools: a string such as "no" would read as true
+    (dict(renormalize="no"), TypeError, "renormalize"),
+    (dict(use_correction_bias="no"), TypeError, "use_correction_bias"),
+    (dict(renormalize=1), TypeError, "renormalize"),
+    (dict(use_correction_bias=None), TypeError, "use_correction_bias"),
+    # numbers are finite
+    (dict(routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("-inf")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=np.float32("nan")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=True), TypeError, "routed_scaling_factor"),
+    # kinds that are not the field's
+    (dict(zero_expert_type=None), TypeError, "zero_expert_type"),
+    (dict(zero_expert_type=3), TypeError, "zero_expert_type"),
+    (dict(scoring_func=None), ValueError, "scoring_func"),
+    (dict(dtype=None), TypeError, "dtype"),
+    (dict(top_k=np.float64(2.0)), TypeError, "top_k"),
+    (dict(num_experts=np.bool_(True)), TypeError, "num_experts"),
+    (dict(num_zero_experts=np.int64(-1)), ValueError, "num_zero_experts"),
 ]
 
 
@@ -74,6 +95,26 @@ def test_valid_configs_are_accepted(override):
     c = zm.MoEConfig(**{**BASE, **override})
     assert len(c.zero_types) == c.num_zero_experts
     assert c.num_total_experts == c.num_experts + c.num_zero_experts
+
+
+NUMERIC_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "num_zero_experts",
+                  "top_k", "num_expert_group", "topk_group", "routed_scaling_factor")
+
+
+@pytest.mark.parametrize("scalar", [np.int64, np.int32, np.uint16])
+def test_numpy_scalars_are_numbers_and_stored_as_python_numbers(scalar):
+    given = dict(hidden_size=8, intermediate_size=4, num_experts=4, num_zero_experts=2,
+                 top_k=2, num_expert_group=2, topk_group=1, routed_scaling_factor=3)
+    c = zm.MoEConfig(**{k: scalar(v) for k, v in given.items()},
+                     renormalize=np.bool_(True), use_correction_bias=np.bool_(False))
+    plain = zm.MoEConfig(**given, renormalize=True)
+    assert c == plain
+    for name in NUMERIC_FIELDS:
+        want = float if name == "routed_scaling_factor" else int
+        assert type(getattr(c, name)) is want, name
+    assert c.renormalize is True and c.use_correction_bias is False
+    c = zm.MoEConfig(**BASE, routed_scaling_factor=np.float32(2.5))
+    assert type(c.routed_scaling_factor) is float and c.routed_scaling_factor == 2.5
 
 
 def test_config_is_frozen():

@@ -1,10 +1,14 @@
-"""MoEConfig: the shape and routing options of a zero-expert MoE layer (SPEC.md)."""
+"""MoEConfig: the shape and routing options of a zero-expert MoE layer (docs/spec.md)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import numpy as np
 
 ZERO_EXPERT_TYPES = ("identity", "zero", "constant")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -33,11 +37,43 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _as_int(name: str, value: Any) -> int:
+    """value as a Python int: ints and NumPy integer scalars; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    value = _as_int(name, value)
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
+
+
+def _finite_float(name: str, value: Any) -> float:
+    """value as a finite Python float: ints, floats and NumPy scalars; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def _flag(name: str, value: Any, strings: tuple[str, ...] = ()) -> Any:
+    """value as a bool (Python or NumPy bool), or one of ``strings``: a string such as "no"
+    would otherwise read as true."""
+    if isinstance(value, str) and value in strings:
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = " or ".join(["a bool"] + [repr(t) for t in strings])
+        raise TypeError(f"{name}: expected {allowed}, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+# The string values each flag takes besides True / False.
+FLAG_STRINGS: dict[str, tuple[str, ...]] = {"renormalize": (), "use_correction_bias": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +105,27 @@ class MoEConfig:
     weight_block_size: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
+        # Numbers may come as NumPy scalars (np.int64(2)): stored as Python int / float.
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
-            _positive_int(name, getattr(self, name))
-        if isinstance(self.num_zero_experts, bool) or not isinstance(self.num_zero_experts, int):
-            raise TypeError(f"num_zero_experts: expected an int, got {self.num_zero_experts!r}")
-        if self.num_zero_experts < 0:
-            raise ValueError(f"num_zero_experts: expected >= 0, got {self.num_zero_experts}")
+            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        Z = _as_int("num_zero_experts", self.num_zero_experts)
+        if Z < 0:
+            raise ValueError(f"num_zero_experts: expected >= 0, got {Z}")
+        object.__setattr__(self, "num_zero_experts", Z)
+        for name, strings in FLAG_STRINGS.items():
+            object.__setattr__(self, name, _flag(name, getattr(self, name), strings))
+        object.__setattr__(self, "routed_scaling_factor",
+                           _finite_float("routed_scaling_factor", self.routed_scaling_factor))
         n = self.num_experts + self.num_zero_experts
         if self.top_k > n:
             raise ValueError(f"top_k: expected <= num_experts + num_zero_experts = {n}, "
                              f"got {self.top_k}")
         # Normalise the zero-expert types to a tuple of Z strings (frozen: set via object).
         types = self.zero_expert_type
+        if not isinstance(types, (str, list, tuple)):
+            raise TypeError(f"zero_expert_type: expected one of {ZERO_EXPERT_TYPES} or a "
+                            f"sequence of num_zero_experts={self.num_zero_experts} of them, got "
+                            f"{type(types).__name__} {types!r}")
         if isinstance(types, str):
             types_t = (types,) * self.num_zero_experts
             bad = [] if types in ZERO_EXPERT_TYPES else [types]
@@ -97,22 +142,19 @@ class MoEConfig:
         object.__setattr__(self, "zero_expert_type",
                            types if isinstance(types, str) else types_t)
         object.__setattr__(self, "_zero_types", types_t)
-        if self.scoring_func not in SCORING_FUNCS:
+        if not isinstance(self.scoring_func, str) or self.scoring_func not in SCORING_FUNCS:
             raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, "
                              f"got {self.scoring_func!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        rsf = self.routed_scaling_factor
-        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or rsf != rsf:
-            raise TypeError(f"routed_scaling_factor: expected a float, got {rsf!r}")
-        object.__setattr__(self, "routed_scaling_factor", float(rsf))
         g, tg = self.num_expert_group, self.topk_group
         if (g is None) != (tg is None):
             raise ValueError("num_expert_group and topk_group: expected both or neither, "
                              f"got num_expert_group={g}, topk_group={tg}")
         if g is not None:
-            _positive_int("num_expert_group", g)
-            _positive_int("topk_group", tg)
+            g, tg = _positive_int("num_expert_group", g), _positive_int("topk_group", tg)
+            object.__setattr__(self, "num_expert_group", g)
+            object.__setattr__(self, "topk_group", tg)
             if n % g:
                 raise ValueError(f"num_expert_group: expected a divisor of "
                                  f"num_experts + num_zero_experts = {n}, got {g}")
@@ -132,7 +174,7 @@ class MoEConfig:
                              f"supported), got {self.weight_block_size!r}")
         object.__setattr__(self, "weight_block_size", block)
 
-    # Derived sizes, named as in SPEC.md.
+    # Derived sizes, named as in docs/spec.md.
     @property
     def num_total_experts(self) -> int:
         """E + Z: the width of the router."""
