@@ -6,9 +6,8 @@ import time
 import numpy as np
 
 import zeromoe_cupy as zm
-from zeromoe_cupy._arrays import gpu_available
 
-if not gpu_available():
+if not zm.gpu_available():
     print("skipped: the LongCat-Flash layer needs a CUDA GPU (about 40 GB for its weights)")
     sys.exit(0)
 

@@ -140,3 +140,137 @@ def test_expert_and_combine_op_errors(layer, x, rng):
         ops.combine(x, ids, w[:, :1], 4, "identity")
     with pytest.raises(TypeError, match="x: expected bfloat16, float16 or float32"):
         ops.combine(x.astype(np.float64), ids, w, 4, "identity")
+
+
+# --- caller-supplied routing ------------------------------------------------------------------
+@pytest.mark.parametrize("bad_id", [-1, -100, 6, 7, 2**31 - 1])
+def test_routing_ids_out_of_range_are_refused(layer, x, bad_id):
+    r = layer.route(x)
+    ids = r.topk_ids.copy()
+    ids[3, 1] = bad_id
+    before = ids.copy()
+    with pytest.raises(ValueError, match=r"routing.topk_ids: expected ids in \[0, 6\)"):
+        layer(x, routing=zm.RoutingResult(ids, r.topk_weights, r.expert_counts))
+    np.testing.assert_array_equal(ids, before)
+
+
+@pytest.mark.parametrize("field", ["topk_ids", "topk_weights"])
+def test_routing_of_lists_is_a_type_error(layer, x, field):
+    r = layer.route(x)
+    bad = r._replace(**{field: getattr(r, field).tolist()})
+    with pytest.raises(TypeError, match=f"routing.{field}: expected a NumPy/CuPy array"):
+        layer(x, routing=bad)
+
+
+def test_routing_dtypes_are_checked(layer, x):
+    r = layer.route(x)
+    with pytest.raises(TypeError, match="routing.topk_ids: expected an integer array"):
+        layer(x, routing=r._replace(topk_ids=r.topk_ids.astype(np.float32)))
+    with pytest.raises(TypeError, match="routing.topk_weights: expected a floating-point"):
+        layer(x, routing=r._replace(topk_weights=r.topk_weights.astype(np.int32)))
+    with pytest.raises(ValueError, match=r"routing.topk_weights: expected shape \(5, 2\)"):
+        layer(x, routing=r._replace(topk_weights=r.topk_weights[:, :1]))
+
+
+# --- layer arguments ---------------------------------------------------------------------------
+@pytest.mark.parametrize("seed,exc", [(-1, ValueError), ("a", TypeError), (1.5, TypeError),
+                                      (True, TypeError), (None, TypeError)])
+def test_seed_errors_name_seed(seed, exc):
+    with pytest.raises(exc, match="seed: expected an int >= 0"):
+        zm.ZeroExpertMoE(CFG, seed=seed, device="cpu")
+
+
+def test_numpy_integer_seed_is_a_seed():
+    a = zm.ZeroExpertMoE(CFG, seed=np.int64(3), device="cpu")
+    b = zm.ZeroExpertMoE(CFG, seed=3, device="cpu")
+    np.testing.assert_array_equal(a.w13, b.w13)
+
+
+@pytest.mark.skipif(gpu_available(), reason="only without a GPU")
+def test_from_weights_to_cuda_without_gpu_says_so(rng):
+    with pytest.raises(RuntimeError, match="device='cuda': no usable CUDA GPU"):
+        zm.ZeroExpertMoE.from_weights(CFG, **random_layer_weights(rng, CFG), device="cuda")
+
+
+def test_from_weights_device_errors(rng):
+    with pytest.raises(ValueError, match="device: expected 'auto', 'cuda' or 'cpu'"):
+        zm.ZeroExpertMoE.from_weights(CFG, **random_layer_weights(rng, CFG), device="gpu")
+
+
+# --- ops -------------------------------------------------------------------------------------
+def test_router_logits_op_errors(rng):
+    x = random_x(rng, 3, 16, "float32")
+    wr = rng.standard_normal((6, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"router_weight: expected shape \[E\+Z, H=16\]"):
+        ops.router_logits(x, wr[:, :15])
+    with pytest.raises(ValueError, match="router_weight: expected shape"):
+        ops.router_logits(x, wr[0])
+    with pytest.raises(TypeError, match="x: expected bfloat16, float16 or float32, got int"):
+        ops.router_logits(np.ones((3, 16), np.int64), wr)
+    with pytest.raises(TypeError, match="x: expected bfloat16, float16 or float32"):
+        ops.router_logits(x.astype(np.float64), wr)
+    with pytest.raises(ValueError, match="x: expected a 2-D array"):
+        ops.router_logits(x[0], wr)
+    with pytest.raises(TypeError, match="router_weight: expected a floating-point"):
+        ops.router_logits(x, wr.astype(np.int32))
+    with pytest.raises(ValueError, match=r"router_bias: expected shape \(6,\)"):
+        ops.router_logits(x, wr, np.zeros(5, np.float32))
+    with pytest.raises(TypeError, match="router_weight: expected a NumPy/CuPy array"):
+        ops.router_logits(x, wr.tolist())
+    with pytest.raises(TypeError, match="fixed_order: expected a bool"):
+        ops.router_logits(x, wr, fixed_order="yes")
+
+
+def test_route_op_scalar_errors(rng):
+    L = rng.standard_normal((3, 6)).astype(np.float32)
+    with pytest.raises(TypeError, match="renormalize: expected a bool"):
+        ops.route(L, 2, renormalize="no")
+    with pytest.raises(ValueError, match="routed_scaling_factor: expected a finite"):
+        ops.route(L, 2, routed_scaling_factor=float("nan"))
+    with pytest.raises(ValueError, match="routed_scaling_factor: expected a finite"):
+        ops.route(L, 2, routed_scaling_factor=float("inf"))
+    with pytest.raises(TypeError, match="routed_scaling_factor: expected a float"):
+        ops.route(L, 2, routed_scaling_factor="2")
+    with pytest.raises(TypeError, match="num_expert_group: expected an int"):
+        ops.route(L, 2, num_expert_group=2.0, topk_group=1)
+    with pytest.raises(TypeError, match="e_score_correction_bias: expected a floating-point"):
+        ops.route(L, 2, e_score_correction_bias=np.zeros(6, np.int32))
+    with pytest.raises(TypeError, match="router_logits: expected float32"):
+        ops.route(L.astype(np.int32), 2)
+
+
+def test_combine_op_argument_errors(layer, x):
+    ids = np.array([[0, 4]] * 5, np.int32)
+    w = np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match="num_experts: expected an int >= 0, got -1"):
+        ops.combine(x, ids, w, -1, "identity")
+    with pytest.raises(TypeError, match="num_experts: expected an int"):
+        ops.combine(x, ids, w, 4.5, "identity")
+    with pytest.raises(ValueError, match="num_zero_experts: expected an int >= 0"):
+        ops.combine(x, ids, w, 4, "identity", num_zero_experts=-2)
+    with pytest.raises(TypeError, match="expert_output: expected the ExpertOutput"):
+        ops.combine(x, ids, w, 4, "identity", expert_output=(1, 2, 3))
+    with pytest.raises(TypeError, match="expert_output.rows: expected a NumPy/CuPy array"):
+        ops.combine(x, ids, w, 4, "identity", expert_output=(1, 2))
+    with pytest.raises(TypeError, match="expert_output: expected the ExpertOutput"):
+        ops.combine(x, ids, w, 4, "identity", expert_output=np.zeros((2, 16), np.float32))
+    with pytest.raises(TypeError, match="zero_expert_type: expected one of"):
+        ops.combine(x, ids, w, 4, None)
+    with pytest.raises(TypeError, match="zero_expert_type: expected one of"):
+        ops.zero_expert_output(x, ids, w, 4, None, num_zero_experts=2)
+    with pytest.raises(TypeError, match="topk_ids: expected a NumPy/CuPy array"):
+        ops.combine(x, ids.tolist(), w, 4, "identity")
+    with pytest.raises(ValueError, match=r"topk_ids: expected ids in \[0, 6\)"):
+        ops.combine(x, ids - 1, w, 4, "identity", num_zero_experts=2)
+
+
+def test_expert_mlp_op_argument_errors(layer, x):
+    ids = np.zeros((5, 2), np.int32)
+    with pytest.raises(ValueError, match=r"expert_counts: expected shape \[>= E=4\]"):
+        ops.expert_mlp(x, ids, layer.w13, layer.w2, expert_counts=np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match="expert_counts: expected an integer array"):
+        ops.expert_mlp(x, ids, layer.w13, layer.w2, expert_counts=np.zeros(6, np.float32))
+    with pytest.raises(TypeError, match="expert_counts: expected a NumPy/CuPy array"):
+        ops.expert_mlp(x, ids, layer.w13, layer.w2, expert_counts=[0] * 6)
+    with pytest.raises(TypeError, match="x: expected bfloat16, float16 or float32"):
+        ops.expert_mlp(x.astype(np.int32), ids, layer.w13, layer.w2)

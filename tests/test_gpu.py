@@ -357,3 +357,53 @@ def test_router_logits_fixed_order_any_batch(dtype, rng):
     cp.testing.assert_array_equal(router_logits(x_odd, wr, br, fixed_order=True), out)
     for s, t in ((0, 1), (3, 11), (20, 37)):
         cp.testing.assert_array_equal(router_logits(x[s:t], wr, br, fixed_order=True), out[s:t])
+
+
+# --- caller-supplied routing and devices ----------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
+@pytest.mark.parametrize("counts", ["right", "zeros", "huge", "negative", "none"])
+def test_caller_routing_counts_are_never_trusted(counts, strategy, rng):
+    # Counts that do not match the ids must not misplace rows (or reach memory out of bounds).
+    cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
+                       num_zero_experts=8, top_k=4, dtype="bfloat16")
+    w = random_layer_weights(rng, cfg)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                          expert_strategy=strategy)
+    T, N = 300, cfg.num_total_experts
+    ids = np.stack([rng.permutation(N)[:cfg.top_k] for _ in range(T)])
+    wts = (rng.random(ids.shape) + 0.1).astype(np.float32)
+    c = {"right": np.bincount(ids.ravel(), minlength=N), "zeros": np.zeros(N),
+         "huge": np.full(N, 10**6), "negative": np.full(N, -5), "none": None}[counts]
+    r = zm.RoutingResult(cp.asarray(ids.astype(np.int64)), cp.asarray(wts),
+                         None if c is None else cp.asarray(c.astype(np.int32)))
+    x = cp.asarray(random_x(rng, T, 256, "bfloat16"))
+    ref, _ = layer.reference(x, routing=(ids, wts))
+    assert relative_error(layer(x, routing=r).get(), ref) <= TOL["bfloat16"]
+    bad = r._replace(topk_ids=r.topk_ids.copy())
+    bad.topk_ids[7, 2] = N
+    with pytest.raises(ValueError, match="routing.topk_ids: expected ids in"):
+        layer(x, routing=bad)
+
+
+@pytest.mark.parametrize("logit_dtype", ["bfloat16", "float16"])
+def test_low_precision_router_logits_on_gpu(logit_dtype, rng):
+    from zeromoe_cupy._arrays import np_dtype
+    cfg = zm.MoEConfig.preset("tiny", dtype="bfloat16")
+    layer = zm.ZeroExpertMoE(cfg, device="cuda")
+    x = cp.asarray(random_x(rng, 33, cfg.hidden_size, "bfloat16"))
+    L = cp.asarray(rng.standard_normal((33, cfg.num_total_experts)).astype(np_dtype(logit_dtype)))
+    ref, _ = layer.reference(x, router_logits=L.astype(np.float32))
+    assert relative_error(layer(x, router_logits=L).get(), ref) <= TOL["bfloat16"]
+
+
+def test_from_weights_moves_arrays_to_the_asked_device(rng):
+    cfg = zm.MoEConfig.preset("tiny")
+    w = random_layer_weights(rng, cfg)
+    on_gpu = zm.ZeroExpertMoE.from_weights(cfg, **w, device="cuda")
+    assert on_gpu.device == "cuda" and isinstance(on_gpu.w13, cp.ndarray)
+    assert zm.ZeroExpertMoE.from_weights(cfg, **w, device="auto").device == "cuda"
+    on_cpu = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                           device="cpu")
+    assert on_cpu.device == "cpu" and isinstance(on_cpu.w13, np.ndarray)
+    x = random_x(rng, 9, cfg.hidden_size, cfg.dtype)
+    np.testing.assert_allclose(on_gpu(cp.asarray(x)).get(), on_cpu(x), rtol=1e-4, atol=1e-5)

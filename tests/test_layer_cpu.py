@@ -159,3 +159,65 @@ def test_moepp_preset_shapes_on_cpu(rng):
     x = random_x(rng, 40, 32, cfg.dtype)
     ref, _ = layer.reference(x)
     assert relative_error(layer(x), ref) <= TOL[cfg.dtype]
+
+
+# --- router logits in the layer's dtypes --------------------------------------------------------
+@pytest.mark.parametrize("logit_dtype", ["bfloat16", "float16"])
+def test_low_precision_router_logits_are_used_in_fp32(logit_dtype, rng):
+    from zeromoe_cupy._arrays import np_dtype
+    cfg, layer, x, _ = build("mixed", "bfloat16", rng)
+    L = rng.standard_normal((x.shape[0], cfg.num_total_experts)).astype(np.float32)
+    L_low = L.astype(np_dtype(logit_dtype))
+    L32 = L_low.astype(np.float32)  # the values the layer must route on
+    y = layer(x, router_logits=L_low)
+    ref, ref_routing = layer.reference(x, router_logits=L32)
+    assert relative_error(y, ref) <= TOL["bfloat16"]
+    r = layer.route(x, router_logits=L_low)
+    r32 = layer.route(x, router_logits=L32)
+    np.testing.assert_array_equal(r.topk_ids, r32.topk_ids)
+    np.testing.assert_array_equal(r.topk_weights, r32.topk_weights)
+    o = zm.ops.route(L_low, cfg.top_k)
+    np.testing.assert_array_equal(o.topk_ids, zm.ops.route(L32, cfg.top_k).topk_ids)
+
+
+# --- caller-supplied routing -------------------------------------------------------------------
+def test_caller_routing_in_other_dtypes_and_with_wrong_counts(rng):
+    cfg, layer, x, _ = build("mixed", "float32", rng)
+    N = cfg.num_total_experts
+    ids = np.stack([rng.permutation(N)[:cfg.top_k] for _ in range(x.shape[0])])
+    w = rng.random(ids.shape) + 0.1
+    ref, _ = layer.reference(x, routing=(ids, w))
+    for counts in (np.bincount(ids.ravel(), minlength=N).astype(np.int32),
+                   np.zeros(N, np.int32), np.full(N, 10**6, np.int32), None):
+        r = zm.RoutingResult(ids.astype(np.int64), w.astype(np.float64), counts)
+        before = [a.copy() for a in (r.topk_ids, r.topk_weights)]
+        assert relative_error(layer(x, routing=r), ref) <= TOL["float32"]
+        for a, b in zip(r[:2], before):
+            np.testing.assert_array_equal(a, b)
+
+
+# --- devices -----------------------------------------------------------------------------------
+def test_gpu_available_is_public_and_auto_follows_it():
+    assert isinstance(zm.gpu_available(), bool)
+    assert "gpu_available" in zm.__all__
+    cfg = zm.MoEConfig(**{**BASE, "dtype": "float32"})
+    want = "cuda" if zm.gpu_available() else "cpu"
+    assert zm.ZeroExpertMoE(cfg).device == want
+    assert zm.ZeroExpertMoE(cfg, device="auto").device == want
+    assert zm.ZeroExpertMoE(cfg, device="cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("device", [None, "cpu", "auto"])
+def test_from_weights_takes_a_device(device, rng):
+    cfg = zm.MoEConfig(**{**BASE, "dtype": "float32"})
+    w = random_layer_weights(rng, cfg)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **w, device=device)
+    want = "cuda" if device == "auto" and zm.gpu_available() else "cpu"
+    assert layer.device == want
+    x = random_x(rng, 9, cfg.hidden_size, "float32")
+    if want == "cuda":
+        import cupy as cp
+        x = cp.asarray(x)
+    ref, _ = layer.reference(x)
+    y = layer(x)
+    assert relative_error(y.get() if want == "cuda" else y, ref) <= TOL["float32"]

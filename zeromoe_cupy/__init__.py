@@ -3,6 +3,7 @@
 Importing compiles nothing and needs no GPU; kernels compile on first use, once per device.
 """
 from . import ops, parallel, reference
+from ._arrays import gpu_available
 from .config import MoEConfig
 from .experts import ExpertOutput
 from .layer import ZeroExpertMoE
@@ -16,6 +17,7 @@ __all__ = [
     "RoutingResult",
     "ZeroExpertMoE",
     "__version__",
+    "gpu_available",
     "ops",
     "parallel",
     "reference",

@@ -39,15 +39,46 @@ def cupy_module():
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
+def _gpu_probe() -> tuple[bool, str | None]:
     cp = cupy_module()
     if cp is None:
-        return False
+        return False, "CuPy is not installed (pip install 'zeromoe-cupy[cuda13]')"
     try:
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device node, a driver too old for the runtime
+        return False, f"CUDA runtime error: {type(exc).__name__}: {exc}"
+    if count == 0:
+        return False, "the CUDA driver reports no device"
+    return True, None
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device (checked once per process)."""
+    return _gpu_probe()[0]
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why ``gpu_available()`` is False (CuPy's own error text where there is one), else None."""
+    return _gpu_probe()[1]
+
+
+def resolve_device(device: str, name: str = "device") -> str:
+    """"cuda" or "cpu" from "cuda", "cpu" or "auto" ("cuda" when a GPU is usable).
+    Raises ValueError for other values, RuntimeError for "cuda" without a usable GPU."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"{name}: expected 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device == "cuda" and not gpu_available():
+        raise RuntimeError(f"{name}='cuda': no usable CUDA GPU ({gpu_unavailable_reason()}); "
+                           f"use {name}='cpu' (or 'auto') for the NumPy path")
+    return device
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """A floating-point dtype: NumPy's float kinds, and bfloat16 (ml_dtypes)."""
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or dtype_name(dt) is not None
 
 
 def is_cupy(a: Any) -> bool:

@@ -1,19 +1,21 @@
 """ZeroExpertMoE: owns the weights; forward = route -> real experts -> combine.
 
-Shape legend (SPEC.md): T tokens, H hidden, I expert intermediate, E real experts,
+Shape legend (docs/spec.md): T tokens, H hidden, I expert intermediate, E real experts,
 Z zero experts (ids E..E+Z-1), K experts per token, N = E + Z.
 """
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import as_array, cupy_module, dtype_name, gpu_available, is_cupy, np_dtype
+from ._arrays import (as_array, cupy_module, gpu_available, is_cupy, is_float_dtype, np_dtype,
+                      resolve_device)
 from . import checkpoint
 from .config import MoEConfig
 from .experts import STRATEGIES, expert_mlp
-from .routing import RoutingResult, route, router_logits, split_bf16
+from .routing import RoutingResult, compute_router_logits, route, split_bf16
 from .zero_experts import combine
 
 if TYPE_CHECKING:
@@ -24,18 +26,6 @@ ROUTER_GEMMS = ("auto", "fp32")
 # "auto" takes bf16x3 from this many tokens up: below, its cuBLAS calls (2 + H / 512) cost
 # more host time than the fp32 GEMM takes.
 BF16X3_MIN_TOKENS = 512
-
-
-def _resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is usable, else "cpu"; "cuda" without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if gpu_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device: expected 'auto', 'cuda' or 'cpu', got {device!r}")
-    if device == "cuda" and not gpu_available():
-        raise RuntimeError("device='cuda': no CUDA GPU is visible to CuPy (or CuPy is not "
-                           "installed); use device='cpu' or 'auto'")
-    return device
 
 
 class _ExpertsOnHost:
@@ -51,8 +41,10 @@ class _ExpertsOnHost:
 class ZeroExpertMoE:
     """A Mixture-of-Experts layer with zero-computation experts, on NumPy or CuPy arrays.
 
-    ``layer(x)`` computes y = sum_k w_k * expert_{ids_k}(x) (SPEC.md). NumPy in -> NumPy out
-    (device "cpu"); CuPy or DLPack CUDA tensors in -> CuPy out (device "cuda").
+    ``layer(x)`` computes y = sum_k w_k * expert_{ids_k}(x) (docs/spec.md). NumPy in -> NumPy
+    out (device "cpu"); CuPy or DLPack CUDA tensors in -> CuPy out (device "cuda").
+    ``device="auto"`` (default): "cuda" when a GPU is usable (``gpu_available()``), else "cpu";
+    ``layer.device`` holds the one chosen. ``seed`` (an int >= 0) draws the random weights.
     Calls with more than ``max_chunk_tokens`` tokens run in chunks (route, experts, combine
     per chunk), which bounds the workspace: ``workspace_bytes()`` gives the bound, about
     ``max_chunk_tokens * K * (2H + 3I) * itemsize`` bytes for the expert stage.
@@ -61,7 +53,7 @@ class ZeroExpertMoE:
     ``router_gemm``: the router logits fp32(x) @ Wr^T are computed to fp32 accuracy either
     way. "auto" (default): for bf16 layers on the GPU and calls of BF16X3_MIN_TOKENS tokens or
     more, with bf16 tensor-core GEMMs over a three-way bf16 split of Wr summed in fp32
-    ("bf16x3", ``routing.router_logits``; several times faster), else with an fp32 GEMM.
+    ("bf16x3", ``ops.router_logits``' weight_parts; several times faster), else with an fp32 GEMM.
     "fp32": always the fp32 GEMM. The split of Wr is made once per router weight array:
     assign a new array to ``router_weight`` rather than writing into it.
 
@@ -88,17 +80,17 @@ class ZeroExpertMoE:
     row is NaN; other tokens are unaffected. A NaN in one token's x stays in that row.
     """
 
-    def __init__(self, config: MoEConfig, seed: int = 0, device: str = "cuda",
+    def __init__(self, config: MoEConfig, seed: int = 0, device: str = "auto",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
                  expert_strategy: str = "auto", router_gemm: str = "auto",
                  deterministic: bool = False, group=None, _weights=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        if device not in ("cuda", "cpu"):
-            raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
-        if device == "cuda" and not gpu_available():
-            raise RuntimeError("device='cuda': no CUDA GPU is visible to CuPy (or CuPy is not "
-                               "installed); use device='cpu' for the NumPy path")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed: expected an int >= 0, got {type(seed).__name__} {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed}")
+        device = resolve_device(device)
         if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, int) \
                 or max_chunk_tokens <= 0:
             raise ValueError(f"max_chunk_tokens: expected a positive int, got {max_chunk_tokens!r}")
@@ -125,7 +117,7 @@ class ZeroExpertMoE:
         self.max_chunk_tokens = max_chunk_tokens
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
-            _weights = self._random_weights(seed)
+            _weights = self._random_weights(int(seed))
         (self.router_weight, self.router_bias, self.e_score_correction_bias,
          self.w13, self.w2, self.const_vec, self.const_gate) = _weights
         self._exchange = None
@@ -172,27 +164,33 @@ class ZeroExpertMoE:
     def from_weights(cls, config: MoEConfig, router_weight, w13, w2, e_score_correction_bias=None,
                      router_bias=None, const_vec=None, const_gate=None,
                      max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-                     **options) -> "ZeroExpertMoE":
+                     device: str | None = None, **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
         ``options``: the constructor's keyword options (expert_strategy, router_gemm,
         deterministic, group). With ``group=``, w13 / w2 are the full [E, ...] tensors and the
         rank keeps its slice [r*E/R, (r+1)*E/R) (no communication; ValueError when R does
         not divide E).
 
-        GPU tensors are wrapped without a copy when they already have the layer's dtype and
-        a contiguous layout, so the layer shares their memory.
+        ``device``: None (default) takes the arrays' device (all on one device, else
+        TypeError); "cuda", "cpu" or "auto" put the layer there, copying the arrays that
+        live elsewhere (NumPy <-> CuPy). GPU tensors are wrapped without a copy when they
+        already have the layer's dtype and a contiguous layout, so the layer shares their memory.
         """
         arrays = {"router_weight": router_weight, "w13": w13, "w2": w2,
                   "e_score_correction_bias": e_score_correction_bias,
                   "router_bias": router_bias, "const_vec": const_vec, "const_gate": const_gate}
         arrays = {k: as_array(v, k, allow_none=k not in ("router_weight", "w13", "w2"))
                   for k, v in arrays.items()}
-        on_gpu = {k: is_cupy(v) for k, v in arrays.items() if v is not None}
-        device = "cuda" if on_gpu["w13"] else "cpu"
-        for k, g in on_gpu.items():
-            if g != (device == "cuda"):
-                raise TypeError(f"{k}: expected the same device as w13 ({device}), got "
-                                f"{'cuda' if g else 'cpu'}")
+        if device is None:
+            on_gpu = {k: is_cupy(v) for k, v in arrays.items() if v is not None}
+            device = "cuda" if on_gpu["w13"] else "cpu"
+            for k, g in on_gpu.items():
+                if g != (device == "cuda"):
+                    raise TypeError(f"{k}: expected the same device as w13 ({device}), got "
+                                    f"{'cuda' if g else 'cpu'}; or pass device= to move them")
+        else:
+            device = resolve_device(device)
+            arrays = {k: _to_device(v, device) for k, v in arrays.items()}
         xp = cupy_module() if device == "cuda" else np
         cfg = config
         H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
@@ -212,7 +210,7 @@ class ZeroExpertMoE:
                 raise ValueError(f"{k}: expected shape {expected[k]}, got {tuple(a.shape)}")
             want = np.float32 if k in ("router_weight", "e_score_correction_bias",
                                        "router_bias") else dt
-            if a.dtype.kind != "f" and dtype_name(a.dtype) is None:
+            if not is_float_dtype(a.dtype):
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
             if k in ("w13", "w2"):
                 a = a[lo:hi]  # the rank's experts (all of them without a group)
@@ -223,8 +221,6 @@ class ZeroExpertMoE:
             out["e_score_correction_bias"] = xp.zeros(N, np.float32)
         weights = (out["router_weight"], out["router_bias"], out["e_score_correction_bias"],
                    out["w13"], out["w2"], out["const_vec"], out["const_gate"])
-        if device == "cuda" and not gpu_available():  # pragma: no cover
-            raise RuntimeError("CuPy arrays were given but no GPU is visible")
         return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights,
                    **options)
 
@@ -277,28 +273,48 @@ class ZeroExpertMoE:
             raise TypeError(f"router_logits: expected a {kind} array like x")
         if tuple(logits.shape) != (T, N):
             raise ValueError(f"router_logits: expected shape ({T}, {N}), got {tuple(logits.shape)}")
-        if logits.dtype.kind != "f":
-            raise TypeError(f"router_logits: expected a floating-point array, got {logits.dtype}")
+        if not is_float_dtype(logits.dtype):
+            raise TypeError(f"router_logits: expected a floating-point array (float32, "
+                            f"bfloat16, float16, ...), got {logits.dtype}")
         return logits.astype(np.float32, copy=False)
 
     def _routing_input(self, routing, T):
+        """The caller's routing checked (kinds, shapes, dtypes, ids in [0, E+Z)) and as
+        int32 ids / fp32 weights. Its expert_counts are not used: the layer counts the ids
+        itself, so counts that do not match the ids cannot misplace a row. The range check
+        is one reduction (and on the GPU one host synchronization) that the layer's own
+        routing never pays."""
         cfg = self.config
         if not isinstance(routing, RoutingResult):
             raise TypeError(f"routing: expected a RoutingResult from layer.route(), got "
                             f"{type(routing).__name__}")
-        K = cfg.top_k
-        for name in ("topk_ids", "topk_weights"):
-            a = getattr(routing, name)
+        K, N = cfg.top_k, cfg.num_total_experts
+        out = {}
+        for name, kind in (("topk_ids", "an integer"), ("topk_weights", "a floating-point")):
+            a = as_array(getattr(routing, name), f"routing.{name}")
             if is_cupy(a) != (self.device == "cuda"):
-                raise TypeError(f"routing.{name}: expected arrays on the layer's device")
+                raise TypeError(f"routing.{name}: expected a "
+                                f"{'CuPy' if self.device == 'cuda' else 'NumPy'} array "
+                                f"(the layer's device, {self.device}), got {type(a).__module__}")
             if tuple(a.shape) != (T, K):
                 raise ValueError(f"routing.{name}: expected shape ({T}, {K}) for this x, "
                                  f"got {tuple(a.shape)}")
-        return routing
+            ok = a.dtype.kind in "iu" if name == "topk_ids" else is_float_dtype(a.dtype)
+            if not ok:
+                raise TypeError(f"routing.{name}: expected {kind} array, got {a.dtype}")
+            out[name] = a
+        ids = out["topk_ids"]
+        if ids.size and bool(((ids < 0) | (ids >= N)).any()):
+            raise ValueError(f"routing.topk_ids: expected ids in [0, {N}) (E+Z), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return RoutingResult(ids.astype(np.int32, copy=False),
+                             out["topk_weights"].astype(np.float32, copy=False), None)
 
     # --- forward -----------------------------------------------------------------------------
     def route(self, x, router_logits=None) -> RoutingResult:
-        """SPEC.md steps 1-7 for x [T, H] (or the caller's logits [T, E+Z])."""
+        """Routing (docs/spec.md, steps 1-7) for x [T, H]: ids int32 [T, K], weights fp32
+        [T, K], expert_counts int32 [E+Z]. ``router_logits``: the caller's logits [T, E+Z] in
+        any float dtype (bf16 from a bf16 router included), used in fp32."""
         x = self._input(x)
         return self._route(x, router_logits)
 
@@ -315,9 +331,8 @@ class ZeroExpertMoE:
                      num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group)
 
     def _logits(self, x):
-        return router_logits(x, self.router_weight, self.router_bias,
-                             weight_parts=self._router_parts(x.shape[0]),
-                             fixed_order=self.deterministic)
+        return compute_router_logits(x, self.router_weight, self.router_bias,
+                                     self._router_parts(x.shape[0]), self.deterministic)
 
     def _router_parts(self, tokens: int):
         """The router weight as three bf16 parts (routing.split_bf16) when bf16x3 applies,
@@ -332,7 +347,10 @@ class ZeroExpertMoE:
         return cached[1]
 
     def __call__(self, x, router_logits=None, routing: RoutingResult | None = None):
-        """y [T, H] in x's dtype. ``routing`` reuses a result of ``route`` (no second pass)."""
+        """y [T, H] in x's dtype. ``router_logits``: [T, E+Z], any float dtype. ``routing``
+        reuses a RoutingResult (from ``route``, or built by the caller: ids integer [T, K] in
+        [0, E+Z), weights float [T, K]); no second routing pass. Its expert_counts are
+        recomputed from the ids."""
         x = self._input(x)
         T = x.shape[0]
         if routing is not None:
@@ -343,7 +361,7 @@ class ZeroExpertMoE:
             router_logits = self._logits_input(router_logits, T)
         chunk = self.max_chunk_tokens
         if T <= chunk or self.group is not None:  # rank layers: one collective call
-            return self._forward(x, router_logits, routing, counts_valid=routing is not None)
+            return self._forward(x, router_logits, routing)
         y = self.xp.empty(x.shape, x.dtype)  # chunks write into it: no concatenation
         for s in range(0, T, chunk):
             sl = slice(s, min(T, s + chunk))
@@ -351,7 +369,7 @@ class ZeroExpertMoE:
             sub_routing = None
             if routing is not None:
                 sub_routing = RoutingResult(routing.topk_ids[sl], routing.topk_weights[sl], None)
-            y[sl] = self._forward(x[sl], sub_logits, sub_routing, counts_valid=False)
+            y[sl] = self._forward(x[sl], sub_logits, sub_routing)
         return y
 
     def workspace_bytes(self, tokens: int | None = None) -> int:
@@ -377,29 +395,27 @@ class ZeroExpertMoE:
         total = tokens if tokens is not None else T
         return per_chunk + total * cfg.hidden_size * item
 
-    def _forward(self, x, logits, routing, counts_valid):
+    def _forward(self, x, logits, routing):
         if self.device == "cuda":
             cp = cupy_module()
             try:
-                return self._forward_stages(x, logits, routing, counts_valid)
+                return self._forward_stages(x, logits, routing)
             except cp.cuda.memory.OutOfMemoryError as exc:
                 raise MemoryError(
                     f"ZeroExpertMoE forward ran out of GPU memory: a chunk of {x.shape[0]} "
                     f"tokens needs up to {self.workspace_bytes(x.shape[0]) / 2**20:.0f} MiB of "
                     f"workspace beyond the weights; lower max_chunk_tokens (now "
                     f"{self.max_chunk_tokens}) to bound it ({exc})") from exc
-        return self._forward_stages(x, logits, routing, counts_valid)
+        return self._forward_stages(x, logits, routing)
 
-    def _forward_stages(self, x, logits, routing, counts_valid):
+    def _forward_stages(self, x, logits, routing):
         if routing is None:
             routing = self._route(x, logits)
-            counts = routing.expert_counts
-        else:
-            counts = routing.expert_counts if counts_valid else None
+        # The caller's routing comes without counts (_routing_input): the experts count the ids.
         if self.group is not None:
             from .parallel.exchange import ep_forward
             return ep_forward(self, x, routing)
-        return self._forward_routed(x, routing, counts, self.expert_strategy)
+        return self._forward_routed(x, routing, routing.expert_counts, self.expert_strategy)
 
     def _forward_routed(self, x, routing, counts, strategy):
         """Steps 8-9 (experts, combine) for a routing result; ``counts``: its per-expert
@@ -498,7 +514,7 @@ class ZeroExpertMoE:
         file and key for a missing tensor, a wrong shape or dtype, all before any weight
         memory is allocated.
         """
-        device = _resolve_device(device)
+        device = resolve_device(device)
         group = options.get("group")
         if group is not None:  # a rank reads only its experts: check the group first
             _check_group(group, MoEConfig.from_hf_config(path))
@@ -526,7 +542,7 @@ class ZeroExpertMoE:
         """A layer written by ``save``, on ``device`` ("auto": the GPU when one is usable),
         with the config and options it was saved with. Raises FileNotFoundError naming the
         path; ValueError for a file ``save`` did not write."""
-        device = _resolve_device(device)
+        device = resolve_device(device)
         cfg, options, targets = checkpoint.load_layer(path)
         xp = cupy_module() if device == "cuda" else np
         arrays = checkpoint.fill_targets(targets, xp)
@@ -564,7 +580,7 @@ class ZeroExpertMoE:
         self.__dict__.update(new.__dict__)
 
     def reference(self, x, router_logits=None, routing=None):
-        """The float64 evaluation of SPEC.md for this layer's weights: (y, routing)."""
+        """The float64 evaluation of docs/spec.md for this layer's weights: (y, routing)."""
         from . import reference
         cfg = self.config
         if self.group is not None:
@@ -628,3 +644,10 @@ def _expert_slice(group, E: int) -> tuple[int, int]:
         return 0, E
     per = E // group.world_size
     return group.rank * per, (group.rank + 1) * per
+
+
+def _to_device(a, device: str):
+    """a on ``device`` ("cuda": CuPy, "cpu": NumPy); a copy only where it lives elsewhere."""
+    if a is None or is_cupy(a) == (device == "cuda"):
+        return a
+    return cupy_module().asarray(a) if device == "cuda" else a.get()

@@ -1,4 +1,4 @@
-"""Top-k routing (SPEC.md steps 1-7): NumPy on the CPU, one Numba CUDA kernel on CuPy arrays.
+"""Top-k routing (docs/spec.md, steps 1-7): NumPy on the CPU, one Numba CUDA kernel on CuPy arrays.
 
 Shapes: logits (T, N) fp32 with N = E + Z; ids (T, K) int32; weights (T, K) fp32; counts (N,) int32.
 """
@@ -9,8 +9,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+import math
+import numbers
+
 from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, fixed_order_matmul, is_cupy,
-                      np_dtype, with_unit_row_layout)
+                      is_float_dtype, np_dtype, with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: a lane keeps 4 * ceil(N / 128) scores in registers, and K
@@ -29,21 +32,67 @@ class RoutingResult(NamedTuple):
     expert_counts: Any  # int32 [E+Z]: (token, slot) pairs per expert
 
 
-# x: (T, H) any float dtype; router_weight: (N, H); router_bias: (N,) -> (T, N) fp32
+# x: (T, H) bf16/fp16/fp32; router_weight: (N, H); router_bias: (N,) -> (T, N) fp32
 def router_logits(x, router_weight, router_bias=None, weight_parts=None,
                   fixed_order: bool = False):
     """L = fp32(x) @ Wr^T (+ br), in fp32 (no TF32).
 
-    On the GPU, up to ROUTER_GEMV_MAX_T tokens take one matrix-vector kernel (no fp32 copy of
-    x, one launch). ``fixed_order=True``: that kernel for any T, so every logit is summed in
-    one order whatever the batch (a token gets the same bits alone or in any chunk; slower
-    than a GEMM from a few dozen tokens); on the CPU, ordered float64 sums.
-    ``weight_parts`` (from ``split_bf16(router_weight)``, used when x is a bfloat16 CuPy
-    array): the same product from bf16 tensor-core GEMMs accumulated into one fp32 output.
-    x is exact in bf16 and the three parts carry Wr's 24 mantissa bits, so every product is
-    exact; the tensor cores accumulate with truncation, so the leading part runs in K-chunks
-    of BF16X3_CHUNK, each added in fp32, to keep the error near an fp32 GEMM's.
+    Args:
+        x: [T, H] bfloat16, float16 or float32 (NumPy, CuPy or a DLPack tensor).
+        router_weight: [E+Z, H], any float dtype (used in fp32), same array kind as x.
+        router_bias: optional [E+Z] float.
+        weight_parts: optional, for bfloat16 CuPy x: three bfloat16 arrays (hi, mid, lo),
+            each [E+Z, H], with hi = bf16(Wr), mid = bf16(Wr - hi), lo = bf16(Wr - hi - mid).
+            The product then runs as bf16 tensor-core GEMMs summed in fp32: x is exact in
+            bf16 and the parts carry Wr's 24 mantissa bits, so every product is exact, and the
+            leading part is summed in K-chunks to keep the error near an fp32 GEMM's.
+        fixed_order: every logit summed in one order whatever the batch (a token gets the
+            same bits alone or in any batch; slower). On the GPU a matrix-vector kernel (also
+            used for up to 8 tokens without it); on the CPU ordered float64 sums.
+
+    Returns:
+        float32 [T, E+Z], same array module as x.
+
+    Raises:
+        TypeError: x not a bf16/fp16/fp32 array, a non-float weight, or mixed NumPy/CuPy.
+        ValueError: wrong shapes (router_weight's width must be H).
     """
+    x = as_array(x, "x")
+    router_weight = as_array(router_weight, "router_weight")
+    router_bias = as_array(router_bias, "router_bias", allow_none=True)
+    if x.ndim != 2:
+        raise ValueError(f"x: expected a 2-D array [T, H], got shape {tuple(x.shape)}")
+    if dtype_name(x.dtype) is None:
+        raise TypeError(f"x: expected bfloat16, float16 or float32, got {x.dtype}")
+    H = x.shape[1]
+    if router_weight.ndim != 2 or router_weight.shape[1] != H:
+        raise ValueError(f"router_weight: expected shape [E+Z, H={H}], "
+                         f"got {tuple(router_weight.shape)}")
+    N = router_weight.shape[0]
+    if router_bias is not None and tuple(router_bias.shape) != (N,):
+        raise ValueError(f"router_bias: expected shape ({N},), got {tuple(router_bias.shape)}")
+    for name, a in (("router_weight", router_weight), ("router_bias", router_bias)):
+        if a is None:
+            continue
+        if not is_float_dtype(a.dtype):
+            raise TypeError(f"{name}: expected a floating-point array, got {a.dtype}")
+        if is_cupy(a) != is_cupy(x):
+            raise TypeError(f"{name}: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'}), got {type(a).__module__}")
+    if weight_parts is not None:
+        if len(weight_parts) != 3 or any(
+                tuple(p.shape) != (N, H) or p.dtype != np_dtype("bfloat16")
+                or is_cupy(p) != is_cupy(x) for p in weight_parts):
+            raise ValueError(f"weight_parts: expected three bfloat16 arrays of shape ({N}, {H}) "
+                             f"of x's array kind")
+    if not isinstance(fixed_order, (bool, np.bool_)):
+        raise TypeError(f"fixed_order: expected a bool, got {fixed_order!r}")
+    return compute_router_logits(x, router_weight, router_bias, weight_parts, bool(fixed_order))
+
+
+def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_order):
+    """router_logits without the argument checks: for the layer, which checked x and owns
+    the weights (this runs on every call)."""
     if (is_cupy(x) and (fixed_order or x.shape[0] <= ROUTER_GEMV_MAX_T)
             and dtype_name(x.dtype) is not None):
         return _router_gemv(x, router_weight, router_bias)
@@ -139,9 +188,10 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
     if logits.ndim != 2:
         raise ValueError(f"router_logits: expected a 2-D array [T, E+Z], got shape {logits.shape}")
     if logits.dtype != np.float32:
-        raise TypeError(f"router_logits: expected float32, got {logits.dtype}")
+        raise TypeError(f"router_logits: expected float32, bfloat16 or float16, "
+                        f"got {logits.dtype}")
     n = logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 < top_k <= n:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= n:
         raise ValueError(f"top_k: expected an int in [1, {n}], got {top_k!r}")
     if scoring_func not in _SCORING_CODES:
         raise ValueError(f"scoring_func: expected 'softmax' or 'sigmoid', got {scoring_func!r}")
@@ -155,6 +205,9 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
     if (num_expert_group is None) != (topk_group is None):
         raise ValueError("num_expert_group and topk_group: expected both or neither")
     if num_expert_group is not None:
+        for name, v in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
         if num_expert_group <= 0 or n % num_expert_group:
             raise ValueError(f"num_expert_group: expected a positive divisor of {n}, "
                              f"got {num_expert_group}")
@@ -165,22 +218,57 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
                              f"{topk_group * (n // num_expert_group)}, got {top_k}")
 
 
+# Logit dtypes route() takes as they come from a router in the layer's dtypes; used in fp32.
+_LOGIT_DTYPES = tuple(dt for dt, _ in DTYPES.values())
+
+
 def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
           e_score_correction_bias=None, renormalize: bool = False,
           routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
           topk_group: int | None = None) -> RoutingResult:
     """Choose K experts per token: ids = topk(score + bias), w = score[ids] (renormalized) * rsf.
 
+    Args:
+        router_logits: [T, E+Z] float32, bfloat16 or float16 (used in fp32).
+        top_k: K, an int in [1, E+Z] (Python or NumPy integer).
+        scoring_func: "softmax" or "sigmoid".
+        e_score_correction_bias: optional fp32 [E+Z] (other float dtypes are converted):
+            added to the scores to choose, never to weigh.
+        renormalize: a bool: weights divided by their sum over the K slots.
+        routed_scaling_factor: a finite float multiplying every weight.
+        num_expert_group, topk_group: grouped top-k (both or neither; ints).
+
+    Returns:
+        RoutingResult(topk_ids int32 [T, K] by descending selection score, topk_weights
+        float32 [T, K], expert_counts int32 [E+Z]).
+
     NumPy logits run on the CPU; CuPy logits run the CUDA kernel on CuPy's current stream.
-    Inputs are never modified.
+    Inputs are never modified. Raises TypeError (kinds, dtypes) or ValueError (shapes, values)
+    naming the argument.
     """
     logits = as_array(router_logits, "router_logits")
+    if logits.dtype != np.float32 and logits.dtype in _LOGIT_DTYPES:
+        logits = logits.astype(np.float32)
     bias = as_array(e_score_correction_bias, "e_score_correction_bias", allow_none=True)
-    if bias is not None and bias.dtype != np.float32:
-        bias = bias.astype(np.float32)
+    if bias is not None:
+        if not is_float_dtype(bias.dtype):
+            raise TypeError(f"e_score_correction_bias: expected a floating-point array, "
+                            f"got {bias.dtype}")
+        bias = bias.astype(np.float32, copy=False)
     check_route_args(logits, top_k, scoring_func, bias, num_expert_group, topk_group)
-    args = (logits, int(top_k), scoring_func, bias, bool(renormalize),
-            float(routed_scaling_factor), num_expert_group, topk_group)
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize: expected a bool, got {type(renormalize).__name__} "
+                        f"{renormalize!r}")
+    rsf = routed_scaling_factor
+    if isinstance(rsf, bool) or not isinstance(rsf, numbers.Real):
+        raise TypeError(f"routed_scaling_factor: expected a float, got {type(rsf).__name__} "
+                        f"{rsf!r}")
+    if not math.isfinite(rsf):
+        raise ValueError(f"routed_scaling_factor: expected a finite number, got {rsf}")
+    groups = None if num_expert_group is None else int(num_expert_group)
+    topk_group = None if topk_group is None else int(topk_group)
+    args = (logits, int(top_k), scoring_func, bias, bool(renormalize), float(rsf), groups,
+            topk_group)
     if is_cupy(logits):
         return _route_gpu(*args)
     return _route_numpy(*args)

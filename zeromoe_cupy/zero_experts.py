@@ -1,4 +1,5 @@
-"""Zero-computation experts (identity, zero, constant) and the final combine (SPEC.md 8-9).
+"""Zero-computation experts (identity, zero, constant) and the final combine (docs/spec.md,
+steps 8-9).
 
 NumPy arrays run a vectorized CPU path; CuPy arrays run one RawKernel pass per call
 (kernels/combine.cu), which reads x and the expert rows once and writes y once.
@@ -6,6 +7,7 @@ NumPy arrays run a vectorized CPU path; CuPy arrays run one RawKernel pass per c
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Sequence, Union
 
 import numpy as np
@@ -37,7 +39,14 @@ def _type_codes_cached(zero_expert_type, num_zero_experts):
     return codes
 
 
+def _check_type_kind(zero_expert_type):
+    if not isinstance(zero_expert_type, (str, list, tuple)):
+        raise TypeError(f"zero_expert_type: expected one of {ZERO_EXPERT_TYPES} or a sequence "
+                        f"of them, got {type(zero_expert_type).__name__} {zero_expert_type!r}")
+
+
 def _type_codes(zero_expert_type, num_zero_experts):
+    _check_type_kind(zero_expert_type)
     if isinstance(zero_expert_type, str):
         types = [zero_expert_type] * num_zero_experts
     else:
@@ -87,6 +96,31 @@ def _check_constants(codes, H, const_vec, const_gate, like):
     return const_vec, const_gate
 
 
+def _count(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+    return int(value)
+
+
+def _expert_output_arrays(expert_output, x):
+    """(rows, slot_rows) of an ExpertOutput (or a pair of arrays) on x's array kind."""
+    if not isinstance(expert_output, tuple) or len(expert_output) != 2:
+        raise TypeError(f"expert_output: expected the ExpertOutput(rows, slot_rows) of "
+                        f"expert_mlp, got {type(expert_output).__name__}")
+    rows = as_array(expert_output[0], "expert_output.rows")
+    slot_rows = as_array(expert_output[1], "expert_output.slot_rows")
+    for name, a in (("expert_output.rows", rows), ("expert_output.slot_rows", slot_rows)):
+        if is_cupy(a) != is_cupy(x):
+            raise TypeError(f"{name}: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'}), got {type(a).__module__}")
+    if slot_rows.dtype.kind not in "iu":
+        raise TypeError(f"expert_output.slot_rows: expected an integer array, "
+                        f"got {slot_rows.dtype}")
+    return rows, slot_rows
+
+
 def _check_ids_in_range(topk_ids, n):
     # One reduction (and, on the GPU, one host synchronization); skip with check_ids=False.
     if topk_ids.size == 0 or not bool(((topk_ids < 0) | (topk_ids >= n)).any()):
@@ -121,6 +155,20 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     id lies in [0, E+Z) (one reduction and, on the GPU, one synchronization); ids from
     ``route`` always do, and the layer skips the check. Unchecked out-of-range ids are
     never read out of bounds: they contribute nothing.
+
+    Args:
+        x: [T, H] bfloat16, float16 or float32.
+        topk_ids: integer [T, K] (int32 on the GPU path; other integer dtypes are converted).
+        topk_weights: float [T, K] (used in fp32).
+        num_experts: E, an int >= 0; ids E..E+Z-1 are the zero experts.
+        zero_expert_type: "identity", "zero" or "constant", or a sequence of Z of them.
+        expert_output: None or the ``ExpertOutput(rows [M, H] x's dtype, slot_rows int32
+            [T, K])`` of ``expert_mlp`` for the same x and ids.
+        const_vec, const_gate: [Z, H] and [Z, 2, H] in x's dtype, for "constant" experts.
+        num_zero_experts: Z, an int >= 0 (see ``zero_expert_output`` for the default).
+
+    Returns:
+        y [T, H] in x's dtype, same array module as x.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -128,8 +176,11 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     const_vec = as_array(const_vec, "const_vec", allow_none=True)
     const_gate = as_array(const_gate, "const_gate", allow_none=True)
     _check_routing_arrays(x, topk_ids, topk_weights)
-    E = int(num_experts)
-    if num_zero_experts is None:
+    E = _count("num_experts", num_experts)
+    _check_type_kind(zero_expert_type)
+    if num_zero_experts is not None:
+        num_zero_experts = _count("num_zero_experts", num_zero_experts)
+    else:
         if not isinstance(zero_expert_type, str):
             num_zero_experts = len(zero_expert_type)
         elif const_vec is not None:
@@ -143,7 +194,8 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         if a is not None and a.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
     if expert_output is not None:
-        rows, slot_rows = expert_output
+        rows, slot_rows = _expert_output_arrays(expert_output, x)
+        expert_output = (rows, slot_rows)
         if rows.ndim != 2 or rows.shape[1] != H or rows.dtype != x.dtype:
             raise ValueError(f"expert_output.rows: expected [M, {H}] of {x.dtype}, got "
                              f"{rows.shape} of {rows.dtype}")

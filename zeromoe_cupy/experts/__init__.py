@@ -1,4 +1,4 @@
-"""The real experts (SPEC.md step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
+"""The real experts (docs/spec.md, step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
 
 One module per GPU path (pairs, grouped/padded, fixed) and one for the CPU; this module checks
 the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
@@ -49,10 +49,18 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
                stage_marks: Callable[[str], None] | None = None) -> ExpertOutput:
     """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
 
-    Slots whose id is >= E (zero experts) are skipped. ``expert_counts`` ([>= E] int32, as
-    ``route`` returns) saves a histogram pass on the GPU. ``strategy`` picks the GPU path
-    ("auto", "pairs", "grouped", "padded", "fixed" or "syncfree"; see below); every path
-    computes the same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
+    Args:
+        x: [T, H] bfloat16, float16 or float32.
+        topk_ids: integer [T, K]; slots whose id is outside [0, E) (zero experts) are skipped.
+        w13: [E, 2I, H] in x's dtype (gate rows 0..I-1, up rows I..2I-1); w2: [E, H, I].
+        expert_counts: optional integer [>= E], the counts ``route`` returned for exactly
+            these ids: saves a histogram pass on the GPU (the layer passes its own).
+    Returns:
+        ExpertOutput(rows [M, H] in x's dtype, one per real (token, slot) pair, grouped by
+        expert; slot_rows int32 [T, K], the row of each slot, -1 for zero-expert slots).
+
+    ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
+    "syncfree"; see below); every path computes the same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
     (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``,
     if given, is called after each stage is enqueued ("permute", "gemm1", "activation",
     "gemm2"); the benchmark records CUDA events there. Inputs are never modified.
@@ -62,6 +70,19 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     w13 = as_array(w13, "w13")
     w2 = as_array(w2, "w2")
     _check(x, topk_ids, w13, w2)
+    if expert_counts is not None:
+        expert_counts = as_array(expert_counts, "expert_counts")
+        E = w13.shape[0]
+        if expert_counts.ndim != 1 or expert_counts.shape[0] < E:
+            raise ValueError(f"expert_counts: expected shape [>= E={E}], "
+                             f"got {tuple(expert_counts.shape)}")
+        if expert_counts.dtype.kind not in "iu":
+            raise TypeError(f"expert_counts: expected an integer array, got {expert_counts.dtype}")
+        if is_cupy(expert_counts) != is_cupy(x):
+            raise TypeError("expert_counts: expected the same array kind as x "
+                            f"({'CuPy' if is_cupy(x) else 'NumPy'})")
+    if not isinstance(allow_tf32, (bool, np.bool_)):
+        raise TypeError(f"allow_tf32: expected a bool, got {allow_tf32!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     mark = stage_marks or _no_mark
