@@ -46,7 +46,7 @@ def _gpu_probe() -> tuple[bool, str | None]:
     try:
         count = cp.cuda.runtime.getDeviceCount()
     except Exception as exc:  # no driver, no device node, a driver too old for the runtime
-        return False, f"CUDA runtime error: {type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
     if count == 0:
         return False, "the CUDA driver reports no device"
     return True, None

@@ -1,6 +1,7 @@
-"""`zeromoe bench`: the layer's time against the memory/FLOP floor of SPEC.md, per token count.
+"""`zeromoe bench`: the layer's time against the memory/FLOP floor of docs/spec.md, per token
+count.
 
-Workload (SPEC.md "The benchmark workload"): x ~ N(0, 1), random weights, correction bias 0
+Workload (docs/spec.md, "The benchmark workload"): x ~ N(0, 1), random weights, correction bias 0
 for real experts and one offset c for zero experts, found by bisection so that on average
 ``real_per_token`` of the K slots go to real experts. Times are medians of CUDA-event
 timings after warm-up, with inputs rotated so that the L2 cache does not flatter us.
@@ -16,42 +17,114 @@ import time
 
 import numpy as np
 
-from ._arrays import DTYPES, cupy_module, gpu_available, np_dtype
+from ._arrays import DTYPES, cupy_module, gpu_available, gpu_unavailable_reason, np_dtype
 from ._compile import memoize_per_device, raw_module
+from .config import MoEConfig
+from .experts import STRATEGIES
 
 DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384)
 # A peer is timed only if its output agrees with ours this closely (two implementations, each
-# within SPEC.md's tolerance of the exact result, may differ by about twice that).
+# within docs/spec.md's tolerance of the exact result, may differ by about twice that).
 PEER_AGREEMENT = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 QUICK_TOKENS = (1, 128, 4096)
 GRAPH_MAX_TOKENS = 1024  # --graph: sizes up to this are also timed as replayed CUDA graphs
 
 
+CPU_MAX_TOKENS = 4096  # the NumPy path is slow: larger sizes are left out on the CPU
+PEERS = ("torch", "vllm")
+
+
+def token_list(text: str) -> list[int]:
+    """argparse type of --tokens: comma-separated token counts, each an int >= 0."""
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token counts (e.g. 1,128,4096), got {text!r}") from None
+    if any(t < 0 for t in tokens):
+        raise argparse.ArgumentTypeError(f"expected token counts >= 0, got {text!r}")
+    return tokens
+
+
+def peer_list(text: str) -> list[str]:
+    """argparse type of --peers: a comma-separated list of PEERS."""
+    names = [s for s in text.split(",") if s]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r} (known: "
+                                         f"{', '.join(PEERS)})")
+    return names
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--preset", default=None, help="default longcat-flash (tiny on the CPU)")
-    p.add_argument("--tokens", default=None, help="comma-separated token counts")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
-    p.add_argument("--real-per-token", type=float, default=None,
-                   help="average real experts per token (default 8 for longcat-flash, K*2/3 else)")
-    p.add_argument("--peers", default="", help="comma list: torch (per-expert loop + "
-                   "sort/_grouped_mm), vllm (its fused_experts), each if it imports")
+    p.add_argument("--preset", default=None, choices=MoEConfig.preset_names(),
+                   help="default longcat-flash (tiny on the CPU)")
+    p.add_argument("--tokens", type=token_list, default=None,
+                   help="comma-separated token counts")
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
+    p.add_argument("--real-per-token", type=nonnegative_float, default=None,
+                   help="average real experts per token, at most K (default 8 for "
+                        "longcat-flash, K*2/3 else)")
+    p.add_argument("--peers", type=peer_list, default=[], help="comma list: torch (per-expert "
+                   "loop + sort/_grouped_mm), vllm (its fused_experts), on the GPU, each if it "
+                   "imports")
     p.add_argument("--graph", action="store_true",
                    help=f"also time replayed CUDA graphs (layer.graphed) up to "
                         f"{GRAPH_MAX_TOKENS} tokens")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, help="write a log-log PNG plot (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when a GPU is usable, else cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="auto",
-                   help="expert path on the GPU: auto | pairs | grouped | padded | fixed")
-    p.add_argument("--router-gemm", default="auto", help="auto | fp32 (see ZeroExpertMoE)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="expert path on the GPU")
+    p.add_argument("--router-gemm", default="auto", choices=("auto", "fp32"),
+                   help="see ZeroExpertMoE")
     p.add_argument("--deterministic", action="store_true",
                    help="the layer's deterministic mode (chunk-invariant bits; slower)")
     p.add_argument("--ep", type=int, default=None, metavar="N",
                    help="expert parallelism: N ranks on this host (one GPU each) against the "
                    "one-GPU layer (parallel/bench_ep.py)")
     p.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def check_arguments(parser, args) -> None:
+    """What argparse cannot check alone, refused through parser.error (exit status 2):
+    the device, sizes the CPU path does not run, peers without a GPU, and
+    --real-per-token against the preset's K. Fills in args.device."""
+    if args.device == "cuda" and not gpu_available():
+        parser.error(f"argument --device: cuda: no usable CUDA GPU ({gpu_unavailable_reason()})")
+    args.device = args.device or ("cuda" if gpu_available() else "cpu")
+    if args.device == "cpu":
+        big = [t for t in args.tokens or () if t > CPU_MAX_TOKENS]
+        if big:
+            parser.error(f"argument --tokens: the CPU (NumPy) path runs at most "
+                         f"{CPU_MAX_TOKENS} tokens, got {big[0]}")
+        if args.peers:
+            parser.error("argument --peers: peers run only on the GPU (device cpu here)")
+    if args.seed < 0:
+        parser.error(f"argument --seed: expected an int >= 0, got {args.seed}")
+    if args.real_per_token is not None:
+        preset = args.preset or ("longcat-flash" if args.device == "cuda" else "tiny")
+        K = MoEConfig.preset(preset).top_k
+        if args.real_per_token > K:
+            parser.error(f"argument --real-per-token: expected at most top_k = {K} of the "
+                         f"{preset!r} preset, got {args.real_per_token:g}")
+    if args.deterministic and (args.strategy not in ("auto", "fixed")
+                               or args.router_gemm != "auto"):
+        parser.error("argument --deterministic: picks its own kernels; leave --strategy and "
+                     "--router-gemm at auto")
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -304,7 +377,7 @@ def format_ceilings(ceilings) -> str:
 
 
 def floor_time(cfg, ids_host, bandwidth, rate):
-    """SPEC.md's floor: max(bytes / bandwidth, flops / rate), seconds."""
+    """docs/spec.md's floor: max(bytes / bandwidth, flops / rate), seconds."""
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     item = np_dtype(cfg.dtype).itemsize
     T = ids_host.shape[0]
@@ -327,14 +400,13 @@ def run(args) -> int:
     preset = args.preset or ("longcat-flash" if gpu else "tiny")
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = zm.MoEConfig.preset(preset, **overrides)
-    if args.tokens:
-        tokens = [int(t) for t in args.tokens.split(",")]
-    else:
-        tokens = list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
+    tokens = args.tokens or list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     if not gpu:
-        tokens = [t for t in tokens if t <= 4096]
         print("No GPU in use: these are CPU (NumPy) numbers, on the "
               f"'{preset}' preset; they say nothing about GPU speed.")
+        if not args.tokens and any(t > CPU_MAX_TOKENS for t in tokens):
+            tokens = [t for t in tokens if t <= CPU_MAX_TOKENS]
+            print(f"Sizes above {CPU_MAX_TOKENS} tokens are left out on the CPU.")
     real_per_token = args.real_per_token
     if real_per_token is None:
         real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3
@@ -373,8 +445,8 @@ def run(args) -> int:
               for i in range(n_sets if gpu else 2)]
         ids0 = layer.route(xs[0]).topk_ids
         ids_host = ids0.get() if gpu else ids0
-        row = {"tokens": T, "real_slots_per_token": float((ids_host < cfg.num_experts).mean()
-                                                          * cfg.top_k)}
+        real = float((ids_host < cfg.num_experts).sum(axis=1).mean()) if T else float("nan")
+        row = {"tokens": T, "real_slots_per_token": real}
         if gpu:
             cp.get_default_memory_pool().free_all_blocks()
             before = cp.get_default_memory_pool().total_bytes()
@@ -469,9 +541,10 @@ def _versions():
     return out
 
 
-def _make_peers(spec, layer):
+def _make_peers(names, layer):
     from . import _torch_peers
-    names = [s for s in spec.split(",") if s]
+    if isinstance(names, str):  # a comma list, as on the command line
+        names = peer_list(names)
     return _torch_peers.make(names, layer)
 
 

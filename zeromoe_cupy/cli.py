@@ -8,9 +8,9 @@ import sys
 import numpy as np
 
 from . import __version__
-from ._arrays import cupy_module, gpu_available
+from ._arrays import cupy_module, gpu_available, gpu_unavailable_reason
 
-# Tolerances of SPEC.md: ||y - ref|| / ||ref|| against the float64 reference.
+# Tolerances of docs/spec.md: ||y - ref|| / ||ref|| against the float64 reference.
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
 
 
@@ -48,7 +48,8 @@ def info() -> int:
             print(f"cuBLAS not loadable: {exc}")
         paths.append("CuPy + CUDA kernels (GPU)")
     else:
-        print("GPU    none visible: only the NumPy path is available")
+        print(f"GPU    none usable: {gpu_unavailable_reason()}")
+        print("       only the NumPy path is available")
     print("paths: " + ", ".join(paths))
     return 0
 
@@ -115,23 +116,37 @@ def demo_checkpoint(moe, path: str, layer: int, tokens: int = 64) -> int:
     return 0 if passed else 1
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad arguments exit with status 2 and a one-line message (argparse)."""
     parser = argparse.ArgumentParser(prog="zeromoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, the GPU, and which paths are available")
     p_demo = sub.add_parser("demo", help="a small layer end to end, checked against float64")
-    p_demo.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    p_demo.add_argument("--tokens", type=int, default=64)
+    p_demo.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when a GPU is usable, else cpu")
+    p_demo.add_argument("--tokens", type=positive_int, default=64)
     p_demo.add_argument("--checkpoint", metavar="PATH", default=None,
                         help="a Hugging Face checkpoint directory: run the demo on its layer")
     p_demo.add_argument("--layer", type=int, default=None,
                         help="with --checkpoint: the decoder layer whose MoE block is loaded")
     p_bench = sub.add_parser("bench", help="time the layer against the memory/FLOP floor")
-    from .bench import add_arguments
+    from .bench import add_arguments, check_arguments
     add_arguments(p_bench)
     p_launch = sub.add_parser("launch", help="run a script as N ranks on this host (one GPU "
                               "each), with the environment zm.parallel.init() reads")
-    p_launch.add_argument("-n", "--nprocs", type=int, required=True, help="number of ranks")
+    p_launch.add_argument("-n", "--nprocs", type=positive_int, required=True,
+                          help="number of ranks")
     p_launch.add_argument("--no-prefix", action="store_true",
                           help="pass output through instead of prefixing lines with [rank r]")
     p_launch.add_argument("script", help="the Python script")
@@ -143,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "demo":
+        if args.device == "cuda" and not gpu_available():
+            p_demo.error(f"argument --device: cuda: no usable CUDA GPU "
+                         f"({gpu_unavailable_reason()})")
         if (args.checkpoint is None) != (args.layer is None):
             p_demo.error("--checkpoint and --layer go together")
         if args.checkpoint is not None:
@@ -154,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 p_demo.error(str(exc))
             return demo_checkpoint(moe, args.checkpoint, args.layer, args.tokens)
         return demo(args.device, args.tokens)
+    check_arguments(p_bench, args)
     from .bench import run
     return run(args)
 

@@ -26,7 +26,8 @@ def run_ep(args) -> int:
     from .launch import launch
     argv = ["-m", "zeromoe_cupy", "bench", "--ep", str(args.ep), "--ep-worker",
             "--seed", str(args.seed), "--strategy", args.strategy]
-    for flag, value in (("--preset", args.preset), ("--tokens", args.tokens),
+    tokens = None if args.tokens is None else ",".join(map(str, args.tokens))
+    for flag, value in (("--preset", args.preset), ("--tokens", tokens),
                         ("--dtype", args.dtype), ("--real-per-token", args.real_per_token),
                         ("--json", args.json)):
         if value is not None:
@@ -65,8 +66,7 @@ def worker(args) -> int:
     r, R = group.rank, group.world_size
     preset = args.preset or "longcat-flash"
     cfg = zm.MoEConfig.preset(preset, **({"dtype": args.dtype} if args.dtype else {}))
-    tokens = ([int(t) for t in args.tokens.split(",")] if args.tokens
-              else list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS))
+    tokens = list(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS))
     real_per_token = args.real_per_token
     if real_per_token is None:
         real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3

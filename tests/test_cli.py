@@ -1,0 +1,63 @@
+"""The command line refuses what it cannot do with argparse's one-line error and exit status 2,
+and says what it leaves out."""
+import json
+import warnings
+
+import pytest
+
+from zeromoe_cupy import cli
+from zeromoe_cupy._arrays import gpu_available
+
+BAD = [
+    (["bench", "--tokens", "abc"], "argument --tokens"),
+    (["bench", "--tokens", "-5"], "argument --tokens"),
+    (["bench", "--tokens", "1,,4"], "argument --tokens"),
+    (["bench", "--preset", "nope"], "argument --preset"),
+    (["bench", "--strategy", "bogus"], "argument --strategy"),
+    (["bench", "--dtype", "float64"], "argument --dtype"),
+    (["bench", "--router-gemm", "tf32"], "argument --router-gemm"),
+    (["bench", "--peers", "foo"], "argument --peers"),
+    (["bench", "--real-per-token", "x"], "argument --real-per-token"),
+    (["bench", "--real-per-token", "-1"], "argument --real-per-token"),
+    (["bench", "--device", "cpu", "--real-per-token", "5"], "argument --real-per-token"),
+    (["bench", "--device", "cpu", "--tokens", "8192"], "argument --tokens"),
+    (["bench", "--device", "cpu", "--tokens", "1,8192"], "argument --tokens"),
+    (["bench", "--device", "cpu", "--peers", "torch"], "argument --peers"),
+    (["bench", "--seed", "-1"], "argument --seed"),
+    (["bench", "--deterministic", "--strategy", "padded"], "argument --deterministic"),
+    (["demo", "--tokens", "-3"], "argument --tokens"),
+    (["demo", "--tokens", "0"], "argument --tokens"),
+    (["demo", "--device", "tpu"], "argument --device"),
+]
+if not gpu_available():
+    BAD += [(["bench", "--device", "cuda"], "argument --device: cuda: no usable CUDA GPU"),
+            (["demo", "--device", "cuda"], "argument --device: cuda: no usable CUDA GPU")]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"zeromoe {argv[0]}: error: {message}"), err
+    assert "Traceback" not in err
+
+
+def test_zero_tokens_bench_warns_nothing(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["bench", "--device", "cpu", "--quick", "--tokens", "0",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [0]
+
+
+@pytest.mark.skipif(gpu_available(), reason="only without a GPU")
+def test_info_says_why_there_is_no_gpu(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("GPU"))
+    assert "none usable: " in line and len(line) > len("GPU    none usable: ") + 5
