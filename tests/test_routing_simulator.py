@@ -14,6 +14,7 @@ from zeromoe_cupy.routing import launch_route_kernel
 
 from helpers import one_lane_wins_logits, separated_rows
 
+pytest.importorskip("numba", reason="needs numba (the cuda13 / cuda12 extra)")
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
                                 reason="the simulator runs only on machines without a GPU")
 
