@@ -11,7 +11,7 @@ if not HAS_GPU:
     # before numba is first imported (the package itself never imports numba at import time).
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-# ||y - ref|| / ||ref|| against the float64 reference (SPEC.md).
+# ||y - ref|| / ||ref|| against the float64 reference (docs/spec.md).
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 1e-2}
 
 

@@ -36,7 +36,7 @@ def reference_of(layer, x, **kw):
 def separated_rows(logits, cfg_like, bias=None, rel=1e-6):
     """Rows whose top K+1 selection scores are pairwise apart by more than ``rel`` relative.
 
-    There the ids (set and order) are fixed by the math, not by rounding (SPEC.md).
+    There the ids (set and order) are fixed by the math, not by rounding (docs/spec.md).
     """
     r = zm.reference.route(logits, cfg_like["top_k"], cfg_like.get("scoring_func", "softmax"),
                            bias, cfg_like.get("renormalize", False), 1.0,

@@ -54,7 +54,7 @@ def test_layer_matches_reference_on_random_configs(cfg, T, seed, deterministic):
     r = layer.route(x)
     y = layer(x, routing=r)
     # Compare the experts for the layer's own routing (fp32 vs float64 routing may differ
-    # on near ties, which SPEC.md allows); routing itself is checked in its own tests.
+    # on near ties, which docs/spec.md allows); routing itself is checked in its own tests.
     ref, _ = layer.reference(x, routing=(r.topk_ids, r.topk_weights))
     assert y.shape == x.shape and y.dtype == x.dtype
     # Tiny random shapes cancel: a few terms of size ~1 can sum to ~0.01, in the down

@@ -1,4 +1,4 @@
-"""The routing kernel (SPEC.md steps 2-7) in Numba CUDA, imported only when it is needed.
+"""The routing kernel (docs/spec.md steps 2-7) in Numba CUDA, imported only when it is needed.
 
 One warp routes one token. Lane l owns experts 4l + 128g + c (c < 4): one 16-byte load per
 group g, and its scores stay in registers (the kernel is compiled per N, so the per-lane loops

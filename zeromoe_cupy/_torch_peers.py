@@ -1,5 +1,5 @@
 """Peer implementations in torch, for `zeromoe bench --peers torch` only (never imported
-otherwise). Both compute SPEC.md for identity/zero experts with the layer's own weights,
+otherwise). Both compute docs/spec.md for identity/zero experts with the layer's own weights,
 shared through DLPack; the bench checks their output against ours before timing them."""
 from __future__ import annotations
 

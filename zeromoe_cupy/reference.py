@@ -1,4 +1,4 @@
-"""A plain float64 NumPy evaluation of SPEC.md: the oracle for tests, the demo and the bench.
+"""A plain float64 NumPy evaluation of docs/spec.md: the oracle for tests, the demo and the bench.
 
 Written for clarity, not speed: loops over tokens and slots are fine here.
 """
@@ -30,7 +30,7 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
           renormalize: bool = False, routed_scaling_factor: float = 1.0,
           num_expert_group: int | None = None, topk_group: int | None = None
           ) -> ReferenceRouting:
-    """SPEC.md steps 2-7 on logits [T, E+Z], in float64."""
+    """docs/spec.md steps 2-7 on logits [T, E+Z], in float64."""
     L = np.asarray(logits, dtype=np.float64)
     T, N = L.shape
     with np.errstate(all="ignore"):
@@ -84,7 +84,7 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
             routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
             topk_group: int | None = None, const_vec=None, const_gate=None,
             router_logits=None, routing=None) -> tuple[np.ndarray, ReferenceRouting]:
-    """SPEC.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
+    """docs/spec.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
 
     ``routing`` (ids, weights) may be given to evaluate the experts for a fixed routing.
     """

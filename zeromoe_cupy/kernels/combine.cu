@@ -1,4 +1,4 @@
-// The layer's last pass (SPEC.md steps 8-9): per token, the weighted sum of its real experts'
+// The layer's last pass (docs/spec.md steps 8-9): per token, the weighted sum of its real experts'
 // output rows plus the zero experts' share (identity / zero / constant), accumulated in fp32
 // and written once in x's dtype. With no expert rows it is the zero experts' share alone.
 #include "common.cuh"
