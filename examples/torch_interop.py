@@ -35,7 +35,7 @@ shared = layer.w13.data.ptr == w13.data_ptr()
 print(f"weights shared with torch (no copy): {shared}")
 
 x = torch.randn(200, H, device=dev).bfloat16()
-with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+with cp.cuda.Stream.from_external(torch.cuda.current_stream()):
     y = torch.from_dlpack(layer(x))
 print(f"output is a torch tensor on {y.device}, dtype {y.dtype}")
 

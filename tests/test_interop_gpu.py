@@ -111,7 +111,7 @@ def test_torch_side_stream_needs_no_extra_synchronization():
             base = torch.randn(8192, 1024, device="cuda", generator=torch.Generator(
                 device="cuda").manual_seed(7))
             x = (base * 1.0 + 0.0).bfloat16()  # produced by torch on the side stream
-            with cp.cuda.ExternalStream(side.cuda_stream):
+            with cp.cuda.Stream.from_external(side):
                 y = torch.from_dlpack(layer(x))
             total = y.float().sum()  # consumed by torch at once, same stream
         side.synchronize()

@@ -135,3 +135,12 @@ def test_split_bf16_carries_every_fp32_bit(rng):
     assert all(p.dtype == np_dtype("bfloat16") and p.shape == w.shape for p in parts)
     total = sum(p.astype(np.float64) for p in parts)
     assert np.all(np.abs(total - w) <= np.abs(w.astype(np.float64)) * 2.0 ** -24)
+
+
+def test_combine_takes_weights_in_any_float_dtype(rng):
+    x, ids, w, cv, cg = _zero_case(rng, 9, 33, 3, 2, 4, "float32")
+    w_bf16 = w.astype(np_dtype("bfloat16"))
+    kw = dict(const_vec=cv, const_gate=cg, num_zero_experts=4)
+    np.testing.assert_array_equal(
+        ops.zero_expert_output(x, ids.astype(np.int64), w_bf16, 2, "constant", **kw),
+        ops.zero_expert_output(x, ids, w_bf16.astype(np.float32), 2, "constant", **kw))

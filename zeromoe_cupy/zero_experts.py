@@ -12,8 +12,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, vector_width,
-                      with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, is_float_dtype,
+                      vector_width, with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 from .config import ZERO_EXPERT_TYPES
 
@@ -72,7 +72,7 @@ def _check_routing_arrays(x, topk_ids, topk_weights):
         raise ValueError(f"topk_weights: expected shape {topk_ids.shape}, got {topk_weights.shape}")
     if topk_ids.dtype.kind not in "iu":
         raise TypeError(f"topk_ids: expected an integer array, got {topk_ids.dtype}")
-    if topk_weights.dtype.kind != "f":
+    if not is_float_dtype(topk_weights.dtype):
         raise TypeError(f"topk_weights: expected a float array, got {topk_weights.dtype}")
     for name, a in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if is_cupy(a) != is_cupy(x):
@@ -135,6 +135,9 @@ def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
                        check_ids: bool = True):
     """The zero experts' share alone: sum over slots with id >= E of w * Zexp(x), [T, H].
 
+    x: [T, H] bfloat16, float16 or float32; topk_ids: integer [T, K]; topk_weights: float
+    [T, K]; const_vec [Z, H], const_gate [Z, 2, H] in x's dtype (for "constant" experts).
+    Returns [T, H] in x's dtype, same array module as x. Arguments as in ``combine``.
     Ids below ``num_experts`` (real experts) contribute nothing here. Inputs are not modified.
     The number of zero experts Z is ``num_zero_experts`` if given, else the length of
     ``zero_expert_type`` when it is a sequence, else ``const_vec``'s rows, else the largest

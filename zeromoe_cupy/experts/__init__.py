@@ -60,10 +60,11 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         expert; slot_rows int32 [T, K], the row of each slot, -1 for zero-expert slots).
 
     ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
-    "syncfree"; see below); every path computes the same values up to fp32 rounding; "fixed" gives the same bits for a token in any batch
-    (on the CPU too, where the other choices all mean NumPy's matmul). ``stage_marks(name)``,
-    if given, is called after each stage is enqueued ("permute", "gemm1", "activation",
-    "gemm2"); the benchmark records CUDA events there. Inputs are never modified.
+    "syncfree"; see below); every path computes the same values up to fp32 rounding; "fixed"
+    gives the same bits for a token in any batch (on the CPU too, where the other choices all
+    mean NumPy's matmul). ``stage_marks(name)``, if given, is called after each stage is
+    enqueued ("permute", "gemm1", "activation", "gemm2"); the benchmark records CUDA events
+    there. Inputs are never modified.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
