@@ -5,7 +5,7 @@
 
 Every rank builds the same random whole layer (same seed) and its rank layer from it (a view
 of the rank's experts, no copy), runs a few collective calls with unequal token counts (0
-included), and checks: the output against the float64 reference on sampled rows (SPEC.md
+included), and checks: the output against the float64 reference on sampled rows (docs/spec.md
 tolerance, and within twice the one-GPU layer's error there), against the one-GPU layer on
 all rows, and the exchange's rows and bytes against the real (token, destination) pairs
 counted from the routing. Exit status 0 when every rank passes.

@@ -357,7 +357,7 @@ def measure_matmul(dtype, quick: bool, shapes=None) -> dict:
 
 
 def measure_ceilings(dtype, quick: bool, copy_sizes=None, matmul_shapes=None) -> dict:
-    """Both ceilings of SPEC.md's floor: {"copy": measure_copy(...), "matmul":
+    """Both ceilings of docs/spec.md's floor: {"copy": measure_copy(...), "matmul":
     measure_matmul(dtype, ...)}; the floor takes each one's "best"."""
     return {"copy": measure_copy(quick, copy_sizes),
             "matmul": measure_matmul(dtype, quick, matmul_shapes)}

@@ -428,7 +428,7 @@ def fill_targets(targets: dict[str, Target], xp, progress: bool | None = None,
     matching dtype they are read straight into the target. ``progress``: a tqdm bar (None:
     when the pieces exceed 1 GiB and stderr is a terminal).
     """
-    def alloc_dtype(dt):  # e4m3 on the GPU: a uint8 array of the bits (SPEC.md "FP8 experts")
+    def alloc_dtype(dt):  # e4m3 on the GPU: a uint8 array of the bits (docs/spec.md "FP8 experts")
         return np.dtype(np.uint8) if xp is not np and dt == _E4M3 else dt
     arrays = {name: xp.empty(t.shape, alloc_dtype(t.dtype)) for name, t in targets.items()}
     jobs = sorted(((info.path, info.offset, name, info, index, dest)

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of a GPU layer's whole forward (SPEC.md "CUDA-graph replay").
+"""CUDA-graph replay of a GPU layer's whole forward (docs/spec.md "CUDA-graph replay").
 
 ``layer.graphed(max_tokens=...)`` captures the forward (router, routing, experts, combine) once
 per token count in a set of sizes; a call with T tokens copies x into the static input of the

@@ -64,7 +64,7 @@ class ZeroExpertMoE:
     CPU the matmuls run as ordered float64 sums (slow). It costs speed on the GPU: no tensor cores
     for the experts, no GEMM for the router (measured in benchmarks/NOTES.md).
 
-    Expert parallelism (SPEC.md): with ``group=`` (``zm.parallel.init()`` or
+    Expert parallelism (docs/spec.md): with ``group=`` (``zm.parallel.init()`` or
     ``zm.parallel.local_groups``) the layer is rank ``group.rank``'s part: the router, all zero
     experts and the real experts [r*E/R, (r+1)*E/R) (``w13`` / ``w2`` hold that slice).
     ``layer(x_r)`` is collective (every rank calls it as often, with T_r = 0 when it has no
@@ -492,7 +492,7 @@ class ZeroExpertMoE:
         (``router.classifier.weight`` [E+Z, H] as LongCat-Flash names it, or ``gate.weight``
         [E, H] as DeepSeek-V3 does; fp32 in the layer), the correction bias
         (``router.e_score_correction_bias`` / ``gate.e_score_correction_bias``), a router bias
-        ``router.classifier.bias`` when present (added to the logits as SPEC.md step 1 says;
+        ``router.classifier.bias`` when present (added to the logits as docs/spec.md step 1 says;
         transformers' LongcatFlash leaves it out), and the real experts 0..E-1 either per
         expert (``experts.M.gate_proj.weight`` [I, H], ``up_proj`` [I, H], ``down_proj`` [H, I];
         entries of the zero experts M >= E are ignored) or fused as transformers keeps them in

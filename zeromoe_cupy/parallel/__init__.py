@@ -1,4 +1,4 @@
-"""Expert parallelism (SPEC.md "Expert parallelism"): the real experts spread over R ranks,
+"""Expert parallelism (docs/spec.md "Expert parallelism"): the real experts spread over R ranks,
 the router and the zero experts on every rank.
 
 - ``init()``: the NCCL group of this process, from the launcher's environment (torchrun,

@@ -1,5 +1,5 @@
 """`zeromoe bench --ep N`: the expert-parallel layer on N ranks of this host against the
-one-GPU layer at the same tokens per GPU and against SPEC.md's per-rank floor, in one run.
+one-GPU layer at the same tokens per GPU and against docs/spec.md's per-rank floor, in one run.
 
 The parent launches N worker processes (``zeromoe launch``); every rank builds the same random
 whole layer (seed, zero-expert bias calibrated as in ``zeromoe bench``) and its rank layer as

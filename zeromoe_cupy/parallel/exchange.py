@@ -1,4 +1,4 @@
-"""Dispatch and combine for expert parallelism (SPEC.md "Expert parallelism"), and the forward
+"""Dispatch and combine for expert parallelism (docs/spec.md "Expert parallelism"), and the forward
 of a rank layer built on them.
 
 Rank r holds the real experts [r*E/R, (r+1)*E/R) and all zero experts. Per forward on its
@@ -16,7 +16,7 @@ tokens x [T, H] (T may be 0):
 
 Rows travel back in x's dtype: a bf16 partial sum is rounded once (relative 2**-9), the same
 rounding each expert row gets on one GPU, and its fp32 sum with the other ranks' rows keeps
-the result within SPEC.md's tolerance (twice the single layer's error) while halving the
+the result within docs/spec.md's tolerance (twice the single layer's error) while halving the
 combine traffic against fp32.
 
 Not graph-capturable: the sizes cross to the host once per call. A capturable variant would
