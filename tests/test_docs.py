@@ -31,7 +31,8 @@ def test_spec_has_one_section_per_topic():
 
 def test_readme_usage_runs(monkeypatch):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    usage = readme[readme.index("From a config, with random weights:"):]
+    code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
     monkeypatch.chdir(os.path.dirname(__file__))
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
