@@ -15,22 +15,39 @@ class ReferenceRouting(NamedTuple):
     selection_scores: np.ndarray  # float64 [T, E+Z], after bias and group masking (-inf masked)
 
 
-def _rank_key(s: np.ndarray) -> np.ndarray:
-    """Selection key: NaN ranks with -inf, below every finite score."""
-    return np.where(np.isnan(s), -np.inf, s)
+def _rank(s: np.ndarray, logits: np.ndarray, allowed: np.ndarray) -> list:
+    """Indices in rank order: descending s, NaN below every number (-inf included), and
+    experts that are not ``allowed`` (dropped groups) last. Among equal finite s, the larger
+    logit first: equal float64 sums with equal biases mean the scores underflowed, and the
+    logit is their exact order. Then the lower index."""
+    def key(i):
+        if not allowed[i]:
+            return (0, 0.0, 0.0, -i)
+        if np.isnan(s[i]):
+            return (1, 0.0, 0.0, -i)
+        return (2, s[i], logits[i] if np.isfinite(s[i]) else 0.0, -i)
+    return sorted(range(s.shape[0]), key=key, reverse=True)
 
 
-def _top_indices(key: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest keys, descending, ties to the lower index."""
-    order = sorted(range(key.shape[0]), key=lambda i: (-key[i], i))
-    return np.asarray(order[:k], dtype=np.int64)
+def _log_scores(L: np.ndarray, scoring_func: str) -> np.ndarray:
+    """log p, computed so that it never underflows for finite logits (NaN where p is)."""
+    with np.errstate(all="ignore"):
+        if scoring_func == "softmax":
+            m = np.max(L, axis=1, keepdims=True) if L.shape[1] else L
+            z = L - m
+            return z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+        return -np.logaddexp(0.0, -L)
 
 
 def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=None,
           renormalize: bool = False, routed_scaling_factor: float = 1.0,
           num_expert_group: int | None = None, topk_group: int | None = None
           ) -> ReferenceRouting:
-    """docs/spec.md steps 2-7 on logits [T, E+Z], in float64."""
+    """docs/spec.md steps 2-7 on logits [T, E+Z], in float64.
+
+    Renormalized weights are evaluated in the log domain (exp(log p_k - max) / sum), so they
+    stay finite when every chosen score underflows.
+    """
     L = np.asarray(logits, dtype=np.float64)
     T, N = L.shape
     with np.errstate(all="ignore"):
@@ -45,31 +62,29 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
     s = p + np.asarray(correction_bias, np.float64)[None, :] if correction_bias is not None else p.copy()
     ids = np.zeros((T, top_k), np.int64)
     masked = np.array(s, copy=True)
+    everyone = np.ones(N, bool)
     for t in range(T):
-        key = _rank_key(s[t])
+        allowed_e = everyone
         if num_expert_group is not None:
-            gs = N // num_expert_group
-            groups = key.reshape(num_expert_group, gs)
-            best = 2 if correction_bias is not None else 1
-            best = min(best, gs)
-            gscore = np.array([np.sum(groups[g][_top_indices(groups[g], best)])
-                               for g in range(num_expert_group)])
-            keep = _top_indices(_rank_key(gscore), topk_group)
-            allowed = np.zeros(num_expert_group, bool)
+            G = num_expert_group
+            gs = N // G
+            best = min(2 if correction_bias is not None else 1, gs)
+            gscore = np.array([np.sum(s[t, g * gs + np.asarray(
+                _rank(s[t, g * gs:(g + 1) * gs], L[t, g * gs:(g + 1) * gs], everyone[:gs])[:best])])
+                for g in range(G)])
+            keep = _rank(gscore, np.zeros(G), np.ones(G, bool))[:topk_group]
+            allowed = np.zeros(G, bool)
             allowed[keep] = True
             allowed_e = np.repeat(allowed, gs)
             masked[t, ~allowed_e] = -np.inf
-            key = np.where(allowed_e, key, -np.inf)
-            # Masked experts must never be chosen, even below NaN: pick among allowed only.
-            cand = np.nonzero(allowed_e)[0]
-            order = sorted(cand, key=lambda i: (-key[i], i))
-            ids[t] = order[:top_k]
-        else:
-            ids[t] = _top_indices(key, top_k)
-    w = np.take_along_axis(p, ids, axis=1)
+        ids[t] = _rank(s[t], L[t], allowed_e)[:top_k]
     if renormalize:
+        lp = np.take_along_axis(_log_scores(L, scoring_func), ids, axis=1)
         with np.errstate(all="ignore"):
-            w = w / np.sum(w, axis=1, keepdims=True)
+            e = np.exp(lp - np.max(lp, axis=1, keepdims=True))
+            w = e / np.sum(e, axis=1, keepdims=True)
+    else:
+        w = np.take_along_axis(p, ids, axis=1)
     w = w * routed_scaling_factor
     return ReferenceRouting(ids, w, masked)
 

@@ -22,6 +22,11 @@ MAX_ROUTED_EXPERTS = 1024
 MAX_TOP_K = 32
 _WARPS_PER_BLOCK = 8
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
+# Selection keys (both paths): fp32 values mapped to ints in their order, NaN below -inf
+# (NAN: where a canonical NaN's bits land), and padding / dropped groups below everything.
+KEY_SHIFT = 0x7FFFFF   # +inf -> 2**31 - 1, -inf -> -2**31 + 0xFFFFFE
+KEY_NAN = -(2**31) + 0x7FFFFE
+KEY_MASKED = -(2**31)
 
 
 class RoutingResult(NamedTuple):
@@ -274,32 +279,74 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     return _route_numpy(*args)
 
 
+def _ordered(f):
+    """int64 keys in the order of the fp32 values f (-0 == +0), NaN below -inf: the
+    kernel's key_of (_route_kernel.py)."""
+    bits = (f + np.float32(0)).view(np.int32).astype(np.int64)
+    key = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + KEY_SHIFT
+    return np.where(np.isnan(f), KEY_NAN, key)
+
+
+def sigmoid_f32(logits):
+    """sigmoid in fp32 without a premature underflow: exp(l) / (1 + exp(l)) for l < 0, so
+    sigmoid(-100) is its fp32 value 3.7e-44, not 1 / (1 + inf) = 0."""
+    with np.errstate(all="ignore"):
+        e = np.exp(-np.abs(logits))
+        return (np.where(logits >= 0, np.float32(1), e) / (np.float32(1) + e)).astype(np.float32)
+
+
+def log_scores_f32(logits, scoring_func, total):
+    """log p in fp32 for the renormalized weights, finite for finite logits: log-sigmoid, or
+    log-softmax up to its per-row constant (NaN throughout a row whose softmax sum ``total``
+    is NaN, as its scores are)."""
+    with np.errstate(all="ignore"):
+        if scoring_func == "softmax":
+            return logits + np.float32(0) * total
+        return (np.minimum(logits, np.float32(0))
+                - np.log1p(np.exp(-np.abs(logits)))).astype(np.float32)
+
+
 def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk_group):
+    """The kernel's algorithm in NumPy (see _route_kernel.py for the ranking rule)."""
     T, n = logits.shape
     with np.errstate(all="ignore"):
         if scoring_func == "softmax":
             m = np.max(logits, axis=1, keepdims=True) if n else logits
             e = np.exp(logits - m)
-            p = e / np.sum(e, axis=1, keepdims=True)
+            total = np.sum(e, axis=1, keepdims=True)
+            p = e * (np.float32(1) / total)
         else:
-            p = 1.0 / (1.0 + np.exp(-logits))
-    p = p.astype(np.float32, copy=False)
-    s = p + bias[None, :] if bias is not None else p
-    key = np.where(np.isnan(s), -np.inf, s)  # NaN ranks with -inf, below every finite score
+            total = np.zeros((T, 1), np.float32)
+            p = np.float32(1) / (np.float32(1) + np.exp(-logits))
+        # The selection value: s = p + bias, or without a bias the logit (the same order as
+        # p, and exact where p underflows; NaN throughout a softmax row holding a NaN).
+        f = (p + bias[None, :] if bias is not None
+             else logits + np.float32(0) * total).astype(np.float32)
+    key = _ordered(f)
+    # Equal finite s: the larger logit first (the exact order when they tie by underflow).
+    finite = np.isfinite(f)
+    second = np.where(finite, _ordered(logits), 0) if bias is not None else np.zeros_like(key)
     if groups is not None:
         gs = n // groups
         best = min(2 if bias is not None else 1, gs)
-        gkey = key.reshape(T, groups, gs)
-        gscore = np.sort(gkey, axis=2)[:, :, gs - best:].sum(axis=2)
-        keep = np.argsort(-gscore, axis=1, kind="stable")[:, :topk_group]
+        order = np.argsort(-key.reshape(T, groups, gs), axis=2, kind="stable")[:, :, :best]
+        with np.errstate(all="ignore"):
+            gscore = np.take_along_axis(f.reshape(T, groups, gs), order, axis=2).sum(axis=2)
+        keep = np.argsort(-_ordered(gscore.astype(np.float32)), axis=1,
+                          kind="stable")[:, :topk_group]
         allowed = np.zeros((T, groups), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
-        key = np.where(np.repeat(allowed, gs, axis=1), key, np.nan)  # NaN sorts after -inf
-    ids = np.argsort(-key, axis=1, kind="stable")[:, :top_k].astype(np.int32)
-    w = np.take_along_axis(p, ids, axis=1)
+        key = np.where(np.repeat(allowed, gs, axis=1), key, KEY_MASKED)
+    ids = np.lexsort((-second, -key), axis=1)[:, :top_k].astype(np.int32)
     if renormalize:
+        lw = np.take_along_axis(log_scores_f32(logits, scoring_func, total), ids, axis=1)
         with np.errstate(all="ignore"):
-            w = w / np.sum(w, axis=1, keepdims=True)
+            e = np.exp(lw - np.max(lw, axis=1, keepdims=True))
+            w = e / np.sum(e, axis=1, keepdims=True)
+    elif scoring_func == "softmax":
+        w = np.take_along_axis(p, ids, axis=1)
+    else:
+        w = sigmoid_f32(np.take_along_axis(logits, ids, axis=1))
     w = (w * np.float32(rsf)).astype(np.float32)
     counts = np.bincount(ids.ravel(), minlength=n).astype(np.int32)
     return RoutingResult(ids, w, counts)
