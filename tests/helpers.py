@@ -61,3 +61,46 @@ def one_lane_wins_logits(T, N, order):
     ramp = np.arange(lane0.size, dtype=np.float32)
     logits[:, lane0] = 10 + (ramp[::-1] if order == "descending" else ramp)
     return logits
+
+
+FLT_MIN32 = float(np.finfo(np.float32).min)  # -FLT_MAX
+
+
+def extreme_routing_case(rng, T, N, scoring, with_bias):
+    """Logits (and a bias) where NaN scores meet -inf and -FLT_MAX ones: random finite
+    logits, and in every row a few experts each with a NaN score (a NaN logit for sigmoid; a
+    NaN bias entry, which leaves the weight finite), a -inf and a -FLT_MAX selection score
+    (bias entries), so that K = N - 2 reaches below all of them. Softmax rows keep finite
+    logits (one NaN logit makes the whole row NaN)."""
+    logits = rng.standard_normal((T, N)).astype(np.float32)
+    bias = (rng.standard_normal(N) * 0.1).astype(np.float32) if with_bias else None
+    cols = rng.permutation(N)
+    if bias is not None:
+        bias[cols[0]] = np.nan
+        bias[cols[1]] = -np.inf
+        bias[cols[2]] = FLT_MIN32
+        bias[cols[3]] = -np.inf
+    if scoring == "sigmoid":
+        for t in range(T):
+            logits[t, rng.choice(N, 2, replace=False)] = np.nan
+        logits[:, cols[4]] = -np.inf
+    if T:
+        # The example of a user report: sigmoid, [0.5, NaN, 0.3, 0.1] with -FLT_MAX biased.
+        logits[0, cols[5:9]] = [0.5, np.nan if scoring == "sigmoid" else 0.2, 0.3, 0.1]
+    return logits, bias
+
+
+def underflow_routing_case(rng, T, N, scoring, bias_kind):
+    """Logits whose scores underflow fp32 although they are far apart in float64: sigmoid
+    logits around -100 (sigmoid < 1e-38), softmax rows with one logit 150 above the others.
+    bias_kind: None, "zero" (a bias of 0 everywhere: the sums tie in fp32) or "two" (0 for
+    the first half of the experts, 0.01 for the second, as LongCat's real/zero experts)."""
+    logits = (rng.standard_normal((T, N)) * 3 - 100).astype(np.float32)
+    if scoring == "softmax":
+        logits[np.arange(T), rng.integers(0, N, T)] = 50
+    bias = None
+    if bias_kind == "zero":
+        bias = np.zeros(N, np.float32)
+    elif bias_kind == "two":
+        bias = np.where(np.arange(N) < N // 2, 0, 0.01).astype(np.float32)
+    return logits, bias

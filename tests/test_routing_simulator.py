@@ -12,7 +12,8 @@ import pytest
 from zeromoe_cupy import reference
 from zeromoe_cupy.routing import launch_route_kernel
 
-from helpers import one_lane_wins_logits, separated_rows
+from helpers import (extreme_routing_case, one_lane_wins_logits, separated_rows,
+                     underflow_routing_case)
 
 pytest.importorskip("numba", reason="needs numba (the cuda13 / cuda12 extra)")
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
@@ -115,3 +116,34 @@ def test_simulated_kernel_blocks_loop_over_tokens(groups, tg):
     np.testing.assert_array_equal(ids, ref.topk_ids)
     np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5)
     np.testing.assert_array_equal(counts, np.bincount(ref.topk_ids.ravel(), minlength=40))
+
+
+@pytest.mark.parametrize("scoring,groups,tg,renorm", [
+    ("sigmoid", None, None, False), ("softmax", None, None, True), ("sigmoid", 4, 3, True),
+    ("softmax", 4, 3, False)])
+def test_simulated_kernel_nan_ranks_below_minus_inf_and_the_lowest_float(scoring, groups, tg,
+                                                                         renorm, rng):
+    from test_routing_numerics import check_against_reference
+    N = 40
+    logits, bias = extreme_routing_case(rng, 3, N, scoring, with_bias=True)
+    K = N - 2 if groups is None else tg * N // groups - 2
+    K = min(K, 32)
+    r = run_kernel(logits, K, scoring, bias, renorm, 1.0, groups, tg)
+    check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+    logits, _ = extreme_routing_case(rng, 3, N, "sigmoid", with_bias=False)
+    r = run_kernel(logits, K, "sigmoid", None, renorm, 1.0, groups, tg)
+    check_against_reference(r, logits, K, "sigmoid", None, renorm, groups, tg)
+
+
+@pytest.mark.parametrize("scoring,bias_kind,renorm,groups", [
+    ("sigmoid", None, True, None), ("softmax", None, False, None), ("sigmoid", "zero", False, None),
+    ("softmax", "two", True, None), ("softmax", "two", True, 8), ("sigmoid", None, False, 8)])
+def test_simulated_kernel_scores_that_underflow(scoring, bias_kind, renorm, groups, rng):
+    from test_routing_numerics import check_against_reference
+    N, K = 64, 6
+    tg = 4 if groups else None
+    logits, bias = underflow_routing_case(rng, 4, N, scoring, bias_kind)
+    r = run_kernel(logits, K, scoring, bias, renorm, 1.0, groups, tg)
+    check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+    if renorm:
+        assert np.isfinite(r[1]).all()

@@ -10,7 +10,18 @@ softmax scores scaled on the fly, branch-free insertion into the candidate cache
 arg-max, and the winners' weights recomputed from the logits by the lanes that write them.
 Under Numba's CUDA simulator (no warp shuffles, no intrinsics) the same body runs with
 block-wide reductions through shared memory and plain loads; `_SIM` picks at compile time.
+
+The ranking rule (the NumPy path in routing.py follows it too): selection values are fp32,
+s = p + bias, or without a bias the logit itself (the same order as p, and exact where p
+underflows). They are compared as ints in their order (key_of), so NaN ranks below -inf and
+-FLT_MAX, and padding / dropped groups below NaN. With a bias, equal finite keys are ordered
+by the logit (fp32 sums that tie with equal biases are scores that underflowed, and the logit
+is their exact order), then by the lower id: the fast selection ranks by (key, id), notes
+when the last winner of a round ties with a remaining key, and only then the warp redoes the
+token with the logit as the second key (rare: ties of finite fp32 sums).
 """
+import numpy as np
+
 import math
 
 from llvmlite import ir
@@ -18,15 +29,16 @@ from numba import config, cuda, float32, int32, types, uint32
 from numba.cuda import libdevice
 from numba.core.extending import intrinsic
 
-from .routing import _WARPS_PER_BLOCK as WARPS
+from .routing import _WARPS_PER_BLOCK as WARPS, KEY_MASKED, KEY_NAN, KEY_SHIFT
 
 _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
 NEG_INF = float32(-math.inf)
-# Selection keys are clamped to >= -FLT_MAX, so NaN (and -inf) keys rank below every finite
-# one yet above an empty cache slot or a padding/dropped expert (-inf).
-LOWEST = float32(-3.4028234663852886e38)
 NO_ID = 0x7FFFFFFF
+MASKED = int32(KEY_MASKED)       # padding, dropped groups, empty cache slots
+NAN_KEY = int32(KEY_NAN)
+NEG_INF_KEY = int32(-(2**31) + 0xFFFFFE)
+POS_INF_KEY = int32(2**31 - 1)
 
 
 @intrinsic
@@ -146,8 +158,8 @@ def reduce_argmax(v, i, w, lane, fs, js):
 
 @cuda.jit(device=True)
 def warp_best(v, i, w, lane, fs, js):
-    """reduce_argmax for values that are never NaN (clamped keys): a max over the values,
-    then a vote for who holds it; only a tie needs the arg-min over the ids."""
+    """reduce_argmax for int keys: a max over the values, then a vote for who holds it;
+    only a tie needs the arg-min over the ids."""
     if _SIM:
         return reduce_argmax(v, i, w, lane, fs, js)
     m = max(v, cuda.shfl_xor_sync(FULL, v, 16))
@@ -175,10 +187,69 @@ def fmax(a, b):
     return libdevice.fmaxf(a, b)
 
 
+if _SIM:
+    @cuda.jit(device=True)
+    def key_of(f):
+        """f's rank as an int32 (see the module docstring): the simulator's version."""
+        f = np.float32(f)
+        if f != f:
+            return NAN_KEY
+        bits = int(np.float32(f + np.float32(0)).view(np.int32))
+        return int32(((bits ^ 0x7FFFFFFF) if bits < 0 else bits) + KEY_SHIFT)
+else:
+    @cuda.jit(device=True)
+    def key_of(f):
+        """f's rank as an int32: the bits of f, negatives' magnitude bits flipped, shifted so
+        that the canonical NaN the GPU's arithmetic produces (0x7FFFFFFF) wraps to NAN_KEY,
+        just below -inf; the max keeps any other NaN there too. Callers pass f fresh from an
+        add (NaN canonical, -0 turned +0)."""
+        bits = libdevice.float_as_int(f)
+        return max(int32(int32(bits ^ ((bits >> 31) & 0x7FFFFFFF)) + KEY_SHIFT), NAN_KEY)
+
+
 @cuda.jit(device=True)
-def clamp_key(s):
-    # NaN and -inf rank with -FLT_MAX, below every finite score.
-    return fmax(s, LOWEST)
+def warp_any(pred, w, lane, js):
+    """Whether pred holds in any lane of the warp (all lanes get it)."""
+    if _SIM:
+        cuda.syncthreads()
+        js[w, lane] = 1 if pred else 0
+        cuda.syncthreads()
+        hit = False
+        for j in range(32):
+            if js[w, j]:
+                hit = True
+        cuda.syncthreads()
+        return hit
+    return cuda.any_sync(FULL, pred)
+
+
+@cuda.jit(device=True)
+def reduce_argmax2(k, l, i, w, lane, ks_, ls_, js):
+    """The warp's largest (k, l, i) by k, then l, then the lowest i."""
+    if _SIM:
+        cuda.syncthreads()
+        ks_[w, lane] = k
+        ls_[w, lane] = l
+        js[w, lane] = i
+        cuda.syncthreads()
+        k = ks_[w, 0]
+        l = ls_[w, 0]
+        i = js[w, 0]
+        for j in range(1, 32):
+            ok, ol, oi = ks_[w, j], ls_[w, j], js[w, j]
+            if ok > k or (ok == k and (ol > l or (ol == l and oi < i))):
+                k, l, i = ok, ol, oi
+        cuda.syncthreads()
+        return k, l, i
+    off = 16
+    while off > 0:
+        ok = cuda.shfl_xor_sync(FULL, k, off)
+        ol = cuda.shfl_xor_sync(FULL, l, off)
+        oi = cuda.shfl_xor_sync(FULL, i, off)
+        if ok > k or (ok == k and (ol > l or (ol == l and oi < i))):
+            k, l, i = ok, ol, oi
+        off //= 2
+    return k, l, i
 
 
 def make_route_kernel(grouped: bool, n: int):
@@ -210,61 +281,79 @@ def make_route_kernel(grouped: bool, n: int):
         return float32(1) / (float32(1) + math.exp(-logit))
 
     @cuda.jit(device=True)
-    def route_token(logits, bias, out_ids, out_w, hist, t, valid, w, lane, fs, js, ks, kept,
-                    K, scoring, has_bias, renorm, rsf, groups, topk_group):
+    def second_key(k, e, logits, row):
+        # With a bias, equal finite keys rank by the logit (see the module docstring).
+        if k > NEG_INF_KEY and k < POS_INF_KEY:
+            return key_of(logits[row + e] + float32(0))
+        return int32(0)
+
+    @cuda.jit(device=True)
+    def route_token(logits, bias, out_ids, out_w, hist, t, valid, w, lane, fs, js, vs, ls, ks,
+                    kept, K, scoring, has_bias, renorm, rsf, groups, topk_group):
         """Route token t with warp w; its K ids go into the block's histogram."""
         row = t * n
         first = int32(4 * lane)
-        keys = cuda.local.array(V, float32)
+        vals = cuda.local.array(V, float32)
+        keys = cuda.local.array(V, int32)
 
         # Logits into registers, and their max (softmax).
         m = NEG_INF
         for g in range(G):
             a, b, c, d = load_group(logits, row, int32(first + 128 * g))
-            keys[4 * g] = a
-            keys[4 * g + 1] = b
-            keys[4 * g + 2] = c
-            keys[4 * g + 3] = d
+            vals[4 * g] = a
+            vals[4 * g + 1] = b
+            vals[4 * g + 2] = c
+            vals[4 * g + 3] = d
             if scoring == 0:
                 m = fmax(fmax(m, a), fmax(b, fmax(c, d)))  # NaN never becomes the max
+        # Selection values: p * scale + bias, or without a bias the logit + nan_or_zero
+        # (NaN throughout a softmax row whose sum is NaN, as its scores are; the add also
+        # makes NaN canonical and -0 +0 for key_of).
         scale = float32(1)
+        total = float32(0)
         if scoring == 0:
             m = reduce_max(m, w, lane, fs)
-            total = float32(0)
             for i in range(V):
-                ex = score(keys[i], m, scoring)  # as the weights below recompute it
-                keys[i] = ex
+                ex = score(vals[i], m, scoring)  # as the weights below recompute it
+                if has_bias:
+                    vals[i] = ex
                 total += ex
-            scale = float32(1) / reduce_sum(total, w, lane, fs)
-        else:
+            total = reduce_sum(total, w, lane, fs)
+            scale = float32(1) / total
+        elif has_bias:
             for i in range(V):
-                keys[i] = score(keys[i], m, scoring)
+                vals[i] = score(vals[i], m, scoring)
+        nan_or_zero = total * float32(0)
 
-        # Selection keys: p + bias, clamped; -inf for experts past the end.
+        # Keys; MASKED for experts past the end.
         for g in range(G):
             e0 = int32(first + 128 * g)
-            b0 = b1 = b2 = b3 = float32(0)
+            b0 = b1 = b2 = b3 = nan_or_zero
             if has_bias:
                 b0, b1, b2, b3 = load_group(bias, 0, e0)
-            keys[4 * g] = clamp_key(keys[4 * g] * scale + b0)
-            keys[4 * g + 1] = clamp_key(keys[4 * g + 1] * scale + b1)
-            keys[4 * g + 2] = clamp_key(keys[4 * g + 2] * scale + b2)
-            keys[4 * g + 3] = clamp_key(keys[4 * g + 3] * scale + b3)
-            if not FULL:
-                keys[4 * g] = keys[4 * g] if e0 < n else NEG_INF
-                keys[4 * g + 1] = keys[4 * g + 1] if e0 + 1 < n else NEG_INF
-                keys[4 * g + 2] = keys[4 * g + 2] if e0 + 2 < n else NEG_INF
-                keys[4 * g + 3] = keys[4 * g + 3] if e0 + 3 < n else NEG_INF
+                vals[4 * g] = vals[4 * g] * scale + b0
+                vals[4 * g + 1] = vals[4 * g + 1] * scale + b1
+                vals[4 * g + 2] = vals[4 * g + 2] * scale + b2
+                vals[4 * g + 3] = vals[4 * g + 3] * scale + b3
+            else:
+                vals[4 * g] = vals[4 * g] + b0
+                vals[4 * g + 1] = vals[4 * g + 1] + b1
+                vals[4 * g + 2] = vals[4 * g + 2] + b2
+                vals[4 * g + 3] = vals[4 * g + 3] + b3
+            for c in range(4):
+                keys[4 * g + c] = key_of(vals[4 * g + c])
+                if not FULL:
+                    keys[4 * g + c] = keys[4 * g + c] if e0 + c < n else MASKED
 
         if grouped:
-            # Keep the topk_group groups whose best key (the best two keys' sum when a bias is
-            # present) is largest; every other expert's key becomes -inf.
+            # Keep the topk_group groups whose best value (the best two values' sum when a
+            # bias is present) ranks highest; every other expert's key becomes MASKED.
             sync_warp()  # every lane is done with the previous token's ks and kept
             base = uint32(w * n)
             for i in range(V):
                 e = int32(first + 128 * (i >> 2) + (i & 3))
                 if e < n:
-                    ks[base + uint32(e)] = keys[i]
+                    ks[base + uint32(e)] = vals[i]
             kept[w, lane] = 0
             sync_warp()
             gsize = n // groups
@@ -272,36 +361,37 @@ def make_route_kernel(grouped: bool, n: int):
             if best > gsize:
                 best = gsize
             for r in range(topk_group):
-                bv = NEG_INF
+                bv = MASKED
                 bi = int32(NO_ID)
                 for grp in range(lane, groups, 32):
                     if not (kept[w, grp // 32] >> (grp % 32)) & 1:
-                        a = NEG_INF
-                        b = NEG_INF
+                        a = b = float32(0)
+                        ka = kb = MASKED
                         for e in range(grp * gsize, (grp + 1) * gsize):
                             v = ks[base + uint32(e)]
-                            if v > a:
-                                b = a
-                                a = v
-                            elif v > b:
-                                b = v
-                        gscore = a + b if best == 2 else a
-                        if gscore > bv or (gscore == bv and grp < bi):
-                            bv = gscore
+                            kv = key_of(v)
+                            if kv > ka:
+                                b, kb = a, ka
+                                a, ka = v, kv
+                            elif kv > kb:
+                                b, kb = v, kv
+                        gkey = key_of(a + b if best == 2 else a + float32(0))
+                        if gkey > bv or (gkey == bv and grp < bi):
+                            bv = gkey
                             bi = grp
-                bv, bi = reduce_argmax(bv, bi, w, lane, fs, js)
+                bv, bi = reduce_argmax(bv, bi, w, lane, vs, js)
                 if lane == 0 and bi < groups:
                     kept[w, bi // 32] |= int32(1) << (bi % 32)
                 sync_warp()
             for i in range(V):
                 grp = uint32(first + 128 * (i >> 2) + (i & 3)) // uint32(gsize)
                 dropped = not (kept[w, grp >> 5] >> (grp & 31)) & 1
-                keys[i] = NEG_INF if dropped else keys[i]
+                keys[i] = MASKED if dropped else keys[i]
 
         # First scan: each lane's best 3 candidates, sorted (key desc, id asc). Experts
         # arrive in ascending id, so a later equal key ranks after: a plain ">" inserts, and
-        # -inf keys (past the end, dropped groups) never enter.
-        c0v = c1v = c2v = NEG_INF
+        # MASKED keys (past the end, dropped groups) never enter.
+        c0v = c1v = c2v = MASKED
         c0i = c1i = c2i = int32(NO_ID)
         for g in range(G):
             for c in range(4):
@@ -321,13 +411,14 @@ def make_route_kernel(grouped: bool, n: int):
         # K rounds of a warp arg-max over each lane's best remaining candidate. A lane whose
         # cache runs dry rescans its keys for those ranked after the one it just gave.
         my_id = int32(0)
+        tie = False
         for r in range(K):
-            bv, bi = warp_best(c0v, c0i, w, lane, fs, js)
+            bv, bi = warp_best(c0v, c0i, w, lane, vs, js)
             # The lane that gave the winner pops it (selects, not a branch: one lane pops).
             win = c0i == bi
             c0v = c1v if win else c0v
             c1v = c2v if win else c1v
-            c2v = NEG_INF if win else c2v
+            c2v = MASKED if win else c2v
             c0i = c1i if win else c0i
             c1i = c2i if win else c1i
             c2i = int32(NO_ID) if win else c2i
@@ -337,24 +428,70 @@ def make_route_kernel(grouped: bool, n: int):
                         v = keys[4 * g + c]
                         e = int32(first + 128 * g + c)
                         # choosable, and ranked after (bv, bi), the last one given
-                        if v > NEG_INF and (v < bv or (v == bv and e > bi)):
+                        if v > MASKED and (v < bv or (v == bv and e > bi)):
                             if v > c2v:
                                 c2v, c2i = v, e
                                 if c2v > c1v:
                                     c1v, c2v, c1i, c2i = c2v, c1v, c2i, c1i
                                     if c1v > c0v:
                                         c0v, c1v, c0i, c1i = c1v, c0v, c1i, c0i
+            if has_bias:
+                # a remaining finite key equal to the winner's: the logit may reorder them
+                hit = warp_any(c0v == bv, w, lane, js)
+                tie = tie | (hit and bv > NEG_INF_KEY and bv < POS_INF_KEY)
             my_id = bi if lane == r else my_id
+
+        if has_bias and (tie or _SIM):
+            # The exact order for this token: K rounds over (key, logit key, id), each lane
+            # offering its best expert ranked after the last winner. (The simulator runs it
+            # for every token: its block-wide barriers need every warp.)
+            lk = POS_INF_KEY
+            ll = POS_INF_KEY
+            li = int32(-1)
+            exact_id = int32(0)
+            for r in range(K):
+                bk = MASKED
+                bl = MASKED
+                be = int32(NO_ID)
+                for g in range(G):
+                    for c in range(4):
+                        k = keys[4 * g + c]
+                        e = int32(first + 128 * g + c)
+                        if k > MASKED:
+                            l2 = second_key(k, e, logits, row)
+                            after = (r == 0 or k < lk or
+                                     (k == lk and (l2 < ll or (l2 == ll and e > li))))
+                            if after and (k > bk or (k == bk and l2 > bl)):
+                                bk, bl, be = k, l2, e
+                lk, ll, li = reduce_argmax2(bk, bl, be, w, lane, vs, ls, js)
+                exact_id = li if lane == r else exact_id
+            if tie:
+                my_id = exact_id
         if my_id >= n:
             my_id = 0  # unreachable when K <= choosable experts (validated on the host)
 
-        # Lane r < K writes the r-th winner; its weight is recomputed from the logit exactly
-        # as its key was (same operations, same bits).
+        # Lane r < K writes the r-th winner's weight, from its logit: p, or renormalized
+        # in the log domain (exp(log p - max) / sum over the K winners), which stays finite
+        # when every chosen score underflows.
         my_p = float32(0)
-        if lane < K:
-            my_p = score(logits[row + my_id], m, scoring) * scale
-        if renorm:
-            my_p = my_p / reduce_sum(my_p, w, lane, fs)
+        my_l = logits[row + my_id] if lane < K else NEG_INF
+        if not renorm:
+            if lane < K:
+                if scoring == 0:
+                    my_p = score(my_l, m, scoring) * scale
+                else:
+                    # sigmoid as exp(l) / (1 + exp(l)) for l < 0: sigmoid(-100) is 3.7e-44,
+                    # its fp32 value, not 1 / (1 + inf) = 0
+                    ex = math.exp(-abs(my_l))
+                    my_p = (float32(1) if my_l >= 0 else ex) / (float32(1) + ex)
+        else:
+            lp = my_l + nan_or_zero  # log-softmax up to the row's constant
+            if scoring == 1:
+                lp = min(my_l, float32(0)) - math.log1p(math.exp(-abs(my_l)))  # log-sigmoid
+            lp = lp if lane < K else NEG_INF
+            top = reduce_max(lp, w, lane, fs)
+            ex = math.exp(lp - top) if lane < K else float32(0)
+            my_p = ex / reduce_sum(ex, w, lane, fs)
         if valid and lane < K:
             out_ids[t * K + lane] = my_id
             out_w[t * K + lane] = my_p * rsf
@@ -367,7 +504,9 @@ def make_route_kernel(grouped: bool, n: int):
         lane = int32(tid & 31)
         fs = cuda.shared.array((WARPS, 32), float32)
         js = cuda.shared.array((WARPS, 32), int32)
-        ks = cuda.shared.array(0, float32)  # grouped: the warps' keys, WARPS * n at launch
+        vs = cuda.shared.array((WARPS, 32), int32)  # the simulator's int reductions
+        ls = cuda.shared.array((WARPS, 32), int32)
+        ks = cuda.shared.array(0, float32)  # grouped: the warps' values, WARPS * n at launch
         kept = cuda.shared.array((WARPS, 32), int32)  # grouped: bit g % 32 of word g // 32
         # The block's expert counts, added to the global ones once at the end: a few global
         # atomics per block instead of one per (token, slot), which contend on the cache
@@ -386,8 +525,8 @@ def make_route_kernel(grouped: bool, n: int):
             t = step + w
             valid = t < T
             route_token(logits, bias, out_ids, out_w, hist, t if valid else T - 1, valid, w,
-                        lane, fs, js, ks, kept, K, scoring, has_bias, renorm, rsf, groups,
-                        topk_group)
+                        lane, fs, js, vs, ls, ks, kept, K, scoring, has_bias, renorm, rsf,
+                        groups, topk_group)
             step += int32(cuda.gridDim.x * WARPS)
         cuda.syncthreads()
         e = tid

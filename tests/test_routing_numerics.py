@@ -1,0 +1,64 @@
+"""Routing where fp32 is at its edges (SPEC.md steps 5 and 10): NaN scores meeting -inf and
+-FLT_MAX ones, and scores that underflow fp32. The NumPy path here; the same cases run the
+kernel under the simulator (test_routing_simulator.py) and on the GPU
+(test_reliability_gpu.py)."""
+import numpy as np
+import pytest
+
+from zeromoe_cupy import ops, reference
+
+from helpers import extreme_routing_case, underflow_routing_case
+
+TINY = 3 * float(np.finfo(np.float32).smallest_subnormal)
+
+
+def check_against_reference(r, logits, K, scoring, bias, renorm, groups=None, tg=None):
+    """ids exactly; weights to fp32 rounding (NaN where the reference's are, an absolute
+    slack of a few subnormal steps for unnormalized weights that underflow)."""
+    ref = reference.route(logits, K, scoring, bias, renorm, 1.0, groups, tg)
+    ids, w = (np.asarray(a) for a in r[:2])
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5, atol=TINY, equal_nan=True)
+    assert not np.isnan(w[~np.isnan(ref.topk_weights)]).any()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups,tg", [(None, None), (4, 3)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_nan_ranks_below_minus_inf_and_the_lowest_float(scoring, groups, tg, renorm, rng):
+    N = 48
+    logits, bias = extreme_routing_case(rng, 6, N, scoring, with_bias=True)
+    K = N - 2 if groups is None else tg * N // groups - 2
+    r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                  renormalize=renorm, num_expert_group=groups, topk_group=tg)
+    check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+
+
+def test_nan_logits_rank_below_minus_inf_logits_without_a_bias(rng):
+    logits, _ = extreme_routing_case(rng, 5, 40, "sigmoid", with_bias=False)
+    r = ops.route(logits, 38, scoring_func="sigmoid")
+    check_against_reference(r, logits, 38, "sigmoid", None, False)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias_kind", [None, "zero", "two"])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_scores_that_underflow_rank_and_weigh_exactly(scoring, bias_kind, renorm, rng):
+    N, K = 64, 6
+    logits, bias = underflow_routing_case(rng, 8, N, scoring, bias_kind)
+    r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                  renormalize=renorm)
+    check_against_reference(r, logits, K, scoring, bias, renorm)
+    if renorm:
+        assert np.isfinite(r.topk_weights).all()
+
+
+@pytest.mark.parametrize("bias_kind", [None, "two"])
+def test_underflowing_scores_in_groups(bias_kind, rng):
+    N, K = 64, 6
+    logits, bias = underflow_routing_case(rng, 8, N, "softmax", bias_kind)
+    # Where the group scores underflow too they tie (both sides then keep the lower groups);
+    # the order inside the kept groups is the underflow case.
+    r = ops.route(logits, K, e_score_correction_bias=bias, renormalize=True,
+                  num_expert_group=8, topk_group=4)
+    check_against_reference(r, logits, K, "softmax", bias, True, 8, 4)
