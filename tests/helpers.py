@@ -68,25 +68,26 @@ FLT_MIN32 = float(np.finfo(np.float32).min)  # -FLT_MAX
 
 def extreme_routing_case(rng, T, N, scoring, with_bias):
     """Logits (and a bias) where NaN scores meet -inf and -FLT_MAX ones: random finite
-    logits, and in every row a few experts each with a NaN score (a NaN logit for sigmoid; a
-    NaN bias entry, which leaves the weight finite), a -inf and a -FLT_MAX selection score
-    (bias entries), so that K = N - 2 reaches below all of them. Softmax rows keep finite
-    logits (one NaN logit makes the whole row NaN)."""
+    logits, and a few experts each with a NaN score (a NaN logit for sigmoid, in two random
+    experts a row; a NaN bias entry, which leaves the weight finite), a -inf and a -FLT_MAX
+    selection score (bias entries), all in the top N - 2. Row 0 holds the example of a user
+    report: sigmoid logits [0.5, NaN, 0.3, 0.1], the third biased by -FLT_MAX (softmax: 0.2
+    for the NaN, as one NaN logit makes a whole softmax row NaN)."""
     logits = rng.standard_normal((T, N)).astype(np.float32)
     bias = (rng.standard_normal(N) * 0.1).astype(np.float32) if with_bias else None
     cols = rng.permutation(N)
-    if bias is not None:
-        bias[cols[0]] = np.nan
-        bias[cols[1]] = -np.inf
-        bias[cols[2]] = FLT_MIN32
-        bias[cols[3]] = -np.inf
     if scoring == "sigmoid":
         for t in range(T):
             logits[t, rng.choice(N, 2, replace=False)] = np.nan
         logits[:, cols[4]] = -np.inf
     if T:
-        # The example of a user report: sigmoid, [0.5, NaN, 0.3, 0.1] with -FLT_MAX biased.
         logits[0, cols[5:9]] = [0.5, np.nan if scoring == "sigmoid" else 0.2, 0.3, 0.1]
+    if bias is not None:
+        bias[cols[0]] = np.nan
+        bias[cols[1]] = -np.inf
+        bias[cols[2]] = FLT_MIN32
+        bias[cols[3]] = -np.inf
+        bias[cols[5:9]] = [0, 0, FLT_MIN32, 0]
     return logits, bias
 
 
@@ -104,3 +105,34 @@ def underflow_routing_case(rng, T, N, scoring, bias_kind):
     elif bias_kind == "two":
         bias = np.where(np.arange(N) < N // 2, 0, 0.01).astype(np.float32)
     return logits, bias
+
+
+def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
+    """An fp16 layer (K = 2: a real expert and a "zero" one a token), x, and a routing, where
+    y fits fp16 but an intermediate does not. kind "output": expert outputs (the down
+    projection) up to about 5e5, routing weights about 1e-3; "activation": gate and up about
+    300 (within fp16), silu(gate) * up up to about 1e6, moderate outputs.
+    Returns (config, NumPy weights, x, ids, weights, float64 y)."""
+    from zeromoe_cupy import reference
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=Z,
+                       top_k=2, zero_expert_type="zero", dtype="float16")
+    up, down, wscale = (10.0, 2000.0, 1e-3) if kind == "output" else (300.0, 3e-3, 0.3)
+    w = random_layer_weights(rng, cfg)
+    w["w13"] = (w["w13"].astype(np.float32) * up).astype(np.float16)
+    w["w2"] = (w["w2"].astype(np.float32) * down).astype(np.float16)
+    x = random_x(rng, T, H, "float16")
+    ids = np.stack([rng.integers(0, E, T), rng.integers(E, E + Z, T)], axis=1).astype(np.int32)
+    weights = (rng.uniform(0.5, 2.0, (T, 2)) * wscale).astype(np.float32)
+    y, _ = reference.forward(x, None, w["w13"], w["w2"], top_k=2, num_experts=E,
+                             zero_expert_type="zero", routing=(ids, weights))
+    # The case is what it says: y fits fp16 with room, the intermediate passes 65504.
+    x64 = x.astype(np.float64)
+    w13 = w["w13"].astype(np.float64)
+    gate, upv = np.einsum("eih,th->tei", w13[:, :I], x64), np.einsum("eih,th->tei", w13[:, I:], x64)
+    with np.errstate(over="ignore"):
+        h = gate / (1 + np.exp(-gate)) * upv
+    out = np.einsum("ehi,tei->teh", w["w2"].astype(np.float64), h)
+    assert np.abs(y).max() < 3e4
+    assert np.abs(out if kind == "output" else h).max() > 2 * 65504
+    assert np.abs(gate).max() < 6e4 and np.abs(upv).max() < 6e4
+    return cfg, w, x, ids, weights, y

@@ -6,17 +6,16 @@ import sys
 
 import pytest
 
-from zeromoe_cupy._arrays import DTYPES
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.experts.syncfree import syncfree_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
+from zeromoe_cupy.zero_experts import combine_kernel_names
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
 
 KERNELS = {
-    "combine.cu": [f"combine_kernel<{c},{v}>" for _, (dt, c) in DTYPES.items()
-                   for v in (1, 16 // dt.itemsize)],
+    "combine.cu": combine_kernel_names(),
     "copy.cu": ["copy_16byte"],
     "experts.cu": experts_kernel_names(),
     "router.cu": router_kernel_names(),

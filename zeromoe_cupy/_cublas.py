@@ -77,9 +77,17 @@ def _handle_on_current_stream() -> int:
     return handle
 
 
+class CublasError(RuntimeError):
+    """A cuBLAS call returned a status other than success (``status``)."""
+
+    def __init__(self, name: str, status: int):
+        super().__init__(f"{name} failed with status {status}")
+        self.status = status
+
+
 def _check(name: str, status: int) -> None:
     if status != 0:
-        raise RuntimeError(f"{name} failed with status {status}")
+        raise CublasError(name, status)
 
 
 def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, ldb, beta,
@@ -92,11 +100,12 @@ def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, a_type, lda, B, b_type, 
 
 
 def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: str,
-                    allow_tf32: bool = False) -> None:
+                    allow_tf32: bool = False, out_dtype: str | None = None) -> None:
     """For each group g: out_g[rows_g, n] = x_g[rows_g, k] @ W_g[n, k]^T (row-major).
 
     ``*_ptrs`` are CuPy uint64 arrays of device pointers (one per group); ``rows`` is a host
     int array. In cuBLAS's column-major terms: C(n x rows) = op_T(W)(n x k) * X(k x rows).
+    ``out_dtype``: the outputs' dtype name (default ``dtype``). Raises CublasError.
     """
     groups = len(rows)
     if groups == 0:
@@ -117,16 +126,16 @@ def grouped_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows, n: int, k: int, dtype: 
         m_arr.ctypes.data, n_arr.ctypes.data, k_arr.ctypes.data, alpha.ctypes.data,
         weight_ptrs.data.ptr, dt, k_arr.ctypes.data,
         x_ptrs.data.ptr, dt, k_arr.ctypes.data,
-        beta.ctypes.data, out_ptrs.data.ptr, dt, m_arr.ctypes.data,
+        beta.ctypes.data, out_ptrs.data.ptr, CUDA_DTYPE[out_dtype or dtype], m_arr.ctypes.data,
         groups, ones.ctypes.data, compute)
-    if status != 0:
-        raise RuntimeError(f"cublasGemmGroupedBatchedEx failed with status {status}")
+    _check("cublasGemmGroupedBatchedEx", status)
 
 
 def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dtype: str,
-                    allow_tf32: bool = False) -> None:
+                    allow_tf32: bool = False, out_dtype: str | None = None) -> None:
     """For each batch entry b: out_b[rows, n] = x_b[rows, k] @ W_b[n, k]^T (row-major), one
-    cublasGemmBatchedEx call: every entry has the same shape; pointers as in grouped_gemm_nt."""
+    cublasGemmBatchedEx call: every entry has the same shape; pointers and ``out_dtype`` as in
+    grouped_gemm_nt. Raises CublasError."""
     count = int(weight_ptrs.size)
     if count == 0:
         return
@@ -136,9 +145,9 @@ def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dt
     status = _function("cublasGemmBatchedEx")(
         _handle_on_current_stream(), CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, alpha.ctypes.data,
         weight_ptrs.data.ptr, dt, k, x_ptrs.data.ptr, dt, k, beta.ctypes.data,
-        out_ptrs.data.ptr, dt, n, count, _compute_type(dtype, allow_tf32), CUBLAS_GEMM_DEFAULT)
-    if status != 0:
-        raise RuntimeError(f"cublasGemmBatchedEx failed with status {status}")
+        out_ptrs.data.ptr, CUDA_DTYPE[out_dtype or dtype], n, count,
+        _compute_type(dtype, allow_tf32), CUBLAS_GEMM_DEFAULT)
+    _check("cublasGemmBatchedEx", status)
 
 
 def gemm_nt_bf16_f32_accumulate(pairs, out) -> None:

@@ -377,7 +377,8 @@ class ZeroExpertMoE:
 
         Per chunk of up to ``max_chunk_tokens`` tokens: x in fp32 for the router GEMM (T, H),
         router logits (T, E+Z) fp32, and for every expert row, its gathered input (H), its
-        GEMM 1 output (2I), activation (I) and output (H); plus the output (T, H). Expert rows:
+        GEMM 1 output (2I), activation (I) and output (H), the last two in fp32 for float16
+        layers (and a 4-byte row scale); plus the output (T, H). Expert rows:
         one per real (token, slot) pair, at most T*K, plus the padding of the "padded"
         strategy: under PAD_ROWS rows per active expert, and "auto" pads only when the
         active experts average PADDED_MIN_ROWS rows or more.
@@ -390,8 +391,11 @@ class ZeroExpertMoE:
         padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs, "fixed": pairs}.get(
             self.expert_strategy, 0)
         rows = pairs + min(cfg.num_experts, padded_experts) * (PAD_ROWS - 1)
+        out_item = 4 if cfg.dtype == "float16" else item  # experts.rows_dtype
         per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12
-                     + rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * item)
+                     + rows * ((cfg.hidden_size + 2 * cfg.intermediate_size) * item
+                               + (cfg.hidden_size + cfg.intermediate_size) * out_item
+                               + (4 if cfg.dtype == "float16" else 0)))
         total = tokens if tokens is not None else T
         return per_chunk + total * cfg.hidden_size * item
 

@@ -90,7 +90,8 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
 
 
 def _silu(v):
-    return v / (1.0 + np.exp(-v))
+    with np.errstate(over="ignore"):  # exp(-v) = inf for v << 0: silu is -0 there
+        return v / (1.0 + np.exp(-v))
 
 
 def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,

@@ -153,8 +153,8 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
             check_ids: bool = True):
     """y = sum_k w_k * (expert row of slot k if real, else Zexp(x)), fp32 sums, cast once.
 
-    ``expert_output`` is what ``expert_mlp`` returned (rows + the row of each real slot);
-    None gives the zero experts' share alone. ``check_ids`` verifies on the host that every
+    ``expert_output`` is what ``expert_mlp`` returned (rows, in x's dtype or float32, + the
+    row of each real slot); None gives the zero experts' share alone. ``check_ids`` verifies on the host that every
     id lies in [0, E+Z) (one reduction and, on the GPU, one synchronization); ids from
     ``route`` always do, and the layer skips the check. Unchecked out-of-range ids are
     never read out of bounds: they contribute nothing.
@@ -199,9 +199,9 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     if expert_output is not None:
         rows, slot_rows = _expert_output_arrays(expert_output, x)
         expert_output = (rows, slot_rows)
-        if rows.ndim != 2 or rows.shape[1] != H or rows.dtype != x.dtype:
-            raise ValueError(f"expert_output.rows: expected [M, {H}] of {x.dtype}, got "
-                             f"{rows.shape} of {rows.dtype}")
+        if rows.ndim != 2 or rows.shape[1] != H or rows.dtype not in (x.dtype, np.float32):
+            raise ValueError(f"expert_output.rows: expected [M, {H}] of {x.dtype} or float32, "
+                             f"got {rows.shape} of {rows.dtype}")
         if slot_rows.shape != topk_ids.shape:
             raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
                              f"got {slot_rows.shape}")
@@ -246,11 +246,16 @@ def _combine_numpy(x, ids, weights, E, codes, expert_output, const_vec, const_ga
     return y.astype(x.dtype)
 
 
+def combine_kernel_names() -> list[str]:
+    """Every instantiation in kernels/combine.cu: rows in x's type or in fp32."""
+    return [f"combine_kernel<{ctype},{rtype},{vec}>"
+            for _, (dt, ctype) in DTYPES.items() for rtype in dict.fromkeys((ctype, "float"))
+            for vec in (1, 16 // dt.itemsize)]
+
+
 @memoize_per_device
 def _combine_module():
-    names = [f"combine_kernel<{ctype},{vec}>"
-             for _, (dt, ctype) in DTYPES.items() for vec in (1, 16 // dt.itemsize)]
-    return raw_module("combine.cu", names)
+    return raw_module("combine.cu", combine_kernel_names())
 
 
 def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate):
@@ -276,7 +281,12 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
     x_stride = x.strides[0] // x.itemsize
     vec = vector_width(x.itemsize, H, x, rows, const_vec, out, row_stride=x_stride)
     ctype = DTYPES[dtype_name(x.dtype)][1]
-    kernel = _combine_module().get_function(f"combine_kernel<{ctype},{vec}>")
+    rtype = ctype
+    if rows is not None and rows.dtype != x.dtype:  # fp32 rows: vec of them in one access
+        rtype = "float"
+        if rows.data.ptr % (vec * 4):
+            vec = 1
+    kernel = _combine_module().get_function(f"combine_kernel<{ctype},{rtype},{vec}>")
     null = 0
     kernel((-(-T // _COMBINE_WARPS),), (32 * _COMBINE_WARPS,),
            (x, np.int64(x_stride), ids, weights,

@@ -11,8 +11,15 @@ from .._compile import memoize_per_device, raw_module
 
 
 class ExpertOutput(NamedTuple):
-    rows: Any       # (M, H) x's dtype: FFN_e(x_t) for each real pair, grouped by expert
+    rows: Any       # (M, H) rows_dtype(x's dtype): FFN_e(x_t) for each real pair, by expert
     slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
+
+
+def rows_dtype(dtype):
+    """The dtype of the expert output rows (and of the pair and fixed paths' activation) for
+    a layer of ``dtype``: fp32 for float16, whose range (65504) an expert's output or its
+    silu(gate) * up can pass where y does not (SPEC.md step 9); else the layer's dtype."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
 STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree")
@@ -24,16 +31,24 @@ PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / 
 PAIR_WARPS = 4
 
 
+def out_ctype(ctype: str) -> str:
+    """The C type of rows_dtype (see there) for a layer of C type ``ctype``."""
+    return "float" if ctype == "__half" else ctype
+
+
 def experts_kernel_names() -> list[str]:
     """Every instantiation in kernels/experts.cu that the GPU path may launch."""
-    names = ["expert_offsets"]
+    names = ["expert_offsets", "scale_rows"]
     for _, (dt, ctype) in DTYPES.items():
-        names.append(f"fixed_gemm_nt<{ctype}>")
+        o = out_ctype(ctype)
+        names += [f"fixed_gemm_nt<{ctype},{ctype},{ctype}>", f"fixed_gemm_nt<{ctype},{o},{o}>"]
         for vec in (1, 16 // dt.itemsize):
-            names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{vec}>"]
-            names += [f"pair_gemv<{ctype},{vec},{PAIR_ROWS[glu]},{str(glu).lower()}>"
-                      for glu in (True, False)]
-    return names
+            names += [f"gather_rows<{ctype},{vec}>", f"silu_mul<{ctype},{o},{vec}>",
+                      f"pair_gemv<{ctype},{ctype},{o},{vec},{PAIR_ROWS[True]},true>",
+                      f"pair_gemv<{ctype},{o},{o},{vec},{PAIR_ROWS[False]},false>"]
+            if ctype == "__half":
+                names.append(f"silu_mul_scaled<{vec}>")
+    return sorted(set(names), key=names.index)
 
 
 @memoize_per_device
@@ -112,8 +127,36 @@ def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total):
 
 
 def silu_mul(mod, ctype, gate_up, h, M, I):
+    """h = silu(gate) * up, stored in h's dtype (gate_up's, or fp32)."""
     vec = vector_width(gate_up.itemsize, I, gate_up, h)
     n = M * (I // vec)
     blocks = int(min(max(1, -(-n // 256)), 132 * 16))  # grid-stride: a cap, right on any GPU
-    mod.get_function(f"silu_mul<{ctype},{vec}>")((blocks,), (256,),
-                                                  (gate_up, h, np.int64(M), np.int32(I)))
+    o = "float" if h.dtype == np.float32 else ctype
+    mod.get_function(f"silu_mul<{ctype},{o},{vec}>")((blocks,), (256,),
+                                                      (gate_up, h, np.int64(M), np.int32(I)))
+
+
+_ROW_WARPS = 8  # SILU_WARPS in kernels/experts.cu
+
+
+def silu_mul_scaled(mod, gate_up, h, M, I):
+    """fp16: h = silu(gate) * up with a power-of-two scale per row where it passes 65504;
+    returns row_scale (M,) fp32, which scale_rows applies to the GEMM output."""
+    cp = cupy_module()
+    row_scale = cp.empty(M, np.float32)
+    if M:
+        vec = vector_width(gate_up.itemsize, I, gate_up, h)
+        blocks = int(min(-(-M // _ROW_WARPS), 132 * 16))
+        mod.get_function(f"silu_mul_scaled<{vec}>")((blocks,), (32 * _ROW_WARPS,),
+                                                     (gate_up, h, row_scale, np.int64(M),
+                                                      np.int32(I)))
+    return row_scale
+
+
+def scale_rows(mod, rows, row_scale):
+    """rows (M, H) fp32 *= row_scale[:, None], in place (rows of scale 1 are not touched)."""
+    M, H = rows.shape
+    if M:
+        blocks = int(min(-(-M // _ROW_WARPS), 132 * 16))
+        mod.get_function("scale_rows")((blocks,), (32 * _ROW_WARPS,),
+                                       (rows, row_scale, np.int64(M), np.int32(H)))

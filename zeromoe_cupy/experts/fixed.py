@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import DTYPES, cupy_module, dtype_name
-from ._common import FIXED_TILE, ExpertOutput, experts_module, gather, real_counts, silu_mul
+from ._common import (FIXED_TILE, ExpertOutput, experts_module, gather, out_ctype, real_counts,
+                      rows_dtype, silu_mul)
 
 
 def fixed(x, ids, w13, w2, expert_counts, mark):
@@ -25,21 +26,24 @@ def fixed(x, ids, w13, w2, expert_counts, mark):
     rows_bound = (pairs + min(E, pairs) * (FIXED_TILE - 1)) // FIXED_TILE * FIXED_TILE
     offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, FIXED_TILE, rows_bound)
     gate_up = cp.empty((rows_bound, I2), x.dtype)
-    h = cp.empty((rows_bound, I), x.dtype)
-    rows = cp.empty((rows_bound, H), x.dtype)
+    # fp16 layers keep the activation and the rows in fp32 (rows_dtype)
+    h = cp.empty((rows_bound, I), rows_dtype(x.dtype))
+    rows = cp.empty((rows_bound, H), rows_dtype(x.dtype))
+    o = out_ctype(ctype)
     mark("permute")
     tiles = rows_bound // FIXED_TILE
     if tiles == 0:
         for stage in ("gemm1", "activation", "gemm2"):
             mark(stage)
         return ExpertOutput(rows, slot_rows)
-    gemm = mod.get_function(f"fixed_gemm_nt<{ctype}>")
-    gemm((-(-I2 // FIXED_TILE), tiles), (256,),
-         (xs, w13, gate_up, offsets, np.int32(E), np.int32(I2), np.int32(H)))
+    mod.get_function(f"fixed_gemm_nt<{ctype},{ctype},{ctype}>")(
+        (-(-I2 // FIXED_TILE), tiles), (256,),
+        (xs, w13, gate_up, offsets, np.int32(E), np.int32(I2), np.int32(H)))
     mark("gemm1")
     silu_mul(mod, ctype, gate_up, h, rows_bound, I)
     mark("activation")
-    gemm((-(-H // FIXED_TILE), tiles), (256,),
-         (h, w2, rows, offsets, np.int32(E), np.int32(H), np.int32(I)))
+    mod.get_function(f"fixed_gemm_nt<{ctype},{o},{o}>")(
+        (-(-H // FIXED_TILE), tiles), (256,),
+        (h, w2, rows, offsets, np.int32(E), np.int32(H), np.int32(I)))
     mark("gemm2")
     return ExpertOutput(rows, slot_rows)

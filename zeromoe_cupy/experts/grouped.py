@@ -9,7 +9,7 @@ import numpy as np
 from .. import _cublas
 from .._arrays import DTYPES, cupy_module, dtype_name
 from ._common import (MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, ExpertOutput, experts_module, gather,
-                      real_counts, silu_mul, tile_plan)
+                      real_counts, rows_dtype, scale_rows, silu_mul, silu_mul_scaled, tile_plan)
 
 
 def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -38,7 +38,18 @@ def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
     offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, pad, rows_total)
     gate_up = cp.empty((rows_total, I2), x.dtype)
     h = cp.empty((rows_total, I), x.dtype)
-    rows = cp.empty((rows_total, H), x.dtype)
+    # fp16: rows in fp32 from the half GEMM, and h rows scaled by a power of two where
+    # silu(gate) * up passes 65504, undone on the GEMM output (rows_dtype, scale_rows)
+    rows = cp.empty((rows_total, H), rows_dtype(x.dtype))
+    scaled = name == "float16"
+    out_name = "float32" if scaled else name
+
+    def activation():
+        if scaled:
+            return silu_mul_scaled(mod, gate_up, h, rows_total, I)
+        silu_mul(mod, ctype, gate_up, h, rows_total, I)
+        return None
+
     mark("permute")
     if M == 0:
         for stage in ("gemm1", "activation", "gemm2"):
@@ -49,39 +60,50 @@ def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
         """Device pointer arrays (weights, inputs, outputs) of GEMM 1 and of GEMM 2 for
         matrices of the given experts starting at the given rows."""
         return [cp.asarray(np.stack([W.data.ptr + experts * (W.size // E * item),
-                                     src.data.ptr + row_starts * (src.shape[1] * item),
-                                     dst.data.ptr + row_starts * (dst.shape[1] * item)])
+                                     src.data.ptr + row_starts * (src.shape[1] * src.itemsize),
+                                     dst.data.ptr + row_starts * (dst.shape[1] * dst.itemsize)])
                            .astype(np.uint64)) for W, src, dst in ((w13, xs, gate_up),
                                                                    (w2, h, rows))]
+
+    def per_expert_gemm2(experts):
+        for e in experts:
+            s, n = starts[e], counts_host[e]
+            _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
 
     if strategy == "padded":
         tiles = [(size, pointers(e, r)) for size, e, r in tiles]
         for size, p in tiles:
             _cublas.batched_gemm_nt(p[0][0], p[0][1], p[0][2], size, I2, H, name, allow_tf32)
         mark("gemm1")
-        silu_mul(mod, ctype, gate_up, h, rows_total, I)
+        row_scale = activation()
         mark("activation")
-        for size, p in tiles:
-            _cublas.batched_gemm_nt(p[1][0], p[1][1], p[1][2], size, H, I, name, allow_tf32)
-        mark("gemm2")
+        try:
+            for size, p in tiles:
+                _cublas.batched_gemm_nt(p[1][0], p[1][1], p[1][2], size, H, I, name, allow_tf32,
+                                        out_name)
+        except _cublas.CublasError:  # fp16 in, fp32 out refused: one GEMM per expert
+            per_expert_gemm2(np.nonzero(counts_host)[0])
     elif aligned and _cublas.has_grouped_gemm():
         p = pointers(active, starts[active])
         m = counts_host[active]
         _cublas.grouped_gemm_nt(p[0][0], p[0][1], p[0][2], m, I2, H, name, allow_tf32)
         mark("gemm1")
-        silu_mul(mod, ctype, gate_up, h, rows_total, I)
+        row_scale = activation()
         mark("activation")
-        _cublas.grouped_gemm_nt(p[1][0], p[1][1], p[1][2], m, H, I, name, allow_tf32)
-        mark("gemm2")
+        try:
+            _cublas.grouped_gemm_nt(p[1][0], p[1][1], p[1][2], m, H, I, name, allow_tf32,
+                                    out_name)
+        except _cublas.CublasError:  # fp16 in, fp32 out refused: one GEMM per expert
+            per_expert_gemm2(active)
     else:  # odd sizes, or cuBLAS < 12.5: one cublasGemmEx per active expert
         for e in active:
             s, n = starts[e], counts_host[e]
             _cublas.gemm_nt(w13[e], xs[s:s + n], gate_up[s:s + n], allow_tf32)
         mark("gemm1")
-        silu_mul(mod, ctype, gate_up, h, rows_total, I)
+        row_scale = activation()
         mark("activation")
-        for e in active:
-            s, n = starts[e], counts_host[e]
-            _cublas.gemm_nt(w2[e], h[s:s + n], rows[s:s + n], allow_tf32)
-        mark("gemm2")
+        per_expert_gemm2(active)
+    if row_scale is not None:
+        scale_rows(mod, rows, row_scale)
+    mark("gemm2")
     return ExpertOutput(rows, slot_rows)

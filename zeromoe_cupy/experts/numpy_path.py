@@ -4,12 +4,28 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import fixed_order_matmul
-from ._common import ExpertOutput
+from ._common import ExpertOutput, rows_dtype
+
+FP16_MAX = 65504.0
 
 
 def _silu(v):
     with np.errstate(over="ignore"):
         return v / (np.float32(1) + np.exp(-v))
+
+
+def fp16_scaled(a):
+    """(a rounded to fp16 after a per-row power-of-two scale 2^-e, 2^e per row): e is the
+    least that brings the row's largest |a| to 65504 or below (0 for most rows); as the GPU's
+    silu_mul_scaled stores the activation of an fp16 layer. a: (M, I) fp32."""
+    big = np.max(np.abs(a), axis=1) if a.shape[1] else np.zeros(a.shape[0], np.float32)
+    e = np.zeros(a.shape[0], np.int32)
+    over = (big > FP16_MAX) & np.isfinite(big)
+    if over.any():
+        e[over] = np.maximum(0, np.frexp(big[over])[1] - 1 - 15)
+        e[over] += np.ldexp(big[over], -e[over]) > FP16_MAX
+    scale = np.ldexp(np.float32(1), e).astype(np.float32)
+    return (a / scale[:, None]).astype(np.float16), scale
 
 
 def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
@@ -31,10 +47,20 @@ def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
         gate_up[s:t] = matmul(xs[s:t], w13[e].astype(np.float32).T)
     gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
     mark("gemm1")
-    h = (_silu(gate_up[:, :I]) * gate_up[:, I:]).astype(x.dtype).astype(np.float32)
+    a = _silu(gate_up[:, :I]) * gate_up[:, I:]
+    # Stored as the GPU's cuBLAS paths store it; fp16 rows get a power-of-two scale where the
+    # activation passes 65504, and their outputs stay fp32 (rows_dtype), so that neither
+    # overflows where y does not.
+    if x.dtype == np.float16:
+        h16, row_scale = fp16_scaled(a)
+        h = h16.astype(np.float32)
+    else:
+        h, row_scale = a.astype(x.dtype).astype(np.float32), None
     mark("activation")
-    rows = np.empty((order.size, H), x.dtype)
+    rows = np.empty((order.size, H), rows_dtype(x.dtype))
     for e, s, t in blocks:
-        rows[s:t] = matmul(h[s:t], w2[e].astype(np.float32).T).astype(x.dtype)
+        rows[s:t] = matmul(h[s:t], w2[e].astype(np.float32).T)
+    if row_scale is not None:
+        rows *= row_scale[:, None]
     mark("gemm2")
     return ExpertOutput(rows, slot_rows.reshape(T, K))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import DTYPES, cupy_module, dtype_name, vector_width
-from ._common import ExpertOutput, PAIR_ROWS, PAIR_WARPS, experts_module
+from ._common import ExpertOutput, PAIR_ROWS, PAIR_WARPS, experts_module, rows_dtype
 
 
 def pairs(x, ids, w13, w2, mark):
@@ -18,8 +18,10 @@ def pairs(x, ids, w13, w2, mark):
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod = experts_module()
     slot_rows = cp.empty((T, K), np.int32)
-    h = cp.empty((P, I), x.dtype)
-    rows = cp.empty((P, H), x.dtype)
+    # fp16 layers keep the activation and the rows in fp32 (rows_dtype)
+    h = cp.empty((P, I), rows_dtype(x.dtype))
+    rows = cp.empty((P, H), rows_dtype(x.dtype))
+    o = "float" if rows.dtype == np.float32 else ctype
     mark("permute")
     if P:
         x_stride = x.strides[0] // x.itemsize
@@ -28,7 +30,8 @@ def pairs(x, ids, w13, w2, mark):
             vec = vector_width(x.itemsize, Kd, src, W, row_stride=stride)
             R = PAIR_ROWS[glu]
             grid = (-(-N // (PAIR_WARPS * R)), P)
-            mod.get_function(f"pair_gemv<{ctype},{vec},{R},{str(glu).lower()}>")(
+            xt = ctype if glu else o
+            mod.get_function(f"pair_gemv<{ctype},{xt},{o},{vec},{R},{str(glu).lower()}>")(
                 grid, (32 * PAIR_WARPS,),
                 (src, np.int64(stride), np.int32(div), ids, np.int32(E), W, np.int32(N),
                  np.int32(Kd), out, slot_rows))

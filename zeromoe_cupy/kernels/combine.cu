@@ -14,10 +14,11 @@
 // x: (T, H) row stride x_stride; ids, weights: (T, K); rows: (M, H) or null;
 // slot_rows: (T, K) row of rows for each real slot (-1 otherwise) or null;
 // zero_types: (Z,) int32 codes; const_vec: (Z, H); const_gate: (Z, 2, H); out: (T, H).
-template <typename T, int VEC>
+// R, the rows' type: T, or float (an fp16 layer's expert outputs, which may pass 65504).
+template <typename T, typename R, int VEC>
 __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
                                const int* __restrict__ ids, const float* __restrict__ weights,
-                               const T* __restrict__ rows, const int* __restrict__ slot_rows,
+                               const R* __restrict__ rows, const int* __restrict__ slot_rows,
                                const int* __restrict__ zero_types,
                                const T* __restrict__ const_vec, const T* __restrict__ const_gate,
                                T* __restrict__ out, long long T_, int H, int K, int E, int Z) {
@@ -94,7 +95,7 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
       for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
     }
     for (int r = 0; r < nr; ++r) {
-      load_f32<T, VEC>(rows + row_off[warp][r] + h, v);
+      load_f32<R, VEC>(rows + row_off[warp][r] + h, v);
       const float w = row_w[warp][r];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += w * v[i];

@@ -54,9 +54,10 @@ __global__ void gather_rows(const T* __restrict__ x, long long x_stride,
   }
 }
 
-// gate_up: (M, 2I) with gate columns first -> h: (M, I) = silu(gate) * up, computed in fp32.
-template <typename T, int VEC>
-__global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ h, long long M, int I) {
+// gate_up: (M, 2I) with gate columns first -> h: (M, I) = silu(gate) * up, computed in fp32
+// and stored as O (T, or fp32 for an fp16 layer's fixed path, where it cannot overflow).
+template <typename T, typename O, int VEC>
+__global__ void silu_mul(const T* __restrict__ gate_up, O* __restrict__ h, long long M, int I) {
   const long long per_row = I / VEC;
   const long long n = M * per_row;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -67,7 +68,67 @@ __global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ h, long 
     load_f32<T, VEC>(gate_up + r * 2 * I + I + c, u);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) o[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
-    store_f32<T, VEC>(h + r * I + c, o);
+    store_f32<O, VEC>(h + r * I + c, o);
+  }
+}
+
+// silu_mul for fp16 rows that feed a half-precision GEMM: one warp a row. A row whose largest
+// |silu(gate) * up| passes 65504 is stored times 2^-e (the least e that fits; exact, as a
+// power of two) and row_scale[r] = 2^e says by how much to multiply its GEMM output
+// (scale_rows); other rows are stored as they are, with row_scale 1.
+#define SILU_WARPS 8
+__device__ __forceinline__ float silu_mul_f32(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
+template <int VEC>
+__global__ void silu_mul_scaled(const __half* __restrict__ gate_up, __half* __restrict__ h,
+                                float* __restrict__ row_scale, long long M, int I) {
+  const int lane = threadIdx.x % 32;
+  for (long long r = blockIdx.x * (long long)SILU_WARPS + threadIdx.x / 32; r < M;
+       r += (long long)gridDim.x * SILU_WARPS) {
+    const __half* gu = gate_up + r * 2 * I;
+    __half* hr = h + r * I;
+    float big = 0.f;
+    for (int c = lane * VEC; c < I; c += 32 * VEC) {
+      float g[VEC], u[VEC], o[VEC];
+      load_f32<__half, VEC>(gu + c, g);
+      load_f32<__half, VEC>(gu + I + c, u);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        o[j] = silu_mul_f32(g[j], u[j]);
+        big = fmaxf(big, fabsf(o[j]));
+      }
+      store_f32<__half, VEC>(hr + c, o);
+    }
+    for (int off = 16; off > 0; off >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, off));
+    float scale = 1.f;
+    if (big > 65504.f && big <= 3.402823466e38f) {  // rare: rewrite the row scaled (inf/NaN stay)
+      int e = max(0, ilogbf(big) - 15);
+      if (ldexpf(big, -e) > 65504.f) ++e;
+      const float down = ldexpf(1.f, -e);
+      scale = ldexpf(1.f, e);
+      for (int c = lane * VEC; c < I; c += 32 * VEC) {
+        float g[VEC], u[VEC], o[VEC];
+        load_f32<__half, VEC>(gu + c, g);
+        load_f32<__half, VEC>(gu + I + c, u);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[j] = silu_mul_f32(g[j], u[j]) * down;
+        store_f32<__half, VEC>(hr + c, o);
+      }
+    }
+    if (lane == 0) row_scale[r] = scale;
+  }
+}
+
+// rows[r, :] *= row_scale[r] where row_scale[r] != 1 (the GEMM outputs of silu_mul_scaled's
+// scaled rows). One warp a row; rows with scale 1 cost one load.
+extern "C" __global__ void scale_rows(float* __restrict__ rows, const float* __restrict__ row_scale,
+                                      long long M, int H) {
+  const int lane = threadIdx.x % 32;
+  for (long long r = blockIdx.x * (long long)SILU_WARPS + threadIdx.x / 32; r < M;
+       r += (long long)gridDim.x * SILU_WARPS) {
+    const float s = row_scale[r];
+    if (s == 1.f) continue;
+    for (int c = lane; c < H; c += 32) rows[r * H + c] *= s;
   }
 }
 
@@ -81,11 +142,13 @@ __global__ void silu_mul(const T* __restrict__ gate_up, T* __restrict__ h, long 
 // do nothing. in_p is row p / in_div of `in` (in_div = K reads x[t]; 1 reads the pair's row).
 // The GLU pass also writes slot_rows[p] (p for a real slot, -1 otherwise) for the combine.
 #define PAIR_WARPS 4
-template <typename T, int VEC, int ROWS, bool GLU>
+// X and O, the input and output types, are T, except for fp16 layers: the activation and
+// the expert output rows are fp32 there (fp16 would overflow where y does not).
+template <typename T, typename X, typename O, int VEC, int ROWS, bool GLU>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
-pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
+pair_gemv(const X* __restrict__ in, long long in_stride, int in_div,
           const int* __restrict__ ids, int E, const T* __restrict__ W, int N, int Kd,
-          T* __restrict__ out, int* __restrict__ slot_rows) {
+          O* __restrict__ out, int* __restrict__ slot_rows) {
   const long long p = blockIdx.y;
   const int e = ids[p];
   const bool real = e >= 0 && e < E;
@@ -95,7 +158,7 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
   const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
   if (j0 >= N) return;
   constexpr int MATS = GLU ? 2 : 1;
-  const T* x = in + (p / in_div) * in_stride;
+  const X* x = in + (p / in_div) * in_stride;
   const T* w[MATS][ROWS];
   const long long rows_per_expert = (long long)MATS * N;
 #pragma unroll
@@ -113,7 +176,7 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
     for (int v = 0; v < CH; v += VEC) {
       if (VEC == 1 && c + v >= Kd) break;
       float xv[VEC];
-      load_f32<T, VEC>(x + c + v, xv);
+      load_f32<X, VEC>(x + c + v, xv);
 #pragma unroll
       for (int m = 0; m < MATS; ++m)
 #pragma unroll
@@ -144,7 +207,7 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
         }
       }
     }
-    out[p * N + j0 + lane] = from_f32<T>(v);
+    out[p * N + j0 + lane] = from_f32<O>(v);
   }
 }
 
@@ -157,9 +220,10 @@ pair_gemv(const T* __restrict__ in, long long in_stride, int in_div,
 // number of rows or the token batch: a token's experts give the same bits in any chunk.
 #define FIXED_TILE 64
 #define FIXED_KSTEP 16
-template <typename T>
+// X and O as in pair_gemv.
+template <typename T, typename X, typename O>
 __global__ void __launch_bounds__(256)
-fixed_gemm_nt(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__ out,
+fixed_gemm_nt(const X* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
               const int* __restrict__ offsets, int E, int N, int Kd) {
   const int row0 = blockIdx.y * FIXED_TILE;
   if (row0 >= offsets[E]) return;
@@ -202,6 +266,6 @@ fixed_gemm_nt(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = col0 + tx * 4 + j;
-      if (c < N) out[(long long)(row0 + ty * 4 + i) * N + c] = from_f32<T>(acc[i][j]);
+      if (c < N) out[(long long)(row0 + ty * 4 + i) * N + c] = from_f32<O>(acc[i][j]);
     }
 }
