@@ -1,5 +1,5 @@
 """Reliability on the GPU: determinism, chunking, memory bounds and errors, leaks, threads,
-NaN isolation."""
+NaN isolation, routing at fp32's edges, fp16 intermediates beyond 65504."""
 import threading
 
 import numpy as np
@@ -9,7 +9,8 @@ import zeromoe_cupy as zm
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import random_layer_weights, random_x
+from helpers import (extreme_routing_case, fp16_overflow_case, random_layer_weights, random_x,
+                     underflow_routing_case)
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -185,3 +186,63 @@ def test_random_configs_on_the_gpu_match_the_cpu_bound():
         cp.testing.assert_array_equal(x, cp.asarray(x_h))
 
     check()
+
+
+def _route_on_gpu(logits, K, scoring, bias, renorm, groups=None, tg=None):
+    r = zm.ops.route(cp.asarray(logits), K, scoring_func=scoring,
+                     e_score_correction_bias=None if bias is None else cp.asarray(bias),
+                     renormalize=renorm, num_expert_group=groups, topk_group=tg)
+    ids = r.topk_ids.get()
+    np.testing.assert_array_equal(r.expert_counts.get(),
+                                  np.bincount(ids.ravel(), minlength=logits.shape[1]))
+    return ids, r.topk_weights.get()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups,tg", [(None, None), (4, 3)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_gpu_routing_nan_ranks_below_minus_inf_and_the_lowest_float(scoring, groups, tg, renorm,
+                                                                   rng):
+    from test_routing_numerics import check_against_reference
+    N = 24
+    K = N - 2 if groups is None else tg * N // groups - 2
+    for with_bias in (True, False):
+        if not with_bias and scoring == "softmax":
+            continue  # softmax: the NaN scores come from the bias
+        logits, bias = extreme_routing_case(rng, 40, N, scoring, with_bias)
+        r = _route_on_gpu(logits, K, scoring, bias, renorm, groups, tg)
+        check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+
+
+# (Group scores with a bias are fp32 sums: groups whose sums underflow tie and go by group id,
+# so "zero" runs without groups.)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias_kind,N,groups", [
+    (b, N, g) for b in (None, "zero", "two")
+    for N, g in ((64, None), (64, 8), (300, None), (768, None), (768, 8))
+    if not (b == "zero" and g)])
+def test_gpu_routing_scores_that_underflow(scoring, bias_kind, N, groups, rng):
+    from test_routing_numerics import check_against_reference
+    tg = 4 if groups else None
+    logits, bias = underflow_routing_case(rng, 50, N, scoring, bias_kind)
+    for renorm in (False, True):
+        r = _route_on_gpu(logits, 12, scoring, bias, renorm, groups, tg)
+        check_against_reference(r, logits, 12, scoring, bias, renorm, groups, tg)
+        if renorm:
+            assert np.isfinite(r[1]).all()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
+@pytest.mark.parametrize("kind", ["output", "activation"])
+@pytest.mark.parametrize("T,H", [(12, 40), (12, 33), (300, 40)])
+def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, kind, T, H, rng):
+    cfg, w, x, ids, weights, ref = fp16_overflow_case(rng, kind, T=T, H=H)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    layer.expert_strategy = strategy
+    routing = zm.RoutingResult(cp.asarray(ids), cp.asarray(weights), None)
+    y = layer(cp.asarray(x), routing=routing).get()
+    assert np.isfinite(y.astype(np.float32)).all()
+    assert relative_error(y, ref) <= TOL["float16"]
+    out = zm.ops.expert_mlp(cp.asarray(x), cp.asarray(ids), layer.w13, layer.w2,
+                            strategy=strategy)
+    assert out.rows.dtype == np.float32
