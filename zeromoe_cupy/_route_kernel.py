@@ -325,7 +325,11 @@ def make_route_kernel(grouped: bool, n: int):
                 vals[i] = score(vals[i], m, scoring)
         nan_or_zero = total * float32(0)
 
-        # Keys; MASKED for experts past the end.
+        # Keys; MASKED for experts past the end. The grouped variant also keeps the values
+        # in shared memory for the group scores (stored here, so vals dies as keys fills).
+        if grouped:
+            sync_warp()  # every lane is done with the previous token's ks and kept
+        base = uint32(w * n)
         for g in range(G):
             e0 = int32(first + 128 * g)
             b0 = b1 = b2 = b3 = nan_or_zero
@@ -341,6 +345,8 @@ def make_route_kernel(grouped: bool, n: int):
                 vals[4 * g + 2] = vals[4 * g + 2] + b2
                 vals[4 * g + 3] = vals[4 * g + 3] + b3
             for c in range(4):
+                if grouped and (FULL or e0 + c < n):
+                    ks[base + uint32(e0 + c)] = vals[4 * g + c]
                 keys[4 * g + c] = key_of(vals[4 * g + c])
                 if not FULL:
                     keys[4 * g + c] = keys[4 * g + c] if e0 + c < n else MASKED
@@ -348,12 +354,6 @@ def make_route_kernel(grouped: bool, n: int):
         if grouped:
             # Keep the topk_group groups whose best value (the best two values' sum when a
             # bias is present) ranks highest; every other expert's key becomes MASKED.
-            sync_warp()  # every lane is done with the previous token's ks and kept
-            base = uint32(w * n)
-            for i in range(V):
-                e = int32(first + 128 * (i >> 2) + (i & 3))
-                if e < n:
-                    ks[base + uint32(e)] = vals[i]
             kept[w, lane] = 0
             sync_warp()
             gsize = n // groups

@@ -247,9 +247,17 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
         RoutingResult(topk_ids int32 [T, K] by descending selection score, topk_weights
         float32 [T, K], expert_counts int32 [E+Z]).
 
-    NumPy logits run on the CPU; CuPy logits run the CUDA kernel on CuPy's current stream.
-    Inputs are never modified. Raises TypeError (kinds, dtypes) or ValueError (shapes, values)
-    naming the argument.
+    NumPy logits run on the CPU; CuPy logits run the CUDA kernel on CuPy's current stream;
+    both give the same ids. Inputs are never modified. Raises TypeError (kinds, dtypes) or
+    ValueError (shapes, values) naming the argument.
+
+    Ranking: ids descend by s = score + bias (without a bias, by the logit: the same order,
+    exact also where the fp32 score underflows); equal fp32 values of s go to the larger
+    logit (with equal biases, that is their exact order), then to the lower id. A NaN s ranks
+    below every number, -inf and -FLT_MAX included (a NaN logit makes its whole softmax row
+    NaN). Weights: the fp32 score (0 where it underflows fp32, e.g. sigmoid(-110)); with
+    ``renormalize``, exp(log p_k - max) / sum over the K chosen, finite whenever the chosen
+    logits are, even when every chosen score underflows.
     """
     logits = as_array(router_logits, "router_logits")
     if logits.dtype != np.float32 and logits.dtype in _LOGIT_DTYPES:
