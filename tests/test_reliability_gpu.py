@@ -232,7 +232,7 @@ def test_gpu_routing_scores_that_underflow(scoring, bias_kind, N, groups, rng):
             assert np.isfinite(r[1]).all()
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree"])
 @pytest.mark.parametrize("kind", ["output", "activation"])
 @pytest.mark.parametrize("T,H", [(12, 40), (12, 33), (300, 40)])
 def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, kind, T, H, rng):

@@ -47,7 +47,7 @@ def experts_kernel_names() -> list[str]:
                       f"pair_gemv<{ctype},{ctype},{o},{vec},{PAIR_ROWS[True]},true>",
                       f"pair_gemv<{ctype},{o},{o},{vec},{PAIR_ROWS[False]},false>"]
             if ctype == "__half":
-                names.append(f"silu_mul_scaled<{vec}>")
+                names += [f"half_rows_scaled<true,{vec}>", f"half_rows_scaled<false,{vec}>"]
     return sorted(set(names), key=names.index)
 
 
@@ -136,20 +136,23 @@ def silu_mul(mod, ctype, gate_up, h, M, I):
                                                       (gate_up, h, np.int64(M), np.int32(I)))
 
 
-_ROW_WARPS = 8  # SILU_WARPS in kernels/experts.cu
+_ROW_WARPS = 8  # SILU_WARPS in kernels/experts.cu: rows per block
 
 
-def silu_mul_scaled(mod, gate_up, h, M, I):
-    """fp16: h = silu(gate) * up with a power-of-two scale per row where it passes 65504;
-    returns row_scale (M,) fp32, which scale_rows applies to the GEMM output."""
+def half_rows_scaled(mod, src, h, M, I):
+    """fp16 activation rows h (M, I) for a half GEMM, each with a power-of-two scale where it
+    passes 65504: from gate_up (M, 2I) fp16 (silu(gate) * up), or from fp32 activation rows
+    (M, I). Returns row_scale (M,) fp32, which scale_rows (or the GEMM) applies to the output."""
     cp = cupy_module()
     row_scale = cp.empty(M, np.float32)
     if M:
-        vec = vector_width(gate_up.itemsize, I, gate_up, h)
+        act = src.dtype != np.float32
+        vec = vector_width(2, I, src, h)
+        if not act and src.data.ptr % (vec * 4):
+            vec = 1
         blocks = int(min(-(-M // _ROW_WARPS), 132 * 16))
-        mod.get_function(f"silu_mul_scaled<{vec}>")((blocks,), (32 * _ROW_WARPS,),
-                                                     (gate_up, h, row_scale, np.int64(M),
-                                                      np.int32(I)))
+        mod.get_function(f"half_rows_scaled<{str(act).lower()},{vec}>")(
+            (blocks,), (32 * _ROW_WARPS,), (src, h, row_scale, np.int64(M), np.int32(I)))
     return row_scale
 
 

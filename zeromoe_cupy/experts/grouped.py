@@ -9,7 +9,7 @@ import numpy as np
 from .. import _cublas
 from .._arrays import DTYPES, cupy_module, dtype_name
 from ._common import (MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, ExpertOutput, experts_module, gather,
-                      real_counts, rows_dtype, scale_rows, silu_mul, silu_mul_scaled, tile_plan)
+                      half_rows_scaled, real_counts, rows_dtype, scale_rows, silu_mul, tile_plan)
 
 
 def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -39,14 +39,14 @@ def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
     gate_up = cp.empty((rows_total, I2), x.dtype)
     h = cp.empty((rows_total, I), x.dtype)
     # fp16: rows in fp32 from the half GEMM, and h rows scaled by a power of two where
-    # silu(gate) * up passes 65504, undone on the GEMM output (rows_dtype, scale_rows)
+    # silu(gate) * up passes 65504, undone on the GEMM output (half_rows_scaled, scale_rows)
     rows = cp.empty((rows_total, H), rows_dtype(x.dtype))
     scaled = name == "float16"
     out_name = "float32" if scaled else name
 
     def activation():
         if scaled:
-            return silu_mul_scaled(mod, gate_up, h, rows_total, I)
+            return half_rows_scaled(mod, gate_up, h, rows_total, I)
         silu_mul(mod, ctype, gate_up, h, rows_total, I)
         return None
 

@@ -17,7 +17,7 @@ def _silu(v):
 def fp16_scaled(a):
     """(a rounded to fp16 after a per-row power-of-two scale 2^-e, 2^e per row): e is the
     least that brings the row's largest |a| to 65504 or below (0 for most rows); as the GPU's
-    silu_mul_scaled stores the activation of an fp16 layer. a: (M, I) fp32."""
+    half_rows_scaled stores the activation of an fp16 layer. a: (M, I) fp32."""
     big = np.max(np.abs(a), axis=1) if a.shape[1] else np.zeros(a.shape[0], np.float32)
     e = np.zeros(a.shape[0], np.int32)
     over = (big > FP16_MAX) & np.isfinite(big)

@@ -18,7 +18,8 @@ import numpy as np
 from .._arrays import DTYPES, cupy_module, dtype_name
 from .._compile import memoize_per_device, raw_module
 from . import fixed
-from ._common import ExpertOutput, experts_module, gather_rows, real_counts
+from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scaled, out_ctype,
+                      real_counts, rows_dtype)
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
@@ -29,7 +30,8 @@ def syncfree_kernel_names() -> list[str]:
     names = ["syncfree_plan", "mask_padding_rows"]
     for name in ("bfloat16", "float16"):
         ctype = DTYPES[name][1]
-        names += [f"syncfree_gemm<{ctype},{str(glu).lower()}>" for glu in (True, False)]
+        names += [f"syncfree_gemm<{ctype},{out_ctype(ctype)},{str(glu).lower()}>"
+                  for glu in (True, False)]
     return names
 
 
@@ -65,18 +67,28 @@ def syncfree(x, ids, w13, w2, expert_counts, mark):
                                                       active))
     # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
     slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
-    h = cp.empty((P, I), x.dtype)
-    rows = cp.empty((P, H), x.dtype)
+    # fp16: GEMM 1 writes the activation in fp32, stored in fp16 for GEMM 2 with a per-row
+    # power-of-two scale where it passes 65504, which GEMM 2 undoes on its fp32 output rows
+    # (rows_dtype): no fp16 intermediate overflows where y fits.
+    half = ctype == "__half"
+    act = cp.empty((P, I), rows_dtype(x.dtype))
+    h = cp.empty((P, I), x.dtype) if half else act
+    rows = cp.empty((P, H), rows_dtype(x.dtype))
+    o = out_ctype(ctype)
     mark("permute")
     slots = min(E, P)
+    row_scale = None
     if slots:
-        for glu, src, W, N, Kd, out in ((True, xs, w13, I, H, h), (False, h, w2, H, I, rows)):
+        for glu, src, W, N, Kd, out in ((True, xs, w13, I, H, act), (False, h, w2, H, I, rows)):
             grid = (-(-N // _BLOCK_FEATURES[glu]), slots)
-            mod.get_function(f"syncfree_gemm<{ctype},{str(glu).lower()}>")(
-                grid, (256,), (src, W, out, offsets, active, np.int32(N), np.int32(Kd)))
+            mod.get_function(f"syncfree_gemm<{ctype},{o},{str(glu).lower()}>")(
+                grid, (256,), (src, W, out, offsets, active, np.int32(N), np.int32(Kd),
+                               row_scale if row_scale is not None else 0))
             if glu:
                 mark("gemm1")
-                mark("activation")  # fused into GEMM 1
+                if half:
+                    row_scale = half_rows_scaled(experts_module(), act, h, P, I)
+                mark("activation")  # fused into GEMM 1 (fp16: and the scaled copy)
     else:
         for stage in ("gemm1", "activation"):
             mark(stage)

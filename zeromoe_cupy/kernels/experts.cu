@@ -72,31 +72,40 @@ __global__ void silu_mul(const T* __restrict__ gate_up, O* __restrict__ h, long 
   }
 }
 
-// silu_mul for fp16 rows that feed a half-precision GEMM: one warp a row. A row whose largest
-// |silu(gate) * up| passes 65504 is stored times 2^-e (the least e that fits; exact, as a
-// power of two) and row_scale[r] = 2^e says by how much to multiply its GEMM output
-// (scale_rows); other rows are stored as they are, with row_scale 1.
+// fp16 activation rows that feed a half-precision GEMM, one warp a row: silu(gate) * up from
+// gate_up (ACT), or fp32 activation rows (the syncfree path's GEMM 1 output). A row whose
+// largest |value| passes 65504 is stored times 2^-e (the least e that fits; exact, as a power
+// of two) and row_scale[r] = 2^e says by how much to multiply its GEMM output (scale_rows);
+// other rows are stored as they are, with row_scale 1.
 #define SILU_WARPS 8
-__device__ __forceinline__ float silu_mul_f32(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+template <bool ACT, int VEC>
+__device__ __forceinline__ void activation_chunk(const void* src, long long r, int c, int I,
+                                                 float (&o)[VEC]) {
+  if (ACT) {
+    const __half* gu = static_cast<const __half*>(src) + r * 2 * I;
+    float g[VEC], u[VEC];
+    load_f32<__half, VEC>(gu + c, g);
+    load_f32<__half, VEC>(gu + I + c, u);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+  } else {
+    load_f32<float, VEC>(static_cast<const float*>(src) + r * I + c, o);
+  }
+}
 
-template <int VEC>
-__global__ void silu_mul_scaled(const __half* __restrict__ gate_up, __half* __restrict__ h,
-                                float* __restrict__ row_scale, long long M, int I) {
+template <bool ACT, int VEC>
+__global__ void half_rows_scaled(const void* __restrict__ src, __half* __restrict__ h,
+                                 float* __restrict__ row_scale, long long M, int I) {
   const int lane = threadIdx.x % 32;
   for (long long r = blockIdx.x * (long long)SILU_WARPS + threadIdx.x / 32; r < M;
        r += (long long)gridDim.x * SILU_WARPS) {
-    const __half* gu = gate_up + r * 2 * I;
     __half* hr = h + r * I;
     float big = 0.f;
     for (int c = lane * VEC; c < I; c += 32 * VEC) {
-      float g[VEC], u[VEC], o[VEC];
-      load_f32<__half, VEC>(gu + c, g);
-      load_f32<__half, VEC>(gu + I + c, u);
+      float o[VEC];
+      activation_chunk<ACT, VEC>(src, r, c, I, o);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        o[j] = silu_mul_f32(g[j], u[j]);
-        big = fmaxf(big, fabsf(o[j]));
-      }
+      for (int j = 0; j < VEC; ++j) big = fmaxf(big, fabsf(o[j]));
       store_f32<__half, VEC>(hr + c, o);
     }
     for (int off = 16; off > 0; off >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, off));
@@ -107,11 +116,10 @@ __global__ void silu_mul_scaled(const __half* __restrict__ gate_up, __half* __re
       const float down = ldexpf(1.f, -e);
       scale = ldexpf(1.f, e);
       for (int c = lane * VEC; c < I; c += 32 * VEC) {
-        float g[VEC], u[VEC], o[VEC];
-        load_f32<__half, VEC>(gu + c, g);
-        load_f32<__half, VEC>(gu + I + c, u);
+        float o[VEC];
+        activation_chunk<ACT, VEC>(src, r, c, I, o);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o[j] = silu_mul_f32(g[j], u[j]) * down;
+        for (int j = 0; j < VEC; ++j) o[j] *= down;
         store_f32<__half, VEC>(hr + c, o);
       }
     }
@@ -119,7 +127,7 @@ __global__ void silu_mul_scaled(const __half* __restrict__ gate_up, __half* __re
   }
 }
 
-// rows[r, :] *= row_scale[r] where row_scale[r] != 1 (the GEMM outputs of silu_mul_scaled's
+// rows[r, :] *= row_scale[r] where row_scale[r] != 1 (the GEMM outputs of half_rows_scaled's
 // scaled rows). One warp a row; rows with scale 1 cost one load.
 extern "C" __global__ void scale_rows(float* __restrict__ rows, const float* __restrict__ row_scale,
                                       long long M, int H) {

@@ -123,10 +123,14 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (
 // the up half (rows N + j) and writes silu(gate) * up, each rounded to T first like the GEMM
 // path's stored values. Otherwise features [128 x, 128 x + 128). blockIdx.y: active-expert slot.
 // Needs Kd % 8 == 0 and 16-byte aligned in and W (16-byte loads); any N.
-template <typename T, bool GLU>
+// O, the output type: T, or float for fp16 layers (whose activation and expert outputs may
+// pass 65504); row_scale (or null): each output row r times row_scale[r] (see
+// half_rows_scaled in experts.cu).
+template <typename T, typename O, bool GLU>
 __global__ void __launch_bounds__(SF_THREADS, 3)
-syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__ out,
-              const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd) {
+syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
+              const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd,
+              const float* __restrict__ row_scale) {
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
@@ -221,7 +225,8 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, T* __restrict__
         const float u = to_f32(from_f32<T>(c[r * SF_LDC + FEAT + j]));
         v = g / (1.f + __expf(-g)) * u;
       }
-      out[(long long)(row0 + r0 + r) * N + f0 + j] = from_f32<T>(v);
+      if (row_scale != nullptr) v *= row_scale[row0 + r0 + r];
+      out[(long long)(row0 + r0 + r) * N + f0 + j] = from_f32<O>(v);
     }
     __syncthreads();  // the result tile is read before the next pass refills the stages
   }
