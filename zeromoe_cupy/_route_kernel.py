@@ -207,6 +207,18 @@ else:
         return max(int32(int32(bits ^ ((bits >> 31) & 0x7FFFFFFF)) + KEY_SHIFT), NAN_KEY)
 
 
+if _SIM:
+    @cuda.jit(device=True)
+    def sigmoid_fast(logit):
+        """1 / (1 + exp(-l)) in fp32 (0 where exp overflows, as on the GPU; no warning)."""
+        with np.errstate(over="ignore"):
+            return np.float32(1) / (np.float32(1) + np.exp(-np.float32(logit)))
+else:
+    @cuda.jit(device=True)
+    def sigmoid_fast(logit):
+        return float32(1) / (float32(1) + math.exp(-logit))
+
+
 @cuda.jit(device=True)
 def warp_any(pred, w, lane, js):
     """Whether pred holds in any lane of the warp (all lanes get it)."""
@@ -278,7 +290,7 @@ def make_route_kernel(grouped: bool, n: int):
         # softmax: exp(l - max), scaled by 1 / sum later; sigmoid: the score itself
         if scoring == 0:
             return math.exp(logit - m)
-        return float32(1) / (float32(1) + math.exp(-logit))
+        return sigmoid_fast(logit)
 
     @cuda.jit(device=True)
     def second_key(k, e, logits, row):

@@ -3,7 +3,9 @@
 One module per GPU path (pairs, grouped/padded, fixed) and one for the CPU; this module checks
 the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
 real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
-``combine`` reads it from there.
+``combine`` reads it from there. ``rows`` is in x's dtype, except for float16: fp32 there, and
+the activation is kept from overflowing too (rows_dtype), so that no intermediate passes 65504
+where y does not.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import numpy as np
 from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
 from . import fixed, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
-                      STRATEGIES, ExpertOutput, experts_kernel_names, tile_plan)
+                      STRATEGIES, ExpertOutput, experts_kernel_names, rows_dtype, tile_plan)
 
 __all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX", "STRATEGIES",
-           "ExpertOutput", "expert_mlp", "experts_kernel_names", "tile_plan"]
+           "ExpertOutput", "expert_mlp", "experts_kernel_names", "rows_dtype", "tile_plan"]
 
 
 def _check(x, topk_ids, w13, w2):
@@ -56,12 +58,14 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         expert_counts: optional integer [>= E], the counts ``route`` returned for exactly
             these ids: saves a histogram pass on the GPU (the layer passes its own).
     Returns:
-        ExpertOutput(rows [M, H] in x's dtype, one per real (token, slot) pair, grouped by
-        expert; slot_rows int32 [T, K], the row of each slot, -1 for zero-expert slots).
+        ExpertOutput(rows [M, H] in rows_dtype(x.dtype) (x's dtype; float32 for float16),
+        one per real (token, slot) pair, grouped by expert; slot_rows int32 [T, K], the row
+        of each slot, -1 for zero-expert slots).
 
     ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
-    "syncfree"; see below); every path computes the same values up to fp32 rounding; "fixed"
-    gives the same bits for a token in any batch (on the CPU too, where the other choices all
+    "syncfree"; see below); every path computes the same values up to fp32 rounding (for
+    float16, up to the fp16 rounding of the activation, which "pairs" and "fixed" keep in
+    fp32); "fixed" gives the same bits for a token in any batch (on the CPU too, where the other choices all
     mean NumPy's matmul). ``stage_marks(name)``, if given, is called after each stage is
     enqueued ("permute", "gemm1", "activation", "gemm2"); the benchmark records CUDA events
     there. Inputs are never modified.
