@@ -65,10 +65,10 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
     "syncfree"; see below); every path computes the same values up to fp32 rounding (for
     float16, up to the fp16 rounding of the activation, which "pairs" and "fixed" keep in
-    fp32); "fixed" gives the same bits for a token in any batch (on the CPU too, where the other choices all
-    mean NumPy's matmul). ``stage_marks(name)``, if given, is called after each stage is
-    enqueued ("permute", "gemm1", "activation", "gemm2"); the benchmark records CUDA events
-    there. Inputs are never modified.
+    fp32); "fixed" gives the same bits for a token in any batch (on the CPU too, where the
+    other choices all mean NumPy's matmul). ``stage_marks(name)``, if given, is called after
+    each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the benchmark records
+    CUDA events there. Inputs are never modified.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
