@@ -18,7 +18,8 @@ class ExpertOutput(NamedTuple):
 def rows_dtype(dtype):
     """The dtype of the expert output rows (and of the pair and fixed paths' activation) for
     a layer of ``dtype``: fp32 for float16, whose range (65504) an expert's output or its
-    silu(gate) * up can pass where y does not (docs/spec.md, "Numerics and accuracy"); else the layer's dtype."""
+    silu(gate) * up can pass where y does not (docs/spec.md, "Numerics and accuracy"); else
+    the layer's dtype."""
     return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
