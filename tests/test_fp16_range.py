@@ -1,6 +1,6 @@
 """fp16 layers whose intermediates pass 65504 while y fits (docs/spec.md, "Numerics and
-accuracy"): an expert's output with a small routing weight, and the activation silu(gate) * up. The NumPy path here;
-every GPU path in test_reliability_gpu.py."""
+accuracy"): an expert's output with a small routing weight, and the activation silu(gate) * up.
+The NumPy path here; every GPU path in test_reliability_gpu.py."""
 import numpy as np
 import pytest
 

@@ -1,6 +1,6 @@
 """Routing where fp32 is at its edges (docs/spec.md, "Routing rules"): NaN scores meeting
--inf and -FLT_MAX ones, and scores that underflow fp32. The NumPy path here; the same cases run the
-kernel under the simulator (test_routing_simulator.py) and on the GPU
+-inf and -FLT_MAX ones, and scores that underflow fp32. The NumPy path here; the same cases
+run the kernel under the simulator (test_routing_simulator.py) and on the GPU
 (test_reliability_gpu.py)."""
 import numpy as np
 import pytest

@@ -59,7 +59,8 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
             p = 1.0 / (1.0 + np.exp(-L))
         else:
             raise ValueError(f"scoring_func: {scoring_func!r}")
-    s = p + np.asarray(correction_bias, np.float64)[None, :] if correction_bias is not None else p.copy()
+    s = (p + np.asarray(correction_bias, np.float64)[None, :] if correction_bias is not None
+         else p.copy())
     ids = np.zeros((T, top_k), np.int64)
     masked = np.array(s, copy=True)
     everyone = np.ones(N, bool)

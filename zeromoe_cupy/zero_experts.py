@@ -154,10 +154,10 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     """y = sum_k w_k * (expert row of slot k if real, else Zexp(x)), fp32 sums, cast once.
 
     ``expert_output`` is what ``expert_mlp`` returned (rows, in x's dtype or float32, + the
-    row of each real slot); None gives the zero experts' share alone. ``check_ids`` verifies on the host that every
-    id lies in [0, E+Z) (one reduction and, on the GPU, one synchronization); ids from
-    ``route`` always do, and the layer skips the check. Unchecked out-of-range ids are
-    never read out of bounds: they contribute nothing.
+    row of each real slot); None gives the zero experts' share alone. ``check_ids`` verifies
+    on the host that every id lies in [0, E+Z) (one reduction and, on the GPU, one
+    synchronization); ids from ``route`` always do, and the layer skips the check. Unchecked
+    out-of-range ids are never read out of bounds: they contribute nothing.
 
     Args:
         x: [T, H] bfloat16, float16 or float32.
