@@ -10,6 +10,7 @@ from zeromoe_cupy._arrays import DTYPES
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.experts.syncfree import syncfree_kernel_names
+from zeromoe_cupy.quant import fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
@@ -19,6 +20,7 @@ KERNELS = {
                    for v in (1, 16 // dt.itemsize)],
     "copy.cu": ["copy_16byte"],
     "experts.cu": experts_kernel_names(),
+    "fp8.cu": fp8_kernel_names(),
     "router.cu": router_kernel_names(),
     "syncfree.cu": syncfree_kernel_names(),
 }

@@ -1,0 +1,258 @@
+// FP8 (e4m3, block-scaled) kernels: conversion, weight and activation quantization, and the
+// pair (decode) experts reading e4m3 weights. e4m3 values are held as bytes (unsigned char);
+// every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (SPEC.md).
+#include "common.cuh"
+#include <cuda_fp8.h>
+
+#define E4M3_MAX 448.f
+#define ACT_EPS 1e-10f
+#define QBLOCK 128
+#define PAIR_WARPS 4  // as in experts.cu (experts/_common.py PAIR_WARPS)
+
+__device__ __forceinline__ unsigned char e4m3_bits(float v) {
+  return (unsigned char)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ float e4m3_value(unsigned char b) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3)));
+}
+// The e4m3 value nearest to v (as fp32; exact).
+__device__ __forceinline__ float e4m3_round(float v) { return e4m3_value(e4m3_bits(v)); }
+
+extern "C" __global__ void e4m3_encode(const float* __restrict__ in, unsigned char* __restrict__ out,
+                                       long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    out[i] = e4m3_bits(in[i]);
+}
+
+extern "C" __global__ void e4m3_decode(const unsigned char* __restrict__ in, float* __restrict__ out,
+                                       long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    out[i] = e4m3_value(in[i]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// One block per 128x128 block of one matrix (blockIdx.z) of w: (count, n, k) ->
+// q (count, n, k) e4m3 bytes, s (count, ceil(n/128), ceil(k/128)) fp32:
+// s = max|w| / 448 (1 where that is 0), q = e4m3(w / s).
+template <typename T>
+__global__ void __launch_bounds__(256)
+quantize_blocks(const T* __restrict__ w, unsigned char* __restrict__ q, float* __restrict__ s,
+                int n, int k) {
+  const int r0 = blockIdx.y * QBLOCK, c0 = blockIdx.x * QBLOCK;
+  const int rows = min(QBLOCK, n - r0), cols = min(QBLOCK, k - c0);
+  const long long base = (long long)blockIdx.z * n * k;
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int r = i / cols, c = i % cols;
+    amax = fmaxf(amax, fabsf(to_f32(w[base + (long long)(r0 + r) * k + c0 + c])));
+  }
+  __shared__ float partial[8];
+  amax = warp_max(amax);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = 0.f;
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, partial[i]);
+  float scale = amax / E4M3_MAX;
+  if (scale == 0.f) scale = 1.f;  // a zero block, or an amax whose quotient underflows
+  if (threadIdx.x == 0)
+    s[((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int r = i / cols, c = i % cols;
+    const long long at = base + (long long)(r0 + r) * k + c0 + c;
+    q[at] = e4m3_bits(to_f32(w[at]) / scale);
+  }
+}
+
+// Where the scale of row r, group g goes for the per-expert block-scaled GEMMs: each expert's
+// rows [offsets[e], offsets[e+1]) get their own M-major [groups, rows_e] scale block starting
+// at offsets[e] * groups (cuBLASLt's VEC128 activation scales). Returns -1 past offsets[E].
+__device__ __forceinline__ long long act_scale_index(const int* offsets, int E, int r, int g,
+                                                     int groups) {
+  if (r >= offsets[E]) return -1;
+  int lo = 0, hi = E;  // offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid; else hi = mid;
+  }
+  const int rows_e = offsets[lo + 1] - offsets[lo];
+  return (long long)offsets[lo] * groups + (long long)g * rows_e + (r - offsets[lo]);
+}
+
+// Quantize one 128-feature group held by a warp (4 values per lane, zeros past the row's
+// end): sa = max(max|a|, 1e-10) / 448, v <- e4m3(v / sa) as fp32 values. Returns sa.
+__device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(v[i]));
+  const float sa = fmaxf(warp_max(m), ACT_EPS) / E4M3_MAX;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = e4m3_round(v[i] / sa);
+  return sa;
+}
+
+// Writes one quantized group: e4m3 bytes to q and sa to scales (layout act_scale_index), or,
+// with deq non-null, the dequantized a' = q * sa rounded to T (the fallback GEMMs read that).
+template <typename T>
+__device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r, int g, int K,
+                                            int c, const int* offsets, int E,
+                                            unsigned char* q, float* scales, T* deq) {
+  const long long at = (long long)r * K + c;
+  if (deq != nullptr) {
+    for (int i = 0; i < 4; ++i)
+      if (c + i < K) deq[at + i] = from_f32<T>(v[i] * sa);
+    return;
+  }
+  for (int i = 0; i < 4; ++i)
+    if (c + i < K) q[at + i] = e4m3_bits(v[i]);
+  if (threadIdx.x % 32 == 0) scales[act_scale_index(offsets, E, r, g, K / QBLOCK)] = sa;
+}
+
+// Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
+// One warp per (row, group); grid (ceil(K/128), rows / 4), 128 threads. Rows past offsets[E]
+// (the layout's end) are skipped. The scale layout needs K % 128 == 0 (the GEMM path's rule).
+template <typename T>
+__global__ void __launch_bounds__(128)
+quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
+              unsigned char* __restrict__ q, float* __restrict__ scales, T* __restrict__ deq) {
+  const int r = blockIdx.y * 4 + threadIdx.x / 32, g = blockIdx.x;
+  if (r >= rows || r >= offsets[E]) return;
+  const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+  float v[4];
+  for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(a[(long long)r * K + c + i]) : 0.f;
+  const float sa = quantize_group_warp(v);
+  store_group<T>(v, sa, r, g, K, c, offsets, E, q, scales, deq);
+}
+
+// gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
+// from fp32 (SPEC.md: h is not rounded to T first). Launch as quantize_rows over (rows, I).
+template <typename T>
+__global__ void __launch_bounds__(128)
+silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __restrict__ offsets,
+                  int E, unsigned char* __restrict__ q, float* __restrict__ scales,
+                  T* __restrict__ deq) {
+  const int r = blockIdx.y * 4 + threadIdx.x / 32, g = blockIdx.x;
+  if (r >= rows || r >= offsets[E]) return;
+  const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+  float v[4];
+  for (int i = 0; i < 4; ++i) {
+    if (c + i < I) {
+      const float gv = to_f32(gate_up[(long long)r * 2 * I + c + i]);
+      const float uv = to_f32(gate_up[(long long)r * 2 * I + I + c + i]);
+      v[i] = gv / (1.f + __expf(-gv)) * uv;
+    } else {
+      v[i] = 0.f;
+    }
+  }
+  const float sa = quantize_group_warp(v);
+  store_group<T>(v, sa, r, g, I, c, offsets, E, q, scales, deq);
+}
+
+// The pair (decode) experts with e4m3 weights: as pair_gemv in experts.cu, with W e4m3 bytes
+// (E, MATS*N, Kd) and S its fp32 block scales (E, MATS*ceil(N/128), ceil(Kd/128)), gate and
+// up blocked separately. Each lane owns 16 consecutive features per step, so 8 lanes hold one
+// 128-feature group: they quantize it (max over the 8 lanes), dot the e4m3 values with the
+// weight bytes in fp32, and scale the partial sum by sa * scale_inv of the block.
+//   GLU:  in = x (TIN = TX, stride in_stride, row p / in_div); out = h in fp32 (TOUT = float),
+//         h = silu(g) * u from g, u rounded to TX.
+//   else: in = h (TIN = float); out = the pair's output row in TX.
+// VEC16: Kd, the row stride and the pointers allow 16-byte weight loads; the scalar variant
+// gives the same bits.
+#define FP8_CH 16
+template <typename TX, typename TIN, typename TOUT, int ROWS, bool GLU, bool VEC16>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
+              const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
+              const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
+              int* __restrict__ slot_rows, long long p0) {
+  const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
+  const int e = ids[p];
+  const bool real = e >= 0 && e < E;
+  if (GLU && blockIdx.x == 0 && threadIdx.x == 0) slot_rows[p] = real ? (int)p : -1;
+  if (!real) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const TIN* a = in + (p / in_div) * in_stride;
+  const unsigned char* w[MATS][ROWS];
+  const float* s[MATS][ROWS];
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {  // rows past N repeat row j0: computed, never stored
+      const int j = j0 + r < N ? j0 + r : j0;
+      w[m][r] = W + ((long long)e * MATS * N + (long long)m * N + j) * Kd;
+      s[m][r] = S + ((long long)e * MATS * NB + m * NB + j / QBLOCK) * KB;
+    }
+  float acc[MATS][ROWS] = {};
+#pragma unroll 2
+  for (int c0 = 0; c0 < Kd; c0 += 32 * FP8_CH) {
+    const int c = c0 + lane * FP8_CH, g = c / QBLOCK;
+    float v[FP8_CH];
+    if (VEC16 && c < Kd) {
+#pragma unroll
+      for (int i = 0; i < FP8_CH; i += 16 / sizeof(TIN)) {
+        float t[16 / sizeof(TIN)];
+        load_f32<TIN, 16 / sizeof(TIN)>(a + c + i, t);
+#pragma unroll
+        for (int u = 0; u < 16 / (int)sizeof(TIN); ++u) v[i + u] = t[u];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < FP8_CH; ++i) v[i] = c + i < Kd ? to_f32(a[c + i]) : 0.f;
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < FP8_CH; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int off = 1; off < QBLOCK / FP8_CH; off <<= 1)  // the 8 lanes of this group
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float sa = fmaxf(amax, ACT_EPS) / E4M3_MAX;
+#pragma unroll
+    for (int i = 0; i < FP8_CH; ++i) v[i] = e4m3_round(v[i] / sa);
+    if (c >= Kd) continue;  // after the shuffles: every lane takes part in them
+#pragma unroll
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        unsigned char wb[FP8_CH];
+        if (VEC16) {
+          *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
+        }
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < FP8_CH; ++i) d = fmaf(v[i], e4m3_value(wb[i]), d);
+        acc[m][r] = fmaf(d, sa * s[m][r][g], acc[m][r]);
+      }
+  }
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if (lane < ROWS && j0 + lane < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r == lane) {
+        if (GLU) {
+          const float g = to_f32(from_f32<TX>(acc[0][r]));
+          const float u = to_f32(from_f32<TX>(acc[MATS - 1][r]));
+          v = g / (1.f + __expf(-g)) * u;
+        } else {
+          v = acc[0][r];
+        }
+      }
+    }
+    out[p * N + j0 + lane] = from_f32<TOUT>(v);
+  }
+}
