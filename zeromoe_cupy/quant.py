@@ -194,10 +194,10 @@ def _quantize_weight_gpu(w, count, n, k):
     if name is None:
         raise TypeError(f"w: expected bfloat16, float16 or float32, got {w.dtype}")
     w = cp.ascontiguousarray(w)
-    if not bool(cp.isfinite(w.astype(np.float32) if name == "bfloat16" else w).all()):
-        raise ValueError("w: expected finite weights, got NaN or Inf")
     q = cp.empty((count, n, k), np.uint8)
     s = cp.empty((count, blocks(n), blocks(k)), np.float32)
     fp8_module().get_function(f"quantize_blocks<{DTYPES[name][1]}>")(
         (blocks(k), blocks(n), count), (256,), (w, q, s, np.int32(n), np.int32(k)))
+    if not bool(cp.isfinite(s).all()):  # the kernel marks blocks holding NaN / Inf
+        raise ValueError("w: expected finite weights, got NaN or Inf")
     return q, s

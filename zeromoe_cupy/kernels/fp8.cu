@@ -48,20 +48,25 @@ quantize_blocks(const T* __restrict__ w, unsigned char* __restrict__ q, float* _
   const int rows = min(QBLOCK, n - r0), cols = min(QBLOCK, k - c0);
   const long long base = (long long)blockIdx.z * n * k;
   float amax = 0.f;
+  int bad = 0;
   for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
     const int r = i / cols, c = i % cols;
-    amax = fmaxf(amax, fabsf(to_f32(w[base + (long long)(r0 + r) * k + c0 + c])));
+    const float v = to_f32(w[base + (long long)(r0 + r) * k + c0 + c]);
+    amax = fmaxf(amax, fabsf(v));
+    bad |= !isfinite(v);
   }
   __shared__ float partial[8];
   amax = warp_max(amax);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = amax;
-  __syncthreads();
+  bad = __syncthreads_or(bad);
   amax = 0.f;
   for (int i = 0; i < 8; ++i) amax = fmaxf(amax, partial[i]);
   float scale = amax / E4M3_MAX;
   if (scale == 0.f) scale = 1.f;  // a zero block, or an amax whose quotient underflows
+  // A non-finite weight makes the block's scale NaN: the caller checks the scales.
   if (threadIdx.x == 0)
-    s[((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
+    s[((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] =
+        bad ? __int_as_float(0x7fffffff) : scale;
   for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
     const int r = i / cols, c = i % cols;
     const long long at = base + (long long)(r0 + r) * k + c0 + c;
@@ -222,7 +227,7 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
     for (int m = 0; m < MATS; ++m)
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        unsigned char wb[FP8_CH];
+        alignas(16) unsigned char wb[FP8_CH];
         if (VEC16) {
           *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
         } else {
