@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ._arrays import cupy_module, is_cupy
+from ._compile import memoize_per_device, raw_module
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -150,15 +151,10 @@ def fp8_kernel_names() -> list[str]:
     return names
 
 
+@memoize_per_device
 def fp8_module():
-    from ._compile import memoize_per_device, raw_module
-    global _fp8_module
-    if _fp8_module is None:
-        _fp8_module = memoize_per_device(lambda: raw_module("fp8.cu", fp8_kernel_names()))
-    return _fp8_module()
-
-
-_fp8_module = None
+    """kernels/fp8.cu, compiled once per device."""
+    return raw_module("fp8.cu", fp8_kernel_names())
 
 
 def _launch_1d(name, n, args):

@@ -8,9 +8,10 @@ scales, activations quantized per row and 128 features.
 - More: the padded layout (experts/_common.gather), the activations quantized by a small
   kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
   cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
-  cuBLASLt refuses, the same layout with each expert's weights dequantized to x's dtype and the
-  quantized activations rounded to x's dtype (a' = q * sa), through the existing cuBLAS GEMMs.
-  ``LT_REFUSAL`` keeps why cuBLASLt was not used (None while it is).
+  cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
+  (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
+  ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is);
+  ``LT_REFUSED_DTYPES`` maps an output dtype that cuBLASLt refused to its reason.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, Expe
                       experts_module, gather, real_counts, tile_plan)
 
 LT_REFUSAL: str | None = None
+LT_REFUSED_DTYPES: dict = {}
 _NULL = np.uint64(0)
 
 
@@ -75,29 +77,70 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
     return ExpertOutput(rows, slot_rows)
 
 
-def _lt_usable(H: int, I: int) -> bool:
+def _lt_layout(H: int, I: int, dtype: str):
+    """How to call cuBLASLt's block-scaled FP8 GEMM here: (weight scales transposed, activation
+    scales M-major), or None where it cannot serve (LT_REFUSAL says why, but for H or I not
+    multiples of 128, which only this layer's shapes rule out)."""
     global LT_REFUSAL
     cp = cupy_module()
-    if LT_REFUSAL is not None:
-        return False
+    if LT_REFUSAL is not None or dtype in LT_REFUSED_DTYPES or H % 128 or I % 128:
+        return None
     cc = cp.cuda.Device().compute_capability  # "90", "89", "120"
-    major, minor = cc[:-1], cc[-1]
-    if (int(major), int(minor)) < (8, 9):
-        LT_REFUSAL = (f"compute capability {major}.{minor} has no FP8 tensor cores (8.9 or "
-                      f"newer needed)")
-        return False
-    if H % 128 or I % 128:
-        return False  # shape rule of the block-scaled GEMM (not a refusal: other layers may fit)
-    return True
+    if (int(cc[:-1]), int(cc[-1])) < (8, 9):
+        LT_REFUSAL = f"compute capability {cc[:-1]}.{cc[-1]} has no FP8 tensor cores (>= 8.9)"
+        return None
+    device = cp.cuda.runtime.getDevice()
+    if device not in _LT_LAYOUTS:
+        _LT_LAYOUTS[device] = _lt_self_check()
+    return _LT_LAYOUTS[device]
+
+
+_LT_LAYOUTS: dict = {}
+
+
+def _lt_self_check():
+    """Run the GEMM once on a small random problem against the dequantized product, with the
+    documented scale layouts first (weights [N/128, K/128], activations M-major) and the
+    transposed ones after: the first layout that gives the product is used; if none does,
+    cuBLASLt is not used (LT_REFUSAL records each attempt). One-time cost: a few calls."""
+    global LT_REFUSAL
+    from ..reference import relative_error
+    cp = cupy_module()
+    m, n, k = 64, 256, 512
+    rng = np.random.default_rng(0)
+    qw, sw = quant.quantize_weight(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+    qx, sx = quant.quantize_activations(rng.standard_normal((m, k), dtype=np.float32))
+    ref = (qx.astype(np.float64) * np.repeat(sx, 128, 1)) @ \
+        quant.dequantize_weight(qw, sw).astype(np.float64).T
+    notes = []
+    for w_t, x_mm in ((False, True), (True, True), (False, False), (True, False)):
+        name = f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128]'}, activation " \
+               f"scales {'M' if x_mm else 'K'}-major"
+        out = cp.empty((m, n), DTYPES["bfloat16"][0])
+        try:
+            _cublas.fp8_gemm_nt(cp.asarray(qw.view(np.uint8)),
+                                cp.asarray(np.ascontiguousarray(sw.T if w_t else sw)),
+                                cp.asarray(qx.view(np.uint8)),
+                                cp.asarray(np.ascontiguousarray(sx.T if x_mm else sx)).ravel(),
+                                out, m)
+            err = relative_error(out.get().astype(np.float32), ref)
+        except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
+            notes.append(f"{name}: {exc}")
+            continue
+        if err < 2e-2:
+            return (w_t, x_mm)
+        notes.append(f"{name}: wrong product (rel. error {err:.1e})")
+    LT_REFUSAL = "cuBLASLt block-scaled FP8 GEMM unusable: " + "; ".join(notes)
+    return None
 
 
 def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
-    global LT_REFUSAL
     cp = cupy_module()
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod, qmod = experts_module(), quant.fp8_module()
+    scales_in = (s13, s2)
     counts = real_counts(ids, expert_counts, E)
     counts_host = counts.get().astype(np.int64)  # the one host synchronization of the pass
     active = np.nonzero(counts_host)[0]
@@ -114,12 +157,17 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
             mark(stage)
         return ExpertOutput(rows, slot_rows)
     grid_rows = -(-rows_total // 4)
-    if _lt_usable(H, I):
+    layout = _lt_layout(H, I, dtype_name(x.dtype))
+    if layout is not None:
+        w_t, x_mm = layout
+        if w_t:
+            s13, s2 = (cp.ascontiguousarray(s.transpose(0, 2, 1)) for s in (s13, s2))
         xq = cp.empty((rows_total, H), np.uint8)
         xsc = cp.empty(rows_total * (H // 128), np.float32)
         qmod.get_function(f"quantize_rows<{ctype}>")(
-            (H // 128, grid_rows), (128,),
-            (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), xq, xsc, _NULL))
+            (grid_rows, H // 128), (128,),
+            (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), np.int32(x_mm), xq,
+             xsc, _NULL))
         hq = cp.empty((rows_total, I), np.uint8)
         hsc = cp.empty(rows_total * (I // 128), np.float32)
         try:
@@ -129,9 +177,9 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
                                     gate_up[s:s + m], m)
             mark("gemm1")
             qmod.get_function(f"silu_mul_quantize<{ctype}>")(
-                (I // 128, grid_rows), (128,),
-                (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E), hq, hsc,
-                 _NULL))
+                (grid_rows, I // 128), (128,),
+                (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E),
+                 np.int32(x_mm), hq, hsc, _NULL))
             mark("activation")
             for e in active:
                 s, m = starts[e], int(padded[e])
@@ -139,26 +187,35 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
                                     rows[s:s + m], m)
             mark("gemm2")
             return ExpertOutput(rows, slot_rows)
-        except _cublas.CublasLtError as exc:
-            LT_REFUSAL = f"cuBLASLt block-scaled FP8 GEMM refused: {exc}"
-    # Fallback: dequantized weights (x's dtype) and a' = q * sa rounded to x's dtype.
-    xd = cp.empty_like(xs)
+        except (_cublas.CublasLtError, OSError) as exc:  # e.g. an output dtype it lacks
+            LT_REFUSED_DTYPES[dtype_name(x.dtype)] = f"cuBLASLt refused: {exc}"
+            s13, s2 = scales_in
+    # Fallback: fp32 GEMMs over the dequantized weights and activations a' = q * sa (exact in
+    # fp32); gate / up and the output rounded to x's dtype after. Rounding a' or the weights
+    # to bf16 instead measured about 1.5e-2 against the reference (SPEC allows 5e-3).
+    xd = cp.empty((rows_total, H), np.float32)
     qmod.get_function(f"quantize_rows<{ctype}>")(
-        ((H + 127) // 128, grid_rows), (128,),
-        (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), _NULL, _NULL, xd))
+        (grid_rows, (H + 127) // 128), (128,),
+        (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), np.int32(1), _NULL,
+         _NULL, xd))
+    acc = cp.empty((rows_total, 2 * I), np.float32)
     for e in active:
         s, n = starts[e], int(counts_host[e])
-        W = quant.dequantize_weight(w13[e], s13[e], glu=True, dtype=x.dtype)
-        _cublas.gemm_nt(W, xd[s:s + n], gate_up[s:s + n])
+        W = quant.dequantize_weight(w13[e], s13[e], glu=True)
+        _cublas.gemm_nt(W, xd[s:s + n], acc[s:s + n])
+    gate_up[...] = acc.astype(x.dtype)
     mark("gemm1")
-    hd = cp.empty((rows_total, I), x.dtype)
+    hd = cp.empty((rows_total, I), np.float32)
     qmod.get_function(f"silu_mul_quantize<{ctype}>")(
-        ((I + 127) // 128, grid_rows), (128,),
-        (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E), _NULL, _NULL, hd))
+        (grid_rows, (I + 127) // 128), (128,),
+        (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E), np.int32(1), _NULL,
+         _NULL, hd))
     mark("activation")
+    acc = cp.empty((rows_total, H), np.float32)
     for e in active:
         s, n = starts[e], int(counts_host[e])
-        W = quant.dequantize_weight(w2[e], s2[e], glu=False, dtype=x.dtype)
-        _cublas.gemm_nt(W, hd[s:s + n], rows[s:s + n])
+        W = quant.dequantize_weight(w2[e], s2[e], glu=False)
+        _cublas.gemm_nt(W, hd[s:s + n], acc[s:s + n])
+    rows[...] = acc.astype(x.dtype)
     mark("gemm2")
     return ExpertOutput(rows, slot_rows)

@@ -74,12 +74,13 @@ quantize_blocks(const T* __restrict__ w, unsigned char* __restrict__ q, float* _
   }
 }
 
-// Where the scale of row r, group g goes for the per-expert block-scaled GEMMs: each expert's
-// rows [offsets[e], offsets[e+1]) get their own M-major [groups, rows_e] scale block starting
-// at offsets[e] * groups (cuBLASLt's VEC128 activation scales). Returns -1 past offsets[E].
+// Where the scale of row r, group g goes for the per-expert block-scaled GEMMs: M-major (what
+// cuBLASLt's VEC128 activation scales are documented to want), each expert's rows
+// [offsets[e], offsets[e+1]) get their own [groups, rows_e] block starting at
+// offsets[e] * groups; else K-major, [rows, groups] (each expert's block is a row range).
 __device__ __forceinline__ long long act_scale_index(const int* offsets, int E, int r, int g,
-                                                     int groups) {
-  if (r >= offsets[E]) return -1;
+                                                     int groups, int m_major) {
+  if (!m_major) return (long long)r * groups + g;
   int lo = 0, hi = E;  // offsets[lo] <= r < offsets[hi]
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
@@ -102,36 +103,37 @@ __device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
 }
 
 // Writes one quantized group: e4m3 bytes to q and sa to scales (layout act_scale_index), or,
-// with deq non-null, the dequantized a' = q * sa rounded to T (the fallback GEMMs read that).
-template <typename T>
+// with deq non-null, the dequantized a' = q * sa in fp32 (the fallback's fp32 GEMMs read it:
+// rounded to bf16, a' would move gate / up and with them h's quantization grid).
 __device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r, int g, int K,
-                                            int c, const int* offsets, int E,
-                                            unsigned char* q, float* scales, T* deq) {
+                                            int c, const int* offsets, int E, int m_major,
+                                            unsigned char* q, float* scales, float* deq) {
   const long long at = (long long)r * K + c;
   if (deq != nullptr) {
     for (int i = 0; i < 4; ++i)
-      if (c + i < K) deq[at + i] = from_f32<T>(v[i] * sa);
+      if (c + i < K) deq[at + i] = v[i] * sa;
     return;
   }
   for (int i = 0; i < 4; ++i)
     if (c + i < K) q[at + i] = e4m3_bits(v[i]);
-  if (threadIdx.x % 32 == 0) scales[act_scale_index(offsets, E, r, g, K / QBLOCK)] = sa;
+  if (threadIdx.x % 32 == 0) scales[act_scale_index(offsets, E, r, g, K / QBLOCK, m_major)] = sa;
 }
 
 // Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
-// One warp per (row, group); grid (ceil(K/128), rows / 4), 128 threads. Rows past offsets[E]
+// One warp per (row, group); grid (ceil(rows / 4), ceil(K/128)), 128 threads. Rows past offsets[E]
 // (the layout's end) are skipped. The scale layout needs K % 128 == 0 (the GEMM path's rule).
 template <typename T>
 __global__ void __launch_bounds__(128)
 quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
-              unsigned char* __restrict__ q, float* __restrict__ scales, T* __restrict__ deq) {
-  const int r = blockIdx.y * 4 + threadIdx.x / 32, g = blockIdx.x;
+              int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
+              float* __restrict__ deq) {
+  const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
   if (r >= rows || r >= offsets[E]) return;
   const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
   float v[4];
   for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(a[(long long)r * K + c + i]) : 0.f;
   const float sa = quantize_group_warp(v);
-  store_group<T>(v, sa, r, g, K, c, offsets, E, q, scales, deq);
+  store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
 }
 
 // gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
@@ -139,9 +141,9 @@ quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(128)
 silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __restrict__ offsets,
-                  int E, unsigned char* __restrict__ q, float* __restrict__ scales,
-                  T* __restrict__ deq) {
-  const int r = blockIdx.y * 4 + threadIdx.x / 32, g = blockIdx.x;
+                  int E, int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
+                  float* __restrict__ deq) {
+  const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
   if (r >= rows || r >= offsets[E]) return;
   const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
   float v[4];
@@ -155,7 +157,7 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
     }
   }
   const float sa = quantize_group_warp(v);
-  store_group<T>(v, sa, r, g, I, c, offsets, E, q, scales, deq);
+  store_group(v, sa, r, g, I, c, offsets, E, m_major, q, scales, deq);
 }
 
 // The pair (decode) experts with e4m3 weights: as pair_gemv in experts.cu, with W e4m3 bytes
