@@ -165,10 +165,17 @@ def timing(tokens):
         floor, _, _ = bench.floor_time(layer8.config, ids, bandwidth, rate8)
         ms8 = timer(layer8, xs)
         ms16 = timer(layer, xs)
-        err, err_unq = _sampled_errors(layer, layer8, xs[0], r)
+        err, err_unq = _sampled_errors(layer, layer8, xs[0], r, samples=2 if T in (1, 128) else 0)
         print(f"{T:>6} {ms8:>8.3f} {floor * 1e3:>8.3f} {ms8 / floor / 1e3:>7.2f} {ms16:>8.3f} "
               f"{ms16 / ms8:>8.2f} {err:>8.2e} {err_unq:>8.2e}  (cuBLASLt: "
               f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED_DTYPES or 'used'})", flush=True)
+        for strategy in {128: ("grouped", "padded"), 1024: ("grouped", "padded"),
+                         16384: ("padded",)}.get(T, ()):
+            layer8.expert_strategy = strategy
+            ms = timer(layer8, xs)
+            layer8.expert_strategy = "auto"
+            print(f"    strategy {strategy}: {ms:.3f} ms ({ms / floor / 1e3:.2f}x floor)",
+                  flush=True)
         del xs
         cp.get_default_memory_pool().free_all_blocks()
 
@@ -184,10 +191,14 @@ class _Lazy:
 
 
 def _sampled_errors(layer, layer8, x, r, samples=3):
+    """(fp8 vs the float64 fp8 evaluation on `samples` tokens, fp8 vs our bf16 layer)."""
     from zeromoe_cupy import reference
     cfg = layer8.config
     y8 = layer8(x, routing=r).get()
     y16 = layer(x, routing=r).get()
+    err_unq = relative_error(y8, y16.astype(np.float32))
+    if samples == 0:
+        return float("nan"), err_unq
     rows = np.linspace(0, x.shape[0] - 1, min(samples, x.shape[0])).astype(int)
     ids, w = r.topk_ids.get()[rows], r.topk_weights.get()[rows]
     xh = x.get()[rows]
@@ -195,7 +206,7 @@ def _sampled_errors(layer, layer8, x, r, samples=3):
                                 num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
                                 routing=(ids, w), w13_scale_inv=_Lazy(layer8.w13_scale_inv),
                                 w2_scale_inv=_Lazy(layer8.w2_scale_inv))
-    return relative_error(y8[rows], ref8), relative_error(y8[rows], y16[rows])
+    return relative_error(y8[rows], ref8), err_unq
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """FP8 experts on the GPU against the CPU's quantization bits and the float64 reference
 (marker gpu: deselected without a GPU)."""
-import dataclasses
 
 import ml_dtypes
 import numpy as np
@@ -77,13 +76,13 @@ def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("strategy,T", [("auto", 3), ("pairs", 40), ("grouped", 40),
-                                        ("fallback", 40)])
+                                        ("padded", 40), ("fallback", 40), ("auto", 1100)])
 @pytest.mark.parametrize("zero_type", ["identity", "constant"])
 def test_gpu_fp8_forward_matches_reference(dtype, shape, strategy, T, zero_type, rng,
                                            monkeypatch):
     cpu8, gpu8 = _layers(rng, dtype, shape, zero_type)
     w13 = gpu8.w13.copy()
-    gpu8.expert_strategy = "grouped" if strategy == "fallback" else strategy
+    gpu8.expert_strategy = "padded" if strategy == "fallback" else strategy
     if strategy == "fallback":  # the dequantize-to-x's-dtype GEMMs
         monkeypatch.setattr(fp8_path, "LT_REFUSAL", "forced by the test")
     x = random_x(rng, T, cpu8.config.hidden_size, dtype)
@@ -91,8 +90,9 @@ def test_gpu_fp8_forward_matches_reference(dtype, shape, strategy, T, zero_type,
     r = gpu8.route(xd)  # one routing for both: near-ties may route differently
     y = gpu8(xd, routing=r).get()
     np.testing.assert_array_equal(xd.get(), x)
-    ref, _ = cpu8.reference(x, routing=(r.topk_ids.get(), r.topk_weights.get()))
-    err = relative_error(y, ref)
+    rows = np.sort(rng.choice(T, min(T, 64), replace=False))  # the reference is slow
+    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
+    err = relative_error(y[rows], ref)
     print(f"gpu fp8 {dtype} {shape} {strategy} T={T}: {err:.2e} (cuBLASLt: "
           f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED_DTYPES.get(dtype) or 'used'})")
     assert err <= FP8_TOL

@@ -145,9 +145,11 @@ def fp8_kernel_names() -> list[str]:
     for _, (_, ctype) in DTYPES.items():
         names += [f"quantize_blocks<{ctype}>", f"quantize_rows<{ctype}>",
                   f"silu_mul_quantize<{ctype}>"]
-        for vec4 in ("true", "false"):
-            names += [f"pair_gemv_fp8<{ctype},{ctype},float,{PAIR_ROWS[True]},true,{vec4}>",
-                      f"pair_gemv_fp8<{ctype},float,{ctype},{PAIR_ROWS[False]},false,{vec4}>"]
+        for vec in ("true", "false"):
+            names += [f"pair_gemv_fp8<{ctype},{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
+                      f"pair_gemv_fp8<{ctype},float,{ctype},{PAIR_ROWS[False]},false,{vec}>",
+                      f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
+                      f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
     return names
 
 

@@ -5,8 +5,11 @@ scales, activations quantized per row and 128 features.
   pair_gemv_fp8) reads the weight bytes and their scales straight from the routing ids,
   quantizing x (GEMM 1) and h (GEMM 2, kept in fp32 between the passes) inside the warp that
   reads them. No host synchronization; a token's result does not depend on its batch.
-- More: the padded layout (experts/_common.gather), the activations quantized by a small
-  kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
+- Moderate (T*K <= GROUPED_MAX; strategy "grouped"): rows gathered by expert (device offsets,
+  no host synchronization), activations quantized by a small kernel, and a kernel that runs
+  each expert's rows a few at a time over its weights (read once per expert), fp32 FMAs.
+- More (strategy "padded"): the padded layout (experts/_common.gather), the activations
+  quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
   cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
   cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
   (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
@@ -22,6 +25,7 @@ from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
 from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
                       experts_module, gather, real_counts, tile_plan)
 
+GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which the grouped kernel runs
 LT_REFUSAL: str | None = None
 LT_REFUSED_DTYPES: dict = {}
 _NULL = np.uint64(0)
@@ -35,10 +39,59 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
     x = with_unit_row_layout(x)
     w13, w2 = (cp.ascontiguousarray(w).view(np.uint8) for w in (w13, w2))
     s13, s2 = (cp.ascontiguousarray(s, dtype=np.float32) for s in scales)
-    if strategy == "fixed" or (strategy in ("auto", "pairs") and T * K <= PAIRS_MAX) \
-            or strategy == "pairs":
+    if strategy == "auto":
+        strategy = "pairs" if T * K <= PAIRS_MAX else \
+            "grouped" if T * K <= GROUPED_MAX else "padded"
+    if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
+    if strategy == "grouped":
+        return grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
     return gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
+
+
+def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
+    """Rows by expert (no padding, device offsets), activations quantized per row and 128
+    features (K-major scales), then grouped_gemv_fp8 for each GEMM. No host synchronization:
+    buffers are sized for every (token, slot) pair."""
+    cp = cupy_module()
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    P = T * ids.shape[1]
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod, qmod = experts_module(), quant.fp8_module()
+    counts = real_counts(ids, expert_counts, E)
+    offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, 1, P)
+    hb, ib = quant.blocks(H), quant.blocks(I)
+    xq = cp.empty((P, H), np.uint8)
+    xsc = cp.empty((P, hb), np.float32)
+    h = cp.empty((P, I), np.float32)
+    hq = cp.empty((P, I), np.uint8)
+    hsc = cp.empty((P, ib), np.float32)
+    rows = cp.empty((P, H), x.dtype)
+    grid_rows = max(1, -(-P // 4))
+    if P:
+        qmod.get_function(f"quantize_rows<{ctype}>")(
+            (grid_rows, hb), (128,),
+            (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), xq, xsc, _NULL))
+    mark("permute")
+    for glu, a, asc, W, S, N, Kd, out, types in (
+            (True, xq, xsc, w13, s13, I, H, h, f"{ctype},float"),
+            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{ctype}")):
+        if P:
+            if not glu:
+                qmod.get_function("quantize_rows<float>")(
+                    (grid_rows, ib), (128,),
+                    (h, np.int32(P), np.int32(I), offsets, np.int32(E), np.int32(0), hq, hsc,
+                     _NULL))
+            R = PAIR_ROWS[glu]
+            vec = str(Kd % 16 == 0).lower()
+            qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
+                (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
+                (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
+        mark("gemm1" if glu else "gemm2")
+        if glu:
+            mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)
+    return ExpertOutput(rows, slot_rows)
 
 
 def pairs_fp8(x, ids, w13, s13, w2, s2, mark):

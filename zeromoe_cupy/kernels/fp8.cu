@@ -116,7 +116,8 @@ __device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r
   }
   for (int i = 0; i < 4; ++i)
     if (c + i < K) q[at + i] = e4m3_bits(v[i]);
-  if (threadIdx.x % 32 == 0) scales[act_scale_index(offsets, E, r, g, K / QBLOCK, m_major)] = sa;
+  if (threadIdx.x % 32 == 0)
+    scales[act_scale_index(offsets, E, r, g, (K + QBLOCK - 1) / QBLOCK, m_major)] = sa;
 }
 
 // Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
@@ -261,5 +262,109 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
       }
     }
     out[p * N + j0 + lane] = from_f32<TOUT>(v);
+  }
+}
+
+// The experts for a moderate number of rows, with no host synchronization: each block takes
+// one expert (blockIdx.y) and PAIR_WARPS * ROWS output features, and runs over the expert's
+// rows [offsets[e], offsets[e+1]) MT at a time, so the weights are read once per expert (then
+// from L2). The inputs are already quantized: aq e4m3 bytes (rows, Kd), as fp32 (rows,
+// ceil(Kd/128)) (quantize_rows, K-major). W / S as in pair_gemv_fp8.
+//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
+#define GROUPED_MT 4
+template <typename TX, typename TOUT, int ROWS, bool GLU, bool VEC16>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
+                 const int* __restrict__ offsets, const unsigned char* __restrict__ W,
+                 const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out) {
+  const int e = blockIdx.y;
+  const int r0 = offsets[e], r1 = offsets[e + 1];
+  if (r0 >= r1) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  constexpr int MT = GROUPED_MT;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const unsigned char* w[MATS][ROWS];
+  const float* s[MATS][ROWS];
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int j = j0 + r < N ? j0 + r : j0;
+      w[m][r] = W + ((long long)e * MATS * N + (long long)m * N + j) * Kd;
+      s[m][r] = S + ((long long)e * MATS * NB + m * NB + j / QBLOCK) * KB;
+    }
+  for (int t0 = r0; t0 < r1; t0 += MT) {
+    float acc[MATS][ROWS][MT] = {};
+    for (int c = lane * FP8_CH; c < Kd; c += 32 * FP8_CH) {
+      const int g = c / QBLOCK;
+      float wv[MATS][ROWS][FP8_CH];
+      float ws[MATS][ROWS];
+#pragma unroll
+      for (int m = 0; m < MATS; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          alignas(16) unsigned char wb[FP8_CH];
+          if (VEC16) {
+            *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
+          } else {
+#pragma unroll
+            for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
+          }
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) wv[m][r][i] = e4m3_value(wb[i]);
+          ws[m][r] = s[m][r][g];
+        }
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        if (t0 + t >= r1) break;
+        const long long row = t0 + t;
+        alignas(16) unsigned char ab[FP8_CH];
+        if (VEC16) {
+          *reinterpret_cast<uint4*>(ab) = *reinterpret_cast<const uint4*>(aq + row * Kd + c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? aq[row * Kd + c + i] : 0;
+        }
+        float av[FP8_CH];
+#pragma unroll
+        for (int i = 0; i < FP8_CH; ++i) av[i] = e4m3_value(ab[i]);
+        const float sa = as[row * KB + g];
+#pragma unroll
+        for (int m = 0; m < MATS; ++m)
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < FP8_CH; ++i) d = fmaf(av[i], wv[m][r][i], d);
+            acc[m][r][t] = fmaf(d, sa * ws[m][r], acc[m][r][t]);
+          }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+      for (int m = 0; m < MATS; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[m][r][t] = warp_sum(acc[m][r][t]);
+      if (lane < ROWS && j0 + lane < N && t0 + t < r1) {
+        float v = 0.f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          if (r == lane) {
+            if (GLU) {
+              const float gv = to_f32(from_f32<TX>(acc[0][r][t]));
+              const float uv = to_f32(from_f32<TX>(acc[MATS - 1][r][t]));
+              v = gv / (1.f + __expf(-gv)) * uv;
+            } else {
+              v = acc[0][r][t];
+            }
+          }
+        }
+        out[(long long)(t0 + t) * N + j0 + lane] = from_f32<TOUT>(v);
+      }
+    }
   }
 }
