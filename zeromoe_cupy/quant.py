@@ -165,7 +165,7 @@ def _launch_1d(name, n, args):
 
 
 def e4m3_from_f32_gpu(v):
-    """CuPy float32 -> uint8 e4m3 bits (cuda_fp8.h's __NV_SATFINITE conversion: round to
+    """CuPy float32 -> uint8 e4m3 bits (the e4m3 conversion of kernels/fp8.cu: round to
     nearest even, saturating at +-448, as ``e4m3_from_f32``)."""
     cp = cupy_module()
     v = cp.ascontiguousarray(v, dtype=np.float32)

@@ -5,7 +5,7 @@ scales, activations quantized per row and 128 features.
   pair_gemv_fp8) reads the weight bytes and their scales straight from the routing ids,
   quantizing x (GEMM 1) and h (GEMM 2, kept in fp32 between the passes) inside the warp that
   reads them. No host synchronization; a token's result does not depend on its batch.
-- Moderate (T*K <= GROUPED_MAX; strategy "grouped"): rows gathered by expert (device offsets,
+- Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets,
   no host synchronization), activations quantized by a small kernel, and a kernel that runs
   each expert's rows a few at a time over its weights (read once per expert), fp32 FMAs.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
@@ -44,7 +44,7 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
             "grouped" if T * K <= GROUPED_MAX else "padded"
     if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
-    if strategy == "grouped":
+    if strategy in ("grouped", "syncfree"):  # sync-free: graphs capture it
         return grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
     return gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
 

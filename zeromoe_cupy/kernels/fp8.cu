@@ -2,18 +2,40 @@
 // pair (decode) experts reading e4m3 weights. e4m3 values are held as bytes (unsigned char);
 // every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (SPEC.md).
 #include "common.cuh"
-#include <cuda_fp8.h>
 
 #define E4M3_MAX 448.f
 #define ACT_EPS 1e-10f
 #define QBLOCK 128
 #define PAIR_WARPS 4  // as in experts.cu (experts/_common.py PAIR_WARPS)
 
+// The conversions are written out (no cuda_fp8.h: only portable headers are included; the
+// hardware e4m3 convert exists from sm_89 only). Same results as cuda_fp8.h's
+// __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3): round to nearest even, finite values
+// saturate at +-448 (infinities too), NaN -> 0x7f with the sign.
 __device__ __forceinline__ unsigned char e4m3_bits(float v) {
-  return (unsigned char)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  const unsigned sign = (__float_as_uint(v) >> 24) & 0x80u;
+  const float a = fabsf(v);
+  if (a != a) return (unsigned char)(sign | 0x7fu);
+  if (a >= E4M3_MAX) return (unsigned char)(sign | 0x7eu);
+  if (a < 0.015625f) {  // below 2^-6: subnormals m * 2^-9 (m = 8 is the smallest normal)
+    return (unsigned char)(sign | (unsigned)rintf(a * 512.f));
+  }
+  const unsigned ua = __float_as_uint(a);
+  unsigned exp = (ua >> 23) - 127u + 7u, r = (ua >> 20) & 7u;
+  const unsigned rem = ua & 0xfffffu;  // the 20 dropped mantissa bits: round to nearest even
+  if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) ++r;
+  if (r == 8u) {
+    r = 0u;
+    ++exp;
+  }
+  return (unsigned char)(sign | (exp << 3) | r);
 }
+// e4m3 -> fp32, exact: the 7 magnitude bits placed at an fp16's exponent and top mantissa bits
+// make an fp16 (normal or subnormal alike) worth 2^-8 of the e4m3 value; 0x7f / 0xff are NaN.
 __device__ __forceinline__ float e4m3_value(unsigned char b) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3)));
+  const unsigned short h = (unsigned short)(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
+  const float v = __half2float(__ushort_as_half(h)) * 256.f;
+  return (b & 0x7fu) == 0x7fu ? __int_as_float(0x7fffffff) : v;
 }
 // The e4m3 value nearest to v (as fp32; exact).
 __device__ __forceinline__ float e4m3_round(float v) { return e4m3_value(e4m3_bits(v)); }
