@@ -174,7 +174,7 @@ def timing(tokens):
         err, err_unq = _sampled_errors(layer, layer8, xs[0], r, samples=2 if T in (1, 128) else 0)
         print(f"{T:>6} {ms8:>8.3f} {floor * 1e3:>8.3f} {ms8 / floor / 1e3:>7.2f} {ms16:>8.3f} "
               f"{ms16 / ms8:>8.2f} {err:>8.2e} {err_unq:>8.2e}  (cuBLASLt: "
-              f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED_DTYPES or 'used'})", flush=True)
+              f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED or 'used'})", flush=True)
         for strategy in {128: ("grouped", "padded"), 1024: ("grouped", "padded"),
                          16384: ("padded",)}.get(T, ()):
             layer8.expert_strategy = strategy

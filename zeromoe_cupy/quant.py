@@ -46,7 +46,8 @@ def e4m3_from_f32(v: np.ndarray) -> np.ndarray:
     """float32 -> float8_e4m3fn, round to nearest even, saturating at +-448 (NaN stays NaN).
     ml_dtypes' cast gives NaN past the largest finite value, hence the clip first."""
     v = np.asarray(v, np.float32)
-    return np.clip(v, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    with np.errstate(invalid="ignore"):  # NaN casts to NaN, which is what it should give
+        return np.clip(v, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
 def _matrices(shape, glu):

@@ -13,8 +13,10 @@ scales, activations quantized per row and 128 features.
   cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
   cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
   (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
-  ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is);
-  ``LT_REFUSED_DTYPES`` maps an output dtype that cuBLASLt refused to its reason.
+  ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is); ``LT_REFUSED``
+  maps (x's dtype, H, I) of layers whose GEMMs cuBLASLt refused to the reason (measured on
+  the H200: the heuristic offers an algorithm for K = 128 or 256 that cublasLtMatmul then
+  refuses with NOT_SUPPORTED; LongCat-Flash's shapes run).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, Expe
 
 GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which the grouped kernel runs
 LT_REFUSAL: str | None = None
-LT_REFUSED_DTYPES: dict = {}
+LT_REFUSED: dict = {}
 _NULL = np.uint64(0)
 
 
@@ -136,7 +138,7 @@ def _lt_layout(H: int, I: int, dtype: str):
     multiples of 128, which only this layer's shapes rule out)."""
     global LT_REFUSAL
     cp = cupy_module()
-    if LT_REFUSAL is not None or dtype in LT_REFUSED_DTYPES or H % 128 or I % 128:
+    if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128:
         return None
     cc = cp.cuda.Device().compute_capability  # "90", "89", "120"
     if (int(cc[:-1]), int(cc[-1])) < (8, 9):
@@ -240,8 +242,8 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
                                     rows[s:s + m], m)
             mark("gemm2")
             return ExpertOutput(rows, slot_rows)
-        except (_cublas.CublasLtError, OSError) as exc:  # e.g. an output dtype it lacks
-            LT_REFUSED_DTYPES[dtype_name(x.dtype)] = f"cuBLASLt refused: {exc}"
+        except (_cublas.CublasLtError, OSError) as exc:  # e.g. a small K (see above)
+            LT_REFUSED[dtype_name(x.dtype), H, I] = f"cuBLASLt refused: {exc}"
             s13, s2 = scales_in
     # Fallback: fp32 GEMMs over the dequantized weights and activations a' = q * sa (exact in
     # fp32); gate / up and the output rounded to x's dtype after. Rounding a' or the weights
