@@ -230,11 +230,16 @@ _LT_SIGNATURES = {
 }
 
 
-def _lt(name: str, *args) -> None:
+@functools.lru_cache(maxsize=None)
+def _lt_function(name: str):
     fn = getattr(lt_library(), name)
     fn.argtypes = _LT_SIGNATURES[name]
-    fn.restype = ctypes.c_int
-    status = fn(*args)
+    fn.restype = ctypes.c_int  # cublasStatus_t
+    return fn
+
+
+def _lt(name: str, *args) -> None:
+    status = _lt_function(name)(*args)
     if status != 0:
         raise CublasLtError(name, status)
 
