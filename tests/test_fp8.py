@@ -1,4 +1,4 @@
-"""FP8 experts on the CPU (SPEC.md "FP8 experts"): block quantization bytes and scales, the
+"""FP8 experts on the CPU (docs/spec.md "FP8 experts"): block quantization bytes and scales, the
 forward against the float64 reference, bad inputs."""
 import dataclasses
 

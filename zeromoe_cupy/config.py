@@ -85,7 +85,7 @@ class MoEConfig:
     ``use_correction_bias`` gives the layer a selection-only bias (zeros unless loaded).
     ``quantization``: None, or "fp8" for block-scaled e4m3 expert weights (one fp32 scale per
     ``weight_block_size`` = (128, 128) block; activations quantized per token and 128 features;
-    SPEC.md "FP8 experts"). The router and the zero experts stay unquantized.
+    docs/spec.md "FP8 experts"). The router and the zero experts stay unquantized.
     """
 
     hidden_size: int
@@ -101,7 +101,7 @@ class MoEConfig:
     topk_group: int | None = None
     dtype: str = "bfloat16"
     use_correction_bias: bool = False
-    # FP8 experts (block-scaled e4m3; SPEC.md "FP8 experts").
+    # FP8 experts (block-scaled e4m3; docs/spec.md "FP8 experts").
     quantization: str | None = None
     weight_block_size: tuple[int, int] = (128, 128)
 

@@ -269,7 +269,7 @@ class ZeroExpertMoE:
                    _scales=scales, **options)
 
     def quantize(self, method: str = "fp8") -> "ZeroExpertMoE":
-        """A new layer with FP8 experts (SPEC.md "FP8 experts"): w13 / w2 as e4m3 with one
+        """A new layer with FP8 experts (docs/spec.md "FP8 experts"): w13 / w2 as e4m3 with one
         fp32 scale per 128x128 block (gate and up blocked separately), on this layer's device;
         the router, its biases and the zero experts' parameters are copied unquantized.
         Raises ValueError for an unknown method or an already quantized layer."""

@@ -1,4 +1,4 @@
-"""FP8 block quantization (SPEC.md "FP8 experts"), NumPy and CuPy.
+"""FP8 block quantization (docs/spec.md "FP8 experts"), NumPy and CuPy.
 
 e4m3 here is float8_e4m3fn (no infinities, max 448). On the host an e4m3 array is an
 ``ml_dtypes.float8_e4m3fn`` array; on the GPU (CuPy has no float8 dtype) it is a uint8 array

@@ -106,7 +106,7 @@ def fp8_dequantize(q, scale_inv, glu: bool) -> np.ndarray:
 
 def fp8_activation(a) -> np.ndarray:
     """a' = e4m3(a / sa) * sa per group of 128 features, sa = max(max|a|, 1e-10) / 448, all
-    from fp32 (SPEC.md); returned in float64."""
+    from fp32 (docs/spec.md); returned in float64."""
     a32 = np.asarray(a, np.float64).astype(np.float32)
     out = np.empty(a32.shape, np.float64)
     for g in range(0, a32.shape[0], 128):
@@ -126,7 +126,7 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
     """docs/spec.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
 
     ``routing`` (ids, weights) may be given to evaluate the experts for a fixed routing.
-    With ``w13_scale_inv`` / ``w2_scale_inv`` the experts are FP8 (SPEC.md "FP8 experts"):
+    With ``w13_scale_inv`` / ``w2_scale_inv`` the experts are FP8 (docs/spec.md "FP8 experts"):
     w13 / w2 hold e4m3 values, dequantized per block; each GEMM's input is quantized per 128
     features; gate and up are rounded to x's dtype; h is quantized from fp32.
     """

@@ -1,4 +1,4 @@
-"""FP8 experts on the GPU (SPEC.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
+"""FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
 scales, activations quantized per row and 128 features.
 
 - Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: the pair kernel (kernels/fp8.cu
@@ -107,7 +107,7 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod = quant.fp8_module()
     slot_rows = cp.empty((T, K), np.int32)
-    h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (SPEC.md)
+    h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
     rows = cp.empty((P, H), x.dtype)
     mark("permute")
     x_stride = x.strides[0] // x.itemsize

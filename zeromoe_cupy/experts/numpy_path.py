@@ -1,5 +1,5 @@
 """The real experts on the CPU (NumPy): pairs sorted by expert, one matmul per active expert.
-With block scales (FP8 experts), the same loop evaluates SPEC.md's FP8 math: weights
+With block scales (FP8 experts), the same loop evaluates docs/spec.md's FP8 math: weights
 dequantized per 128x128 block, each GEMM's input quantized per row and 128 features, gate/up
 rounded to x's dtype and h quantized straight from fp32."""
 from __future__ import annotations
@@ -50,7 +50,7 @@ def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False, scales=None)
     gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
     mark("gemm1")
     h = _silu(gate_up[:, :I]) * gate_up[:, I:]
-    if not fp8:  # FP8 quantizes h from fp32 (SPEC.md); otherwise h is stored in x's dtype
+    if not fp8:  # FP8 quantizes h from fp32 (docs/spec.md); otherwise h is stored in x's dtype
         h = h.astype(x.dtype).astype(np.float32)
     mark("activation")
     rows = np.empty((order.size, H), x.dtype)

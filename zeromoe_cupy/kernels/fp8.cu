@@ -1,6 +1,6 @@
 // FP8 (e4m3, block-scaled) kernels: conversion, weight and activation quantization, and the
 // pair (decode) experts reading e4m3 weights. e4m3 values are held as bytes (unsigned char);
-// every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (SPEC.md).
+// every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (docs/spec.md).
 #include "common.cuh"
 
 #define E4M3_MAX 448.f
@@ -160,7 +160,7 @@ quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ 
 }
 
 // gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
-// from fp32 (SPEC.md: h is not rounded to T first). Launch as quantize_rows over (rows, I).
+// from fp32 (docs/spec.md: h is not rounded to T first). Launch as quantize_rows over (rows, I).
 template <typename T>
 __global__ void __launch_bounds__(128)
 silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __restrict__ offsets,
