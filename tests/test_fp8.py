@@ -219,3 +219,18 @@ def test_torch_float8_weights_through_dlpack(rng):
                                           w13_scale_inv=layer8.w13_scale_inv,
                                           w2_scale_inv=layer8.w2_scale_inv)
     np.testing.assert_array_equal(again.w13.view(np.uint8), layer8.w13.view(np.uint8))
+
+
+def test_fp8_layer_save_load_and_pickle(tmp_path, rng):
+    import pickle
+    cfg = zm.MoEConfig(hidden_size=200, intermediate_size=136, num_experts=3,
+                       num_zero_experts=1, top_k=2, dtype="bfloat16")
+    l8 = zm.ZeroExpertMoE.from_weights(cfg, **random_layer_weights(rng, cfg)).quantize("fp8")
+    x = random_x(rng, 5, 200, "bfloat16")
+    y = l8(x)
+    l8.save(tmp_path / "l8.safetensors")
+    for again in (zm.ZeroExpertMoE.load(tmp_path / "l8.safetensors", device="cpu"),
+                  pickle.loads(pickle.dumps(l8))):
+        assert again.config.quantization == "fp8" and again.w13.dtype == F8
+        np.testing.assert_array_equal(again.w13_scale_inv, l8.w13_scale_inv)
+        np.testing.assert_array_equal(again(x).view(np.uint16), y.view(np.uint16))
