@@ -108,3 +108,12 @@ def test_ceiling_dtype_without_a_method_is_an_error_and_fp8_methods_plug_in(monk
     got = bench.measure_matmul(ml_dtypes.float8_e4m3fn, quick=True, shapes=[(8, 16, 32)])
     assert got["method"] == "fp8_only" and list(got["all"]) == ["fp8_only"]
     assert got["dtype"] == "float8_e4m3fn"
+
+
+def test_fp8_floor_by_hand():
+    cfg = zm.MoEConfig(hidden_size=256, intermediate_size=136, num_experts=3, top_k=2,
+                       dtype="bfloat16", quantization="fp8")
+    ids = np.array([[0, 1], [0, 2]])  # three distinct real experts
+    _, bytes_, _ = bench.floor_time(cfg, ids, bandwidth=100.0, rate=1000.0)
+    # 1 byte per weight; scales: w13 2*2 x 2 blocks, w2 2 x 2 blocks, 4 bytes each; x and y bf16.
+    assert bytes_ == 3 * (3 * 256 * 136 + 4 * (8 + 4)) + 2 * 2 * 256 * 2

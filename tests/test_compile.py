@@ -9,6 +9,7 @@ import pytest
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.experts.syncfree import syncfree_kernel_names
+from zeromoe_cupy.quant import fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
 
@@ -18,6 +19,7 @@ KERNELS = {
     "combine.cu": combine_kernel_names(),
     "copy.cu": ["copy_16byte"],
     "experts.cu": experts_kernel_names(),
+    "fp8.cu": fp8_kernel_names(),
     "router.cu": router_kernel_names(),
     "syncfree.cu": syncfree_kernel_names(),
 }

@@ -121,3 +121,16 @@ def test_config_is_frozen():
     c = zm.MoEConfig(**BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.top_k = 3
+
+
+def test_quantization_fields():
+    c = zm.MoEConfig.preset("longcat-flash", quantization="fp8")
+    assert c.quantization == "fp8" and c.weight_block_size == (128, 128)
+    assert zm.MoEConfig(**BASE).quantization is None
+    assert zm.MoEConfig(**BASE, weight_block_size=[128, 128]).weight_block_size == (128, 128)
+    with pytest.raises(ValueError, match="quantization"):
+        zm.MoEConfig(**BASE, quantization="int4")
+    with pytest.raises(ValueError, match="weight_block_size"):
+        zm.MoEConfig(**BASE, quantization="fp8", weight_block_size=(64, 64))
+    with pytest.raises((TypeError, ValueError), match="weight_block_size"):
+        zm.MoEConfig(**BASE, weight_block_size=None)

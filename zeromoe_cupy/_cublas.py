@@ -183,3 +183,147 @@ def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None
              weight.strides[0] // weight.itemsize,
              x.data.ptr, CUDA_DTYPE[name], x.strides[0] // x.itemsize,
              beta_arr, out.data.ptr, CUDA_DTYPE[dtype_name(out.dtype)], n, compute)
+
+
+# --- cuBLASLt: block-scaled FP8 GEMMs ------------------------------------------------------------
+# Enum values from cuBLAS 13's cublasLt.h / library_types.h.
+CUDA_R_8F_E4M3 = 28
+LT_DESC_TRANSA, LT_DESC_TRANSB = 3, 4
+LT_DESC_A_SCALE_POINTER, LT_DESC_B_SCALE_POINTER = 17, 18
+LT_DESC_A_SCALE_MODE, LT_DESC_B_SCALE_MODE = 31, 32
+LT_SCALE_VEC128_32F, LT_SCALE_BLK128x128_32F = 4, 5
+LT_PREF_MAX_WORKSPACE_BYTES = 1
+LT_WORKSPACE_BYTES = 32 << 20
+_HEURISTIC_RESULT_BYTES = 96  # cublasLtMatmulHeuristicResult_t: algo[64], size_t, int, float, int[4]
+
+
+class CublasLtError(RuntimeError):
+    """A cuBLASLt call refused the block-scaled FP8 GEMM (``status``: the cublasStatus_t)."""
+
+    def __init__(self, what: str, status: int):
+        super().__init__(f"{what} failed with cublasStatus {status}")
+        self.status = status
+
+
+@functools.lru_cache(maxsize=None)
+def lt_library():
+    """The libcublasLt next to the libcublas that CuPy loaded."""
+    library()
+    names = []
+    try:
+        with open("/proc/self/maps") as f:
+            names = [line.split()[-1] for line in f if "libcublasLt.so" in line][:1]
+    except OSError:
+        pass
+    version = cupy_module().cuda.runtime.runtimeGetVersion() // 1000
+    names += [f"libcublasLt.so.{version}", "libcublasLt.so.13", "libcublasLt.so.12",
+              "libcublasLt.so"]
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise RuntimeError("could not open libcublasLt")
+
+
+_S = ctypes.c_size_t
+_LT_SIGNATURES = {
+    "cublasLtCreate": [_P],
+    "cublasLtMatmulDescCreate": [_P, _I, _I],
+    "cublasLtMatmulDescSetAttribute": [_P, _I, _P, _S],
+    "cublasLtMatrixLayoutCreate": [_P, _I, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64],
+    "cublasLtMatmulPreferenceCreate": [_P],
+    "cublasLtMatmulPreferenceSetAttribute": [_P, _I, _P, _S],
+    "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _P],
+    "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _S, _P],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _lt_function(name: str):
+    fn = getattr(lt_library(), name)
+    fn.argtypes = _LT_SIGNATURES[name]
+    fn.restype = ctypes.c_int  # cublasStatus_t
+    return fn
+
+
+def _lt(name: str, *args) -> None:
+    status = _lt_function(name)(*args)
+    if status != 0:
+        raise CublasLtError(name, status)
+
+
+def _lt_create(name: str, *args) -> int:
+    handle = ctypes.c_void_p()
+    _lt(name, ctypes.byref(handle), *args)
+    return handle.value
+
+
+def _set(name: str, obj: int, attr: int, value) -> None:
+    _lt(name, obj, attr, ctypes.byref(value), ctypes.sizeof(value))
+
+
+class _LtPlan:
+    """Descriptors and the heuristic's algorithm for one GEMM shape (kept for the process)."""
+
+    def __init__(self, handle, m: int, n: int, k: int, out_type: int, workspace: int):
+        self.desc = _lt_create("cublasLtMatmulDescCreate", CUBLAS_COMPUTE_32F, CUDA_R_32F)
+        for attr, v in ((LT_DESC_TRANSA, CUBLAS_OP_T), (LT_DESC_TRANSB, CUBLAS_OP_N),
+                        (LT_DESC_A_SCALE_MODE, LT_SCALE_BLK128x128_32F),
+                        (LT_DESC_B_SCALE_MODE, LT_SCALE_VEC128_32F)):
+            _set("cublasLtMatmulDescSetAttribute", self.desc, attr, ctypes.c_int32(v))
+        # The heuristic wants scale pointers set; it does not read them (an aligned dummy).
+        for attr in (LT_DESC_A_SCALE_POINTER, LT_DESC_B_SCALE_POINTER):
+            _set("cublasLtMatmulDescSetAttribute", self.desc, attr, ctypes.c_void_p(workspace))
+        # Column-major: A = W as k x n (ld k, transposed), B = X as k x m, D = Y as n x m.
+        self.a = _lt_create("cublasLtMatrixLayoutCreate", CUDA_R_8F_E4M3, k, n, k)
+        self.b = _lt_create("cublasLtMatrixLayoutCreate", CUDA_R_8F_E4M3, k, m, k)
+        self.d = _lt_create("cublasLtMatrixLayoutCreate", out_type, n, m, n)
+        pref = _lt_create("cublasLtMatmulPreferenceCreate")
+        _set("cublasLtMatmulPreferenceSetAttribute", pref, LT_PREF_MAX_WORKSPACE_BYTES,
+             ctypes.c_uint64(LT_WORKSPACE_BYTES))
+        result = (ctypes.c_ubyte * _HEURISTIC_RESULT_BYTES)()
+        count = ctypes.c_int(0)
+        _lt("cublasLtMatmulAlgoGetHeuristic", handle, self.desc, self.a, self.b, self.d, self.d,
+            pref, 1, result, ctypes.byref(count))
+        if count.value == 0:
+            raise CublasLtError(f"cublasLtMatmulAlgoGetHeuristic (m={m}, n={n}, k={k}: no "
+                                f"algorithm)", 15)
+        self.algo = result  # the algo is the first 64 bytes of the result
+
+
+@functools.lru_cache(maxsize=None)
+def _lt_state(device: int):
+    cp = cupy_module()
+    handle = _lt_create("cublasLtCreate")
+    workspace = cp.empty(LT_WORKSPACE_BYTES, np.uint8)
+    return handle, workspace, {}
+
+
+def fp8_gemm_nt(weight, weight_scale, x, x_scale, out, m: int) -> None:
+    """out[m, n] = dequant(x)[m, k] @ dequant(weight)[n, k]^T with cuBLASLt's block-scaled FP8.
+
+    weight: e4m3 bytes [n, k] (CuPy uint8 view, C-contiguous), weight_scale fp32
+    [n/128, k/128] (one per 128x128 block); x: e4m3 bytes, m rows of k starting at x's pointer;
+    x_scale: fp32 [k/128, m] (M-major: one per row and 128 features); out: m rows of n in
+    bf16/fp16/fp32 at out's pointer. n, k multiples of 128, m a multiple of 4, pointers 16-byte
+    aligned. Raises CublasLtError with the status where cuBLASLt refuses.
+    """
+    from ._arrays import dtype_name
+    cp = cupy_module()
+    n, k = weight.shape
+    handle, workspace, plans = _lt_state(cp.cuda.runtime.getDevice())
+    out_type = CUDA_DTYPE[dtype_name(out.dtype)]
+    key = (m, n, k, out_type)
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = _LtPlan(handle, m, n, k, out_type, workspace.data.ptr)
+    _set("cublasLtMatmulDescSetAttribute", plan.desc, LT_DESC_A_SCALE_POINTER,
+         ctypes.c_void_p(weight_scale.data.ptr))
+    _set("cublasLtMatmulDescSetAttribute", plan.desc, LT_DESC_B_SCALE_POINTER,
+         ctypes.c_void_p(x_scale.data.ptr))
+    alpha = ctypes.c_float(1.0)
+    beta = ctypes.c_float(0.0)
+    _lt("cublasLtMatmul", handle, plan.desc, ctypes.byref(alpha), weight.data.ptr, plan.a,
+        x.data.ptr, plan.b, ctypes.byref(beta), out.data.ptr, plan.d, out.data.ptr, plan.d,
+        plan.algo, workspace.data.ptr, LT_WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr)

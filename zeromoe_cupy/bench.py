@@ -97,6 +97,9 @@ def add_arguments(p) -> None:
                    help="expert parallelism: N ranks on this host (one GPU each) against the "
                    "one-GPU layer (parallel/bench_ep.py)")
     p.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="fp8: time layer.quantize('fp8') against the fp8 floor (1 byte per "
+                        "weight, the fp8 matmul rate), our unquantized layer beside it")
 
 
 def check_arguments(parser, args) -> None:
@@ -283,9 +286,30 @@ def _cublas_gemm_ex(m, n, k, dtype):
     return lambda: gemm_nt(w, x, out, allow_tf32=False)  # out = x @ w^T
 
 
+def _cublaslt_fp8(m, n, k, dtype):
+    """Block-scaled FP8 (the fp8 experts' GEMM: 128x128 weight blocks, 1x128 activation
+    groups, bf16 out) through cuBLASLt; None for other dtypes or where cuBLASLt refuses."""
+    if dtype != "float8_e4m3fn":
+        return None
+    from . import _cublas
+    cp = cupy_module()
+    w = cp.full((n, k), 0x38, np.uint8)  # e4m3 bytes of 1.0
+    x = cp.full((m, k), 0x38, np.uint8)
+    ws = cp.ones((n // 128, k // 128), np.float32)
+    xs = cp.ones(m * (k // 128), np.float32)
+    out = cp.empty((m, n), np_dtype("bfloat16"))
+    try:
+        _cublas.fp8_gemm_nt(w, ws, x, xs, out, m)
+    except _cublas.CublasLtError as exc:
+        print(f"fp8 matmul: cuBLASLt refused ({exc})")
+        return None
+    return lambda: _cublas.fp8_gemm_nt(w, ws, x, xs, out, m)
+
+
 MATMUL_METHODS = {
     "cupy.matmul": _matmul_method(_cupy_matmul),
     "cublasGemmEx": _matmul_method(_cublas_gemm_ex),
+    "cublasLt_block_fp8": _matmul_method(_cublaslt_fp8),
 }
 
 
@@ -377,13 +401,19 @@ def format_ceilings(ceilings) -> str:
 
 
 def floor_time(cfg, ids_host, bandwidth, rate):
-    """docs/spec.md's floor: max(bytes / bandwidth, flops / rate), seconds."""
+    """docs/spec.md's floor: max(bytes / bandwidth, flops / rate), seconds. FP8 layers count 1
+    byte per expert weight plus 4 per 128x128 block scale (``rate``: the fp8 matmul's)."""
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     item = np_dtype(cfg.dtype).itemsize
     T = ids_host.shape[0]
     real = ids_host[ids_host < E]
     distinct = np.unique(real).size
-    bytes_ = distinct * 3 * H * I * item + 2 * T * H * item
+    if cfg.quantization == "fp8":
+        hb, ib = -(-H // 128), -(-I // 128)
+        expert_bytes = 3 * H * I + 4 * (2 * ib * hb + hb * ib)
+    else:
+        expert_bytes = 3 * H * I * item
+    bytes_ = distinct * expert_bytes + 2 * T * H * item
     flops = 2 * T * H * cfg.num_total_experts + 6 * H * I * real.size
     return max(bytes_ / bandwidth, flops / rate), bytes_, flops
 
@@ -417,10 +447,15 @@ def run(args) -> int:
     offset, share = calibrate_zero_bias(layer, real_per_token)
     print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
           flush=True)
+    unquantized = None
+    if getattr(args, "quantization", None):
+        unquantized, layer = layer, layer.quantize(args.quantization)
+        cfg = layer.config
     result = {"preset": preset, "dtype": cfg.dtype, "device": device, "strategy": args.strategy,
               "router_gemm": args.router_gemm, "deterministic": args.deterministic,
               "real_per_token_target": real_per_token, "real_per_token": share,
-              "zero_bias_offset": offset, "versions": _versions(), "rows": []}
+              "zero_bias_offset": offset, "versions": _versions(), "rows": [],
+              "quantization": cfg.quantization}
     if gpu:
         cp = xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
@@ -430,6 +465,13 @@ def run(args) -> int:
         result.update(copy_bandwidth_Bps=bandwidth, matmul_flops=rate, ceilings=ceilings)
         print(f"{result['gpu']}, ceilings of the floor (the best way of each, this run):\n"
               f"{format_ceilings(ceilings)}", flush=True)
+        if unquantized is not None:  # the FLOP term of the fp8 floor: the fp8 matmul's rate
+            fp8 = measure_matmul("float8_e4m3fn", args.quick)
+            rate = fp8["best"]
+            result.update(fp8_matmul_flops=rate, fp8_matmul=fp8)
+            print(f"fp8 matmul {rate / 1e12:.0f} TFLOP/s by {fp8['method']} at {fp8['shape']}",
+                  flush=True)
+            unquantized.warmup()
         layer.warmup()
     else:
         bandwidth = rate = None
@@ -454,6 +496,8 @@ def run(args) -> int:
         if gpu:
             row["workspace_bytes"] = int(cp.get_default_memory_pool().total_bytes() - before)
         row.update(_stage_times(layer, xs, timer))
+        if unquantized is not None:
+            row["unquantized_forward_ms"] = timer(unquantized, xs)
         if gpu:
             floor, bytes_, flops = floor_time(cfg, ids_host, bandwidth, rate)
             row.update(floor_ms=floor * 1e3, floor_bytes=bytes_, floor_flops=flops,
@@ -513,7 +557,8 @@ def _stage_times(layer, xs, timer):
         r = layer.route(x)
         mark("route")
         out = expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts,
-                         strategy=layer.expert_strategy, stage_marks=mark)
+                         strategy=layer.expert_strategy, stage_marks=mark,
+                         w13_scale_inv=layer.w13_scale_inv, w2_scale_inv=layer.w2_scale_inv)
         combine(x, r.topk_ids, r.topk_weights, cfg.num_experts, cfg.zero_types, out,
                 layer.const_vec, layer.const_gate, num_zero_experts=cfg.num_zero_experts,
                 check_ids=False)
@@ -562,6 +607,8 @@ def _print_table(result, peers, graph=False):
         head += f" {'floor ms':>9} {'x floor':>7} {'MiB ws':>7}"
         if graph:
             head += f" {'graph ms':>9} {'x floor':>7}"
+        if result.get("quantization"):
+            head += f" {'unquant ms':>10} {'speedup':>7}"
         for p in peers:
             head += f" {p + ' ms':>14} {p + '/ours':>12}"
     print(head)
@@ -574,6 +621,9 @@ def _print_table(result, peers, graph=False):
             if graph:
                 line += (f" {r['graph_ms']:>9.3f} {r['graph_ratio_to_floor']:>7.2f}"
                          if "graph_ms" in r else f" {'-':>9} {'-':>7}")
+            if result.get("quantization"):
+                line += (f" {r['unquantized_forward_ms']:>10.3f} "
+                         f"{r['unquantized_forward_ms'] / r['forward_ms']:>7.2f}")
             for p in peers:
                 line += f" {r[f'peer_{p}_ms']:>14.3f} {r[f'peer_{p}_over_ours']:>12.2f}"
         print(line)

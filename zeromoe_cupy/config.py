@@ -83,6 +83,9 @@ class MoEConfig:
     Experts 0..E-1 are real SwiGLU MLPs; experts E..E+Z-1 are zero-computation experts
     whose kind is given by ``zero_expert_type`` (one string for all, or one per zero expert).
     ``use_correction_bias`` gives the layer a selection-only bias (zeros unless loaded).
+    ``quantization``: None, or "fp8" for block-scaled e4m3 expert weights (one fp32 scale per
+    ``weight_block_size`` = (128, 128) block; activations quantized per token and 128 features;
+    docs/spec.md "FP8 experts"). The router and the zero experts stay unquantized.
     """
 
     hidden_size: int
@@ -98,9 +101,7 @@ class MoEConfig:
     topk_group: int | None = None
     dtype: str = "bfloat16"
     use_correction_bias: bool = False
-    # FP8 experts (block-scaled e4m3). These two fields are shared with the FP8 expert path,
-    # which computes with them; the checkpoint side only parses and stores them. Keep one
-    # definition when both sides are merged.
+    # FP8 experts (block-scaled e4m3; docs/spec.md "FP8 experts").
     quantization: str | None = None
     weight_block_size: tuple[int, int] = (128, 128)
 

@@ -5,6 +5,7 @@ Z zero experts (ids E..E+Z-1), K experts per token, N = E + Z.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from ._arrays import (as_array, cupy_module, gpu_available, is_cupy, is_float_dtype, np_dtype,
                       resolve_device)
-from . import checkpoint
+from . import checkpoint, quant
 from .config import MoEConfig
 from .experts import STRATEGIES, expert_mlp
 from .routing import RoutingResult, compute_router_logits, route, split_bf16
@@ -83,7 +84,7 @@ class ZeroExpertMoE:
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "auto",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
                  expert_strategy: str = "auto", router_gemm: str = "auto",
-                 deterministic: bool = False, group=None, _weights=None):
+                 deterministic: bool = False, group=None, _weights=None, _scales=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -118,12 +119,19 @@ class ZeroExpertMoE:
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
             _weights = self._random_weights(int(seed))
+            if config.quantization == "fp8":  # random weights in cfg.dtype, then quantized
+                w13, s13 = quant.quantize_weight(_weights[3], glu=True)
+                w2, s2 = quant.quantize_weight(_weights[4])
+                _weights = _weights[:3] + (w13, w2) + _weights[5:]
+                _scales = (s13, s2)
         (self.router_weight, self.router_bias, self.e_score_correction_bias,
          self.w13, self.w2, self.const_vec, self.const_gate) = _weights
         self._exchange = None
         if group is not None:
             from .parallel.exchange import Exchange
             self._exchange = Exchange(group, config.num_experts)
+        # FP8 experts: fp32 block scales of w13 / w2 (None for unquantized layers).
+        self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
 
     # --- construction ------------------------------------------------------------------------
     def _random_weights(self, seed: int):
@@ -164,7 +172,8 @@ class ZeroExpertMoE:
     def from_weights(cls, config: MoEConfig, router_weight, w13, w2, e_score_correction_bias=None,
                      router_bias=None, const_vec=None, const_gate=None,
                      max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-                     device: str | None = None, **options) -> "ZeroExpertMoE":
+                     device: str | None = None, *, w13_scale_inv=None, w2_scale_inv=None,
+                     **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
         ``options``: the constructor's keyword options (expert_strategy, router_gemm,
         deterministic, group). With ``group=``, w13 / w2 are the full [E, ...] tensors and the
@@ -175,12 +184,40 @@ class ZeroExpertMoE:
         TypeError); "cuda", "cpu" or "auto" put the layer there, copying the arrays that
         live elsewhere (NumPy <-> CuPy). GPU tensors are wrapped without a copy when they
         already have the layer's dtype and a contiguous layout, so the layer shares their memory.
+
+        FP8 experts (``config.quantization == "fp8"``): w13 / w2 are e4m3 (ml_dtypes
+        float8_e4m3fn or uint8 bits on the host, uint8 bits as CuPy arrays, or DLPack float8
+        tensors such as torch.float8_e4m3fn) with fp32 block scales ``w13_scale_inv``
+        [E, 2*ceil(I/128), ceil(H/128)] and ``w2_scale_inv`` [E, ceil(H/128), ceil(I/128)].
+        e4m3 weights under an unquantized config, unquantized weights under an fp8 config, or
+        missing / misshapen scales raise an error naming the weight (``quantize`` makes an fp8
+        layer from an unquantized one).
         """
+        fp8 = config.quantization == "fp8"
+        w13, w2 = _float8_as_uint8(w13, "w13"), _float8_as_uint8(w2, "w2")
         arrays = {"router_weight": router_weight, "w13": w13, "w2": w2,
                   "e_score_correction_bias": e_score_correction_bias,
-                  "router_bias": router_bias, "const_vec": const_vec, "const_gate": const_gate}
+                  "router_bias": router_bias, "const_vec": const_vec, "const_gate": const_gate,
+                  "w13_scale_inv": w13_scale_inv, "w2_scale_inv": w2_scale_inv}
         arrays = {k: as_array(v, k, allow_none=k not in ("router_weight", "w13", "w2"))
                   for k, v in arrays.items()}
+        for k in ("w13", "w2"):
+            if quant.is_e4m3(arrays[k]) != fp8:
+                raise WeightFormatError(
+                    f"{k}: e4m3 weights ({arrays[k].dtype}) need a config with "
+                    f"quantization='fp8', got quantization=None; to run FP8 experts from "
+                    f"unquantized weights use layer.quantize('fp8')" if not fp8 else
+                    f"{k}: expected e4m3 weights (float8_e4m3fn or uint8 bits) for "
+                    f"quantization='fp8', got {arrays[k].dtype}; use layer.quantize('fp8') "
+                    f"to quantize unquantized weights")
+            if fp8 and isinstance(arrays[k], np.ndarray):
+                arrays[k] = arrays[k].view(np.uint8)  # bits: CuPy has no float8 dtype
+            scale = arrays[k + "_scale_inv"]
+            if fp8 and scale is None:
+                raise ValueError(f"{k}_scale_inv: required with e4m3 {k} (quantization='fp8')")
+            if not fp8 and scale is not None:
+                raise ValueError(f"{k}_scale_inv: given for an unquantized layer "
+                                 f"(quantization=None)")
         if device is None:
             on_gpu = {k: is_cupy(v) for k, v in arrays.items() if v is not None}
             device = "cuda" if on_gpu["w13"] else "cpu"
@@ -200,7 +237,9 @@ class ZeroExpertMoE:
         lo, hi = _expert_slice(options.get("group"), E)
         expected = {"router_weight": (N, H), "w13": (E, 2 * I, H), "w2": (E, H, I),
                     "e_score_correction_bias": (N,), "router_bias": (N,),
-                    "const_vec": (Z, H), "const_gate": (Z, 2, H)}
+                    "const_vec": (Z, H), "const_gate": (Z, 2, H),
+                    "w13_scale_inv": quant.scale_shape((E, 2 * I, H), glu=True),
+                    "w2_scale_inv": quant.scale_shape((E, H, I), glu=False)}
         out = {}
         for k, a in arrays.items():
             if a is None:
@@ -208,12 +247,16 @@ class ZeroExpertMoE:
                 continue
             if tuple(a.shape) != expected[k]:
                 raise ValueError(f"{k}: expected shape {expected[k]}, got {tuple(a.shape)}")
+            if k in ("w13", "w2", "w13_scale_inv", "w2_scale_inv"):
+                a = a[lo:hi]  # the rank's experts (all of them without a group)
+            if fp8 and k in ("w13", "w2"):  # e4m3: float8_e4m3fn on the host, uint8 on the GPU
+                a = xp.ascontiguousarray(a)
+                out[k] = a.view(np.uint8) if device == "cuda" else a.view(quant.E4M3)
+                continue
             want = np.float32 if k in ("router_weight", "e_score_correction_bias",
-                                       "router_bias") else dt
+                                       "router_bias", "w13_scale_inv", "w2_scale_inv") else dt
             if not is_float_dtype(a.dtype):
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
-            if k in ("w13", "w2"):
-                a = a[lo:hi]  # the rank's experts (all of them without a group)
             out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
         if cfg.has_constant_experts and (out["const_vec"] is None or out["const_gate"] is None):
             raise ValueError("const_vec, const_gate: required by the config's 'constant' experts")
@@ -221,8 +264,33 @@ class ZeroExpertMoE:
             out["e_score_correction_bias"] = xp.zeros(N, np.float32)
         weights = (out["router_weight"], out["router_bias"], out["e_score_correction_bias"],
                    out["w13"], out["w2"], out["const_vec"], out["const_gate"])
+        scales = (out["w13_scale_inv"], out["w2_scale_inv"]) if fp8 else None
         return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights,
-                   **options)
+                   _scales=scales, **options)
+
+    def quantize(self, method: str = "fp8") -> "ZeroExpertMoE":
+        """A new layer with FP8 experts (docs/spec.md "FP8 experts"): w13 / w2 as e4m3 with one
+        fp32 scale per 128x128 block (gate and up blocked separately), on this layer's device;
+        the router, its biases and the zero experts' parameters are copied unquantized.
+        Raises ValueError for an unknown method or an already quantized layer."""
+        if method != "fp8":
+            raise ValueError(f"method: expected 'fp8', got {method!r}")
+        if self.config.quantization is not None:
+            raise ValueError(f"quantize: the layer is already quantized "
+                             f"({self.config.quantization!r})")
+        w13, s13 = quant.quantize_weight(self.w13, glu=True)
+        w2, s2 = quant.quantize_weight(self.w2)
+
+        def copy(a):
+            return None if a is None else a.copy()
+        weights = (copy(self.router_weight), copy(self.router_bias),
+                   copy(self.e_score_correction_bias), w13, w2, copy(self.const_vec),
+                   copy(self.const_gate))
+        cfg = dataclasses.replace(self.config, quantization="fp8")
+        return type(self)(cfg, device=self.device, max_chunk_tokens=self.max_chunk_tokens,
+                          expert_strategy=self.expert_strategy, router_gemm=self.router_gemm,
+                          deterministic=self.deterministic, group=self.group, _weights=weights,
+                          _scales=(s13, s2))
 
     @classmethod
     def from_expert_weights(cls, config: MoEConfig, router_weight, gate, up, down,
@@ -429,7 +497,8 @@ class ZeroExpertMoE:
         experts = None
         if cfg.num_experts:
             experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts,
-                                 strategy=strategy)
+                                 strategy=strategy,
+                                 w13_scale_inv=self.w13_scale_inv, w2_scale_inv=self.w2_scale_inv)
         return combine(x, ids, weights, cfg.num_experts, cfg.zero_types, experts,
                        self.const_vec, self.const_gate,
                        num_zero_experts=cfg.num_zero_experts, check_ids=False)
@@ -606,6 +675,7 @@ class ZeroExpertMoE:
             num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
             const_vec=w["const_vec"], const_gate=w["const_gate"],
             router_logits=router_logits,
+            w13_scale_inv=w["w13_scale_inv"], w2_scale_inv=w["w2_scale_inv"],
             routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])))
 
     @property
@@ -624,8 +694,9 @@ class ZeroExpertMoE:
         c = self.config
         ep = "" if self.group is None else f", rank={self.group.rank}/{self.group.world_size}"
         return (f"ZeroExpertMoE(H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, "
-                f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, device={self.device!r}"
-                f"{ep})")
+                f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, "
+                f"{'' if c.quantization is None else f'quantization={c.quantization!r}, '}"
+                f"device={self.device!r}{ep})")
 
 
 def _check_group(group, config) -> None:
@@ -655,3 +726,24 @@ def _to_device(a, device: str):
     if a is None or is_cupy(a) == (device == "cuda"):
         return a
     return cupy_module().asarray(a) if device == "cuda" else a.get()
+
+
+class WeightFormatError(TypeError, ValueError):
+    """Expert weights whose format (e4m3 or not) does not match the config's quantization: a
+    wrong dtype for that config, hence both a TypeError and a ValueError."""
+
+
+def _float8_as_uint8(a, name: str):
+    """A DLPack float8 tensor (e.g. torch.float8_e4m3fn, which neither NumPy's nor CuPy's
+    DLPack import takes) as a uint8 view of its bits; other inputs unchanged. Other float8
+    formats are refused."""
+    dt = str(getattr(a, "dtype", ""))
+    if isinstance(a, np.ndarray) or "float8" not in dt or is_cupy(a):
+        return a
+    if "e4m3fn" not in dt:
+        raise TypeError(f"{name}: expected float8_e4m3fn weights, got {dt}")
+    if not hasattr(a, "view"):
+        raise TypeError(f"{name}: cannot take the bits of a {dt} tensor of "
+                        f"{type(a).__name__}; pass a uint8 view")
+    import torch  # the tensor is torch's: torch is loaded
+    return a.view(torch.uint8)

@@ -95,16 +95,60 @@ def _silu(v):
         return v / (1.0 + np.exp(-v))
 
 
+def _e4m3(v32: np.ndarray) -> np.ndarray:
+    """fp32 -> the nearest e4m3 value (round to nearest even, saturating at +-448), float64."""
+    import ml_dtypes
+    return np.clip(v32, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+def fp8_dequantize(q, scale_inv, glu: bool) -> np.ndarray:
+    """One expert's e4m3 weight [N, K] (float8_e4m3fn or uint8 bits) times its 128x128 block
+    scales, in float64. ``glu``: gate rows then up rows, each blocked from its own row 0."""
+    import ml_dtypes
+    q = np.asarray(q)
+    if q.dtype == np.uint8:
+        q = q.view(ml_dtypes.float8_e4m3fn)
+    w = q.astype(np.float64)
+    s = np.asarray(scale_inv, np.float64)
+    halves = (w[:w.shape[0] // 2], w[w.shape[0] // 2:]) if glu else (w,)
+    out, s_row = [], 0
+    for half in halves:
+        n, k = half.shape
+        nb = -(-n // 128)
+        full = np.repeat(np.repeat(s[s_row:s_row + nb], 128, 0), 128, 1)[:n, :k]
+        out.append(half * full)
+        s_row += nb
+    return np.concatenate(out, axis=0)
+
+
+def fp8_activation(a) -> np.ndarray:
+    """a' = e4m3(a / sa) * sa per group of 128 features, sa = max(max|a|, 1e-10) / 448, all
+    from fp32 (docs/spec.md); returned in float64."""
+    a32 = np.asarray(a, np.float64).astype(np.float32)
+    out = np.empty(a32.shape, np.float64)
+    for g in range(0, a32.shape[0], 128):
+        grp = a32[g:g + 128]
+        sa = np.float32(max(float(np.max(np.abs(grp))), 1e-10)) / np.float32(448)
+        out[g:g + 128] = _e4m3(grp / sa) * np.float64(sa)
+    return out
+
+
 def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
             zero_expert_type: str | Sequence[str] = "identity", scoring_func: str = "softmax",
             correction_bias=None, router_bias=None, renormalize: bool = False,
             routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
             topk_group: int | None = None, const_vec=None, const_gate=None,
-            router_logits=None, routing=None) -> tuple[np.ndarray, ReferenceRouting]:
+            router_logits=None, routing=None, w13_scale_inv=None,
+            w2_scale_inv=None) -> tuple[np.ndarray, ReferenceRouting]:
     """docs/spec.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
 
     ``routing`` (ids, weights) may be given to evaluate the experts for a fixed routing.
+    With ``w13_scale_inv`` / ``w2_scale_inv`` the experts are FP8 (docs/spec.md "FP8 experts"):
+    w13 / w2 hold e4m3 values, dequantized per block; each GEMM's input is quantized per 128
+    features; gate and up are rounded to x's dtype; h is quantized from fp32.
     """
+    fp8 = w13_scale_inv is not None
+    x_dtype = np.asarray(x).dtype
     x64 = np.asarray(x, dtype=np.float64)
     T, H = x64.shape
     if routing is None:
@@ -122,7 +166,13 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
     for t in range(T):
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
-            if e < num_experts:
+            if e < num_experts and fp8:
+                W13 = fp8_dequantize(w13[e], w13_scale_inv[e], glu=True)
+                I = W13.shape[0] // 2
+                gu = (W13 @ fp8_activation(x64[t])).astype(x_dtype).astype(np.float64)
+                h = _silu(gu[:I]) * gu[I:]
+                out = fp8_dequantize(w2[e], w2_scale_inv[e], glu=False) @ fp8_activation(h)
+            elif e < num_experts:
                 W13 = np.asarray(w13[e], np.float64)
                 I = W13.shape[0] // 2
                 h = _silu(W13[:I] @ x64[t]) * (W13[I:] @ x64[t])

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
-from . import fixed, grouped, numpy_path, pairs, syncfree
+from .. import quant
+from . import fixed, fp8, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
                       STRATEGIES, ExpertOutput, experts_kernel_names, rows_dtype, tile_plan)
 
@@ -22,7 +23,7 @@ __all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX",
            "ExpertOutput", "expert_mlp", "experts_kernel_names", "rows_dtype", "tile_plan"]
 
 
-def _check(x, topk_ids, w13, w2):
+def _check(x, topk_ids, w13, w2, scales=None):
     if x.ndim != 2:
         raise ValueError(f"x: expected a 2-D array [T, H], got shape {x.shape}")
     if dtype_name(x.dtype) is None:
@@ -41,14 +42,26 @@ def _check(x, topk_ids, w13, w2):
         if is_cupy(a) != is_cupy(x):
             raise TypeError(f"{name}: expected the same array kind as x "
                             f"({'CuPy' if is_cupy(x) else 'NumPy'})")
-    for name, a in (("w13", w13), ("w2", w2)):
-        if a.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
+    if scales is None:
+        for name, a in (("w13", w13), ("w2", w2)):
+            if a.dtype != x.dtype:
+                raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
+        return
+    for name, a, s, glu in (("w13", w13, scales[0], True), ("w2", w2, scales[1], False)):
+        if not quant.is_e4m3(a):
+            raise TypeError(f"{name}: expected e4m3 weights (float8_e4m3fn, or uint8 bits) "
+                            f"with {name}_scale_inv, got {a.dtype}")
+        want = quant.scale_shape(a.shape, glu)
+        if s is None or tuple(s.shape) != want:
+            raise ValueError(f"{name}_scale_inv: expected shape {want}, got "
+                             f"{None if s is None else tuple(s.shape)}")
+        if is_cupy(s) != is_cupy(x):
+            raise TypeError(f"{name}_scale_inv: expected the same array kind as x")
 
 
 def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = False,
-               strategy: str = "auto",
-               stage_marks: Callable[[str], None] | None = None) -> ExpertOutput:
+               strategy: str = "auto", stage_marks: Callable[[str], None] | None = None,
+               w13_scale_inv=None, w2_scale_inv=None) -> ExpertOutput:
     """FFN_e(x_t) = w2[e] @ (silu(w13[e, :I] @ x_t) * (w13[e, I:] @ x_t)) for every real slot.
 
     Args:
@@ -69,12 +82,19 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     other choices all mean NumPy's matmul). ``stage_marks(name)``, if given, is called after
     each stage is enqueued ("permute", "gemm1", "activation", "gemm2"); the benchmark records
     CUDA events there. Inputs are never modified.
+    FP8 experts (docs/spec.md "FP8 experts"): w13 / w2 e4m3 (NumPy float8_e4m3fn or uint8 bits;
+    CuPy uint8 bits) with fp32 block scales ``w13_scale_inv`` [E, 2*ceil(I/128), ceil(H/128)]
+    and ``w2_scale_inv`` [E, ceil(H/128), ceil(I/128)]: the GPU paths of ``experts.fp8``.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
     w13 = as_array(w13, "w13")
     w2 = as_array(w2, "w2")
-    _check(x, topk_ids, w13, w2)
+    scales = None
+    if w13_scale_inv is not None or w2_scale_inv is not None:
+        scales = (as_array(w13_scale_inv, "w13_scale_inv", allow_none=True),
+                  as_array(w2_scale_inv, "w2_scale_inv", allow_none=True))
+    _check(x, topk_ids, w13, w2, scales)
     if expert_counts is not None:
         expert_counts = as_array(expert_counts, "expert_counts")
         E = w13.shape[0]
@@ -91,6 +111,11 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     mark = stage_marks or _no_mark
+    if scales is not None:
+        if is_cupy(x):
+            return fp8.expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark,
+                                      strategy)
+        return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, scales=scales)
     if is_cupy(x):
         return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
     return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=strategy == "fixed")

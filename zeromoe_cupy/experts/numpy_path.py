@@ -1,4 +1,7 @@
-"""The real experts on the CPU (NumPy): pairs sorted by expert, one matmul per active expert."""
+"""The real experts on the CPU (NumPy): pairs sorted by expert, one matmul per active expert.
+With block scales (FP8 experts), the same loop evaluates docs/spec.md's FP8 math: weights
+dequantized per 128x128 block, each GEMM's input quantized per row and 128 features, gate/up
+rounded to x's dtype and h quantized straight from fp32."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +31,22 @@ def fp16_scaled(a):
     return (a / scale[:, None]).astype(np.float16), scale
 
 
-def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
+def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False, scales=None):
+    """``scales``: None, or (w13_scale_inv, w2_scale_inv) with w13 / w2 e4m3."""
+    from ..quant import dequantize_weight, fake_quantize_activations
+    if scales is None:
+        def weight(w, s, e, glu):
+            return w[e].astype(np.float32)
+
+        def act(a):
+            return a
+        scales = (None, None)
+    else:
+        def weight(w, s, e, glu):
+            return dequantize_weight(w[e], s[e], glu=glu)
+
+        act = fake_quantize_activations
+    fp8 = scales[0] is not None
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     K = topk_ids.shape[1]
@@ -44,22 +62,25 @@ def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False):
     matmul = fixed_order_matmul if fixed_order else np.matmul
     gate_up = np.empty((order.size, 2 * I), np.float32)
     for e, s, t in blocks:  # a loop over active experts, not tokens
-        gate_up[s:t] = matmul(xs[s:t], w13[e].astype(np.float32).T)
+        gate_up[s:t] = matmul(act(xs[s:t]), weight(w13, scales[0], e, True).T)
     gate_up = gate_up.astype(x.dtype).astype(np.float32)  # rounded as the GPU stores it
     mark("gemm1")
     a = _silu(gate_up[:, :I]) * gate_up[:, I:]
     # Stored as the GPU's cuBLAS paths store it; fp16 rows get a power-of-two scale where the
     # activation passes 65504, and their outputs stay fp32 (rows_dtype), so that neither
-    # overflows where y does not.
-    if x.dtype == np.float16:
+    # overflows where y does not. FP8 quantizes h from fp32 (docs/spec.md).
+    row_scale = None
+    if fp8:
+        h = a
+    elif x.dtype == np.float16:
         h16, row_scale = fp16_scaled(a)
         h = h16.astype(np.float32)
     else:
-        h, row_scale = a.astype(x.dtype).astype(np.float32), None
+        h = a.astype(x.dtype).astype(np.float32)
     mark("activation")
     rows = np.empty((order.size, H), rows_dtype(x.dtype))
     for e, s, t in blocks:
-        rows[s:t] = matmul(h[s:t], w2[e].astype(np.float32).T)
+        rows[s:t] = matmul(act(h[s:t]), weight(w2, scales[1], e, False).T)
     if row_scale is not None:
         rows *= row_scale[:, None]
     mark("gemm2")

@@ -1,0 +1,125 @@
+"""FP8 experts on the GPU against the CPU's quantization bits and the float64 reference
+(marker gpu: deselected without a GPU)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import zeromoe_cupy as zm
+from zeromoe_cupy import quant
+from zeromoe_cupy.experts import fp8 as fp8_path
+from zeromoe_cupy.reference import relative_error
+
+from helpers import random_layer_weights, random_x
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+F8 = ml_dtypes.float8_e4m3fn
+FP8_TOL = 5e-3
+
+
+def test_e4m3_encode_is_bit_equal_to_ml_dtypes(rng):
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    edges = np.array([448, 449, 464, 465, 480, 1e6, np.inf, -np.inf, 2.0 ** -10, 3 * 2.0 ** -10,
+                      2.0 ** -9 * 1.5, 1e-45, 0.0, -0.0], np.float32)
+    v = np.concatenate([halves, edges, -edges, rng.standard_normal(1 << 16).astype(np.float32)
+                        * 100, rng.standard_normal(1 << 16).astype(np.float32) * 1e-3])
+    finite = ~np.isnan(v)
+    want = quant.e4m3_from_f32(v).view(np.uint8)
+    got = quant.e4m3_from_f32_gpu(cp.asarray(v)).get()
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert np.isnan(quant.e4m3_to_f32(cp.asarray(got[~finite])).get()).all()
+    # Decoding every byte matches ml_dtypes (NaN where it is NaN).
+    allb = np.arange(256, dtype=np.uint8)
+    dec = quant.e4m3_to_f32(cp.asarray(allb)).get()
+    ref = allb.view(F8).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(dec), np.isnan(ref))
+    np.testing.assert_array_equal(dec[~np.isnan(ref)], ref[~np.isnan(ref)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("I,H", [(128, 256), (136, 200)])
+def test_gpu_block_quantization_equals_numpy(I, H, dtype, rng):
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    w = (rng.standard_normal((3, 2 * I, H)) * 0.05).astype(np.float32)
+    w[0, :128, :128] = 0
+    w[2, I:I + 128, 128:] = 1e-44
+    w = w.astype(dt)
+    q, s = quant.quantize_weight(w, glu=True)
+    wd = cp.asarray(w)
+    qd, sd = quant.quantize_weight(wd, glu=True)
+    np.testing.assert_array_equal(wd.get().view(np.uint8), w.view(np.uint8))
+    assert qd.dtype == np.uint8
+    np.testing.assert_array_equal(qd.get(), q.view(np.uint8))
+    np.testing.assert_array_equal(sd.get(), s)
+    np.testing.assert_array_equal(quant.dequantize_weight(qd, sd, glu=True).get(),
+                                  quant.dequantize_weight(q, s, glu=True))
+
+
+SHAPES = {"aligned": (256, 128), "ragged": (200, 136)}
+
+
+def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
+    H, I = SHAPES[shape]
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=Z,
+                       zero_expert_type=zero_type, top_k=K, dtype=dtype)
+    w = random_layer_weights(rng, cfg)
+    cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
+    gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
+        .quantize("fp8")
+    np.testing.assert_array_equal(gpu8.w13.get(), cpu8.w13.view(np.uint8))
+    np.testing.assert_array_equal(gpu8.w2_scale_inv.get(), cpu8.w2_scale_inv)
+    return cpu8, gpu8
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("strategy,T", [("auto", 3), ("pairs", 40), ("grouped", 40),
+                                        ("padded", 40), ("fallback", 40), ("auto", 1100)])
+def test_gpu_fp8_forward_matches_reference(dtype, shape, strategy, T, rng, monkeypatch):
+    zero_type = "constant" if dtype == "float16" else "identity"
+    cpu8, gpu8 = _layers(rng, dtype, shape, zero_type)
+    w13 = gpu8.w13.copy()
+    gpu8.expert_strategy = "padded" if strategy == "fallback" else strategy
+    if strategy == "fallback":  # the dequantize-to-x's-dtype GEMMs
+        monkeypatch.setattr(fp8_path, "LT_REFUSAL", "forced by the test")
+    x = random_x(rng, T, cpu8.config.hidden_size, dtype)
+    xd = cp.asarray(x)
+    r = gpu8.route(xd)  # one routing for both: near-ties may route differently
+    y = gpu8(xd, routing=r).get()
+    np.testing.assert_array_equal(xd.get(), x)
+    rows = np.sort(rng.choice(T, min(T, 64), replace=False))  # the reference is slow
+    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
+    err = relative_error(y[rows], ref)
+    print(f"gpu fp8 {dtype} {shape} {strategy} T={T}: {err:.2e} (cuBLASLt: "
+          f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED or 'used'})")
+    assert err <= FP8_TOL
+    np.testing.assert_array_equal(gpu8.w13.get(), w13.get())
+
+
+def test_gpu_fp8_pairs_is_batch_invariant(rng):
+    cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
+    x = cp.asarray(random_x(rng, 40, cpu8.config.hidden_size, "bfloat16"))
+    gpu8.expert_strategy = "pairs"
+    full = gpu8(x).get()
+    one = gpu8(x[7:8]).get()
+    np.testing.assert_array_equal(full[7:8].view(np.uint16), one.view(np.uint16))
+
+
+def test_gpu_fp8_uint8_and_torch_weights(rng):
+    cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
+    w = {"router_weight": gpu8.router_weight, "w13": gpu8.w13, "w2": gpu8.w2,
+         "w13_scale_inv": gpu8.w13_scale_inv, "w2_scale_inv": gpu8.w2_scale_inv}
+    again = zm.ZeroExpertMoE.from_weights(gpu8.config, **w)
+    x = cp.asarray(random_x(rng, 5, cpu8.config.hidden_size, "bfloat16"))
+    np.testing.assert_array_equal(again(x).get().view(np.uint16), gpu8(x).get().view(np.uint16))
+    try:
+        import torch
+    except ImportError:
+        return
+    t13 = torch.from_dlpack(gpu8.w13).view(torch.float8_e4m3fn)
+    t2 = torch.from_dlpack(gpu8.w2).view(torch.float8_e4m3fn)
+    from_torch = zm.ZeroExpertMoE.from_weights(gpu8.config, **{**w, "w13": t13, "w2": t2})
+    np.testing.assert_array_equal(from_torch(x).get().view(np.uint16),
+                                  gpu8(x).get().view(np.uint16))

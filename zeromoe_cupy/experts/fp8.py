@@ -1,0 +1,276 @@
+"""FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
+scales, activations quantized per row and 128 features.
+
+- Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: the pair kernel (kernels/fp8.cu
+  pair_gemv_fp8) reads the weight bytes and their scales straight from the routing ids,
+  quantizing x (GEMM 1) and h (GEMM 2, kept in fp32 between the passes) inside the warp that
+  reads them. No host synchronization; a token's result does not depend on its batch.
+- Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets,
+  no host synchronization), activations quantized by a small kernel, and a kernel that runs
+  each expert's rows a few at a time over its weights (read once per expert), fp32 FMAs.
+- More (strategy "padded"): the padded layout (experts/_common.gather), the activations
+  quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
+  cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
+  cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
+  (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
+  ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is); ``LT_REFUSED``
+  maps (x's dtype, H, I) of layers whose GEMMs cuBLASLt refused to the reason (measured on
+  the H200: the heuristic offers an algorithm for K = 128 or 256 that cublasLtMatmul then
+  refuses with NOT_SUPPORTED; LongCat-Flash's shapes run).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _cublas, quant
+from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
+from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
+                      experts_module, gather, real_counts, tile_plan)
+
+GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which the grouped kernel runs
+LT_REFUSAL: str | None = None
+LT_REFUSED: dict = {}
+_NULL = np.uint64(0)
+
+
+def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
+    cp = cupy_module()
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
+    x = with_unit_row_layout(x)
+    w13, w2 = (cp.ascontiguousarray(w).view(np.uint8) for w in (w13, w2))
+    s13, s2 = (cp.ascontiguousarray(s, dtype=np.float32) for s in scales)
+    if strategy == "auto":
+        strategy = "pairs" if T * K <= PAIRS_MAX else \
+            "grouped" if T * K <= GROUPED_MAX else "padded"
+    if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
+        return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
+    if strategy in ("grouped", "syncfree"):  # sync-free: graphs capture it
+        return grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
+    return gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
+
+
+def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
+    """Rows by expert (no padding, device offsets), activations quantized per row and 128
+    features (K-major scales), then grouped_gemv_fp8 for each GEMM. No host synchronization:
+    buffers are sized for every (token, slot) pair."""
+    cp = cupy_module()
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    P = T * ids.shape[1]
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod, qmod = experts_module(), quant.fp8_module()
+    counts = real_counts(ids, expert_counts, E)
+    offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, 1, P)
+    hb, ib = quant.blocks(H), quant.blocks(I)
+    xq = cp.empty((P, H), np.uint8)
+    xsc = cp.empty((P, hb), np.float32)
+    h = cp.empty((P, I), np.float32)
+    hq = cp.empty((P, I), np.uint8)
+    hsc = cp.empty((P, ib), np.float32)
+    rows = cp.empty((P, H), x.dtype)
+    grid_rows = max(1, -(-P // 4))
+    if P:
+        qmod.get_function(f"quantize_rows<{ctype}>")(
+            (grid_rows, hb), (128,),
+            (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), xq, xsc, _NULL))
+    mark("permute")
+    for glu, a, asc, W, S, N, Kd, out, types in (
+            (True, xq, xsc, w13, s13, I, H, h, f"{ctype},float"),
+            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{ctype}")):
+        if P:
+            if not glu:
+                qmod.get_function("quantize_rows<float>")(
+                    (grid_rows, ib), (128,),
+                    (h, np.int32(P), np.int32(I), offsets, np.int32(E), np.int32(0), hq, hsc,
+                     _NULL))
+            R = PAIR_ROWS[glu]
+            vec = str(Kd % 16 == 0).lower()
+            qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
+                (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
+                (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
+        mark("gemm1" if glu else "gemm2")
+        if glu:
+            mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)
+    return ExpertOutput(rows, slot_rows)
+
+
+def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
+    """The pair kernel over every (token, slot) pair, launched in chunks of whole tokens
+    (a launch takes at most 65535 pairs)."""
+    cp = cupy_module()
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    K = ids.shape[1]
+    P = T * K
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod = quant.fp8_module()
+    slot_rows = cp.empty((T, K), np.int32)
+    h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
+    rows = cp.empty((P, H), x.dtype)
+    mark("permute")
+    x_stride = x.strides[0] // x.itemsize
+    chunk = 65535 // K * K
+    passes = ((True, x, x_stride, K, w13, s13, I, H, h, f"{ctype},{ctype},float"),
+              (False, h, I, 1, w2, s2, H, I, rows, f"{ctype},float,{ctype}"))
+    for glu, src, stride, div, W, S, N, Kd, out, types in passes:
+        vec = (Kd % 16 == 0 and (stride * src.itemsize) % 16 == 0 and src.data.ptr % 16 == 0
+               and W.data.ptr % 16 == 0)
+        R = PAIR_ROWS[glu]
+        kernel = mod.get_function(
+            f"pair_gemv_fp8<{types},{R},{str(glu).lower()},{str(vec).lower()}>")
+        for p0 in range(0, P, chunk):
+            n = min(chunk, P - p0)
+            kernel((-(-N // (PAIR_WARPS * R)), n), (32 * PAIR_WARPS,),
+                   (src, np.int64(stride), np.int32(div), ids, np.int32(E), W, S, np.int32(N),
+                    np.int32(Kd), out, slot_rows, np.int64(p0)))
+        if glu:
+            mark("gemm1")
+            mark("activation")  # fused into the first pass
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows)
+
+
+def _lt_layout(H: int, I: int, dtype: str):
+    """How to call cuBLASLt's block-scaled FP8 GEMM here: (weight scales transposed, activation
+    scales M-major), or None where it cannot serve (LT_REFUSAL says why, but for H or I not
+    multiples of 128, which only this layer's shapes rule out)."""
+    global LT_REFUSAL
+    cp = cupy_module()
+    if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128:
+        return None
+    cc = cp.cuda.Device().compute_capability  # "90", "89", "120"
+    if (int(cc[:-1]), int(cc[-1])) < (8, 9):
+        LT_REFUSAL = f"compute capability {cc[:-1]}.{cc[-1]} has no FP8 tensor cores (>= 8.9)"
+        return None
+    device = cp.cuda.runtime.getDevice()
+    if device not in _LT_LAYOUTS:
+        _LT_LAYOUTS[device] = _lt_self_check()
+    return _LT_LAYOUTS[device]
+
+
+_LT_LAYOUTS: dict = {}
+
+
+def _lt_self_check():
+    """Run the GEMM once on a small random problem against the dequantized product, with the
+    documented scale layouts first (weights [N/128, K/128], activations M-major) and the
+    transposed ones after: the first layout that gives the product is used; if none does,
+    cuBLASLt is not used (LT_REFUSAL records each attempt). One-time cost: a few calls."""
+    global LT_REFUSAL
+    from ..reference import relative_error
+    cp = cupy_module()
+    m, n, k = 64, 256, 512
+    rng = np.random.default_rng(0)
+    qw, sw = quant.quantize_weight(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
+    qx, sx = quant.quantize_activations(rng.standard_normal((m, k), dtype=np.float32))
+    ref = (qx.astype(np.float64) * np.repeat(sx, 128, 1)) @ \
+        quant.dequantize_weight(qw, sw).astype(np.float64).T
+    notes = []
+    for w_t, x_mm in ((False, True), (True, True), (False, False), (True, False)):
+        name = f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128]'}, activation " \
+               f"scales {'M' if x_mm else 'K'}-major"
+        out = cp.empty((m, n), DTYPES["bfloat16"][0])
+        try:
+            _cublas.fp8_gemm_nt(cp.asarray(qw.view(np.uint8)),
+                                cp.asarray(np.ascontiguousarray(sw.T if w_t else sw)),
+                                cp.asarray(qx.view(np.uint8)),
+                                cp.asarray(np.ascontiguousarray(sx.T if x_mm else sx)).ravel(),
+                                out, m)
+            err = relative_error(out.get().astype(np.float32), ref)
+        except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
+            notes.append(f"{name}: {exc}")
+            continue
+        if err < 2e-2:
+            return (w_t, x_mm)
+        notes.append(f"{name}: wrong product (rel. error {err:.1e})")
+    LT_REFUSAL = "cuBLASLt block-scaled FP8 GEMM unusable: " + "; ".join(notes)
+    return None
+
+
+def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
+    cp = cupy_module()
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    mod, qmod = experts_module(), quant.fp8_module()
+    scales_in = (s13, s2)
+    counts = real_counts(ids, expert_counts, E)
+    counts_host = counts.get().astype(np.int64)  # the one host synchronization of the pass
+    active = np.nonzero(counts_host)[0]
+    # Rows of each expert padded to PAD_ROWS: cuBLASLt wants M a multiple of 4 (and 16-byte
+    # aligned rows), and every active expert is one GEMM.
+    starts, rows_total, _ = tile_plan(counts_host, PAD_ROWS, MAX_TILE)
+    padded = -(-counts_host // PAD_ROWS) * PAD_ROWS
+    offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, PAD_ROWS, rows_total)
+    gate_up = cp.empty((rows_total, 2 * I), x.dtype)
+    rows = cp.empty((rows_total, H), x.dtype)
+    mark("permute")
+    if rows_total == 0:
+        for stage in ("gemm1", "activation", "gemm2"):
+            mark(stage)
+        return ExpertOutput(rows, slot_rows)
+    grid_rows = -(-rows_total // 4)
+    layout = _lt_layout(H, I, dtype_name(x.dtype))
+    if layout is not None:
+        w_t, x_mm = layout
+        if w_t:
+            s13, s2 = (cp.ascontiguousarray(s.transpose(0, 2, 1)) for s in (s13, s2))
+        xq = cp.empty((rows_total, H), np.uint8)
+        xsc = cp.empty(rows_total * (H // 128), np.float32)
+        qmod.get_function(f"quantize_rows<{ctype}>")(
+            (grid_rows, H // 128), (128,),
+            (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), np.int32(x_mm), xq,
+             xsc, _NULL))
+        hq = cp.empty((rows_total, I), np.uint8)
+        hsc = cp.empty(rows_total * (I // 128), np.float32)
+        try:
+            for e in active:
+                s, m = starts[e], int(padded[e])
+                _cublas.fp8_gemm_nt(w13[e], s13[e], xq[s:s + m], xsc[s * (H // 128):],
+                                    gate_up[s:s + m], m)
+            mark("gemm1")
+            qmod.get_function(f"silu_mul_quantize<{ctype}>")(
+                (grid_rows, I // 128), (128,),
+                (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E),
+                 np.int32(x_mm), hq, hsc, _NULL))
+            mark("activation")
+            for e in active:
+                s, m = starts[e], int(padded[e])
+                _cublas.fp8_gemm_nt(w2[e], s2[e], hq[s:s + m], hsc[s * (I // 128):],
+                                    rows[s:s + m], m)
+            mark("gemm2")
+            return ExpertOutput(rows, slot_rows)
+        except (_cublas.CublasLtError, OSError) as exc:  # e.g. a small K (see above)
+            LT_REFUSED[dtype_name(x.dtype), H, I] = f"cuBLASLt refused: {exc}"
+            s13, s2 = scales_in
+    # Fallback: fp32 GEMMs over the dequantized weights and activations a' = q * sa (exact in
+    # fp32); gate / up and the output rounded to x's dtype after. Rounding a' or the weights
+    # to bf16 instead measured about 1.5e-2 against the reference (SPEC allows 5e-3).
+    xd = cp.empty((rows_total, H), np.float32)
+    qmod.get_function(f"quantize_rows<{ctype}>")(
+        (grid_rows, (H + 127) // 128), (128,),
+        (xs, np.int32(rows_total), np.int32(H), offsets, np.int32(E), np.int32(1), _NULL,
+         _NULL, xd))
+    acc = cp.empty((rows_total, 2 * I), np.float32)
+    for e in active:
+        s, n = starts[e], int(counts_host[e])
+        W = quant.dequantize_weight(w13[e], s13[e], glu=True)
+        _cublas.gemm_nt(W, xd[s:s + n], acc[s:s + n])
+    gate_up[...] = acc.astype(x.dtype)
+    mark("gemm1")
+    hd = cp.empty((rows_total, I), np.float32)
+    qmod.get_function(f"silu_mul_quantize<{ctype}>")(
+        (grid_rows, (I + 127) // 128), (128,),
+        (gate_up, np.int32(rows_total), np.int32(I), offsets, np.int32(E), np.int32(1), _NULL,
+         _NULL, hd))
+    mark("activation")
+    acc = cp.empty((rows_total, H), np.float32)
+    for e in active:
+        s, n = starts[e], int(counts_host[e])
+        W = quant.dequantize_weight(w2[e], s2[e], glu=False)
+        _cublas.gemm_nt(W, hd[s:s + n], acc[s:s + n])
+    rows[...] = acc.astype(x.dtype)
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows)

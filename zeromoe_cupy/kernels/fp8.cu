@@ -1,0 +1,392 @@
+// FP8 (e4m3, block-scaled) kernels: conversion, weight and activation quantization, and the
+// pair (decode) experts reading e4m3 weights. e4m3 values are held as bytes (unsigned char);
+// every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (docs/spec.md).
+#include "common.cuh"
+
+#define E4M3_MAX 448.f
+#define ACT_EPS 1e-10f
+#define QBLOCK 128
+#define PAIR_WARPS 4  // as in experts.cu (experts/_common.py PAIR_WARPS)
+
+// The conversions are written out (no cuda_fp8.h: only portable headers are included; the
+// hardware e4m3 convert exists from sm_89 only). Same results as cuda_fp8.h's
+// __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3): round to nearest even, finite values
+// saturate at +-448 (infinities too), NaN -> 0x7f with the sign.
+__device__ __forceinline__ unsigned char e4m3_bits(float v) {
+  const unsigned sign = (__float_as_uint(v) >> 24) & 0x80u;
+  const float a = fabsf(v);
+  if (a != a) return (unsigned char)(sign | 0x7fu);
+  if (a >= E4M3_MAX) return (unsigned char)(sign | 0x7eu);
+  if (a < 0.015625f) {  // below 2^-6: subnormals m * 2^-9 (m = 8 is the smallest normal)
+    return (unsigned char)(sign | (unsigned)rintf(a * 512.f));
+  }
+  const unsigned ua = __float_as_uint(a);
+  unsigned exp = (ua >> 23) - 127u + 7u, r = (ua >> 20) & 7u;
+  const unsigned rem = ua & 0xfffffu;  // the 20 dropped mantissa bits: round to nearest even
+  if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) ++r;
+  if (r == 8u) {
+    r = 0u;
+    ++exp;
+  }
+  return (unsigned char)(sign | (exp << 3) | r);
+}
+// e4m3 -> fp32, exact: the 7 magnitude bits placed at an fp16's exponent and top mantissa bits
+// make an fp16 (normal or subnormal alike) worth 2^-8 of the e4m3 value; 0x7f / 0xff are NaN.
+__device__ __forceinline__ float e4m3_value(unsigned char b) {
+  const unsigned short h = (unsigned short)(((b & 0x80u) << 8) | ((b & 0x7fu) << 7));
+  const float v = __half2float(__ushort_as_half(h)) * 256.f;
+  return (b & 0x7fu) == 0x7fu ? __int_as_float(0x7fffffff) : v;
+}
+// The e4m3 value nearest to v (as fp32; exact).
+__device__ __forceinline__ float e4m3_round(float v) { return e4m3_value(e4m3_bits(v)); }
+
+extern "C" __global__ void e4m3_encode(const float* __restrict__ in, unsigned char* __restrict__ out,
+                                       long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    out[i] = e4m3_bits(in[i]);
+}
+
+extern "C" __global__ void e4m3_decode(const unsigned char* __restrict__ in, float* __restrict__ out,
+                                       long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    out[i] = e4m3_value(in[i]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// One block per 128x128 block of one matrix (blockIdx.z) of w: (count, n, k) ->
+// q (count, n, k) e4m3 bytes, s (count, ceil(n/128), ceil(k/128)) fp32:
+// s = max|w| / 448 (1 where that is 0), q = e4m3(w / s).
+template <typename T>
+__global__ void __launch_bounds__(256)
+quantize_blocks(const T* __restrict__ w, unsigned char* __restrict__ q, float* __restrict__ s,
+                int n, int k) {
+  const int r0 = blockIdx.y * QBLOCK, c0 = blockIdx.x * QBLOCK;
+  const int rows = min(QBLOCK, n - r0), cols = min(QBLOCK, k - c0);
+  const long long base = (long long)blockIdx.z * n * k;
+  float amax = 0.f;
+  int bad = 0;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int r = i / cols, c = i % cols;
+    const float v = to_f32(w[base + (long long)(r0 + r) * k + c0 + c]);
+    amax = fmaxf(amax, fabsf(v));
+    bad |= !isfinite(v);
+  }
+  __shared__ float partial[8];
+  amax = warp_max(amax);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = amax;
+  bad = __syncthreads_or(bad);
+  amax = 0.f;
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, partial[i]);
+  float scale = amax / E4M3_MAX;
+  if (scale == 0.f) scale = 1.f;  // a zero block, or an amax whose quotient underflows
+  // A non-finite weight makes the block's scale NaN: the caller checks the scales.
+  if (threadIdx.x == 0)
+    s[((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] =
+        bad ? __int_as_float(0x7fffffff) : scale;
+  for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int r = i / cols, c = i % cols;
+    const long long at = base + (long long)(r0 + r) * k + c0 + c;
+    q[at] = e4m3_bits(to_f32(w[at]) / scale);
+  }
+}
+
+// Where the scale of row r, group g goes for the per-expert block-scaled GEMMs: M-major (what
+// cuBLASLt's VEC128 activation scales are documented to want), each expert's rows
+// [offsets[e], offsets[e+1]) get their own [groups, rows_e] block starting at
+// offsets[e] * groups; else K-major, [rows, groups] (each expert's block is a row range).
+__device__ __forceinline__ long long act_scale_index(const int* offsets, int E, int r, int g,
+                                                     int groups, int m_major) {
+  if (!m_major) return (long long)r * groups + g;
+  int lo = 0, hi = E;  // offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid; else hi = mid;
+  }
+  const int rows_e = offsets[lo + 1] - offsets[lo];
+  return (long long)offsets[lo] * groups + (long long)g * rows_e + (r - offsets[lo]);
+}
+
+// Quantize one 128-feature group held by a warp (4 values per lane, zeros past the row's
+// end): sa = max(max|a|, 1e-10) / 448, v <- e4m3(v / sa) as fp32 values. Returns sa.
+__device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(v[i]));
+  const float sa = fmaxf(warp_max(m), ACT_EPS) / E4M3_MAX;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = e4m3_round(v[i] / sa);
+  return sa;
+}
+
+// Writes one quantized group: e4m3 bytes to q and sa to scales (layout act_scale_index), or,
+// with deq non-null, the dequantized a' = q * sa in fp32 (the fallback's fp32 GEMMs read it:
+// rounded to bf16, a' would move gate / up and with them h's quantization grid).
+__device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r, int g, int K,
+                                            int c, const int* offsets, int E, int m_major,
+                                            unsigned char* q, float* scales, float* deq) {
+  const long long at = (long long)r * K + c;
+  if (deq != nullptr) {
+    for (int i = 0; i < 4; ++i)
+      if (c + i < K) deq[at + i] = v[i] * sa;
+    return;
+  }
+  for (int i = 0; i < 4; ++i)
+    if (c + i < K) q[at + i] = e4m3_bits(v[i]);
+  if (threadIdx.x % 32 == 0)
+    scales[act_scale_index(offsets, E, r, g, (K + QBLOCK - 1) / QBLOCK, m_major)] = sa;
+}
+
+// Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
+// One warp per (row, group); grid (ceil(rows / 4), ceil(K/128)), 128 threads. Rows past offsets[E]
+// (the layout's end) are skipped. The scale layout needs K % 128 == 0 (the GEMM path's rule).
+template <typename T>
+__global__ void __launch_bounds__(128)
+quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
+              int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
+              float* __restrict__ deq) {
+  const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
+  if (r >= rows || r >= offsets[E]) return;
+  const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+  float v[4];
+  for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(a[(long long)r * K + c + i]) : 0.f;
+  const float sa = quantize_group_warp(v);
+  store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
+}
+
+// gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
+// from fp32 (docs/spec.md: h is not rounded to T first). Launch as quantize_rows over (rows, I).
+template <typename T>
+__global__ void __launch_bounds__(128)
+silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __restrict__ offsets,
+                  int E, int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
+                  float* __restrict__ deq) {
+  const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
+  if (r >= rows || r >= offsets[E]) return;
+  const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+  float v[4];
+  for (int i = 0; i < 4; ++i) {
+    if (c + i < I) {
+      const float gv = to_f32(gate_up[(long long)r * 2 * I + c + i]);
+      const float uv = to_f32(gate_up[(long long)r * 2 * I + I + c + i]);
+      v[i] = gv / (1.f + __expf(-gv)) * uv;
+    } else {
+      v[i] = 0.f;
+    }
+  }
+  const float sa = quantize_group_warp(v);
+  store_group(v, sa, r, g, I, c, offsets, E, m_major, q, scales, deq);
+}
+
+// The pair (decode) experts with e4m3 weights: as pair_gemv in experts.cu, with W e4m3 bytes
+// (E, MATS*N, Kd) and S its fp32 block scales (E, MATS*ceil(N/128), ceil(Kd/128)), gate and
+// up blocked separately. Each lane owns 16 consecutive features per step, so 8 lanes hold one
+// 128-feature group: they quantize it (max over the 8 lanes), dot the e4m3 values with the
+// weight bytes in fp32, and scale the partial sum by sa * scale_inv of the block.
+//   GLU:  in = x (TIN = TX, stride in_stride, row p / in_div); out = h in fp32 (TOUT = float),
+//         h = silu(g) * u from g, u rounded to TX.
+//   else: in = h (TIN = float); out = the pair's output row in TX.
+// VEC16: Kd, the row stride and the pointers allow 16-byte weight loads; the scalar variant
+// gives the same bits.
+#define FP8_CH 16
+template <typename TX, typename TIN, typename TOUT, int ROWS, bool GLU, bool VEC16>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
+              const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
+              const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
+              int* __restrict__ slot_rows, long long p0) {
+  const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
+  const int e = ids[p];
+  const bool real = e >= 0 && e < E;
+  if (GLU && blockIdx.x == 0 && threadIdx.x == 0) slot_rows[p] = real ? (int)p : -1;
+  if (!real) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const TIN* a = in + (p / in_div) * in_stride;
+  const unsigned char* w[MATS][ROWS];
+  const float* s[MATS][ROWS];
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {  // rows past N repeat row j0: computed, never stored
+      const int j = j0 + r < N ? j0 + r : j0;
+      w[m][r] = W + ((long long)e * MATS * N + (long long)m * N + j) * Kd;
+      s[m][r] = S + ((long long)e * MATS * NB + m * NB + j / QBLOCK) * KB;
+    }
+  float acc[MATS][ROWS] = {};
+#pragma unroll 2
+  for (int c0 = 0; c0 < Kd; c0 += 32 * FP8_CH) {
+    const int c = c0 + lane * FP8_CH, g = c / QBLOCK;
+    float v[FP8_CH];
+    if (VEC16 && c < Kd) {
+#pragma unroll
+      for (int i = 0; i < FP8_CH; i += 16 / sizeof(TIN)) {
+        float t[16 / sizeof(TIN)];
+        load_f32<TIN, 16 / sizeof(TIN)>(a + c + i, t);
+#pragma unroll
+        for (int u = 0; u < 16 / (int)sizeof(TIN); ++u) v[i + u] = t[u];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < FP8_CH; ++i) v[i] = c + i < Kd ? to_f32(a[c + i]) : 0.f;
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < FP8_CH; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int off = 1; off < QBLOCK / FP8_CH; off <<= 1)  // the 8 lanes of this group
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float sa = fmaxf(amax, ACT_EPS) / E4M3_MAX;
+#pragma unroll
+    for (int i = 0; i < FP8_CH; ++i) v[i] = e4m3_round(v[i] / sa);
+    if (c >= Kd) continue;  // after the shuffles: every lane takes part in them
+#pragma unroll
+    for (int m = 0; m < MATS; ++m)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        alignas(16) unsigned char wb[FP8_CH];
+        if (VEC16) {
+          *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
+        }
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < FP8_CH; ++i) d = fmaf(v[i], e4m3_value(wb[i]), d);
+        acc[m][r] = fmaf(d, sa * s[m][r][g], acc[m][r]);
+      }
+  }
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if (lane < ROWS && j0 + lane < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r == lane) {
+        if (GLU) {
+          const float g = to_f32(from_f32<TX>(acc[0][r]));
+          const float u = to_f32(from_f32<TX>(acc[MATS - 1][r]));
+          v = g / (1.f + __expf(-g)) * u;
+        } else {
+          v = acc[0][r];
+        }
+      }
+    }
+    out[p * N + j0 + lane] = from_f32<TOUT>(v);
+  }
+}
+
+// The experts for a moderate number of rows, with no host synchronization: each block takes
+// one expert (blockIdx.y) and PAIR_WARPS * ROWS output features, and runs over the expert's
+// rows [offsets[e], offsets[e+1]) MT at a time, so the weights are read once per expert (then
+// from L2). The inputs are already quantized: aq e4m3 bytes (rows, Kd), as fp32 (rows,
+// ceil(Kd/128)) (quantize_rows, K-major). W / S as in pair_gemv_fp8.
+//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
+#define GROUPED_MT 4
+template <typename TX, typename TOUT, int ROWS, bool GLU, bool VEC16>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
+                 const int* __restrict__ offsets, const unsigned char* __restrict__ W,
+                 const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out) {
+  const int e = blockIdx.y;
+  const int r0 = offsets[e], r1 = offsets[e + 1];
+  if (r0 >= r1) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * ROWS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  constexpr int MT = GROUPED_MT;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const unsigned char* w[MATS][ROWS];
+  const float* s[MATS][ROWS];
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int j = j0 + r < N ? j0 + r : j0;
+      w[m][r] = W + ((long long)e * MATS * N + (long long)m * N + j) * Kd;
+      s[m][r] = S + ((long long)e * MATS * NB + m * NB + j / QBLOCK) * KB;
+    }
+  for (int t0 = r0; t0 < r1; t0 += MT) {
+    float acc[MATS][ROWS][MT] = {};
+    for (int c = lane * FP8_CH; c < Kd; c += 32 * FP8_CH) {
+      const int g = c / QBLOCK;
+      float wv[MATS][ROWS][FP8_CH];
+      float ws[MATS][ROWS];
+#pragma unroll
+      for (int m = 0; m < MATS; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          alignas(16) unsigned char wb[FP8_CH];
+          if (VEC16) {
+            *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
+          } else {
+#pragma unroll
+            for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
+          }
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) wv[m][r][i] = e4m3_value(wb[i]);
+          ws[m][r] = s[m][r][g];
+        }
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        if (t0 + t >= r1) break;
+        const long long row = t0 + t;
+        alignas(16) unsigned char ab[FP8_CH];
+        if (VEC16) {
+          *reinterpret_cast<uint4*>(ab) = *reinterpret_cast<const uint4*>(aq + row * Kd + c);
+        } else {
+#pragma unroll
+          for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? aq[row * Kd + c + i] : 0;
+        }
+        float av[FP8_CH];
+#pragma unroll
+        for (int i = 0; i < FP8_CH; ++i) av[i] = e4m3_value(ab[i]);
+        const float sa = as[row * KB + g];
+#pragma unroll
+        for (int m = 0; m < MATS; ++m)
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < FP8_CH; ++i) d = fmaf(av[i], wv[m][r][i], d);
+            acc[m][r][t] = fmaf(d, sa * ws[m][r], acc[m][r][t]);
+          }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+      for (int m = 0; m < MATS; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[m][r][t] = warp_sum(acc[m][r][t]);
+      if (lane < ROWS && j0 + lane < N && t0 + t < r1) {
+        float v = 0.f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          if (r == lane) {
+            if (GLU) {
+              const float gv = to_f32(from_f32<TX>(acc[0][r][t]));
+              const float uv = to_f32(from_f32<TX>(acc[MATS - 1][r][t]));
+              v = gv / (1.f + __expf(-gv)) * uv;
+            } else {
+              v = acc[0][r][t];
+            }
+          }
+        }
+        out[(long long)(t0 + t) * N + j0 + lane] = from_f32<TOUT>(v);
+      }
+    }
+  }
+}

@@ -1,0 +1,202 @@
+"""FP8 block quantization (docs/spec.md "FP8 experts"), NumPy and CuPy.
+
+e4m3 here is float8_e4m3fn (no infinities, max 448). On the host an e4m3 array is an
+``ml_dtypes.float8_e4m3fn`` array; on the GPU (CuPy has no float8 dtype) it is a uint8 array
+holding the same bits. Every rounding is from fp32, to nearest even, saturating at +-448.
+
+Weights: a matrix [N, K] has one fp32 ``scale_inv`` per 128x128 block,
+[ceil(N/128), ceil(K/128)]; ``W = q * scale_inv``. A fused gate/up matrix [2I, K] is two
+matrices blocked separately (``glu=True``): its scales are [2 * ceil(I/128), ceil(K/128)].
+Activations: per row and per group of 128 consecutive features, ``sa = max(max|a|, 1e-10) /
+448``, ``a' = e4m3(a / sa) * sa``.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ._arrays import cupy_module, is_cupy
+from ._compile import memoize_per_device, raw_module
+
+BLOCK = 128
+E4M3_MAX = 448.0
+ACT_EPS = 1e-10
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def blocks(n: int) -> int:
+    """ceil(n / 128): the number of 128-wide blocks that cover n."""
+    return -(-n // BLOCK)
+
+
+def scale_shape(shape, glu: bool) -> tuple:
+    """The scale_inv shape of a weight of ``shape`` [..., N, K] ([..., 2I, K] if glu)."""
+    *lead, n, k = shape
+    if glu:
+        return (*lead, 2 * blocks(n // 2), blocks(k))
+    return (*lead, blocks(n), blocks(k))
+
+
+def is_e4m3(a) -> bool:
+    """True for arrays that hold e4m3 values: ml_dtypes float8_e4m3fn, or uint8 bits."""
+    return a.dtype == E4M3 or a.dtype == np.uint8
+
+
+def e4m3_from_f32(v: np.ndarray) -> np.ndarray:
+    """float32 -> float8_e4m3fn, round to nearest even, saturating at +-448 (NaN stays NaN).
+    ml_dtypes' cast gives NaN past the largest finite value, hence the clip first."""
+    v = np.asarray(v, np.float32)
+    with np.errstate(invalid="ignore"):  # NaN casts to NaN, which is what it should give
+        return np.clip(v, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+def _matrices(shape, glu):
+    """(count, rows, cols) of the separately blocked matrices in a [..., N, K] weight."""
+    *lead, n, k = shape
+    count = int(np.prod(lead, dtype=np.int64)) * (2 if glu else 1)
+    return count, (n // 2 if glu else n), k
+
+
+def quantize_weight(w, glu: bool = False):
+    """(q, scale_inv) of a weight [..., N, K] (NumPy or CuPy; bf16/fp16/fp32).
+
+    Per 128x128 block, in fp32: scale_inv = max|W| / 448 (1 where that is 0), q = e4m3(W /
+    scale_inv). ``glu``: the rows are gate then up ([..., 2I, K]), blocked separately.
+    Returns q (NumPy: float8_e4m3fn; CuPy: uint8 bits) of w's shape and fp32 scales
+    ``scale_shape(w.shape, glu)``. Raises ValueError for non-finite weights or an odd 2I.
+    """
+    if w.ndim < 2:
+        raise ValueError(f"w: expected a weight [..., N, K], got shape {tuple(w.shape)}")
+    if glu and w.shape[-2] % 2:
+        raise ValueError(f"w: expected an even number of rows (gate and up), got {w.shape[-2]}")
+    count, n, k = _matrices(w.shape, glu)
+    if is_cupy(w):
+        q, s = _quantize_weight_gpu(w, count, n, k)
+    else:
+        q, s = _quantize_weight_numpy(np.asarray(w), count, n, k)
+    return q.reshape(w.shape), s.reshape(scale_shape(w.shape, glu))
+
+
+def _quantize_weight_numpy(w, count, n, k):
+    mats = w.reshape(count, n, k)
+    q = np.empty((count, n, k), E4M3)
+    s = np.empty((count, blocks(n), blocks(k)), np.float32)
+    for i in range(count):
+        m = mats[i].astype(np.float32)
+        if not np.isfinite(m).all():
+            raise ValueError("w: expected finite weights, got NaN or Inf")
+        padded = np.zeros((blocks(n) * BLOCK, blocks(k) * BLOCK), np.float32)
+        padded[:n, :k] = np.abs(m)
+        amax = padded.reshape(blocks(n), BLOCK, blocks(k), BLOCK).max(axis=(1, 3))
+        si = amax / np.float32(E4M3_MAX)
+        si[si == 0] = 1  # a zero block, or an amax so small that the quotient underflows
+        s[i] = si
+        full = np.repeat(np.repeat(si, BLOCK, 0), BLOCK, 1)[:n, :k]
+        q[i] = e4m3_from_f32(m / full)
+    return q, s
+
+
+def dequantize_weight(q, scale_inv, glu: bool = False, dtype=np.float32):
+    """W = q * scale_inv per 128x128 block, computed in fp32 and returned in ``dtype``.
+    q: float8_e4m3fn (NumPy) or uint8 e4m3 bits (NumPy or CuPy) [..., N, K]."""
+    count, n, k = _matrices(q.shape, glu)
+    s = scale_inv.reshape(count, blocks(n), blocks(k))
+    if is_cupy(q):
+        cp = cupy_module()
+        out = cp.empty((count, n, k), dtype)
+        for i in range(count):
+            w = e4m3_to_f32(q.reshape(count, n, k)[i])
+            full = cp.repeat(cp.repeat(s[i], BLOCK, 0), BLOCK, 1)[:n, :k]
+            out[i] = (w * full).astype(dtype)
+        return out.reshape(q.shape)
+    q = np.asarray(q)
+    vals = (q.view(E4M3) if q.dtype == np.uint8 else q).astype(np.float32)
+    full = np.repeat(np.repeat(np.asarray(s, np.float32), BLOCK, 1), BLOCK, 2)[:, :n, :k]
+    return (vals.reshape(count, n, k) * full).astype(dtype).reshape(q.shape)
+
+
+def quantize_activations(a):
+    """(q, sa) of activations a [M, K] (NumPy, any float dtype, rounded from fp32): per row and
+    128-feature group g, sa[m, g] = max(max|a|, 1e-10) / 448 (fp32) and q = e4m3(a / sa).
+    q: float8_e4m3fn [M, K]; sa: fp32 [M, ceil(K/128)]."""
+    a = np.asarray(a).astype(np.float32)
+    M, K = a.shape
+    G = blocks(K)
+    padded = np.zeros((M, G * BLOCK), np.float32)
+    padded[:, :K] = a
+    amax = np.abs(padded).reshape(M, G, BLOCK).max(axis=2)
+    sa = np.maximum(amax, np.float32(ACT_EPS)) / np.float32(E4M3_MAX)
+    q = e4m3_from_f32(a / np.repeat(sa, BLOCK, 1)[:, :K])
+    return q, sa
+
+
+def fake_quantize_activations(a) -> np.ndarray:
+    """a' = e4m3(a / sa) * sa in fp32 (see quantize_activations)."""
+    q, sa = quantize_activations(a)
+    return q.astype(np.float32) * np.repeat(sa, BLOCK, 1)[:, :q.shape[1]]
+
+
+# --- GPU ------------------------------------------------------------------------------------
+
+def fp8_kernel_names() -> list[str]:
+    """Every instantiation in kernels/fp8.cu that the GPU path may launch."""
+    from ._arrays import DTYPES
+    from .experts._common import PAIR_ROWS
+    names = ["e4m3_encode", "e4m3_decode"]
+    for _, (_, ctype) in DTYPES.items():
+        names += [f"quantize_blocks<{ctype}>", f"quantize_rows<{ctype}>",
+                  f"silu_mul_quantize<{ctype}>"]
+        for vec in ("true", "false"):
+            names += [f"pair_gemv_fp8<{ctype},{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
+                      f"pair_gemv_fp8<{ctype},float,{ctype},{PAIR_ROWS[False]},false,{vec}>",
+                      f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
+                      f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
+    return names
+
+
+@memoize_per_device
+def fp8_module():
+    """kernels/fp8.cu, compiled once per device."""
+    return raw_module("fp8.cu", fp8_kernel_names())
+
+
+def _launch_1d(name, n, args):
+    blocks_ = int(min(max(1, -(-n // 256)), 132 * 16))
+    fp8_module().get_function(name)((blocks_,), (256,), args)
+
+
+def e4m3_from_f32_gpu(v):
+    """CuPy float32 -> uint8 e4m3 bits (the e4m3 conversion of kernels/fp8.cu: round to
+    nearest even, saturating at +-448, as ``e4m3_from_f32``)."""
+    cp = cupy_module()
+    v = cp.ascontiguousarray(v, dtype=np.float32)
+    out = cp.empty(v.shape, np.uint8)
+    _launch_1d("e4m3_encode", v.size, (v, out, np.int64(v.size)))
+    return out
+
+
+def e4m3_to_f32(q):
+    """uint8 e4m3 bits -> float32 (NumPy or CuPy)."""
+    if not is_cupy(q):
+        return np.asarray(q).view(E4M3).astype(np.float32)
+    cp = cupy_module()
+    q = cp.ascontiguousarray(q)
+    out = cp.empty(q.shape, np.float32)
+    _launch_1d("e4m3_decode", q.size, (q, out, np.int64(q.size)))
+    return out
+
+
+def _quantize_weight_gpu(w, count, n, k):
+    from ._arrays import DTYPES, dtype_name
+    cp = cupy_module()
+    name = dtype_name(w.dtype)
+    if name is None:
+        raise TypeError(f"w: expected bfloat16, float16 or float32, got {w.dtype}")
+    w = cp.ascontiguousarray(w)
+    q = cp.empty((count, n, k), np.uint8)
+    s = cp.empty((count, blocks(n), blocks(k)), np.float32)
+    fp8_module().get_function(f"quantize_blocks<{DTYPES[name][1]}>")(
+        (blocks(k), blocks(n), count), (256,), (w, q, s, np.int32(n), np.int32(k)))
+    if not bool(cp.isfinite(s).all()):  # the kernel marks blocks holding NaN / Inf
+        raise ValueError("w: expected finite weights, got NaN or Inf")
+    return q, s
