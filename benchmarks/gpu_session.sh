@@ -1,49 +1,59 @@
 #!/usr/bin/env bash
-# One call on the GPU machine. Parts (default: tests sweep ops bench chunk memcheck); also
-# bench_fp32 (router_gemm='fp32'), bench_det (deterministic=True), router and ncu.
-# Summaries go to $OUT/log.txt; full logs and JSON beside it.
+# One call on the GPU machine. Parts run in the order given (default: tests bench); each
+# writes its full log under $OUT and a summary to $OUT/log.txt. On a machine of two GPUs,
+# `split` runs the GPU suite on GPU 0 while `bench bench_fp8 load` run on GPU 1, then `ep`.
+#   tests      the whole GPU suite              bench      zeromoe bench --graph --peers torch
+#   bench_fp8  zeromoe bench --quantization fp8  load       from_pretrained of a 39 GB layer
+#   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
+#   memcheck   compute-sanitizer over tests/test_gpu.py (small shapes)
 export PYTHONUNBUFFERED=1
-parts=${*:-tests sweep ops bench chunk memcheck}
+parts=${*:-tests bench}
 log="$OUT/log.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
-for part in $parts; do
-  echo "== $part $(date +%T)" | tee -a "$log"
-  case $part in
+
+part() {
+  echo "== $1 $(date +%T) (GPU ${CUDA_VISIBLE_DEVICES:-all})" | tee -a "$log"
+  case $1 in
     tests)
-      timeout 420 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
-      grep -E "passed|failed|Error" "$OUT/gpu_tests.txt" | tail -25 | tee -a "$log" ;;
-    sweep)
-      timeout 200 python3 benchmarks/strategy_sweep.py "$OUT/sweep.json" 2>&1 | tail -20 | tee -a "$log" ;;
-    ops)
-      nvidia-smi -q -d CLOCK | grep -A3 -E "^    (Clocks|Applications Clocks|Max Clocks)$" >> "$log"
-      nvidia-smi --query-gpu=clocks.sm,power.draw,clocks_event_reasons.active --format=csv \
-        -lms 250 > "$OUT/clocks.txt" 2>&1 & smi=$!
-      timeout 90 python3 benchmarks/ops_bench.py "$OUT/ops_bench.json" 2>&1 | tail -16 | tee -a "$log"
-      kill $smi; sort "$OUT/clocks.txt" | uniq -c | sort -rn | head -5 | tee -a "$log" ;;
+      timeout 400 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30 | tee -a "$log" ;;
     bench)
-      timeout 240 python3 -m zeromoe_cupy bench --peers torch --json "$OUT/bench.json" \
-        --plot "$OUT/bench.png" 2>&1 | tail -14 | tee -a "$log" ;;
-    bench_fp32)
-      timeout 150 python3 -m zeromoe_cupy bench --router-gemm fp32 --tokens 4096,16384 \
-        --json "$OUT/bench_fp32.json" 2>&1 | tail -8 | tee -a "$log" ;;
-    bench_det)
-      timeout 200 python3 -m zeromoe_cupy bench --deterministic --tokens 1,128,4096,16384 \
-        --json "$OUT/bench_det.json" 2>&1 | tail -8 | tee -a "$log" ;;
-    router)
-      timeout 120 python3 benchmarks/router_precision.py "$OUT/router.json" 2>&1 | tail -8 | tee -a "$log" ;;
-    chunk)
-      timeout 150 python3 benchmarks/chunk_bitwise.py 2>&1 | tee -a "$log" ;;
+      timeout 260 python3 -m zeromoe_cupy bench --graph --peers torch --json "$OUT/bench.json" \
+        --plot "$OUT/bench.png" > "$OUT/bench.txt" 2>&1
+      tail -16 "$OUT/bench.txt" | tee -a "$log" ;;
+    bench_fp8)
+      timeout 150 python3 -m zeromoe_cupy bench --quantization fp8 --tokens 1,16,128,1024,16384 \
+        --json "$OUT/bench_fp8.json" > "$OUT/bench_fp8.txt" 2>&1
+      tail -12 "$OUT/bench_fp8.txt" | tee -a "$log" ;;
+    load)
+      timeout 200 python3 benchmarks/load_bench.py /tmp/zeromoe_load --json "$OUT/load.json" \
+        > "$OUT/load.txt" 2>&1
+      tail -8 "$OUT/load.txt" | tee -a "$log" ;;
+    ep)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      timeout 100 python3 -m zeromoe_cupy launch -n 2 tests/ep_gpu_check.py > "$OUT/ep_check.txt" 2>&1
+      echo "launch rc=$?" | tee -a "$log"
+      timeout 100 python3 -m torch.distributed.run --nproc-per-node 2 tests/ep_gpu_check.py \
+        > "$OUT/ep_torchrun.txt" 2>&1
+      echo "torchrun rc=$?" | tee -a "$log"
+      grep -h "EP CHECK" "$OUT/ep_check.txt" "$OUT/ep_torchrun.txt" | tee -a "$log"
+      timeout 150 python3 -m zeromoe_cupy bench --ep 2 --tokens 1,128,1024,4096,16384 \
+        --json "$OUT/ep2.json" > "$OUT/ep_bench.txt" 2>&1
+      grep -v "^\[rank 1\]" "$OUT/ep_bench.txt" | tail -12 | tee -a "$log" ;;
     memcheck)
       timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 \
         python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "not longcat" \
         > "$OUT/memcheck.txt" 2>&1
       echo "memcheck rc=$?" | tee -a "$log"
       grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -3 | tee -a "$log" ;;
-    ncu)
-      timeout 120 ncu --clock-control none -k regex:route_kernel -c 2 \
-        --section SpeedOfLight --section WarpStateStats --section InstructionStats \
-        python3 benchmarks/kernels_ncu.py > "$OUT/ncu.txt" 2>&1
-      grep -E "Duration|Executed Instructions|Registers|Warp Cycles Per Issued" "$OUT/ncu.txt" \
-        | head -12 | tee -a "$log" ;;
   esac
-done
+}
+
+if [ "$parts" = split ]; then
+  (export CUDA_VISIBLE_DEVICES=0; part tests) &
+  (export CUDA_VISIBLE_DEVICES=1; part bench; part bench_fp8; part load) &
+  wait
+  part ep
+else
+  for p in $parts; do part "$p"; done
+fi
