@@ -13,9 +13,11 @@ def random_layer_weights(rng, cfg, bias_scale=0.0, router_bias=False):
     """Random weights as NumPy arrays (fp32 router, cfg.dtype experts)."""
     H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
                      cfg.num_zero_experts, cfg.num_total_experts)
+    R = cfg.router_hidden_size
     dt = np_dtype(cfg.dtype)
     w = dict(
-        router_weight=(rng.standard_normal((N, H)) * H ** -0.5).astype(np.float32),
+        router_weight=(rng.standard_normal((N, H if R is None else R))
+                       * (H if R is None else R) ** -0.5).astype(np.float32),
         w13=(rng.standard_normal((E, 2 * I, H)) * H ** -0.5).astype(np.float32).astype(dt),
         w2=(rng.standard_normal((E, H, I)) * I ** -0.5).astype(np.float32).astype(dt),
     )
@@ -23,6 +25,10 @@ def random_layer_weights(rng, cfg, bias_scale=0.0, router_bias=False):
         w["e_score_correction_bias"] = (rng.standard_normal(N) * bias_scale).astype(np.float32)
     if router_bias:
         w["router_bias"] = (rng.standard_normal(N) * 0.1).astype(np.float32)
+    if R is not None:  # MoE++'s two-layer router: W1 [R, H]
+        w["router_hidden_weight"] = (rng.standard_normal((R, H)) * H ** -0.5).astype(np.float32)
+    if cfg.gating_residual:
+        w["gate_map"] = (rng.standard_normal((N, N)) * N ** -0.5).astype(np.float32)
     if cfg.has_constant_experts:
         w["const_vec"] = rng.standard_normal((Z, H)).astype(np.float32).astype(dt)
         w["const_gate"] = (rng.standard_normal((Z, 2, H)) * H ** -0.5).astype(np.float32).astype(dt)
@@ -38,9 +44,12 @@ def separated_rows(logits, cfg_like, bias=None, rel=1e-6):
 
     There the ids (set and order) are fixed by the math, not by rounding (docs/spec.md).
     """
+    # the selection scores do not depend on the renormalization; they do on the logits'
+    # normalization (router_logits_norm_std)
     r = zm.reference.route(logits, cfg_like["top_k"], cfg_like.get("scoring_func", "softmax"),
-                           bias, cfg_like.get("renormalize", False), 1.0,
-                           cfg_like.get("num_expert_group"), cfg_like.get("topk_group"))
+                           bias, False, 1.0,
+                           cfg_like.get("num_expert_group"), cfg_like.get("topk_group"),
+                           logits_norm_std=cfg_like.get("router_logits_norm_std"))
     s = np.where(np.isnan(r.selection_scores), -np.inf, r.selection_scores)
     K = cfg_like["top_k"]
     if K >= s.shape[1]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from zeromoe_cupy import reference
-from zeromoe_cupy.routing import launch_route_kernel
+from zeromoe_cupy.routing import drop_words, launch_route_kernel
 
 from helpers import (extreme_routing_case, one_lane_wins_logits, separated_rows,
                      underflow_routing_case)
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
 
 
 def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.0,
-               groups=None, topk_group=None, max_blocks=None):
+               groups=None, topk_group=None, max_blocks=None, drop=None, norm_std=None):
     from numba import cuda
     from zeromoe_cupy._route_kernel import make_route_kernel
     T, n = logits.shape
@@ -34,8 +34,10 @@ def run_kernel(logits, top_k, scoring="softmax", bias=None, renorm=False, rsf=1.
         args = [a.ravel() if isinstance(a, np.ndarray) else a for a in args]
         k[grid, block, 0, shared](*args)
 
+    code = 2 if renorm == "drop_zero" else int(renorm)
     launch_route_kernel(kernel, logits.astype(np.float32), bias, ids, w, counts, top_k,
-                        scoring, renorm, rsf, groups, topk_group, launch, max_blocks)
+                        scoring, code, rsf, groups, topk_group, launch, max_blocks,
+                        drop=None if drop is None else drop_words(drop), norm_std=norm_std)
     return ids, w, counts
 
 
@@ -147,3 +149,55 @@ def test_simulated_kernel_scores_that_underflow(scoring, bias_kind, renorm, grou
     check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
     if renorm:
         assert np.isfinite(r[1]).all()
+
+
+@pytest.mark.parametrize("N,K,scoring,groups,tg,drop,norm", [
+    (20, 2, "softmax", None, None, [19], 1.0),                 # MoE++-7B: the last expert
+    (20, 2, "softmax", None, None, [19], None),
+    (40, 5, "sigmoid", None, None, [0, 3, 31, 32, 33, 39], None),  # both bit words
+    (64, 6, "softmax", 4, 2, list(range(32, 64, 2)), None),    # grouped
+])
+def test_simulated_kernel_drop_zero(N, K, scoring, groups, tg, drop, norm):
+    # renormalize="drop_zero": flagged experts' slots weigh 0, the rest renormalized; rows
+    # whose every slot is flagged get all-zero weights, never NaN.
+    rng = np.random.default_rng(N + K)
+    mask = np.zeros(N, bool)
+    mask[drop] = True
+    logits = rng.standard_normal((12, N)).astype(np.float32)
+    logits[:3, drop[:K]] += 6  # every slot of these rows goes to a flagged expert
+    logits[3:6, drop[0]] += 6  # one flagged slot first
+    bias = (rng.standard_normal(N) * 0.001).astype(np.float32) if groups else None
+    ids, w, counts = run_kernel(logits, K, scoring, bias, "drop_zero", 2.0, groups, tg,
+                                drop=mask, norm_std=norm)
+    ref = reference.route(logits, K, scoring, bias, "drop_zero", 2.0, groups, tg,
+                          drop_experts=mask, logits_norm_std=norm)
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    np.testing.assert_allclose(w, ref.topk_weights, rtol=1e-5, atol=1e-12)
+    assert not np.isnan(w).any()
+    flagged = mask[ids]
+    assert flagged[:6].any(axis=1).all()  # the case is exercised
+    all_flagged = flagged.all(axis=1)
+    assert all_flagged[:3].all() == (len(drop) >= K)
+    assert (w[flagged] == 0).all() and (w[all_flagged] == 0).all()
+    np.testing.assert_allclose(w[~all_flagged].sum(axis=1), 2.0, rtol=1e-5)
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=N))
+
+
+@pytest.mark.parametrize("N,K,scoring,sigma,has_bias", [
+    (20, 2, "softmax", 1.0, False), (33, 4, "sigmoid", 2.5, True), (130, 6, "softmax", 0.3, True)])
+def test_simulated_kernel_logits_normalization(N, K, scoring, sigma, has_bias):
+    # The kernel normalizes each token's logits, L / (std(L) / sigma); a token with equal
+    # logits (std 0) keeps them; a NaN logit makes the token's weights NaN with valid ids.
+    rng = np.random.default_rng(N)
+    logits = (rng.standard_normal((9, N)) * 3 + 1).astype(np.float32)
+    logits[1] = 0.75
+    logits[2, 5] = np.nan
+    bias = (rng.standard_normal(N) * 0.01).astype(np.float32) if has_bias else None
+    ids, w, counts = run_kernel(logits, K, scoring, bias, True, 1.5, norm_std=sigma)
+    ref = reference.route(logits, K, scoring, bias, True, 1.5, logits_norm_std=sigma)
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    ok = np.arange(9) != 2
+    np.testing.assert_allclose(w[ok], ref.topk_weights[ok], rtol=1e-5)
+    assert np.isnan(w[2]).all() and ((ids[2] >= 0) & (ids[2] < N)).all()
+    _, w_plain, _ = run_kernel(logits, K, scoring, bias, True, 1.5)  # unnormalized: differs
+    assert not np.allclose(w_plain[ok], w[ok], rtol=1e-3)

@@ -271,6 +271,7 @@ def make_route_kernel(grouped: bool, n: int):
     V = 4 * G             # scores per lane, in registers
     VEC = n % 4 == 0      # rows start 16-byte aligned: vector loads
     FULL = n % 128 == 0   # every lane's groups lie inside the row (no end checks)
+    DOF = float32(max(n - 1, 1))  # the unbiased std's divisor
 
     @cuda.jit(device=True)
     def load_group(p, row, e0):
@@ -300,8 +301,8 @@ def make_route_kernel(grouped: bool, n: int):
         return int32(0)
 
     @cuda.jit(device=True)
-    def route_token(logits, bias, out_ids, out_w, hist, t, valid, w, lane, fs, js, vs, ls, ks,
-                    kept, K, scoring, has_bias, renorm, rsf, groups, topk_group):
+    def route_token(logits, bias, drop, out_ids, out_w, hist, t, valid, w, lane, fs, js, vs, ls,
+                    ks, kept, K, scoring, has_bias, renorm, rsf, groups, topk_group, norm_std):
         """Route token t with warp w; its K ids go into the block's histogram."""
         row = t * n
         first = int32(4 * lane)
@@ -318,6 +319,26 @@ def make_route_kernel(grouped: bool, n: int):
             vals[4 * g + 3] = d
             if scoring == 0:
                 m = fmax(fmax(m, a), fmax(b, fmax(c, d)))  # NaN never becomes the max
+        div = float32(0)
+        if norm_std > float32(0):
+            # Logits normalization: L / (std(L) / sigma), std unbiased over the n logits (two
+            # passes, as the host computes it); div 0 (equal logits) leaves L alone.
+            part = float32(0)
+            for i in range(V):
+                if FULL or first + 128 * (i >> 2) + (i & 3) < n:
+                    part += vals[i]
+            mean = reduce_sum(part, w, lane, fs) / float32(n)
+            part = float32(0)
+            for i in range(V):
+                if FULL or first + 128 * (i >> 2) + (i & 3) < n:
+                    dev = vals[i] - mean
+                    part += dev * dev
+            div = math.sqrt(reduce_sum(part, w, lane, fs) / DOF) / norm_std
+            if div != float32(0):  # NaN too: the token's scores become NaN, as on the host
+                m = NEG_INF
+                for i in range(V):
+                    vals[i] = vals[i] / div
+                    m = fmax(m, vals[i])
         # Selection values: p * scale + bias, or without a bias the logit + nan_or_zero
         # (NaN throughout a softmax row whose sum is NaN, as its scores are; the add also
         # makes NaN canonical and -0 +0 for key_of).
@@ -487,6 +508,12 @@ def make_route_kernel(grouped: bool, n: int):
         # when every chosen score underflows.
         my_p = float32(0)
         my_l = logits[row + my_id] if lane < K else NEG_INF
+        if div != float32(0):
+            my_l = my_l / div  # as the values above were normalized
+        # drop_zero: the flagged ("zero"-type) experts' slots weigh 0
+        dropped = False
+        if renorm == 2 and lane < K:
+            dropped = ((drop[my_id >> 5] >> (my_id & 31)) & 1) != 0
         if not renorm:
             if lane < K:
                 if scoring == 0:
@@ -500,17 +527,21 @@ def make_route_kernel(grouped: bool, n: int):
             lp = my_l + nan_or_zero  # log-softmax up to the row's constant
             if scoring == 1:
                 lp = min(my_l, float32(0)) - math.log1p(math.exp(-abs(my_l)))  # log-sigmoid
-            lp = lp if lane < K else NEG_INF
+            kept_slot = lane < K and not dropped
+            lp = lp if kept_slot else NEG_INF
             top = reduce_max(lp, w, lane, fs)
-            ex = math.exp(lp - top) if lane < K else float32(0)
-            my_p = ex / reduce_sum(ex, w, lane, fs)
+            ex = math.exp(lp - top) if kept_slot else float32(0)
+            wsum = reduce_sum(ex, w, lane, fs)
+            if renorm == 2 and wsum == float32(0):
+                wsum = float32(1)  # every slot dropped: all weights 0, not 0/0
+            my_p = ex / wsum
         if valid and lane < K:
             out_ids[t * K + lane] = my_id
             out_w[t * K + lane] = my_p * rsf
             cuda.atomic.add(hist, my_id, 1)
 
-    def route_kernel(logits, bias, out_ids, out_w, counts, T, K, scoring, has_bias,
-                     renorm, rsf, groups, topk_group):
+    def route_kernel(logits, bias, out_ids, out_w, counts, drop, T, K, scoring, has_bias,
+                     renorm, rsf, groups, topk_group, norm_std):
         tid = int32(cuda.threadIdx.x)
         w = int32(tid >> 5)
         lane = int32(tid & 31)
@@ -536,9 +567,9 @@ def make_route_kernel(grouped: bool, n: int):
         while step < T:
             t = step + w
             valid = t < T
-            route_token(logits, bias, out_ids, out_w, hist, t if valid else T - 1, valid, w,
-                        lane, fs, js, vs, ls, ks, kept, K, scoring, has_bias, renorm, rsf,
-                        groups, topk_group)
+            route_token(logits, bias, drop, out_ids, out_w, hist, t if valid else T - 1, valid,
+                        w, lane, fs, js, vs, ls, ks, kept, K, scoring, has_bias, renorm, rsf,
+                        groups, topk_group, norm_std)
             step += int32(cuda.gridDim.x * WARPS)
         cuda.syncthreads()
         e = tid

@@ -28,11 +28,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
         use_correction_bias=True, renormalize=False, routed_scaling_factor=6.0,
         dtype="bfloat16",
     ),
+    # The published MoE-Plus-Plus-7B config.json: hidden 1536, intermediate 4096,
+    # num_experts [20] (16 FFN + constant, constant, copy, zero), top-2 (fixed in their code),
+    # moe_2layer_gate false, moe_use_logits_norm true with moe_gate_norm_std 1.0,
+    # moe_feature_no_mul_topk true (no input scaling), moe_use_mixtral_gating false
+    # (drop-zero gating); their decoder always threads the gating residual.
     "moe++-7b": dict(
         hidden_size=1536, intermediate_size=4096, num_experts=16, num_zero_experts=4,
         zero_expert_type=("constant", "constant", "identity", "zero"), top_k=2,
-        scoring_func="softmax", use_correction_bias=False, renormalize=True,
-        routed_scaling_factor=1.0, dtype="bfloat16",
+        scoring_func="softmax", use_correction_bias=False, renormalize="drop_zero",
+        routed_scaling_factor=1.0, dtype="bfloat16", gating_residual=True,
+        router_logits_norm_std=1.0,
     ),
 }
 
@@ -61,6 +67,13 @@ def _finite_float(name: str, value: Any) -> float:
     return value
 
 
+def _positive_float(name: str, value: Any) -> float:
+    value = _finite_float(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}: expected a finite float > 0, got {value}")
+    return value
+
+
 def _flag(name: str, value: Any, strings: tuple[str, ...] = ()) -> Any:
     """value as a bool (Python or NumPy bool), or one of ``strings``: a string such as "no"
     would otherwise read as true."""
@@ -73,7 +86,8 @@ def _flag(name: str, value: Any, strings: tuple[str, ...] = ()) -> Any:
 
 
 # The string values each flag takes besides True / False.
-FLAG_STRINGS: dict[str, tuple[str, ...]] = {"renormalize": (), "use_correction_bias": ()}
+FLAG_STRINGS: dict[str, tuple[str, ...]] = {"renormalize": ("drop_zero",),
+                                             "use_correction_bias": (), "gating_residual": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +100,17 @@ class MoEConfig:
     ``quantization``: None, or "fp8" for block-scaled e4m3 expert weights (one fp32 scale per
     ``weight_block_size`` = (128, 128) block; activations quantized per token and 128 features;
     docs/spec.md "FP8 experts"). The router and the zero experts stay unquantized.
+
+    MoE++ options (docs/spec.md "MoE++ options"; the defaults leave them off):
+    ``renormalize``: False, True (w / sum(w) over the K slots) or "drop_zero" (slots of
+    "zero"-type experts get weight 0 first; all 0 when every slot is one).
+    ``expert_input_scale`` s: every expert, real and zero, is applied to s * x rounded to
+    x's dtype; the router reads x.
+    ``router_hidden_size`` R: a two-layer router L = W2 @ tanh(W1 @ fp32(x)), W1 [R, H],
+    W2 [E+Z, R] (None: one layer, L = Wr @ fp32(x)).
+    ``gating_residual``: L = router(x) + gate_map @ L_prev, L_prev the previous layer's logits.
+    ``router_logits_norm_std`` sigma: the scores use L / (std(L) / sigma) per token (unbiased
+    std over the E+Z logits; a token whose std is 0 uses L); None: off.
     """
 
     hidden_size: int
@@ -95,7 +120,7 @@ class MoEConfig:
     zero_expert_type: Union[str, Sequence[str]] = "identity"
     top_k: int = 2
     scoring_func: str = "softmax"
-    renormalize: bool = False
+    renormalize: Union[bool, str] = False
     routed_scaling_factor: float = 1.0
     num_expert_group: int | None = None
     topk_group: int | None = None
@@ -104,6 +129,10 @@ class MoEConfig:
     # FP8 experts (block-scaled e4m3; docs/spec.md "FP8 experts").
     quantization: str | None = None
     weight_block_size: tuple[int, int] = (128, 128)
+    expert_input_scale: float = 1.0
+    router_hidden_size: int | None = None
+    gating_residual: bool = False
+    router_logits_norm_std: float | None = None
 
     def __post_init__(self) -> None:
         # Numbers may come as NumPy scalars (np.int64(2)): stored as Python int / float.
@@ -148,6 +177,14 @@ class MoEConfig:
                              f"got {self.scoring_func!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "expert_input_scale",
+                           _positive_float("expert_input_scale", self.expert_input_scale))
+        if self.router_hidden_size is not None:
+            object.__setattr__(self, "router_hidden_size",
+                               _positive_int("router_hidden_size", self.router_hidden_size))
+        if self.router_logits_norm_std is not None:
+            object.__setattr__(self, "router_logits_norm_std", _positive_float(
+                "router_logits_norm_std", self.router_logits_norm_std))
         g, tg = self.num_expert_group, self.topk_group
         if (g is None) != (tg is None):
             raise ValueError("num_expert_group and topk_group: expected both or neither, "
@@ -189,6 +226,12 @@ class MoEConfig:
     @property
     def has_constant_experts(self) -> bool:
         return "constant" in self.zero_types
+
+    @property
+    def drop_experts(self) -> tuple[bool, ...]:
+        """E+Z flags: True for the "zero"-type experts, whose weight renormalize="drop_zero"
+        sets to 0."""
+        return (False,) * self.num_experts + tuple(t == "zero" for t in self.zero_types)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "MoEConfig":

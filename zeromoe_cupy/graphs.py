@@ -115,6 +115,13 @@ class GraphedMoE:
                              "are not supported; graph a layer without a group")
         if not isinstance(router_logits, bool):
             raise TypeError(f"router_logits: expected a bool, got {router_logits!r}")
+        if layer.config.gating_residual and not router_logits:
+            # The graphs hold no previous layer's logits: the caller computes L with them.
+            raise ValueError("layer: a layer with gating_residual is graphed with "
+                             "router_logits=True (pass L = router(x) + gate_map @ L_prev)")
+        if layer.router_weight is None and not router_logits:
+            raise ValueError("layer: a layer without a router weight is graphed with "
+                             "router_logits=True")
         self.capture_sizes = _sizes(max_tokens, capture_sizes)
         self.max_tokens = self.capture_sizes[-1]
         self.takes_router_logits = router_logits
@@ -125,7 +132,7 @@ class GraphedMoE:
         # The arrays whose pointers the graphs hold: kept alive even if the layer drops them.
         self._weights = tuple(getattr(layer, name) for name in (
             "router_weight", "router_bias", "e_score_correction_bias", "w13", "w2",
-            "const_vec", "const_gate"))
+            "const_vec", "const_gate", "router_hidden_weight", "gate_map"))
         # Compile every kernel and fill the layer's caches with the caller's allocator, so
         # nothing the layer keeps comes out of the private pool.
         layer.warmup()
@@ -164,7 +171,7 @@ class GraphedMoE:
         layer = self.layer
         x = self._x[:size]
         logits = self._logits[:size] if self._logits is not None else None
-        routing = layer._route(x, logits)
+        routing, _ = layer._route(x, logits)
         if size > 1:  # rows past n_valid are padding: route them nowhere
             from .experts.syncfree import syncfree_module
             K = layer.config.top_k

@@ -17,7 +17,7 @@ from . import checkpoint, quant
 from .config import MoEConfig
 from .experts import STRATEGIES, expert_mlp
 from .routing import RoutingResult, compute_router_logits, route, split_bf16
-from .zero_experts import combine
+from .zero_experts import combine, scaled_input
 
 if TYPE_CHECKING:
     from .graphs import GraphedMoE
@@ -76,6 +76,12 @@ class ZeroExpertMoE:
     its calls unchunked over the exchange; ``max_chunk_tokens`` bounds the rows its expert
     stage takes per pass.
 
+    MoE++ options (``MoEConfig``; SPEC.md "MoE++ options"): ``router_hidden_weight`` W1
+    [R, H] (two-layer router; ``router_weight`` is then W2 [E+Z, R]) and ``gate_map``
+    [E+Z, E+Z] (gating residual) are None when the config does not use them.
+    ``router_weight`` is None for a layer built without a router (every call then passes
+    ``router_logits=``).
+
     NaN and Inf: ids are always valid. A token whose logits hold a NaN (or +Inf under
     softmax) gets NaN scores, is routed to the lowest ids with NaN weights, and its output
     row is NaN; other tokens are unaffected. A NaN in one token's x stays in that row.
@@ -84,7 +90,8 @@ class ZeroExpertMoE:
     def __init__(self, config: MoEConfig, seed: int = 0, device: str = "auto",
                  max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS, *,
                  expert_strategy: str = "auto", router_gemm: str = "auto",
-                 deterministic: bool = False, group=None, _weights=None, _scales=None):
+                 deterministic: bool = False, group=None, _weights=None, _scales=None,
+                 _router_extra=None):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -124,6 +131,7 @@ class ZeroExpertMoE:
                 w2, s2 = quant.quantize_weight(_weights[4])
                 _weights = _weights[:3] + (w13, w2) + _weights[5:]
                 _scales = (s13, s2)
+            _router_extra = self._random_router_extra(int(seed))
         (self.router_weight, self.router_bias, self.e_score_correction_bias,
          self.w13, self.w2, self.const_vec, self.const_gate) = _weights
         self._exchange = None
@@ -132,6 +140,8 @@ class ZeroExpertMoE:
             self._exchange = Exchange(group, config.num_experts)
         # FP8 experts: fp32 block scales of w13 / w2 (None for unquantized layers).
         self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
+        # MoE++ router weights: W1 [R, H] of the two-layer router, gate_map [N, N]
+        self.router_hidden_weight, self.gate_map = _router_extra or (None, None)
 
     # --- construction ------------------------------------------------------------------------
     def _random_weights(self, seed: int):
@@ -158,7 +168,9 @@ class ZeroExpertMoE:
                     out[a - lo:b - lo] = (block[a - s:b - s] * np.float32(scale)).astype(dtype)
             return out
 
-        router_weight = normal((N, H), H ** -0.5, np.float32)
+        R = cfg.router_hidden_size
+        router_weight = normal((N, H), H ** -0.5, np.float32) if R is None else \
+            normal((N, R), R ** -0.5, np.float32)
         w13 = normal((E, 2 * I, H), H ** -0.5, dt, (lo, hi))
         w2 = normal((E, H, I), I ** -0.5, dt, (lo, hi))
         bias = xp.zeros(N, np.float32) if cfg.use_correction_bias else None
@@ -168,11 +180,24 @@ class ZeroExpertMoE:
             const_gate = normal((Z, 2, H), H ** -0.5, dt)
         return router_weight, None, bias, w13, w2, const_vec, const_gate
 
+    def _random_router_extra(self, seed: int):
+        """Random W1 [R, H] and gate_map [N, N] (fp32) where the config uses them."""
+        cfg, xp = self.config, self.xp
+        H, N, R = cfg.hidden_size, cfg.num_total_experts, cfg.router_hidden_size
+        rng = xp.random.default_rng(seed + 1)
+        w1 = gate_map = None
+        if R is not None:
+            w1 = rng.standard_normal((R, H), dtype=np.float32) * np.float32(H ** -0.5)
+        if cfg.gating_residual:
+            gate_map = rng.standard_normal((N, N), dtype=np.float32) * np.float32(N ** -0.5)
+        return w1, gate_map
+
     @classmethod
     def from_weights(cls, config: MoEConfig, router_weight, w13, w2, e_score_correction_bias=None,
                      router_bias=None, const_vec=None, const_gate=None,
                      max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
                      device: str | None = None, *, w13_scale_inv=None, w2_scale_inv=None,
+                     router_hidden_weight=None, gate_map=None,
                      **options) -> "ZeroExpertMoE":
         """A layer over the given weights: NumPy, CuPy, or any DLPack tensor (torch, JAX).
         ``options``: the constructor's keyword options (expert_strategy, router_gemm,
@@ -192,14 +217,20 @@ class ZeroExpertMoE:
         e4m3 weights under an unquantized config, unquantized weights under an fp8 config, or
         missing / misshapen scales raise an error naming the weight (``quantize`` makes an fp8
         layer from an unquantized one).
+
+        ``router_weight``: [E+Z, H], or [E+Z, R] with ``router_hidden_weight`` [R, H] when the
+        config has ``router_hidden_size`` R; None builds a layer without a router (every call
+        must then pass ``router_logits=``). ``gate_map`` [E+Z, E+Z]: required by a config
+        with ``gating_residual`` (unless the layer has no router), refused otherwise.
         """
         fp8 = config.quantization == "fp8"
         w13, w2 = _float8_as_uint8(w13, "w13"), _float8_as_uint8(w2, "w2")
         arrays = {"router_weight": router_weight, "w13": w13, "w2": w2,
                   "e_score_correction_bias": e_score_correction_bias,
                   "router_bias": router_bias, "const_vec": const_vec, "const_gate": const_gate,
-                  "w13_scale_inv": w13_scale_inv, "w2_scale_inv": w2_scale_inv}
-        arrays = {k: as_array(v, k, allow_none=k not in ("router_weight", "w13", "w2"))
+                  "w13_scale_inv": w13_scale_inv, "w2_scale_inv": w2_scale_inv,
+                  "router_hidden_weight": router_hidden_weight, "gate_map": gate_map}
+        arrays = {k: as_array(v, k, allow_none=k not in ("w13", "w2"))
                   for k, v in arrays.items()}
         for k in ("w13", "w2"):
             if quant.is_e4m3(arrays[k]) != fp8:
@@ -235,11 +266,14 @@ class ZeroExpertMoE:
         dt = np_dtype(cfg.dtype)
         _check_group(options.get("group"), cfg)
         lo, hi = _expert_slice(options.get("group"), E)
-        expected = {"router_weight": (N, H), "w13": (E, 2 * I, H), "w2": (E, H, I),
-                    "e_score_correction_bias": (N,), "router_bias": (N,),
+        R = cfg.router_hidden_size
+        expected = {"router_weight": (N, H) if R is None else (N, R), "w13": (E, 2 * I, H),
+                    "w2": (E, H, I), "e_score_correction_bias": (N,), "router_bias": (N,),
                     "const_vec": (Z, H), "const_gate": (Z, 2, H),
                     "w13_scale_inv": quant.scale_shape((E, 2 * I, H), glu=True),
-                    "w2_scale_inv": quant.scale_shape((E, H, I), glu=False)}
+                    "w2_scale_inv": quant.scale_shape((E, H, I), glu=False),
+                    "router_hidden_weight": (R, H), "gate_map": (N, N)}
+        _check_router_arrays(cfg, arrays)
         out = {}
         for k, a in arrays.items():
             if a is None:
@@ -254,7 +288,8 @@ class ZeroExpertMoE:
                 out[k] = a.view(np.uint8) if device == "cuda" else a.view(quant.E4M3)
                 continue
             want = np.float32 if k in ("router_weight", "e_score_correction_bias",
-                                       "router_bias", "w13_scale_inv", "w2_scale_inv") else dt
+                                       "router_bias", "w13_scale_inv", "w2_scale_inv",
+                                       "router_hidden_weight", "gate_map") else dt
             if not is_float_dtype(a.dtype):
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
             out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
@@ -266,7 +301,8 @@ class ZeroExpertMoE:
                    out["w13"], out["w2"], out["const_vec"], out["const_gate"])
         scales = (out["w13_scale_inv"], out["w2_scale_inv"]) if fp8 else None
         return cls(cfg, device=device, max_chunk_tokens=max_chunk_tokens, _weights=weights,
-                   _scales=scales, **options)
+                   _scales=scales, _router_extra=(out["router_hidden_weight"], out["gate_map"]),
+                   **options)
 
     def quantize(self, method: str = "fp8") -> "ZeroExpertMoE":
         """A new layer with FP8 experts (docs/spec.md "FP8 experts"): w13 / w2 as e4m3 with one
@@ -290,7 +326,8 @@ class ZeroExpertMoE:
         return type(self)(cfg, device=self.device, max_chunk_tokens=self.max_chunk_tokens,
                           expert_strategy=self.expert_strategy, router_gemm=self.router_gemm,
                           deterministic=self.deterministic, group=self.group, _weights=weights,
-                          _scales=(s13, s2))
+                          _scales=(s13, s2),
+                          _router_extra=(copy(self.router_hidden_weight), copy(self.gate_map)))
 
     @classmethod
     def from_expert_weights(cls, config: MoEConfig, router_weight, gate, up, down,
@@ -333,18 +370,31 @@ class ZeroExpertMoE:
             raise TypeError(f"x: expected dtype {cfg.dtype} (the config's), got {x.dtype}")
         return x
 
-    def _logits_input(self, logits, T):
-        logits = as_array(logits, "router_logits")
+    def _logits_input(self, logits, T, name="router_logits"):
+        logits = as_array(logits, name)
         N = self.config.num_total_experts
         if is_cupy(logits) != (self.device == "cuda"):
             kind = "CUDA" if self.device == "cuda" else "NumPy"
-            raise TypeError(f"router_logits: expected a {kind} array like x")
+            raise TypeError(f"{name}: expected a {kind} array like x")
         if tuple(logits.shape) != (T, N):
-            raise ValueError(f"router_logits: expected shape ({T}, {N}), got {tuple(logits.shape)}")
+            raise ValueError(f"{name}: expected shape ({T}, {N}), got {tuple(logits.shape)}")
         if not is_float_dtype(logits.dtype):
-            raise TypeError(f"router_logits: expected a floating-point array (float32, "
+            raise TypeError(f"{name}: expected a floating-point array (float32, "
                             f"bfloat16, float16, ...), got {logits.dtype}")
         return logits.astype(np.float32, copy=False)
+
+    def _check_logit_sources(self, router_logits, prev_router_logits, routing=None):
+        """Which logits a call may take: raises ValueError for combinations that mean nothing."""
+        if prev_router_logits is not None:
+            if not self.config.gating_residual:
+                raise ValueError("prev_router_logits: this layer has no gating residual "
+                                 "(MoEConfig(gating_residual=True) adds one), got an array")
+            if router_logits is not None or routing is not None:
+                raise ValueError("prev_router_logits: not with router_logits= or routing= (those "
+                                 "already stand for the logits after the residual)")
+        if self.router_weight is None and router_logits is None and routing is None:
+            raise ValueError("router_logits: required by this layer, built without a router "
+                             "weight (from_weights(router_weight=None)), got None")
 
     def _routing_input(self, routing, T):
         """The caller's routing checked (kinds, shapes, dtypes, ids in [0, E+Z)) and as
@@ -379,28 +429,55 @@ class ZeroExpertMoE:
                              out["topk_weights"].astype(np.float32, copy=False), None)
 
     # --- forward -----------------------------------------------------------------------------
-    def route(self, x, router_logits=None) -> RoutingResult:
+    def route(self, x, router_logits=None, *, prev_router_logits=None) -> RoutingResult:
         """Routing (docs/spec.md, steps 1-7) for x [T, H]: ids int32 [T, K], weights fp32
         [T, K], expert_counts int32 [E+Z]. ``router_logits``: the caller's logits [T, E+Z] in
-        any float dtype (bf16 from a bf16 router included), used in fp32."""
+        any float dtype (bf16 from a bf16 router included), used in fp32.
+        ``prev_router_logits`` [T, E+Z] as in ``__call__``."""
         x = self._input(x)
-        return self._route(x, router_logits)
+        self._check_logit_sources(router_logits, prev_router_logits)
+        T = x.shape[0]
+        if router_logits is not None:
+            router_logits = self._logits_input(router_logits, T)
+        if prev_router_logits is not None:
+            prev_router_logits = self._logits_input(prev_router_logits, T, "prev_router_logits")
+        return self._route(x, router_logits, prev_router_logits)[0]
 
-    def _route(self, x, logits):
-        cfg = self.config
+    def _route(self, x, logits, prev=None):
+        """(routing, L): L the logits after the gating residual, before the normalization."""
         if logits is None:
-            logits = self._logits(x)
-        else:
-            logits = self._logits_input(logits, x.shape[0])
+            logits = self._logits(x, prev)
+        return self._route_logits(logits), logits
+
+    def _route_logits(self, logits):
+        """SPEC.md steps 2-7 on the layer's logits L [T, E+Z] fp32."""
+        cfg = self.config
+        drop_zero = isinstance(cfg.renormalize, str)
         return route(logits, cfg.top_k, scoring_func=cfg.scoring_func,
                      e_score_correction_bias=self.e_score_correction_bias,
                      renormalize=cfg.renormalize,
                      routed_scaling_factor=cfg.routed_scaling_factor,
-                     num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group)
+                     num_expert_group=cfg.num_expert_group, topk_group=cfg.topk_group,
+                     drop_experts=cfg.drop_experts if drop_zero else None,
+                     logits_norm_std=cfg.router_logits_norm_std)
 
-    def _logits(self, x):
-        return compute_router_logits(x, self.router_weight, self.router_bias,
-                                     self._router_parts(x.shape[0]), self.deterministic)
+    def _logits(self, x, prev=None):
+        """L = router(x) (+ gate_map @ prev), fp32 [T, E+Z]."""
+        if self.router_weight is None:
+            raise ValueError("router_logits: required by this layer, built without a router "
+                             "weight (from_weights(router_weight=None)), got None")
+        det = self.deterministic
+        if self.router_hidden_weight is None:
+            logits = compute_router_logits(x, self.router_weight, self.router_bias,
+                                           self._router_parts(x.shape[0]), det)
+        else:  # two-layer router, all in fp32
+            hidden = self.xp.tanh(compute_router_logits(x, self.router_hidden_weight, None,
+                                                        None, det))
+            logits = compute_router_logits(hidden, self.router_weight, self.router_bias, None,
+                                           det)
+        if prev is not None:
+            logits += compute_router_logits(prev, self.gate_map, None, None, det)
+        return logits
 
     def _router_parts(self, tokens: int):
         """The router weight as three bf16 parts (routing.split_bf16) when bf16x3 applies,
@@ -414,31 +491,53 @@ class ZeroExpertMoE:
             self._router_parts_cache = cached
         return cached[1]
 
-    def __call__(self, x, router_logits=None, routing: RoutingResult | None = None):
+    def __call__(self, x, router_logits=None, routing: RoutingResult | None = None, *,
+                 prev_router_logits=None, return_router_logits: bool = False):
         """y [T, H] in x's dtype. ``router_logits``: [T, E+Z], any float dtype. ``routing``
         reuses a RoutingResult (from ``route``, or built by the caller: ids integer [T, K] in
         [0, E+Z), weights float [T, K]); no second routing pass. Its expert_counts are
-        recomputed from the ids."""
+        recomputed from the ids.
+
+        ``prev_router_logits`` [T, E+Z] (layers with ``gating_residual``): the previous MoE
+        layer's logits, as it returned them; None adds no residual term.
+        ``return_router_logits=True`` returns (y, L): L fp32 [T, E+Z] the logits after the
+        gating residual and before the normalization (what the next layer takes as
+        ``prev_router_logits``); given ``router_logits`` are returned as L (in fp32).
+        """
         x = self._input(x)
         T = x.shape[0]
+        if not isinstance(return_router_logits, bool):
+            raise TypeError(f"return_router_logits: expected a bool, got {return_router_logits!r}")
+        self._check_logit_sources(router_logits, prev_router_logits, routing)
         if routing is not None:
             if router_logits is not None:
                 raise ValueError("routing, router_logits: pass one or the other, not both")
+            if return_router_logits:
+                raise ValueError("return_router_logits: a call with routing= computes no logits")
             routing = self._routing_input(routing, T)
         elif router_logits is not None:
             router_logits = self._logits_input(router_logits, T)
+        prev = prev_router_logits
+        if prev is not None:
+            prev = self._logits_input(prev, T, "prev_router_logits")
         chunk = self.max_chunk_tokens
         if T <= chunk or self.group is not None:  # rank layers: one collective call
-            return self._forward(x, router_logits, routing)
+            y, logits = self._forward(x, router_logits, routing, prev=prev)
+            return (y, logits) if return_router_logits else y
         y = self.xp.empty(x.shape, x.dtype)  # chunks write into it: no concatenation
+        logits = self.xp.empty((T, self.config.num_total_experts), np.float32) \
+            if return_router_logits else None
         for s in range(0, T, chunk):
             sl = slice(s, min(T, s + chunk))
             sub_logits = None if router_logits is None else router_logits[sl]
             sub_routing = None
             if routing is not None:
                 sub_routing = RoutingResult(routing.topk_ids[sl], routing.topk_weights[sl], None)
-            y[sl] = self._forward(x[sl], sub_logits, sub_routing)
-        return y
+            y[sl], sub_l = self._forward(x[sl], sub_logits, sub_routing,
+                                         prev=None if prev is None else prev[sl])
+            if logits is not None:
+                logits[sl] = sub_l
+        return (y, logits) if return_router_logits else y
 
     def workspace_bytes(self, tokens: int | None = None) -> int:
         """Upper bound of the temporary memory one forward call takes (the output included).
@@ -464,35 +563,44 @@ class ZeroExpertMoE:
                      + rows * ((cfg.hidden_size + 2 * cfg.intermediate_size) * item
                                + (cfg.hidden_size + cfg.intermediate_size) * out_item
                                + (4 if cfg.dtype == "float16" else 0)))
+        per_chunk += T * (cfg.router_hidden_size or 0) * 4  # the two-layer router's hidden
+        if cfg.gating_residual:
+            per_chunk += T * cfg.num_total_experts * 4  # the residual term
+        if cfg.expert_input_scale != 1:
+            per_chunk += T * cfg.hidden_size * item  # s * x
         total = tokens if tokens is not None else T
         return per_chunk + total * cfg.hidden_size * item
 
-    def _forward(self, x, logits, routing):
+    def _forward(self, x, logits, routing, prev=None):
         if self.device == "cuda":
             cp = cupy_module()
             try:
-                return self._forward_stages(x, logits, routing)
+                return self._forward_stages(x, logits, routing, prev)
             except cp.cuda.memory.OutOfMemoryError as exc:
                 raise MemoryError(
                     f"ZeroExpertMoE forward ran out of GPU memory: a chunk of {x.shape[0]} "
                     f"tokens needs up to {self.workspace_bytes(x.shape[0]) / 2**20:.0f} MiB of "
                     f"workspace beyond the weights; lower max_chunk_tokens (now "
                     f"{self.max_chunk_tokens}) to bound it ({exc})") from exc
-        return self._forward_stages(x, logits, routing)
+        return self._forward_stages(x, logits, routing, prev)
 
-    def _forward_stages(self, x, logits, routing):
+    def _forward_stages(self, x, logits, routing, prev=None):
+        """(y, L): L the chunk's logits (None when routing was given)."""
         if routing is None:
-            routing = self._route(x, logits)
+            routing, logits = self._route(x, logits, prev)
         # The caller's routing comes without counts (_routing_input): the experts count the ids.
         if self.group is not None:
             from .parallel.exchange import ep_forward
-            return ep_forward(self, x, routing)
-        return self._forward_routed(x, routing, routing.expert_counts, self.expert_strategy)
+            return ep_forward(self, scaled_input(x, self.config.expert_input_scale),
+                              routing), logits
+        return self._forward_routed(x, routing, routing.expert_counts,
+                                    self.expert_strategy), logits
 
     def _forward_routed(self, x, routing, counts, strategy):
         """Steps 8-9 (experts, combine) for a routing result; ``counts``: its per-expert
         counts when valid, else None. graphs.py captures this with its own strategy."""
         cfg = self.config
+        x = scaled_input(x, cfg.expert_input_scale)  # every expert reads s * x
         ids, weights = routing.topk_ids, routing.topk_weights
         experts = None
         if cfg.num_experts:
@@ -516,7 +624,10 @@ class ZeroExpertMoE:
     def warmup(self) -> None:
         """Compile every kernel this layer uses (one small forward), so timings exclude it."""
         x = self.xp.zeros((1, self.config.hidden_size), np_dtype(self.config.dtype))
-        self(x)
+        logits = None  # a layer without a router takes logits
+        if self.router_weight is None:
+            logits = self.xp.zeros((1, self.config.num_total_experts), np.float32)
+        self(x, router_logits=logits)
 
     # Arrays a layer may hold, under from_weights' argument names; those beyond the first seven
     # exist only on layers whose options use them (FP8 scales, MoE++ routers).
@@ -618,7 +729,8 @@ class ZeroExpertMoE:
         device = resolve_device(device)
         cfg, options, targets = checkpoint.load_layer(path)
         xp = cupy_module() if device == "cuda" else np
-        arrays = checkpoint.fill_targets(targets, xp)
+        arrays = {"router_weight": None,  # absent: a layer saved without a router
+                  **checkpoint.fill_targets(targets, xp)}
         return cls.from_weights(cfg, **arrays, **options)
 
     def _whole_layer_only(self, what: str) -> None:
@@ -652,8 +764,9 @@ class ZeroExpertMoE:
                                       **state["options"])
         self.__dict__.update(new.__dict__)
 
-    def reference(self, x, router_logits=None, routing=None):
-        """The float64 evaluation of docs/spec.md for this layer's weights: (y, routing)."""
+    def reference(self, x, router_logits=None, routing=None, prev_router_logits=None):
+        """The float64 evaluation of docs/spec.md for this layer's weights: (y, routing);
+        ``routing.router_logits`` is L as ``return_router_logits`` gives it."""
         from . import reference
         cfg = self.config
         if self.group is not None:
@@ -663,9 +776,12 @@ class ZeroExpertMoE:
 
         def to_host(a):  # routing may come as host arrays even for a GPU layer
             return a.get() if is_cupy(a) else np.asarray(a)
+        self._check_logit_sources(router_logits, prev_router_logits, routing)
         w = self._reference_weights()
         if router_logits is not None:
             router_logits = to_host(as_array(router_logits, "router_logits"))
+        if prev_router_logits is not None:
+            prev_router_logits = to_host(as_array(prev_router_logits, "prev_router_logits"))
         return reference.forward(
             to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
             num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
@@ -676,7 +792,11 @@ class ZeroExpertMoE:
             const_vec=w["const_vec"], const_gate=w["const_gate"],
             router_logits=router_logits,
             w13_scale_inv=w["w13_scale_inv"], w2_scale_inv=w["w2_scale_inv"],
-            routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])))
+            routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])),
+            expert_input_scale=cfg.expert_input_scale,
+            router_hidden_weight=w["router_hidden_weight"], gate_map=w["gate_map"],
+            prev_router_logits=prev_router_logits,
+            router_logits_norm_std=cfg.router_logits_norm_std)
 
     @property
     def last_exchange(self):
@@ -747,3 +867,23 @@ def _float8_as_uint8(a, name: str):
                         f"{type(a).__name__}; pass a uint8 view")
     import torch  # the tensor is torch's: torch is loaded
     return a.view(torch.uint8)
+
+
+def _check_router_arrays(cfg: MoEConfig, arrays: dict) -> None:
+    """Which router arrays a config takes (from_weights); shapes are checked after."""
+    has_router = arrays["router_weight"] is not None
+    if arrays["router_hidden_weight"] is not None and cfg.router_hidden_size is None:
+        raise ValueError("router_hidden_weight: the config has no two-layer router "
+                         "(router_hidden_size=None), got an array")
+    if has_router and cfg.router_hidden_size is not None and arrays["router_hidden_weight"] is None:
+        raise ValueError(f"router_hidden_weight: required by router_hidden_size="
+                         f"{cfg.router_hidden_size} (W1 [R, H]), got None")
+    if arrays["gate_map"] is not None and not cfg.gating_residual:
+        raise ValueError("gate_map: the config has no gating residual (gating_residual=False), "
+                         "got an array")
+    if has_router and cfg.gating_residual and arrays["gate_map"] is None:
+        raise ValueError("gate_map: required by gating_residual=True ([E+Z, E+Z]), got None")
+    if not has_router:
+        for k in ("router_bias", "router_hidden_weight", "gate_map"):
+            if arrays[k] is not None:
+                raise ValueError(f"{k}: given without a router_weight")

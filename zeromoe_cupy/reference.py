@@ -13,6 +13,8 @@ class ReferenceRouting(NamedTuple):
     topk_ids: np.ndarray       # int64 [T, K]
     topk_weights: np.ndarray   # float64 [T, K]
     selection_scores: np.ndarray  # float64 [T, E+Z], after bias and group masking (-inf masked)
+    router_logits: np.ndarray | None = None  # float64 [T, E+Z]: L after the gating residual,
+                                             # before the normalization (forward only)
 
 
 def _rank(s: np.ndarray, logits: np.ndarray, allowed: np.ndarray) -> list:
@@ -39,16 +41,31 @@ def _log_scores(L: np.ndarray, scoring_func: str) -> np.ndarray:
         return -np.logaddexp(0.0, -L)
 
 
+def normalize_logits(L, sigma: float) -> np.ndarray:
+    """L / (std(L) / sigma) per row, std unbiased over the row; rows with std 0 keep L."""
+    L = np.asarray(L, np.float64)
+    N = L.shape[1]
+    with np.errstate(all="ignore"):
+        std = np.sqrt(np.sum((L - L.mean(axis=1, keepdims=True)) ** 2, axis=1, keepdims=True)
+                      / max(N - 1, 1))
+        return np.where(std == 0, L, L / (std / sigma))
+
+
 def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=None,
-          renormalize: bool = False, routed_scaling_factor: float = 1.0,
-          num_expert_group: int | None = None, topk_group: int | None = None
-          ) -> ReferenceRouting:
+          renormalize=False, routed_scaling_factor: float = 1.0,
+          num_expert_group: int | None = None, topk_group: int | None = None, *,
+          drop_experts=None, logits_norm_std: float | None = None) -> ReferenceRouting:
     """docs/spec.md steps 2-7 on logits [T, E+Z], in float64.
 
     Renormalized weights are evaluated in the log domain (exp(log p_k - max) / sum), so they
-    stay finite when every chosen score underflows.
+    stay finite when every chosen score underflows. ``renormalize`` False / True /
+    "drop_zero" (then ``drop_experts``, bool [E+Z], flags the experts whose slots weigh 0
+    before the renormalization; all 0 when every slot is flagged). ``logits_norm_std``: the
+    scores use L / (std(L) / sigma) (docs/spec.md "MoE++ options").
     """
     L = np.asarray(logits, dtype=np.float64)
+    if logits_norm_std is not None:
+        L = normalize_logits(L, logits_norm_std)
     T, N = L.shape
     with np.errstate(all="ignore"):
         if scoring_func == "softmax":
@@ -79,11 +96,18 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
             allowed_e = np.repeat(allowed, gs)
             masked[t, ~allowed_e] = -np.inf
         ids[t] = _rank(s[t], L[t], allowed_e)[:top_k]
+    if isinstance(renormalize, str) and renormalize != "drop_zero":
+        raise ValueError(f"renormalize: {renormalize!r}")
     if renormalize:
         lp = np.take_along_axis(_log_scores(L, scoring_func), ids, axis=1)
+        dropped = np.zeros(ids.shape, bool)
+        if renormalize == "drop_zero":
+            dropped = np.asarray(drop_experts, bool)[ids]
+            lp = np.where(dropped, -np.inf, lp)
         with np.errstate(all="ignore"):
-            e = np.exp(lp - np.max(lp, axis=1, keepdims=True))
-            w = e / np.sum(e, axis=1, keepdims=True)
+            e = np.where(dropped, 0.0, np.exp(lp - np.max(lp, axis=1, keepdims=True)))
+            total = np.sum(e, axis=1, keepdims=True)
+            w = e / np.where(dropped.all(axis=1, keepdims=True), 1.0, total)  # all dropped: 0
     else:
         w = np.take_along_axis(p, ids, axis=1)
     w = w * routed_scaling_factor
@@ -135,33 +159,56 @@ def fp8_activation(a) -> np.ndarray:
 
 def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
             zero_expert_type: str | Sequence[str] = "identity", scoring_func: str = "softmax",
-            correction_bias=None, router_bias=None, renormalize: bool = False,
+            correction_bias=None, router_bias=None, renormalize=False,
             routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
             topk_group: int | None = None, const_vec=None, const_gate=None,
             router_logits=None, routing=None, w13_scale_inv=None,
-            w2_scale_inv=None) -> tuple[np.ndarray, ReferenceRouting]:
-    """docs/spec.md steps 1-9 in float64. Returns (y float64 [T, H], routing).
+            w2_scale_inv=None, expert_input_scale: float = 1.0,
+            router_hidden_weight=None, gate_map=None, prev_router_logits=None,
+            router_logits_norm_std: float | None = None) -> tuple[np.ndarray, ReferenceRouting]:
+    """docs/spec.md steps 1-9 and its "MoE++ options" in float64. Returns (y float64 [T, H],
+    routing); ``routing.router_logits`` is L after the gating residual, before normalization.
 
     ``routing`` (ids, weights) may be given to evaluate the experts for a fixed routing.
     With ``w13_scale_inv`` / ``w2_scale_inv`` the experts are FP8 (docs/spec.md "FP8 experts"):
     w13 / w2 hold e4m3 values, dequantized per block; each GEMM's input is quantized per 128
     features; gate and up are rounded to x's dtype; h is quantized from fp32.
+    ``router_hidden_weight`` W1 [R, H]: the two-layer router L = W2 @ tanh(W1 @ x), W2 =
+    ``router_weight`` [E+Z, R]. ``gate_map`` [E+Z, E+Z] with ``prev_router_logits`` [T, E+Z]:
+    L += gate_map @ L_prev. ``expert_input_scale`` s: the experts read s * x rounded to x's
+    dtype. ``renormalize="drop_zero"`` drops the "zero"-type experts' slots.
     """
     fp8 = w13_scale_inv is not None
     x_dtype = np.asarray(x).dtype
     x64 = np.asarray(x, dtype=np.float64)
     T, H = x64.shape
+    types = zero_expert_type
+    L = None
     if routing is None:
         if router_logits is None:
-            L = x64 @ np.asarray(router_weight, np.float64).T
+            if router_hidden_weight is not None:
+                hidden = np.tanh(x64 @ np.asarray(router_hidden_weight, np.float64).T)
+                L = hidden @ np.asarray(router_weight, np.float64).T
+            else:
+                L = x64 @ np.asarray(router_weight, np.float64).T
             if router_bias is not None:
                 L = L + np.asarray(router_bias, np.float64)[None, :]
+            if prev_router_logits is not None:
+                L = L + np.asarray(prev_router_logits, np.float64) @ \
+                    np.asarray(gate_map, np.float64).T
         else:
             L = np.asarray(router_logits, np.float64)
+        Z = L.shape[1] - num_experts
+        kinds = [types] * Z if isinstance(types, str) else list(types)
+        drop = [False] * num_experts + [k == "zero" for k in kinds]
         routing = route(L, top_k, scoring_func, correction_bias, renormalize,
-                        routed_scaling_factor, num_expert_group, topk_group)
+                        routed_scaling_factor, num_expert_group, topk_group,
+                        drop_experts=drop if renormalize == "drop_zero" else None,
+                        logits_norm_std=router_logits_norm_std)
     ids, w = np.asarray(routing[0]), np.asarray(routing[1], np.float64)  # (ids, weights, ...)
-    types = zero_expert_type
+    if expert_input_scale != 1:
+        # every expert reads s * x rounded to x's dtype (the router read x)
+        x64 = (x64 * expert_input_scale).astype(np.asarray(x).dtype).astype(np.float64)
     y = np.zeros((T, H), np.float64)
     for t in range(T):
         for k in range(ids.shape[1]):
@@ -192,7 +239,7 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
                 else:
                     raise ValueError(f"zero_expert_type: {kind!r}")
             y[t] += w[t, k] * out
-    return y, ReferenceRouting(ids, w, None)
+    return y, ReferenceRouting(ids, w, None, L)
 
 
 def relative_error(y, ref) -> float:

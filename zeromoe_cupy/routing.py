@@ -227,10 +227,21 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
 _LOGIT_DTYPES = tuple(dt for dt, _ in DTYPES.values())
 
 
+def _renorm_code(renormalize) -> int:
+    """0 (off), 1 (renormalize) or 2 ("drop_zero"); TypeError for anything else."""
+    if isinstance(renormalize, (bool, np.bool_)):
+        return int(bool(renormalize))
+    if isinstance(renormalize, str) and renormalize == "drop_zero":
+        return 2
+    raise TypeError(f"renormalize: expected a bool or 'drop_zero', got "
+                    f"{type(renormalize).__name__} {renormalize!r}")
+
+
 def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
-          e_score_correction_bias=None, renormalize: bool = False,
+          e_score_correction_bias=None, renormalize=False,
           routed_scaling_factor: float = 1.0, num_expert_group: int | None = None,
-          topk_group: int | None = None) -> RoutingResult:
+          topk_group: int | None = None, drop_experts=None,
+          logits_norm_std: float | None = None) -> RoutingResult:
     """Choose K experts per token: ids = topk(score + bias), w = score[ids] (renormalized) * rsf.
 
     Args:
@@ -239,9 +250,16 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
         scoring_func: "softmax" or "sigmoid".
         e_score_correction_bias: optional fp32 [E+Z] (other float dtypes are converted):
             added to the scores to choose, never to weigh.
-        renormalize: a bool: weights divided by their sum over the K slots.
+        renormalize: a bool (weights divided by their sum over the K slots) or "drop_zero":
+            the slots of experts flagged in ``drop_experts`` weigh 0, the others are
+            renormalized (all 0 when every slot is flagged).
         routed_scaling_factor: a finite float multiplying every weight.
         num_expert_group, topk_group: grouped top-k (both or neither; ints).
+        drop_experts: bool [E+Z] (host sequence), with renormalize="drop_zero" only: the
+            "zero"-type experts.
+        logits_norm_std: sigma > 0 or None: the scores use L / (std(L) / sigma), std unbiased
+            over a token's E+Z logits (a token whose std is 0 uses L; a non-finite logit
+            makes the token's scores NaN). The GPU kernel normalizes each token itself.
 
     Returns:
         RoutingResult(topk_ids int32 [T, K] by descending selection score, topk_weights
@@ -269,9 +287,10 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
                             f"got {bias.dtype}")
         bias = bias.astype(np.float32, copy=False)
     check_route_args(logits, top_k, scoring_func, bias, num_expert_group, topk_group)
-    if not isinstance(renormalize, (bool, np.bool_)):
-        raise TypeError(f"renormalize: expected a bool, got {type(renormalize).__name__} "
-                        f"{renormalize!r}")
+    renorm = _renorm_code(renormalize)
+    drop = _drop_mask(drop_experts, renorm, logits.shape[1])
+    if logits_norm_std is not None:
+        check_norm_std(logits_norm_std)
     rsf = routed_scaling_factor
     if isinstance(rsf, bool) or not isinstance(rsf, numbers.Real):
         raise TypeError(f"routed_scaling_factor: expected a float, got {type(rsf).__name__} "
@@ -280,11 +299,51 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
         raise ValueError(f"routed_scaling_factor: expected a finite number, got {rsf}")
     groups = None if num_expert_group is None else int(num_expert_group)
     topk_group = None if topk_group is None else int(topk_group)
-    args = (logits, int(top_k), scoring_func, bias, bool(renormalize), float(rsf), groups,
-            topk_group)
-    if is_cupy(logits):
-        return _route_gpu(*args)
-    return _route_numpy(*args)
+    args = (int(top_k), scoring_func, bias, renorm, float(rsf), groups, topk_group, drop)
+    if is_cupy(logits):  # the kernel normalizes each token's logits itself
+        return _route_gpu(logits, *args, logits_norm_std)
+    if logits_norm_std is not None:
+        logits = normalize_logits(logits, logits_norm_std)
+    return _route_numpy(logits, *args)
+
+
+def _drop_mask(drop_experts, renorm, n):
+    """drop_experts as a read-only host bool [n] array (None unless renormalize="drop_zero")."""
+    if renorm != 2:
+        if drop_experts is not None:
+            raise ValueError("drop_experts: only used with renormalize='drop_zero', got "
+                             "renormalize without it")
+        return None
+    if drop_experts is None:
+        raise ValueError("drop_experts: required with renormalize='drop_zero' (a bool [E+Z] "
+                         "sequence flagging the 'zero'-type experts), got None")
+    if is_cupy(drop_experts):
+        drop_experts = drop_experts.get()
+    mask = np.asarray(drop_experts)
+    if mask.shape != (n,) or mask.dtype != np.bool_:
+        raise ValueError(f"drop_experts: expected {n} bools (one per expert), got "
+                         f"{mask.dtype} of shape {mask.shape}")
+    return mask
+
+
+def check_norm_std(sigma) -> None:
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) \
+            or not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"logits_norm_std: expected a finite float > 0, got {sigma!r}")
+
+
+def normalize_logits(logits, sigma: float):
+    """L / (std(L) / sigma) per row, in fp32 (std unbiased, two passes; rows with std 0 keep
+    L). The GPU routing kernel computes the same per token. logits: fp32 [T, N] NumPy or CuPy;
+    returns a new array."""
+    check_norm_std(sigma)
+    xp = cupy_module() if is_cupy(logits) else np
+    n = logits.shape[1]
+    with np.errstate(all="ignore"):
+        d = logits - logits.mean(axis=1, keepdims=True)
+        div = xp.sqrt((d * d).sum(axis=1, keepdims=True) / np.float32(max(n - 1, 1)))
+        div = div / np.float32(sigma)
+        return xp.where(div == 0, logits, logits / div).astype(np.float32, copy=False)
 
 
 def _ordered(f):
@@ -314,7 +373,7 @@ def log_scores_f32(logits, scoring_func, total):
                 - np.log1p(np.exp(-np.abs(logits)))).astype(np.float32)
 
 
-def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk_group):
+def _route_numpy(logits, top_k, scoring_func, bias, renorm, rsf, groups, topk_group, drop):
     """The kernel's algorithm in NumPy (see _route_kernel.py for the ranking rule)."""
     T, n = logits.shape
     with np.errstate(all="ignore"):
@@ -346,11 +405,14 @@ def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, to
         np.put_along_axis(allowed, keep, True, axis=1)
         key = np.where(np.repeat(allowed, gs, axis=1), key, KEY_MASKED)
     ids = np.lexsort((-second, -key), axis=1)[:, :top_k].astype(np.int32)
-    if renormalize:
+    if renorm:
         lw = np.take_along_axis(log_scores_f32(logits, scoring_func, total), ids, axis=1)
+        dropped = drop[ids] if renorm == 2 else np.zeros(ids.shape, bool)
+        lw = np.where(dropped, -np.inf, lw)  # drop_zero: those slots weigh 0
         with np.errstate(all="ignore"):
-            e = np.exp(lw - np.max(lw, axis=1, keepdims=True))
-            w = e / np.sum(e, axis=1, keepdims=True)
+            e = np.where(dropped, np.float32(0), np.exp(lw - np.max(lw, axis=1, keepdims=True)))
+            total_w = np.sum(e, axis=1, keepdims=True)
+            w = e / np.where(dropped.all(axis=1, keepdims=True), np.float32(1), total_w)
     elif scoring_func == "softmax":
         w = np.take_along_axis(p, ids, axis=1)
     else:
@@ -366,9 +428,9 @@ def _route_numpy(logits, top_k, scoring_func, bias, renormalize, rsf, groups, to
 def route_kernel_signature():
     from numba import float32, int32, types
     f32p, i32p = types.CPointer(float32), types.CPointer(int32)
-    # logits, bias, ids, weights, counts, then T and the _static_args
-    return (f32p, f32p, i32p, f32p, i32p, int32, int32, int32, int32, int32, float32, int32,
-            int32)
+    # logits, bias, ids, weights, counts, drop (bit words), then T and the _static_args
+    return (f32p, f32p, i32p, f32p, i32p, i32p, int32, int32, int32, int32, int32, float32,
+            int32, int32, float32)
 
 
 def route_launch_bounds(grouped: bool, n: int):
@@ -381,11 +443,12 @@ def route_launch_bounds(grouped: bool, n: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _static_args(top_k, scoring_func, has_bias, renormalize, rsf, groups, topk_group):
-    """The kernel's scalar arguments after T, made once per routing configuration."""
+def _static_args(top_k, scoring_func, has_bias, renorm, rsf, groups, topk_group, norm_std):
+    """The kernel's scalar arguments after T, made once per routing configuration
+    (renorm: 0 off, 1 renormalize, 2 drop_zero; norm_std 0: no logits normalization)."""
     return (np.int32(top_k), np.int32(_SCORING_CODES[scoring_func]), np.int32(has_bias),
-            np.int32(renormalize), np.float32(rsf), np.int32(groups or 0),
-            np.int32(topk_group or 0))
+            np.int32(renorm), np.float32(rsf), np.int32(groups or 0),
+            np.int32(topk_group or 0), np.float32(norm_std or 0))
 
 
 @memoize_per_device
@@ -400,9 +463,13 @@ def _route_function(grouped: bool, n: int):
 
 
 def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
-                        renormalize, rsf, groups, topk_group, launch, max_blocks=None):
+                        renorm, rsf, groups, topk_group, launch, max_blocks=None, drop=None,
+                        norm_std=None):
     """Launch a compiled route kernel; ``launch(kernel, grid, block, args, shared_bytes)``
     does the call (the grouped kernel keeps the keys in dynamic shared memory).
+    ``renorm``: 0, 1 or 2 ("drop_zero", then ``drop`` holds the flags as int32 bit words,
+    bit e % 32 of word e // 32, from ``drop_words``). ``norm_std``: sigma of the logits
+    normalization (None: off), computed per token inside the kernel.
 
     ``max_blocks`` caps the grid (blocks then loop over the tokens); None: a block per
     _WARPS_PER_BLOCK tokens."""
@@ -410,9 +477,14 @@ def launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scori
     blocks = (T + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
     if max_blocks is not None:
         blocks = min(blocks, max_blocks)
-    args = (logits, bias if bias is not None else logits, ids, weights, counts, np.int32(T),
-            *_static_args(top_k, scoring_func, bias is not None, renormalize, rsf, groups,
-                          topk_group))
+    if renorm == 2 and drop is None:
+        raise ValueError("drop: required with renorm=2 (drop_zero)")
+    # Absent bias / drop: the logits stand in (never read; a read-only array, so the
+    # simulator's copy-back of every argument leaves the outputs alone).
+    args = (logits, bias if bias is not None else logits, ids, weights, counts,
+            drop if renorm == 2 else logits, np.int32(T),
+            *_static_args(top_k, scoring_func, bias is not None, int(renorm), rsf, groups,
+                          topk_group, norm_std))
     shared = _WARPS_PER_BLOCK * n * 4 if groups is not None else 0
     launch(kernel, (blocks,), (32 * _WARPS_PER_BLOCK,), args, shared)
 
@@ -426,7 +498,21 @@ def _aligned_contiguous(a):
     return out
 
 
-def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk_group):
+def drop_words(mask) -> np.ndarray:
+    """int32 [ceil(n / 32)]: bit e % 32 of word e // 32 set where mask[e] (the kernel's layout)."""
+    bits = np.zeros(-(-len(mask) // 32) * 32, np.uint8)
+    bits[:len(mask)] = np.asarray(mask, bool)
+    return np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32).view(np.int32)
+
+
+@memoize_per_device
+def _drop_words_on_device(key: bytes):
+    """The drop flags on the device, uploaded once per distinct mask and device."""
+    return cupy_module().asarray(drop_words(np.frombuffer(key, dtype=np.bool_)))
+
+
+def _route_gpu(logits, top_k, scoring_func, bias, renorm, rsf, groups, topk_group, drop,
+               norm_std=None):
     cp = cupy_module()
     T, n = logits.shape
     if n > MAX_ROUTED_EXPERTS or top_k > MAX_TOP_K:
@@ -445,9 +531,10 @@ def _route_gpu(logits, top_k, scoring_func, bias, renormalize, rsf, groups, topk
                                 cp.cuda.get_current_stream().ptr)
     if T:
         kernel, max_blocks = _route_function(groups is not None, n)
+        drop_d = None if drop is None else _drop_words_on_device(drop.tobytes())
         launch_route_kernel(kernel, logits, bias, ids, weights, counts, top_k, scoring_func,
-                            renormalize, rsf, groups, topk_group,
+                            renorm, rsf, groups, topk_group,
                             lambda k, grid, block, args, shared: k(grid, block, args,
                                                                    shared_mem=shared),
-                            max_blocks=max_blocks)
+                            max_blocks=max_blocks, drop=drop_d, norm_std=norm_std)
     return RoutingResult(ids, weights, counts)

@@ -247,15 +247,38 @@ def _combine_numpy(x, ids, weights, E, codes, expert_output, const_vec, const_ga
 
 
 def combine_kernel_names() -> list[str]:
-    """Every instantiation in kernels/combine.cu: rows in x's type or in fp32."""
-    return [f"combine_kernel<{ctype},{rtype},{vec}>"
-            for _, (dt, ctype) in DTYPES.items() for rtype in dict.fromkeys((ctype, "float"))
-            for vec in (1, 16 // dt.itemsize)]
+    """Every instantiation in kernels/combine.cu: rows in x's type or in fp32; the input
+    scaling."""
+    return ([f"combine_kernel<{ctype},{rtype},{vec}>"
+             for _, (dt, ctype) in DTYPES.items() for rtype in dict.fromkeys((ctype, "float"))
+             for vec in (1, 16 // dt.itemsize)]
+            + [f"scale_rows_kernel<{ctype}>" for _, (dt, ctype) in DTYPES.items()])
 
 
 @memoize_per_device
 def _combine_module():
     return raw_module("combine.cu", combine_kernel_names())
+
+
+def scaled_input(x, scale: float):
+    """s * x rounded to x's dtype (the experts' input under ``expert_input_scale``): a new
+    contiguous array; x itself when s == 1. NumPy or CuPy x [T, H]; s in fp32."""
+    if scale == 1:
+        return x
+    s = np.float32(scale)
+    if not is_cupy(x):
+        return (x.astype(np.float32) * s).astype(x.dtype)
+    cp = cupy_module()
+    T, H = x.shape
+    out = cp.empty((T, H), x.dtype)
+    if T and H:
+        x = with_unit_row_layout(x)
+        n = T * H
+        kernel = _combine_module().get_function(
+            f"scale_rows_kernel<{DTYPES[dtype_name(x.dtype)][1]}>")
+        kernel((min(-(-n // 256), 65536),), (256,),
+               (x, np.int64(x.strides[0] // x.itemsize), out, np.int64(n), np.int32(H), s))
+    return out
 
 
 def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate):

@@ -109,3 +109,15 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
     store_f32<T, VEC>(ot + h, acc);
   }
 }
+
+// s * x rounded to T, for expert_input_scale: x (T_, H) with row stride x_stride -> out
+// (T_, H) contiguous. One element a thread (an elementwise pass, run only when s != 1).
+template <typename T>
+__global__ void scale_rows_kernel(const T* __restrict__ x, long long x_stride,
+                                  T* __restrict__ out, long long n, int H, float s) {
+  const long long step = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    const long long t = i / H;
+    out[i] = from_f32<T>(to_f32(x[t * x_stride + (i - t * H)]) * s);
+  }
+}

@@ -33,5 +33,6 @@ def gather_layer(rank_layers):
         first.config, first.router_weight, xp.concatenate([la.w13 for la in layers]),
         xp.concatenate([la.w2 for la in layers]), first.e_score_correction_bias,
         first.router_bias, first.const_vec, first.const_gate, first.max_chunk_tokens,
+        router_hidden_weight=first.router_hidden_weight, gate_map=first.gate_map,
         expert_strategy=first.expert_strategy, router_gemm=first.router_gemm,
         deterministic=first.deterministic)
