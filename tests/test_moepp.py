@@ -1,4 +1,4 @@
-"""MoE++ options (SPEC.md "MoE++ options") against the float64 reference: each alone and all
+"""MoE++ options (docs/spec.md "MoE++ options") against the float64 reference: each alone and all
 together, on the NumPy path and (marker gpu) on the GPU; their errors."""
 import dataclasses
 
@@ -411,7 +411,7 @@ def test_layer_without_router_gpu(rng):
 
 
 def test_bench_calibrates_moepp_7b_without_a_correction_bias(rng):
-    # The preset has no correction bias; the benchmark workload gives it one (SPEC.md), and
+    # The preset has no correction bias; the benchmark workload gives it one (docs/spec.md), and
     # the calibration routes through the layer's own options (drop_zero, normalization).
     from zeromoe_cupy import bench
     cfg = zm.MoEConfig.preset("moe++-7b", hidden_size=64, intermediate_size=32,

@@ -141,7 +141,7 @@ def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed
         bias = xp.zeros(N, np.float32)
         bias[E:] = c
         # The layer's own routing (its options included), with this bias; a config without
-        # a correction bias gets one here: the benchmark workload defines it (SPEC.md).
+        # a correction bias gets one here: the benchmark workload defines it (docs/spec.md).
         layer.e_score_correction_bias = bias
         r = layer._route_logits(logits)
         return float((r.topk_ids < E).sum()) / n_tokens, bias

@@ -76,7 +76,7 @@ class ZeroExpertMoE:
     its calls unchunked over the exchange; ``max_chunk_tokens`` bounds the rows its expert
     stage takes per pass.
 
-    MoE++ options (``MoEConfig``; SPEC.md "MoE++ options"): ``router_hidden_weight`` W1
+    MoE++ options (``MoEConfig``; docs/spec.md "MoE++ options"): ``router_hidden_weight`` W1
     [R, H] (two-layer router; ``router_weight`` is then W2 [E+Z, R]) and ``gate_map``
     [E+Z, E+Z] (gating residual) are None when the config does not use them.
     ``router_weight`` is None for a layer built without a router (every call then passes
@@ -450,7 +450,7 @@ class ZeroExpertMoE:
         return self._route_logits(logits), logits
 
     def _route_logits(self, logits):
-        """SPEC.md steps 2-7 on the layer's logits L [T, E+Z] fp32."""
+        """docs/spec.md steps 2-7 on the layer's logits L [T, E+Z] fp32."""
         cfg = self.config
         drop_zero = isinstance(cfg.renormalize, str)
         return route(logits, cfg.top_k, scoring_func=cfg.scoring_func,
