@@ -482,3 +482,19 @@ def test_save_load_pickle_keep_the_option_weights(rng, tmp_path):
                   pickle.loads(pickle.dumps(bare))):
         assert other.router_weight is None
         np.testing.assert_array_equal(other(x, router_logits=L), bare(x, router_logits=L))
+
+
+def test_quantized_layer_keeps_the_moepp_router(rng):
+    # quantize("fp8") copies the router (two layers, gate_map) and keeps the options: the fp8
+    # layer matches its own float64 evaluation (docs/spec.md "FP8 experts").
+    cfg = zm.MoEConfig(**{**BASE, **OPTIONS["all"], "hidden_size": 128, "intermediate_size": 128,
+                          "dtype": "bfloat16"})
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **random_layer_weights(rng, cfg))
+    q = layer.quantize("fp8")
+    for name in ("router_weight", "router_hidden_weight", "gate_map"):
+        assert getattr(q, name) is not getattr(layer, name)
+        np.testing.assert_array_equal(getattr(q, name), getattr(layer, name))
+    x = random_x(rng, 20, 128, "bfloat16")
+    prev = prev_logits(rng, cfg, 20)
+    ref, _ = q.reference(x, prev_router_logits=prev)
+    assert relative_error(q(x, prev_router_logits=prev), ref) <= 5e-3
