@@ -285,11 +285,15 @@ def test_route_arguments_raise():
 
 
 # --- GPU (marker gpu) ---------------------------------------------------------------------------
+# Every option with the default expert path; all of them together on every path.
+GPU_CASES = [(case, "auto") for case in sorted(OPTIONS)] + [
+    ("all", s) for s in ("pairs", "grouped", "padded", "fixed")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "fixed"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", sorted(OPTIONS))
-def test_options_gpu_match_reference(case, dtype, strategy, rng):
+@pytest.mark.parametrize("case,strategy", GPU_CASES)
+def test_options_gpu_match_reference(case, strategy, dtype, rng):
     import cupy as cp
     cfg, layer = build(case, dtype, rng, device="cuda")
     layer.expert_strategy = strategy
