@@ -4,6 +4,7 @@ normalization, input scaling and the gating residual threaded from one layer to 
 Skipped when torch is not installed.
 """
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -192,3 +193,38 @@ def test_bf16_from_their_weights_matches_reference(mode):
         assert same.mean() > 0.8
         assert relative_error(y_t[same], ref[same]) <= TOL["bfloat16"]
         prev, ref_prev = L, ref_r.router_logits
+
+
+@pytest.mark.parametrize("mode", ["default", "published_7b", "two_layer_mixtral"])
+def test_their_state_dict_loads_through_from_pretrained(tmp_path, mode):
+    # Their modules' state_dicts under the names their decoder gives them
+    # (model.layers.L.mlp = MOE), saved as torch pickle shards the way their checkpoints
+    # are, with a config.json of their keys: from_pretrained must compute their layers.
+    mod = _their_module()
+    flags = MODES[mode]
+    theirs = [their_layer(mod, flags, seed=31 * L + len(mode)) for L in range(2)]
+    config = dict(model_type="MoE++", hidden_size=H, intermediate_size=I, num_experts=[N],
+                  num_hidden_layers=2, torch_dtype="float32", **flags)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weight_map = {}
+    for L, m in enumerate(theirs):
+        fname = f"pytorch_model-0000{L + 1}-of-00002.bin"
+        sd = {f"model.layers.{L}.mlp.{k}": v for k, v in m.state_dict().items()}
+        torch.save(sd, tmp_path / fname)
+        weight_map.update(dict.fromkeys(sd, fname))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": weight_map}))
+    rng = np.random.default_rng(3 + len(mode))
+    prev = None
+    for L, m in enumerate(theirs):
+        ours = zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=L, device="cpu")
+        assert ours.config == our_config(flags, "float32")
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        y_t, L_t = run_theirs(m, x, prev)
+        y, logits = ours(x, prev_router_logits=prev, return_router_logits=True)
+        assert relative_error(logits, L_t) <= 1e-6
+        ok = separated_rows(logits, dict(top_k=2,
+                                         router_logits_norm_std=ours.config.router_logits_norm_std))
+        assert ok.mean() > 0.9
+        assert relative_error(y[ok], y_t[ok]) <= 1e-5
+        prev = logits

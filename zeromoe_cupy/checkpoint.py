@@ -135,6 +135,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int           # absolute byte offset of the data in the file
     nbytes: int
+    # a tensor of a torch pickle (.bin shard), memory-mapped: its bytes come from here
+    tensor: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def np_dtype(self) -> np.dtype | None:
@@ -194,6 +196,9 @@ def read_into(info: TensorInfo, out: np.ndarray, index: int | None = None) -> np
     if not out.flags.c_contiguous or out.nbytes != nbytes:  # pragma: no cover - callers' bug
         raise ValueError(f"{info.path}: tensor {info.name!r}: {nbytes} bytes into a buffer of "
                          f"{out.nbytes} bytes (C-contiguous: {out.flags.c_contiguous})")
+    if info.tensor is not None:  # a .bin shard's tensor: copy from its memory map
+        out.reshape(-1).view(np.uint8)[...] = _torch_bytes(info.tensor, index)
+        return out
     buf = memoryview(out.reshape(-1).view(np.uint8))
     with open(info.path, "rb", buffering=0) as f:
         done = 0
@@ -256,6 +261,83 @@ def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, st
             os.remove(tmp)
 
 
+# --- torch pickles (.bin shards) ------------------------------------------------------------
+# torch dtype name -> safetensors dtype name
+TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                "float8_e4m3fn": "F8_E4M3", "int64": "I64", "int32": "I32", "int16": "I16",
+                "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+# How to turn a directory of .bin shards into safetensors shards (torch and safetensors needed
+# once, anywhere); shown when torch is missing here.
+BIN_TO_SAFETENSORS = """\
+import glob, json, os, torch, safetensors.torch
+d, weight_map = "CHECKPOINT_DIR", {}
+for f in sorted(glob.glob(os.path.join(d, "pytorch_model*.bin"))):
+    sd = torch.load(f, map_location="cpu", weights_only=True)
+    out = os.path.basename(f).replace("pytorch_model", "model")[:-4] + ".safetensors"
+    safetensors.torch.save_file({k: v.contiguous().clone() for k, v in sd.items()},
+                                os.path.join(d, out), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(sd, out))
+with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)"""
+
+
+class TorchRequiredError(ImportError, ValueError):
+    """A .bin (torch pickle) checkpoint shard without torch installed: torch is missing (an
+    ImportError), and the checkpoint is in a format this install cannot read (a ValueError)."""
+
+
+def read_bin_header(path: str) -> dict[str, TensorInfo]:
+    """The tensors of a torch pickle checkpoint shard (``pytorch_model*.bin``), name ->
+    TensorInfo, read with ``torch.load(weights_only=True, mmap=True)``: the file is mapped,
+    not read; a tensor's bytes are read when ``read_into`` copies it. Shards in torch's old
+    (pre-zip) format cannot be mapped and are read whole.
+
+    Raises FileNotFoundError naming the path; TorchRequiredError (an ImportError and a
+    ValueError) when torch is not installed, with the few lines that convert the shards to
+    safetensors; ValueError naming the path for a file that is not a torch state dict.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint shard")
+    try:
+        import torch  # optional: only .bin shards need it
+    except ImportError as exc:
+        raise TorchRequiredError(
+            f"{path}: a torch pickle (.bin) checkpoint shard; reading it needs torch "
+            f"(pip install torch). Or convert the checkpoint to safetensors once, where torch "
+            f"and safetensors are installed (CHECKPOINT_DIR: the directory of the shards), "
+            f"or load the model in transformers and call "
+            f"save_pretrained(out_dir, safe_serialization=True):\n{BIN_TO_SAFETENSORS}") from exc
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler's errors vary by torch version
+        raise ValueError(f"{path}: not a torch state dict that torch.load(weights_only=True) "
+                         f"reads ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensor name -> tensor, got "
+                         f"{type(sd).__name__}")
+    out = {}
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor):
+            dtype = str(t.dtype).removeprefix("torch.")
+            out[name] = TensorInfo(path, name, TORCH_DTYPES.get(dtype, dtype), tuple(t.shape),
+                                   0, t.numel() * t.element_size(), t)
+    return out
+
+
+def _torch_bytes(t, index: int | None) -> np.ndarray:
+    """The bytes of a torch CPU tensor (or of its ``index``-th slice along axis 0), uint8."""
+    import torch
+    if index is not None:
+        t = t[index]
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 # --- a checkpoint's layer -> the layer's arrays -----------------------------------------------
 @dataclasses.dataclass
 class Target:
@@ -265,6 +347,7 @@ class Target:
     dtype: np.dtype
     # (tensor, slice index of the tensor along axis 0 or None, index into the target)
     pieces: list[tuple[TensorInfo, int | None, tuple]] = dataclasses.field(default_factory=list)
+    zeros: bool = False   # allocated as zeros: the pieces fill only part of it
 
 
 FUSED_EXPERT_KEYS = (  # (gate_up or w13 [E(+Z), 2I, H], down [E, H, I]), first pair found
@@ -286,7 +369,8 @@ class _Files:
     def info(self, key: str) -> TensorInfo:
         path = self.where[key]
         if path not in self.headers:
-            self.headers[path] = read_header(path)[0]
+            self.headers[path] = (read_bin_header(path) if path.endswith(".bin")
+                                  else read_header(path)[0])
         if key not in self.headers[path]:
             raise ValueError(f"{path}: no tensor {key!r} although {self.described_by} "
                              f"places it there")
@@ -294,23 +378,31 @@ class _Files:
 
 
 def checkpoint_files(path: str) -> _Files:
-    """The tensor -> file map of a checkpoint directory: ``model.safetensors.index.json``
-    (its weight_map; no shard is opened here) or a single ``model.safetensors``."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            where = {k: os.path.join(path, v) for k, v in weight_map.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor "
-                             f"name -> shard file ({exc!r})") from exc
-        return _Files(where, index)
-    if os.path.isfile(single):
-        return _Files({k: single for k in read_header(single)[0]}, single)
-    raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no model.safetensors "
-                            f"in the checkpoint directory")
+    """The tensor -> file map of a checkpoint directory, from the first of
+    ``model.safetensors.index.json`` (its weight_map; no shard is opened here),
+    ``model.safetensors``, ``pytorch_model.bin.index.json`` (torch pickle shards, read
+    through ``read_bin_header``; needs torch) and ``pytorch_model.bin`` found."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index, single = os.path.join(path, index), os.path.join(path, single)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                where = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of "
+                                 f"tensor name -> shard file ({exc!r})") from exc
+            return _Files(where, index)
+        if os.path.isfile(single):
+            tensors = (read_bin_header(single) if single.endswith(".bin")
+                       else read_header(single)[0])
+            files = _Files(dict.fromkeys(tensors, single), single)
+            files.headers[single] = tensors
+            return files
+    raise FileNotFoundError(f"{path}: no model.safetensors.index.json, model.safetensors, "
+                            f"pytorch_model.bin.index.json or pytorch_model.bin in the "
+                            f"checkpoint directory")
 
 
 def _check(info: TensorInfo, shape: tuple, allowed: tuple[str, ...], what: str) -> None:
@@ -419,6 +511,67 @@ def pretrained_targets(files: _Files, prefix: str, config, dtype: np.dtype,
     return out
 
 
+def moepp_targets(files: _Files, prefix: str, config, dtype: np.dtype,
+                  experts: tuple[int, int] | None = None) -> dict[str, Target]:
+    """``pretrained_targets`` for MoE++'s names (its modeling_moe_plus_plus.py: the decoder
+    layer's ``mlp`` is a ``MOE`` module), under ``prefix`` "model.layers.L.mlp." + "moe.":
+    ``gate.wg.weight`` [N, H] (router_weight), or with the two-layer router ``gate.wg.0.weight``
+    [8N, H] (router_hidden_weight) and ``gate.wg.2.weight`` [N, 8N] (router_weight);
+    ``gate.gate_map.weight`` [N, N] (gate_map); FFN experts e < E
+    ``experts.experts.{e}.up_proj.weight`` [2I, H], gate rows first (w13[e]) and
+    ``down_proj.weight`` [H, I] (w2[e]); constant experts E + j ``experts.experts.{E+j}.constant``
+    [H] (const_vec[j]) and ``.wg.weight`` [2, H] (const_gate[j]). The copy and zero experts
+    have no tensors: their const_vec / const_gate rows are zeros.
+    Raises ValueError (missing key, wrong shape) / TypeError (wrong dtype) naming file and key.
+    """
+    cfg = config
+    H, I, E, Z, N, R = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
+                        cfg.num_zero_experts, cfg.num_total_experts, cfg.router_hidden_size)
+    lo, hi = experts or (0, E)
+    if getattr(cfg, "quantization", None) is not None:
+        raise ValueError(f"{files.described_by}: quantization {cfg.quantization!r} with MoE++ "
+                         f"names: expected unquantized experts (quantize the loaded layer "
+                         f"with layer.quantize('fp8'))")
+    prefix += "moe."
+    fp32 = np.dtype(np.float32)
+
+    def piece(name: str, shape: tuple, what: str, index: tuple = ()):
+        key = prefix + name
+        if key not in files:
+            raise ValueError(f"{files.described_by}: no tensor {key!r} ({what})")
+        info = files.info(key)
+        _check(info, shape, ("F64", "F32", "F16", "BF16"), what)
+        return info, None, index
+
+    out: dict[str, Target] = {}
+    if R is None:
+        out["router_weight"] = Target((N, H), fp32, [piece(
+            "gate.wg.weight", (N, H), "router weight; the config has moe_2layer_gate false")])
+    else:
+        out["router_hidden_weight"] = Target((R, H), fp32, [piece(
+            "gate.wg.0.weight", (R, H), "router's first layer; the config has moe_2layer_gate "
+                                        "true")])
+        out["router_weight"] = Target((N, R), fp32, [piece(
+            "gate.wg.2.weight", (N, R), "router's second layer")])
+    out["gate_map"] = Target((N, N), fp32, [piece(
+        "gate.gate_map.weight", (N, N), "gating residual map")])
+    out["w13"] = Target((hi - lo, 2 * I, H), dtype, [piece(
+        f"experts.experts.{e}.up_proj.weight", (2 * I, H),
+        f"expert {e}'s gate and up projections, gate rows first", (e - lo,))
+        for e in range(lo, hi)])
+    out["w2"] = Target((hi - lo, H, I), dtype, [piece(
+        f"experts.experts.{e}.down_proj.weight", (H, I), f"expert {e}'s down projection",
+        (e - lo,)) for e in range(lo, hi)])
+    constants = [j for j, t in enumerate(cfg.zero_types) if t == "constant"]
+    out["const_vec"] = Target((Z, H), dtype, [piece(
+        f"experts.experts.{E + j}.constant", (H,), f"constant expert {E + j}'s vector", (j,))
+        for j in constants], zeros=True)
+    out["const_gate"] = Target((Z, 2, H), dtype, [piece(
+        f"experts.experts.{E + j}.wg.weight", (2, H), f"constant expert {E + j}'s gate", (j,))
+        for j in constants], zeros=True)
+    return out
+
+
 def fill_targets(targets: dict[str, Target], xp, progress: bool | None = None,
                  workers: int = 4) -> dict[str, Any]:
     """Allocate each target with ``xp`` (NumPy or CuPy) and fill it piece by piece.
@@ -430,7 +583,8 @@ def fill_targets(targets: dict[str, Target], xp, progress: bool | None = None,
     """
     def alloc_dtype(dt):  # e4m3 on the GPU: a uint8 array of the bits (docs/spec.md "FP8 experts")
         return np.dtype(np.uint8) if xp is not np and dt == _E4M3 else dt
-    arrays = {name: xp.empty(t.shape, alloc_dtype(t.dtype)) for name, t in targets.items()}
+    arrays = {name: (xp.zeros if t.zeros else xp.empty)(t.shape, alloc_dtype(t.dtype))
+              for name, t in targets.items()}
     jobs = sorted(((info.path, info.offset, name, info, index, dest)
                    for name, t in targets.items() for info, index, dest in t.pieces),
                   key=lambda j: (j[0], j[1]))
@@ -483,7 +637,8 @@ def pretrained_layer(path, layer: int, dtype: str | None = None,
                      part: tuple[int, int] | None = None):
     """(config, targets) for ``model.layers.<layer>.mlp`` of a Hugging Face checkpoint
     directory: the config from its config.json (``MoEConfig.from_hf_config``; ``dtype``
-    overrides its dtype), the targets as ``pretrained_targets`` gives them. Reads config.json,
+    overrides its dtype), the targets as ``pretrained_targets`` (``moepp_targets`` for model
+    type "MoE++") gives them. Reads config.json,
     the index and the headers of the shards that hold the layer's tensors; no tensor data.
     ``part``: (rank, world_size) of an expert-parallel rank, which loads real experts
     [rank*E/R, (rank+1)*E/R) only (ValueError when R does not divide E).
@@ -528,7 +683,10 @@ def pretrained_layer(path, layer: int, dtype: str | None = None,
         experts = (rank * per, (rank + 1) * per)
     files = checkpoint_files(path)
     expert_dtype = _E4M3 if getattr(cfg, "quantization", None) == "fp8" else np_dtype(cfg.dtype)
-    targets = pretrained_targets(files, f"model.layers.{layer}.mlp.", cfg, expert_dtype,
+    prefix = f"model.layers.{layer}.mlp."
+    if model.model_type == "MoE++":
+        return cfg, moepp_targets(files, prefix, cfg, expert_dtype, experts)
+    targets = pretrained_targets(files, prefix, cfg, expert_dtype,
                                  router_bias=True if model.router_bias else None,
                                  experts=experts)
     return cfg, targets

@@ -280,9 +280,10 @@ class MoEConfig:
 
         ``path_or_dict``: a checkpoint directory (its ``config.json`` is read), a path to a
         ``config.json``, or the config as a dict. Supported ``model_type`` values are the keys
-        of ``HF_MODEL_TYPES`` ("longcat_flash", "deepseek_v3"); missing keys take the defaults
-        of the matching transformers config class. ``torch_dtype`` / ``dtype`` gives ``dtype``
-        (absent: "bfloat16"); ``quantization_config`` with ``quant_method "fp8"`` (e4m3,
+        of ``HF_MODEL_TYPES`` ("longcat_flash", "deepseek_v3", "MoE++"); missing keys take the
+        defaults of the matching config class (transformers', or MoE++'s own ``MoeConfig``,
+        whose flags map as docs/spec.md "MoE++ options" says). ``torch_dtype`` / ``dtype``
+        gives ``dtype`` (absent: "bfloat16"); ``quantization_config`` with ``quant_method "fp8"`` (e4m3,
         128x128 blocks, dynamic activations) gives ``quantization="fp8"``.
 
         Raises FileNotFoundError naming the path when there is no config file; ValueError for
@@ -407,12 +408,58 @@ def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
                 keys=keys)
 
 
+# MoE++'s zero experts, after its FFN experts, in id order (its Experts module).
+MOEPP_ZERO_TYPES = ("constant", "constant", "identity", "zero")
+
+
+def _parse_moe_plus_plus(k: _Keys) -> dict[str, Any]:
+    # MoE++'s MoeConfig (configuration_moe_plus_plus.py of SkyworkAI/MoE-plus-plus) with its
+    # defaults; docs/spec.md "MoE++ options" maps its flags. num_experts is a list [N]: N - 4
+    # FFN experts, then constant, constant, copy, zero. Top-2 is fixed in its code, and its
+    # decoder threads the gating residual through every layer.
+    n = k.d.get("num_experts", [32])
+    if (not isinstance(n, (list, tuple)) or len(n) != 1 or isinstance(n[0], bool)
+            or not isinstance(n[0], int) or n[0] < 5):
+        raise k.error("num_experts", "a list [N] with N >= 5 (N - 4 FFN experts, then "
+                                     "MoE++'s 4 zero-computation experts)")
+    n = n[0]
+    flags = {}
+    for key, default in (("moe_use_mixtral_gating", False), ("moe_2layer_gate", True),
+                         ("moe_use_logits_norm", False), ("moe_feature_no_mul_topk", False)):
+        flags[key] = k.get(key, default)
+        if not isinstance(flags[key], bool):
+            raise k.error(key, "a bool")
+    mixtral = flags["moe_use_mixtral_gating"]
+    interval = k.int("moe_expert_interval", 1)
+    if interval < 1:
+        raise k.error("moe_expert_interval", "an int >= 1")
+    n_layers = k.int("num_hidden_layers", 32)
+    # with an interval > 1 only layers L with (L + 1) % interval == 0 hold the MoE block
+    dense = () if interval == 1 else tuple(L for L in range(n_layers) if (L + 1) % interval)
+    fields = dict(
+        hidden_size=k.int("hidden_size", 4096),
+        intermediate_size=k.int("intermediate_size", 11008),  # each FFN expert's I
+        num_experts=n - len(MOEPP_ZERO_TYPES), num_zero_experts=len(MOEPP_ZERO_TYPES),
+        zero_expert_type=MOEPP_ZERO_TYPES, top_k=2, scoring_func="softmax",
+        renormalize=True if mixtral else "drop_zero", routed_scaling_factor=1.0,
+        expert_input_scale=1.0 if mixtral or flags["moe_feature_no_mul_topk"] else 2.0,
+        router_hidden_size=8 * n if flags["moe_2layer_gate"] else None,
+        gating_residual=True,
+        router_logits_norm_std=(k.get("moe_gate_norm_std", 1.0)
+                                if flags["moe_use_logits_norm"] else None))
+    keys = dict(hidden_size="hidden_size", intermediate_size="intermediate_size",
+                router_logits_norm_std="moe_gate_norm_std")
+    return dict(fields=fields, num_layers=n_layers, dense_layers=dense, router_bias=False,
+                keys=keys)
+
+
 # model_type -> parser: _Keys -> dict(fields=MoEConfig fields without dtype/quantization,
 # num_layers, dense_layers, router_bias, keys={field: the config key it comes from}, for
 # error messages). A new model type is one entry here.
 HF_MODEL_TYPES: dict[str, Callable[[_Keys], dict[str, Any]]] = {
     "longcat_flash": _parse_longcat_flash,
     "deepseek_v3": _parse_deepseek_v3,
+    "MoE++": _parse_moe_plus_plus,
 }
 
 

@@ -670,7 +670,8 @@ class ZeroExpertMoE:
                         **options) -> "ZeroExpertMoE":
         """Layer ``layer``'s MoE block (``model.layers.<layer>.mlp``) of a Hugging Face
         checkpoint directory: config.json (``MoEConfig.from_hf_config``) and
-        ``model.safetensors`` or ``model.safetensors.index.json`` with its shards.
+        ``model.safetensors`` or ``model.safetensors.index.json`` with its shards (or, without
+        those, ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``: torch pickle shards).
 
         Reads only that layer's tensors, and only the shards that hold them: the router
         (``router.classifier.weight`` [E+Z, H] as LongCat-Flash names it, or ``gate.weight``
@@ -684,6 +685,14 @@ class ZeroExpertMoE:
         ``experts.down_proj`` [E, H, I]). Shared experts (DeepSeek's ``shared_experts``) are
         not part of this layer: the caller adds their output. A zero expert of type "zero"
         outputs 0 here (transformers' LongcatFlash computes every zero expert as identity).
+        MoE++ checkpoints (model type "MoE++") use their own names under
+        ``model.layers.L.mlp.moe.`` (``checkpoint.moepp_targets``: the one- or two-layer router,
+        ``gate_map``, ``experts.experts.M.up_proj`` [2I, H] / ``down_proj``, the constant
+        experts' ``constant`` and ``wg``), and may be torch pickle shards
+        (``pytorch_model.bin.index.json``): read memory-mapped with
+        ``torch.load(weights_only=True)`` when torch is installed, else a
+        ``checkpoint.TorchRequiredError`` (an ImportError and a ValueError) that shows how to
+        convert them to safetensors.
 
         ``device``: "auto" (the GPU when one is usable), "cuda" or "cpu". On the GPU the
         weights are allocated there first and filled expert by expert: the host holds a few
@@ -711,7 +720,11 @@ class ZeroExpertMoE:
         # w13 / w2 are already the rank's slice, which from_weights (full tensors in) would cut
         # again: the arrays have the layer's dtypes and layout, so they go in as they are.
         weights = tuple(arrays.get(k) for k in cls.WEIGHT_NAMES[:7])  # the constructor's order
-        return cls(cfg, device=device, _weights=weights, **options)
+        scales = (arrays["w13_scale_inv"], arrays["w2_scale_inv"]) \
+            if "w13_scale_inv" in arrays else None
+        extra = (arrays.get("router_hidden_weight"), arrays.get("gate_map"))
+        return cls(cfg, device=device, _weights=weights, _scales=scales, _router_extra=extra,
+                   **options)
 
     def save(self, path) -> None:
         """Write the layer to one safetensors file: its arrays under from_weights' argument
