@@ -283,8 +283,9 @@ class MoEConfig:
         of ``HF_MODEL_TYPES`` ("longcat_flash", "deepseek_v3", "MoE++"); missing keys take the
         defaults of the matching config class (transformers', or MoE++'s own ``MoeConfig``,
         whose flags map as docs/spec.md "MoE++ options" says). ``torch_dtype`` / ``dtype``
-        gives ``dtype`` (absent: "bfloat16"); ``quantization_config`` with ``quant_method "fp8"`` (e4m3,
-        128x128 blocks, dynamic activations) gives ``quantization="fp8"``.
+        gives ``dtype`` (absent: "bfloat16"); ``quantization_config`` with
+        ``quant_method "fp8"`` (e4m3, 128x128 blocks, dynamic activations) gives
+        ``quantization="fp8"``.
 
         Raises FileNotFoundError naming the path when there is no config file; ValueError for
         an unknown model type (listing the supported ones) or an unsupported value, naming
