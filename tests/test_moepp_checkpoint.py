@@ -205,6 +205,9 @@ def test_from_pretrained_moepp(tmp_path, rng, mode, shards):
         ref, ref_r = reference(w, opts, x, prev)
         assert relative_error(y, ref) <= TOL["float32"]
         assert relative_error(logits, ref_r.router_logits) <= 1e-6
+        layer.save(tmp_path / f"layer{L}.safetensors")  # the library's own file keeps it all
+        back = zm.ZeroExpertMoE.load(tmp_path / f"layer{L}.safetensors", device="cpu")
+        np.testing.assert_array_equal(back(x, prev_router_logits=prev), y)
         prev = logits
 
 
