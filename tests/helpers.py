@@ -145,3 +145,35 @@ def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
     assert np.abs(out if kind == "output" else h).max() > 2 * 65504
     assert np.abs(gate).max() < 6e4 and np.abs(upv).max() < 6e4
     return cfg, w, x, ids, weights, y
+
+
+def ep_fp16_cancellation_case(rng, T=10, H=32, I=24):
+    """An fp16 layer of two real experts (one per rank when split over two ranks) whose
+    outputs are exact negatives (same w13, w2 negated), each about 2e5 in places, chosen by
+    every token with weights that differ by under 1 %: each rank's partial sum passes 65504,
+    y = (w0 - w1) * FFN_0(x) fits fp16. Returns (config, weights, x, routing, float64 y)."""
+    from zeromoe_cupy import reference
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=2, num_zero_experts=2,
+                       top_k=3, zero_expert_type="identity", dtype="float16")
+    w = random_layer_weights(rng, cfg)
+    x = random_x(rng, T, H, "float16")
+    w13 = w["w13"].astype(np.float32) * np.float32(8)  # activations about 100: w2 within fp16
+    w13[1] = w13[0]
+    x64, w13_64 = x.astype(np.float64), w13.astype(np.float64)
+    gate, up = x64 @ w13_64[0, :I].T, x64 @ w13_64[0, I:].T
+    out = (gate / (1 + np.exp(-gate)) * up) @ w["w2"][0].astype(np.float64).T
+    w2 = w["w2"].astype(np.float32) * np.float32(2e5 / np.abs(out).max())
+    w2[1] = -w2[0]
+    assert np.abs(w2).max() < 6e4
+    w["w13"], w["w2"] = w13.astype(np.float16), w2.astype(np.float16)
+    ids = np.tile(np.array([0, 1, 2], np.int32), (T, 1))
+    w0 = rng.uniform(0.6, 1.0, T)
+    weights = np.stack([w0, w0 * (1 - rng.uniform(0.002, 0.01, T)),
+                        rng.uniform(0.1, 0.5, T)], axis=1).astype(np.float32)
+    y, _ = reference.forward(x, None, w["w13"], w["w2"], top_k=3, num_experts=2,
+                             zero_expert_type="identity", routing=(ids, weights))
+    rank0, _ = reference.forward(x, None, w["w13"], w["w2"], top_k=1, num_experts=2,
+                                 zero_expert_type="identity", routing=(ids[:, :1], weights[:, :1]))
+    assert np.abs(rank0).max() > 65504 and np.abs(y).max() < 3e4  # the case is what it says
+    return cfg, w, x, zm.RoutingResult(ids, weights, None), y
+

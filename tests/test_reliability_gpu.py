@@ -9,8 +9,8 @@ import zeromoe_cupy as zm
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import (extreme_routing_case, fp16_overflow_case, random_layer_weights, random_x,
-                     underflow_routing_case)
+from helpers import (ep_fp16_cancellation_case, extreme_routing_case, fp16_overflow_case,
+                     random_layer_weights, random_x, underflow_routing_case)
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -246,3 +246,20 @@ def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, 
     out = zm.ops.expert_mlp(cp.asarray(x), cp.asarray(ids), layer.w13, layer.w2,
                             strategy=strategy)
     assert out.rows.dtype == np.float32
+
+
+def test_gpu_fp16_partial_sums_beyond_65504_under_expert_parallelism(rng):
+    cfg, w, x, routing, ref = ep_fp16_cancellation_case(rng)
+    w = {k: cp.asarray(v) for k, v in w.items()}
+    x = cp.asarray(x)
+    routing = zm.RoutingResult(cp.asarray(routing.topk_ids), cp.asarray(routing.topk_weights),
+                               None)
+
+    def body(g):
+        cp.cuda.Device(0).use()
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        return layer(x, routing=routing).get()
+
+    for y in zm.parallel.run_local(body, 2, timeout=120.0):
+        assert np.isfinite(y.astype(np.float32)).all()
+        assert relative_error(y, ref) <= TOL["float16"]
