@@ -116,6 +116,38 @@ def underflow_routing_case(rng, T, N, scoring, bias_kind):
     return logits, bias
 
 
+def biased_tie_case(rng, T, N, scoring, mixed=False):
+    """Selection scores s = p + bias that are exactly equal (in fp32 and in float64) between
+    experts of unequal biases, and equal in fp32 by underflow between experts of equal biases.
+
+    Every expert but one has a logit near -100 (its score underflows fp32, and in float64 it
+    is below half an ulp of its bias: s == bias) and a bias drawn from 0.5, 0.25, 0.125,
+    0.0625 (classes of equal bias, whose exact order is their logits'). Expert b has the
+    largest logit (score 1.0 exactly, bias -0.25: s = 0.75) and ties exactly with expert a < b
+    (bias 0.75): a ranks first, by its lower id, although b's logit is larger. ``mixed`` adds
+    a third expert c of bias 0.75 to that tie, c's logit between a's and b's (equal s, not all
+    one bias: the ids decide). Returns (logits fp32 [T, N], bias fp32 [N], the expected full
+    order int [T, N] by docs/spec.md's rule)."""
+    logits = np.clip(rng.standard_normal((T, N)) * 3 - 100, -110, -90).astype(np.float32)
+    bias = rng.choice(np.float32([0.5, 0.25, 0.125, 0.0625]), N)
+    a, c, b = np.sort(rng.choice(N, 3, replace=False))
+    logits[:, b] = 40 if scoring == "sigmoid" else 0  # score 1.0: sigmoid, or softmax's max
+    bias[a], bias[b] = 0.75, -0.25
+    if mixed:
+        bias[c] = 0.75
+        logits[:, c] = -95
+        logits[:, a] = -99
+    level = np.where(np.arange(N) == b, 0.75, bias)
+    expected = np.empty((T, N), np.int64)
+    for t in range(T):
+        def key(e):
+            cls = np.flatnonzero(level == level[e])
+            uniform = np.all(bias[cls] == bias[e])
+            return (-level[e], -logits[t, e] if uniform else 0.0, e)
+        expected[t] = sorted(range(N), key=key)
+    return logits, bias, expected
+
+
 def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
     """An fp16 layer (K = 2: a real expert and a "zero" one a token), x, and a routing, where
     y fits fp16 but an intermediate does not. kind "output": expert outputs (the down

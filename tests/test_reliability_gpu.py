@@ -9,8 +9,9 @@ import zeromoe_cupy as zm
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import (ep_fp16_cancellation_case, extreme_routing_case, fp16_overflow_case,
-                     random_layer_weights, random_x, underflow_routing_case)
+from helpers import (biased_tie_case, ep_fp16_cancellation_case, extreme_routing_case,
+                     fp16_overflow_case, random_layer_weights, random_x,
+                     underflow_routing_case)
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
@@ -263,3 +264,19 @@ def test_gpu_fp16_partial_sums_beyond_65504_under_expert_parallelism(rng):
     for y in zm.parallel.run_local(body, 2, timeout=120.0):
         assert np.isfinite(y.astype(np.float32)).all()
         assert relative_error(y, ref) <= TOL["float16"]
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("N,groups,tg", [(40, None, None), (300, None, None), (40, 4, 3),
+                                         (768, 8, 4)])
+def test_gpu_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, N, groups, tg, rng):
+    # ... and fp32 ties of equal biases (underflowed scores) to the larger logit.
+    from test_routing_numerics import check_against_reference
+    K = 12
+    logits, bias, expected = biased_tie_case(rng, 64, N, scoring, mixed)
+    for renorm in (False, True):
+        r = _route_on_gpu(logits, K, scoring, bias, renorm, groups, tg)
+        check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+        if groups is None:
+            np.testing.assert_array_equal(r[0], expected[:, :K])
