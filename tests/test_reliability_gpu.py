@@ -280,3 +280,23 @@ def test_gpu_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, N, 
         check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
         if groups is None:
             np.testing.assert_array_equal(r[0], expected[:, :K])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree"])
+def test_gpu_expert_counts_that_do_not_match_the_ids_change_nothing(strategy, rng):
+    # ops.expert_mlp counts the ids itself: wrong counts can neither read or write out of
+    # bounds nor change the result.
+    w = random_layer_weights(rng, CFG, bias_scale=0.01)
+    layer = zm.ZeroExpertMoE.from_weights(CFG, **{k: cp.asarray(v) for k, v in w.items()})
+    x = cp.asarray(random_x(rng, 300, 512, "bfloat16"))
+    r = layer.route(x)
+    ref, _ = layer.reference(x, routing=(r.topk_ids, r.topk_weights))
+    counts = r.expert_counts
+    E, Z = CFG.num_experts, CFG.num_zero_experts
+    for wrong in (cp.zeros_like(counts), counts * 1000, -counts - 1, cp.roll(counts, 1)):
+        out = zm.ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=wrong,
+                                strategy=strategy)
+        y = zm.ops.combine(x, r.topk_ids, r.topk_weights, E, "identity", out,
+                           num_zero_experts=Z)
+        cp.cuda.Device().synchronize()
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]
