@@ -36,7 +36,6 @@ from .routing import _WARPS_PER_BLOCK as WARPS, KEY_MASKED, KEY_NAN, KEY_SHIFT
 _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
 NEG_INF = float32(-math.inf)
-POS_INF = float32(math.inf)
 NO_ID = 0x7FFFFFFF
 MASKED = int32(KEY_MASKED)       # padding, dropped groups, empty cache slots
 NAN_KEY = int32(KEY_NAN)
@@ -487,13 +486,12 @@ def make_route_kernel(grouped: bool, n: int):
             # The exact order for this token: K rounds, each taking the largest key with an
             # expert ranked after the last winner, then within that key's experts the best
             # (second key, lower id), the second key being the logit's where all of them
-            # have one bias (uniform: one min/max reduction), else 0. (The simulator runs it
-            # for every token: its block-wide barriers need every warp.)
+            # have one bias (uniform: a max reduction and a vote), else 0. (The simulator
+            # runs it for every token: its block-wide barriers need every warp.)
             lk = POS_INF_KEY
             ll = POS_INF_KEY
             li = int32(-1)
             lu = False
-            exact_id = int32(0)
             for r in range(K):
                 bk = MASKED
                 for g in range(G):
@@ -504,18 +502,18 @@ def make_route_kernel(grouped: bool, n: int):
                                 k, e, lu, ll, li, logits, row))):
                             bk = k
                 kk = reduce_max(bk, w, lane, vs)
-                lo = POS_INF
                 hi = NEG_INF
                 for g in range(G):
                     for c in range(4):
-                        e = int32(first + 128 * g + c)
                         if keys[4 * g + c] == kk:
-                            b = bias[e]
-                            lo = min(lo, b)
-                            hi = max(hi, b)
-                lo = -reduce_max(-lo, w, lane, fs)
+                            hi = max(hi, bias[first + 128 * g + c])
                 hi = reduce_max(hi, w, lane, fs)
-                u = lo == hi
+                other = False
+                for g in range(G):
+                    for c in range(4):
+                        if keys[4 * g + c] == kk and bias[first + 128 * g + c] != hi:
+                            other = True
+                u = not warp_any(other, w, lane, js)
                 bl = MASKED
                 be = int32(NO_ID)
                 for g in range(G):
@@ -528,9 +526,8 @@ def make_route_kernel(grouped: bool, n: int):
                                 bl, be = l2, e
                 lk, ll, li = reduce_argmax2(kk, bl, be, w, lane, vs, ls, js)
                 lu = u
-                exact_id = li if lane == r else exact_id
-            if tie:
-                my_id = exact_id
+                if tie and lane == r:  # (the simulator's fast result stands without a tie)
+                    my_id = li
         if my_id >= n:
             my_id = 0  # unreachable when K <= choosable experts (validated on the host)
 
