@@ -116,6 +116,38 @@ def underflow_routing_case(rng, T, N, scoring, bias_kind):
     return logits, bias
 
 
+def biased_tie_case(rng, T, N, scoring, mixed=False):
+    """Selection scores s = p + bias that are exactly equal (in fp32 and in float64) between
+    experts of unequal biases, and equal in fp32 by underflow between experts of equal biases.
+
+    Every expert but one has a logit near -100 (its score underflows fp32, and in float64 it
+    is below half an ulp of its bias: s == bias) and a bias drawn from 0.5, 0.25, 0.125,
+    0.0625 (classes of equal bias, whose exact order is their logits'). Expert b has the
+    largest logit (score 1.0 exactly, bias -0.25: s = 0.75) and ties exactly with expert a < b
+    (bias 0.75): a ranks first, by its lower id, although b's logit is larger. ``mixed`` adds
+    a third expert c of bias 0.75 to that tie, c's logit between a's and b's (equal s, not all
+    one bias: the ids decide). Returns (logits fp32 [T, N], bias fp32 [N], the expected full
+    order int [T, N] by docs/spec.md's rule)."""
+    logits = np.clip(rng.standard_normal((T, N)) * 3 - 100, -110, -90).astype(np.float32)
+    bias = rng.choice(np.float32([0.5, 0.25, 0.125, 0.0625]), N)
+    a, c, b = np.sort(rng.choice(N, 3, replace=False))
+    logits[:, b] = 40 if scoring == "sigmoid" else 0  # score 1.0: sigmoid, or softmax's max
+    bias[a], bias[b] = 0.75, -0.25
+    if mixed:
+        bias[c] = 0.75
+        logits[:, c] = -95
+        logits[:, a] = -99
+    level = np.where(np.arange(N) == b, 0.75, bias)
+    expected = np.empty((T, N), np.int64)
+    for t in range(T):
+        def key(e):
+            cls = np.flatnonzero(level == level[e])
+            uniform = np.all(bias[cls] == bias[e])
+            return (-level[e], -logits[t, e] if uniform else 0.0, e)
+        expected[t] = sorted(range(N), key=key)
+    return logits, bias, expected
+
+
 def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
     """An fp16 layer (K = 2: a real expert and a "zero" one a token), x, and a routing, where
     y fits fp16 but an intermediate does not. kind "output": expert outputs (the down
@@ -145,3 +177,35 @@ def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
     assert np.abs(out if kind == "output" else h).max() > 2 * 65504
     assert np.abs(gate).max() < 6e4 and np.abs(upv).max() < 6e4
     return cfg, w, x, ids, weights, y
+
+
+def ep_fp16_cancellation_case(rng, T=10, H=32, I=24):
+    """An fp16 layer of two real experts (one per rank when split over two ranks) whose
+    outputs are exact negatives (same w13, w2 negated), each about 2e5 in places, chosen by
+    every token with weights that differ by under 1 %: each rank's partial sum passes 65504,
+    y = (w0 - w1) * FFN_0(x) fits fp16. Returns (config, weights, x, routing, float64 y)."""
+    from zeromoe_cupy import reference
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=2, num_zero_experts=2,
+                       top_k=3, zero_expert_type="identity", dtype="float16")
+    w = random_layer_weights(rng, cfg)
+    x = random_x(rng, T, H, "float16")
+    w13 = w["w13"].astype(np.float32) * np.float32(8)  # activations about 100: w2 within fp16
+    w13[1] = w13[0]
+    x64, w13_64 = x.astype(np.float64), w13.astype(np.float64)
+    gate, up = x64 @ w13_64[0, :I].T, x64 @ w13_64[0, I:].T
+    out = (gate / (1 + np.exp(-gate)) * up) @ w["w2"][0].astype(np.float64).T
+    w2 = w["w2"].astype(np.float32) * np.float32(2e5 / np.abs(out).max())
+    w2[1] = -w2[0]
+    assert np.abs(w2).max() < 6e4
+    w["w13"], w["w2"] = w13.astype(np.float16), w2.astype(np.float16)
+    ids = np.tile(np.array([0, 1, 2], np.int32), (T, 1))
+    w0 = rng.uniform(0.6, 1.0, T)
+    weights = np.stack([w0, w0 * (1 - rng.uniform(0.002, 0.01, T)),
+                        rng.uniform(0.1, 0.5, T)], axis=1).astype(np.float32)
+    y, _ = reference.forward(x, None, w["w13"], w["w2"], top_k=3, num_experts=2,
+                             zero_expert_type="identity", routing=(ids, weights))
+    rank0, _ = reference.forward(x, None, w["w13"], w["w2"], top_k=1, num_experts=2,
+                                 zero_expert_type="identity", routing=(ids[:, :1], weights[:, :1]))
+    assert np.abs(rank0).max() > 65504 and np.abs(y).max() < 3e4  # the case is what it says
+    return cfg, w, x, zm.RoutingResult(ids, weights, None), y
+

@@ -1,5 +1,6 @@
 """fp16 layers whose intermediates pass 65504 while y fits (docs/spec.md, "Numerics and
-accuracy"): an expert's output with a small routing weight, and the activation silu(gate) * up.
+accuracy"): an expert's output with a small routing weight, the activation silu(gate) * up,
+and a rank's partial sum under expert parallelism.
 The NumPy path here; every GPU path in test_reliability_gpu.py."""
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from zeromoe_cupy._arrays import np_dtype
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import fp16_overflow_case, random_x
+from helpers import ep_fp16_cancellation_case, fp16_overflow_case, random_x
 
 
 @pytest.mark.parametrize("kind", ["output", "activation"])
@@ -43,3 +44,15 @@ def test_expert_rows_of_other_dtypes_stay_in_the_layer_dtype(dtype, rng):
     w2 = rng.standard_normal((E, H, I)).astype(np.float32).astype(dt)
     ids = rng.integers(0, E, (T, 2)).astype(np.int32)
     assert ops.expert_mlp(x, ids, w13, w2).rows.dtype == dt
+
+
+def test_fp16_partial_sums_beyond_65504_under_expert_parallelism(rng):
+    cfg, w, x, routing, ref = ep_fp16_cancellation_case(rng)
+
+    def body(g):
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        return layer(x, routing=routing)
+
+    for y in zm.parallel.run_local(body, 2, timeout=60.0):
+        assert np.isfinite(y.astype(np.float32)).all()
+        assert relative_error(y, ref) <= TOL["float16"]

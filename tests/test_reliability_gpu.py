@@ -9,7 +9,8 @@ import zeromoe_cupy as zm
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import (extreme_routing_case, fp16_overflow_case, random_layer_weights, random_x,
+from helpers import (biased_tie_case, ep_fp16_cancellation_case, extreme_routing_case,
+                     fp16_overflow_case, random_layer_weights, random_x,
                      underflow_routing_case)
 
 pytestmark = pytest.mark.gpu
@@ -246,3 +247,56 @@ def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, 
     out = zm.ops.expert_mlp(cp.asarray(x), cp.asarray(ids), layer.w13, layer.w2,
                             strategy=strategy)
     assert out.rows.dtype == np.float32
+
+
+def test_gpu_fp16_partial_sums_beyond_65504_under_expert_parallelism(rng):
+    cfg, w, x, routing, ref = ep_fp16_cancellation_case(rng)
+    w = {k: cp.asarray(v) for k, v in w.items()}
+    x = cp.asarray(x)
+    routing = zm.RoutingResult(cp.asarray(routing.topk_ids), cp.asarray(routing.topk_weights),
+                               None)
+
+    def body(g):
+        cp.cuda.Device(0).use()
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        return layer(x, routing=routing).get()
+
+    for y in zm.parallel.run_local(body, 2, timeout=120.0):
+        assert np.isfinite(y.astype(np.float32)).all()
+        assert relative_error(y, ref) <= TOL["float16"]
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("N,groups,tg", [(40, None, None), (300, None, None), (40, 4, 3),
+                                         (768, 8, 4)])
+def test_gpu_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, N, groups, tg, rng):
+    # ... and fp32 ties of equal biases (underflowed scores) to the larger logit.
+    from test_routing_numerics import check_against_reference
+    K = 12
+    logits, bias, expected = biased_tie_case(rng, 64, N, scoring, mixed)
+    for renorm in (False, True):
+        r = _route_on_gpu(logits, K, scoring, bias, renorm, groups, tg)
+        check_against_reference(r, logits, K, scoring, bias, renorm, groups, tg)
+        if groups is None:
+            np.testing.assert_array_equal(r[0], expected[:, :K])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree"])
+def test_gpu_expert_counts_that_do_not_match_the_ids_change_nothing(strategy, rng):
+    # ops.expert_mlp counts the ids itself: wrong counts can neither read or write out of
+    # bounds nor change the result.
+    w = random_layer_weights(rng, CFG, bias_scale=0.01)
+    layer = zm.ZeroExpertMoE.from_weights(CFG, **{k: cp.asarray(v) for k, v in w.items()})
+    x = cp.asarray(random_x(rng, 300, 512, "bfloat16"))
+    r = layer.route(x)
+    ref, _ = layer.reference(x, routing=(r.topk_ids, r.topk_weights))
+    counts = r.expert_counts
+    E, Z = CFG.num_experts, CFG.num_zero_experts
+    for wrong in (cp.zeros_like(counts), counts * 1000, -counts - 1, cp.roll(counts, 1)):
+        out = zm.ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=wrong,
+                                strategy=strategy)
+        y = zm.ops.combine(x, r.topk_ids, r.topk_weights, E, "identity", out,
+                           num_zero_experts=Z)
+        cp.cuda.Device().synchronize()
+        assert relative_error(y.get(), ref) <= TOL["bfloat16"]

@@ -7,7 +7,7 @@ import pytest
 
 from zeromoe_cupy import ops, reference
 
-from helpers import extreme_routing_case, underflow_routing_case
+from helpers import biased_tie_case, extreme_routing_case, underflow_routing_case
 
 TINY = 3 * float(np.finfo(np.float32).smallest_subnormal)
 
@@ -62,3 +62,20 @@ def test_underflowing_scores_in_groups(bias_kind, rng):
     r = ops.route(logits, K, e_score_correction_bias=bias, renormalize=True,
                   num_expert_group=8, topk_group=4)
     check_against_reference(r, logits, K, "softmax", bias, True, 8, 4)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, rng):
+    # ... and fp32 ties of equal biases (underflowed scores) to the larger logit.
+    N, K = 40, 12
+    logits, bias, expected = biased_tie_case(rng, 6, N, scoring, mixed)
+    for renorm in (False, True):
+        r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                      renormalize=renorm)
+        np.testing.assert_array_equal(r.topk_ids, expected[:, :K])
+        check_against_reference(r, logits, K, scoring, bias, renorm)
+    # grouped: the same order inside the kept groups
+    r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                  num_expert_group=4, topk_group=3)
+    check_against_reference(r, logits, K, scoring, bias, False, 4, 3)

@@ -12,8 +12,8 @@ import pytest
 from zeromoe_cupy import reference
 from zeromoe_cupy.routing import drop_words, launch_route_kernel
 
-from helpers import (extreme_routing_case, one_lane_wins_logits, separated_rows,
-                     underflow_routing_case)
+from helpers import (biased_tie_case, extreme_routing_case, one_lane_wins_logits,
+                     separated_rows, underflow_routing_case)
 
 pytest.importorskip("numba", reason="needs numba (the cuda13 / cuda12 extra)")
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
@@ -201,3 +201,18 @@ def test_simulated_kernel_logits_normalization(N, K, scoring, sigma, has_bias):
     assert np.isnan(w[2]).all() and ((ids[2] >= 0) & (ids[2] < N)).all()
     _, w_plain, _ = run_kernel(logits, K, scoring, bias, True, 1.5)  # unnormalized: differs
     assert not np.allclose(w_plain[ok], w[ok], rtol=1e-3)
+
+
+@pytest.mark.parametrize("scoring,N,mixed,groups,tg", [
+    ("sigmoid", 40, False, None, None), ("softmax", 200, True, None, None),
+    ("softmax", 40, False, 4, 3), ("sigmoid", 40, True, 4, 3)])
+def test_simulated_kernel_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, N, mixed,
+                                                                         groups, tg, rng):
+    # ... and fp32 ties of equal biases (underflowed scores) to the larger logit.
+    K = 12
+    logits, bias, expected = biased_tie_case(rng, 3, N, scoring, mixed)
+    ids, w, _ = run_kernel(logits, K, scoring, bias, False, 1.0, groups, tg)
+    ref = reference.route(logits, K, scoring, bias, False, 1.0, groups, tg)
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    if groups is None:
+        np.testing.assert_array_equal(ids, expected[:, :K])

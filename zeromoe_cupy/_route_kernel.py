@@ -14,11 +14,13 @@ block-wide reductions through shared memory and plain loads; `_SIM` picks at com
 The ranking rule (the NumPy path in routing.py follows it too): selection values are fp32,
 s = p + bias, or without a bias the logit itself (the same order as p, and exact where p
 underflows). They are compared as ints in their order (key_of), so NaN ranks below -inf and
--FLT_MAX, and padding / dropped groups below NaN. With a bias, equal finite keys are ordered
-by the logit (fp32 sums that tie with equal biases are scores that underflowed, and the logit
-is their exact order), then by the lower id: the fast selection ranks by (key, id), notes
-when the last winner of a round ties with a remaining key, and only then the warp redoes the
-token with the logit as the second key (rare: ties of finite fp32 sums).
+-FLT_MAX, and padding / dropped groups below NaN. With a bias, among the experts holding one
+finite key: if they all have the same bias, by the logit (their exact order: fp32 sums of
+one bias tie where the scores underflowed or rounded alike), then by the lower id; otherwise
+by the lower id (different biases tie exactly, or within an fp32 rounding). The fast
+selection ranks by (key, id), notes when the last winner of a round ties with a remaining
+key, and only then the warp redoes the token with the full rule (rare: ties of finite fp32
+sums).
 """
 import numpy as np
 
@@ -294,11 +296,17 @@ def make_route_kernel(grouped: bool, n: int):
         return sigmoid_fast(logit)
 
     @cuda.jit(device=True)
-    def second_key(k, e, logits, row):
-        # With a bias, equal finite keys rank by the logit (see the module docstring).
-        if k > NEG_INF_KEY and k < POS_INF_KEY:
+    def second_key(k, e, uniform, logits, row):
+        # With a bias, equal finite keys of one bias rank by the logit (module docstring).
+        if uniform and k > NEG_INF_KEY and k < POS_INF_KEY:
             return key_of(logits[row + e] + float32(0))
         return int32(0)
+
+    @cuda.jit(device=True)
+    def after_in_class(k, e, uniform, ll, li, logits, row):
+        # Expert e, of the last winner's key k, ranks after it (second key, then id).
+        l2 = second_key(k, e, uniform, logits, row)
+        return l2 < ll or (l2 == ll and e > li)
 
     @cuda.jit(device=True)
     def route_token(logits, bias, drop, out_ids, out_w, hist, t, valid, w, lane, fs, js, vs, ls,
@@ -475,31 +483,51 @@ def make_route_kernel(grouped: bool, n: int):
             my_id = bi if lane == r else my_id
 
         if has_bias and (tie or _SIM):
-            # The exact order for this token: K rounds over (key, logit key, id), each lane
-            # offering its best expert ranked after the last winner. (The simulator runs it
-            # for every token: its block-wide barriers need every warp.)
+            # The exact order for this token: K rounds, each taking the largest key with an
+            # expert ranked after the last winner, then within that key's experts the best
+            # (second key, lower id), the second key being the logit's where all of them
+            # have one bias (uniform: a max reduction and a vote), else 0. (The simulator
+            # runs it for every token: its block-wide barriers need every warp.)
             lk = POS_INF_KEY
             ll = POS_INF_KEY
             li = int32(-1)
-            exact_id = int32(0)
+            lu = False
             for r in range(K):
                 bk = MASKED
-                bl = MASKED
-                be = int32(NO_ID)
                 for g in range(G):
                     for c in range(4):
                         k = keys[4 * g + c]
                         e = int32(first + 128 * g + c)
-                        if k > MASKED:
-                            l2 = second_key(k, e, logits, row)
-                            after = (r == 0 or k < lk or
-                                     (k == lk and (l2 < ll or (l2 == ll and e > li))))
-                            if after and (k > bk or (k == bk and l2 > bl)):
-                                bk, bl, be = k, l2, e
-                lk, ll, li = reduce_argmax2(bk, bl, be, w, lane, vs, ls, js)
-                exact_id = li if lane == r else exact_id
-            if tie:
-                my_id = exact_id
+                        if k > bk and (r == 0 or k < lk or (k == lk and after_in_class(
+                                k, e, lu, ll, li, logits, row))):
+                            bk = k
+                kk = reduce_max(bk, w, lane, vs)
+                hi = NEG_INF
+                for g in range(G):
+                    for c in range(4):
+                        if keys[4 * g + c] == kk:
+                            hi = max(hi, bias[first + 128 * g + c])
+                hi = reduce_max(hi, w, lane, fs)
+                other = False
+                for g in range(G):
+                    for c in range(4):
+                        if keys[4 * g + c] == kk and bias[first + 128 * g + c] != hi:
+                            other = True
+                u = not warp_any(other, w, lane, js)
+                bl = MASKED
+                be = int32(NO_ID)
+                for g in range(G):
+                    for c in range(4):
+                        e = int32(first + 128 * g + c)
+                        if keys[4 * g + c] == kk and (r == 0 or kk < lk or after_in_class(
+                                kk, e, lu, ll, li, logits, row)):
+                            l2 = second_key(kk, e, u, logits, row)
+                            if l2 > bl:  # ascending ids: the first of equal l2 stays
+                                bl, be = l2, e
+                lk, ll, li = reduce_argmax2(kk, bl, be, w, lane, vs, ls, js)
+                lu = u
+                if tie and lane == r:  # (the simulator's fast result stands without a tie)
+                    my_id = li
         if my_id >= n:
             my_id = 0  # unreachable when K <= choosable experts (validated on the host)
 

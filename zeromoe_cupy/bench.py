@@ -540,7 +540,7 @@ def _stage_times(layer, xs, timer, prev=None):
     combine. On the GPU each mark records a CUDA event, so a stage's time is the wall time
     between its enqueue and the previous stage's (host work included where it stalls).
     """
-    from .experts import expert_mlp
+    from .experts import run_experts
     from .zero_experts import combine, scaled_input
     cfg = layer.config
     cp = cupy_module() if timer.gpu else None
@@ -561,9 +561,10 @@ def _stage_times(layer, xs, timer, prev=None):
         r = layer.route(x, prev_router_logits=prev)
         mark("route")
         x = scaled_input(x, cfg.expert_input_scale)  # counted in "permute"
-        out = expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts,
-                         strategy=layer.expert_strategy, stage_marks=mark,
-                         w13_scale_inv=layer.w13_scale_inv, w2_scale_inv=layer.w2_scale_inv)
+        scales = None if layer.w13_scale_inv is None else (layer.w13_scale_inv,
+                                                           layer.w2_scale_inv)
+        out = run_experts(x, r.topk_ids, layer.w13, layer.w2, r.expert_counts,
+                          strategy=layer.expert_strategy, stage_marks=mark, scales=scales)
         combine(x, r.topk_ids, r.topk_weights, cfg.num_experts, cfg.zero_types, out,
                 layer.const_vec, layer.const_gate, num_zero_experts=cfg.num_zero_experts,
                 check_ids=False)

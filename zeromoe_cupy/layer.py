@@ -15,7 +15,7 @@ from ._arrays import (as_array, cupy_module, gpu_available, is_cupy, is_float_dt
                       resolve_device)
 from . import checkpoint, quant
 from .config import MoEConfig
-from .experts import STRATEGIES, expert_mlp
+from .experts import STRATEGIES, run_experts
 from .routing import RoutingResult, compute_router_logits, route, split_bf16
 from .zero_experts import combine, scaled_input
 
@@ -604,9 +604,10 @@ class ZeroExpertMoE:
         ids, weights = routing.topk_ids, routing.topk_weights
         experts = None
         if cfg.num_experts:
-            experts = expert_mlp(x, ids, self.w13, self.w2, expert_counts=counts,
-                                 strategy=strategy,
-                                 w13_scale_inv=self.w13_scale_inv, w2_scale_inv=self.w2_scale_inv)
+            scales = None if self.w13_scale_inv is None else (self.w13_scale_inv,
+                                                              self.w2_scale_inv)
+            experts = run_experts(x, ids, self.w13, self.w2, counts, strategy=strategy,
+                                  scales=scales)
         return combine(x, ids, weights, cfg.num_experts, cfg.zero_types, experts,
                        self.const_vec, self.const_gate,
                        num_zero_experts=cfg.num_zero_experts, check_ids=False)

@@ -17,17 +17,28 @@ class ReferenceRouting(NamedTuple):
                                              # before the normalization (forward only)
 
 
-def _rank(s: np.ndarray, logits: np.ndarray, allowed: np.ndarray) -> list:
+def _rank(s: np.ndarray, logits: np.ndarray, allowed: np.ndarray, bias=None) -> list:
     """Indices in rank order: descending s, NaN below every number (-inf included), and
-    experts that are not ``allowed`` (dropped groups) last. Among equal finite s, the larger
-    logit first: equal float64 sums with equal biases mean the scores underflowed, and the
-    logit is their exact order. Then the lower index."""
+    experts that are not ``allowed`` (dropped groups) last. Among equal finite s: if the
+    allowed experts holding that value all have the same bias (``bias`` None: no bias), the
+    larger logit first (their scores are then in the logits' order, which is the exact
+    order where the sums tie by rounding or underflow), then the lower index; otherwise the
+    lower index."""
+    same_bias = {}  # finite s value -> whether its allowed holders share one bias
+    for i in range(s.shape[0]):
+        if allowed[i] and np.isfinite(s[i]):
+            b = 0.0 if bias is None else float(bias[i])
+            first, uniform = same_bias.get(s[i], (b, True))
+            same_bias[s[i]] = (first, uniform and b == first)
+
     def key(i):
         if not allowed[i]:
             return (0, 0.0, 0.0, -i)
         if np.isnan(s[i]):
             return (1, 0.0, 0.0, -i)
-        return (2, s[i], logits[i] if np.isfinite(s[i]) else 0.0, -i)
+        if not np.isfinite(s[i]) or not same_bias[s[i]][1]:
+            return (2, s[i], 0.0, -i)
+        return (2, s[i], logits[i], -i)
     return sorted(range(s.shape[0]), key=key, reverse=True)
 
 
@@ -76,8 +87,8 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
             p = 1.0 / (1.0 + np.exp(-L))
         else:
             raise ValueError(f"scoring_func: {scoring_func!r}")
-    s = (p + np.asarray(correction_bias, np.float64)[None, :] if correction_bias is not None
-         else p.copy())
+    bias = None if correction_bias is None else np.asarray(correction_bias, np.float64)
+    s = p + bias[None, :] if bias is not None else p.copy()
     ids = np.zeros((T, top_k), np.int64)
     masked = np.array(s, copy=True)
     everyone = np.ones(N, bool)
@@ -88,14 +99,15 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
             gs = N // G
             best = min(2 if correction_bias is not None else 1, gs)
             gscore = np.array([np.sum(s[t, g * gs + np.asarray(
-                _rank(s[t, g * gs:(g + 1) * gs], L[t, g * gs:(g + 1) * gs], everyone[:gs])[:best])])
+                _rank(s[t, g * gs:(g + 1) * gs], L[t, g * gs:(g + 1) * gs], everyone[:gs],
+                      None if bias is None else bias[g * gs:(g + 1) * gs])[:best])])
                 for g in range(G)])
             keep = _rank(gscore, np.zeros(G), np.ones(G, bool))[:topk_group]
             allowed = np.zeros(G, bool)
             allowed[keep] = True
             allowed_e = np.repeat(allowed, gs)
             masked[t, ~allowed_e] = -np.inf
-        ids[t] = _rank(s[t], L[t], allowed_e)[:top_k]
+        ids[t] = _rank(s[t], L[t], allowed_e, bias)[:top_k]
     if isinstance(renormalize, str) and renormalize != "drop_zero":
         raise ValueError(f"renormalize: {renormalize!r}")
     if renormalize:

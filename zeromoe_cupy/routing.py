@@ -269,13 +269,18 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     both give the same ids. Inputs are never modified. Raises TypeError (kinds, dtypes) or
     ValueError (shapes, values) naming the argument.
 
-    Ranking: ids descend by s = score + bias (without a bias, by the logit: the same order,
-    exact also where the fp32 score underflows); equal fp32 values of s go to the larger
-    logit (with equal biases, that is their exact order), then to the lower id. A NaN s ranks
-    below every number, -inf and -FLT_MAX included (a NaN logit makes its whole softmax row
-    NaN). Weights: the fp32 score (0 where it underflows fp32, e.g. sigmoid(-110)); with
-    ``renormalize``, exp(log p_k - max) / sum over the K chosen, finite whenever the chosen
-    logits are, even when every chosen score underflows.
+    Ranking (docs/spec.md, "Routing rules"): ids descend by the fp32 s = score + bias
+    (without a bias, by the logit: the same order, exact also where the fp32 score
+    underflows). Among experts holding one finite fp32 s: if all have the same bias, the
+    larger logit first (their exact order), then the lower id; otherwise the lower id (an
+    exact tie between different biases goes to the lower id). A NaN s ranks below every
+    number, -inf and -FLT_MAX included (a NaN logit makes its whole softmax row NaN).
+    Grouped top-k with a bias compares groups by the fp32 sum of their two best s, equal
+    sums to the lower group: groups whose scores all underflow fp32 (e.g. bias 0, sigmoid
+    logits below about -104) go by group id, not by their exact sums. Weights: the fp32
+    score (0 where it underflows fp32, e.g. sigmoid(-110)); with ``renormalize``,
+    exp(log p_k - max) / sum over the K chosen, finite whenever the chosen logits are, even
+    when every chosen score underflows.
     """
     logits = as_array(router_logits, "router_logits")
     if logits.dtype != np.float32 and logits.dtype in _LOGIT_DTYPES:
@@ -354,6 +359,25 @@ def _ordered(f):
     return np.where(np.isnan(f), KEY_NAN, key)
 
 
+def _tie_keys(key, f, logits, bias):
+    """The second ranking key among equal finite selection keys (see _route_kernel.py): the
+    logit's key where every choosable expert holding that key has the same bias (their
+    logits are then their exact order), else 0 (the lower id decides)."""
+    T, n = key.shape
+    order = np.argsort(key, axis=1, kind="stable")  # equal keys side by side
+    ks = np.take_along_axis(key, order, axis=1)
+    bs = bias[order].ravel()
+    start = np.ones((T, n), bool)
+    start[:, 1:] = ks[:, 1:] != ks[:, :-1]
+    first = np.flatnonzero(start)
+    same = (np.minimum.reduceat(bs, first) == np.maximum.reduceat(bs, first)) if bs.size \
+        else np.zeros(0, bool)
+    uniform = np.empty((T, n), bool)
+    np.put_along_axis(uniform, order, same[np.cumsum(start) - 1].reshape(T, n), axis=1)
+    tie_ok = uniform & np.isfinite(f) & (key > KEY_MASKED)
+    return np.where(tie_ok, _ordered(logits), 0)
+
+
 def sigmoid_f32(logits):
     """sigmoid in fp32 without a premature underflow: exp(l) / (1 + exp(l)) for l < 0, so
     sigmoid(-100) is its fp32 value 3.7e-44, not 1 / (1 + inf) = 0."""
@@ -390,9 +414,6 @@ def _route_numpy(logits, top_k, scoring_func, bias, renorm, rsf, groups, topk_gr
         f = (p + bias[None, :] if bias is not None
              else logits + np.float32(0) * total).astype(np.float32)
     key = _ordered(f)
-    # Equal finite s: the larger logit first (the exact order when they tie by underflow).
-    finite = np.isfinite(f)
-    second = np.where(finite, _ordered(logits), 0) if bias is not None else np.zeros_like(key)
     if groups is not None:
         gs = n // groups
         best = min(2 if bias is not None else 1, gs)
@@ -404,6 +425,8 @@ def _route_numpy(logits, top_k, scoring_func, bias, renorm, rsf, groups, topk_gr
         allowed = np.zeros((T, groups), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
         key = np.where(np.repeat(allowed, gs, axis=1), key, KEY_MASKED)
+    second = (_tie_keys(key, f, logits, bias) if bias is not None
+              else np.zeros_like(key))
     ids = np.lexsort((-second, -key), axis=1)[:, :top_k].astype(np.int32)
     if renorm:
         lw = np.take_along_axis(log_scores_f32(logits, scoring_func, total), ids, axis=1)

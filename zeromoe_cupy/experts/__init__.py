@@ -20,7 +20,8 @@ from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX
                       STRATEGIES, ExpertOutput, experts_kernel_names, rows_dtype, tile_plan)
 
 __all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX", "STRATEGIES",
-           "ExpertOutput", "expert_mlp", "experts_kernel_names", "rows_dtype", "tile_plan"]
+           "ExpertOutput", "expert_mlp", "experts_kernel_names", "rows_dtype", "run_experts",
+           "tile_plan"]
 
 
 def _check(x, topk_ids, w13, w2, scales=None):
@@ -68,8 +69,11 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         x: [T, H] bfloat16, float16 or float32.
         topk_ids: integer [T, K]; slots whose id is outside [0, E) (zero experts) are skipped.
         w13: [E, 2I, H] in x's dtype (gate rows 0..I-1, up rows I..2I-1); w2: [E, H, I].
-        expert_counts: optional integer [>= E], the counts ``route`` returned for exactly
-            these ids: saves a histogram pass on the GPU (the layer passes its own).
+        expert_counts: optional integer [>= E] (the counts ``route`` returned): checked
+            (shape, dtype, array kind), then not used. The GPU paths count the ids
+            themselves (one histogram pass, no host synchronization), so that counts which
+            do not match the ids can never direct a read or write out of bounds. (The layer,
+            whose counts come from its own ``route``, hands them to the paths directly.)
     Returns:
         ExpertOutput(rows [M, H] in rows_dtype(x.dtype) (x's dtype; float32 for float16),
         one per real (token, slot) pair, grouped by expert; slot_rows int32 [T, K], the row
@@ -110,14 +114,24 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         raise TypeError(f"allow_tf32: expected a bool, got {allow_tf32!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    return run_experts(x, topk_ids, w13, w2, None, allow_tf32, strategy, stage_marks, scales)
+
+
+def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
+                strategy: str = "auto", stage_marks=None, scales=None) -> ExpertOutput:
+    """expert_mlp without the argument checks, for callers that checked them (the layer,
+    graphs, the benchmark). ``route_counts``: None, or the expert_counts that ``route``
+    returned for exactly these ids (on the GPU they lay out the rows unchecked: counts
+    that do not match the ids would read and write out of bounds). ``scales``: None, or
+    (w13_scale_inv, w2_scale_inv) for e4m3 weights."""
     mark = stage_marks or _no_mark
     if scales is not None:
         if is_cupy(x):
-            return fp8.expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark,
+            return fp8.expert_mlp_fp8(x, topk_ids, w13, w2, scales, route_counts, mark,
                                       strategy)
         return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, scales=scales)
     if is_cupy(x):
-        return _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
+        return _expert_mlp_gpu(x, topk_ids, w13, w2, route_counts, allow_tf32, mark, strategy)
     return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=strategy == "fixed")
 
 

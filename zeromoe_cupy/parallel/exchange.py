@@ -10,14 +10,17 @@ tokens x [T, H] (T may be 0):
   first: one host synchronization per call.
 - the destination runs its local experts on the received rows (``expert_mlp``, any strategy;
   slots with id -1 are skipped by every path) and weights and sums each row's slots in fp32
-  (``combine`` with no zero experts), one row per (token, rank) in x's dtype.
+  (``combine`` with no zero experts), one row per (token, rank): in x's dtype, fp32 for
+  float16 layers.
 - ``combine``: those rows go back; the home rank adds the zero experts' share and every
   rank's row in fp32 (one ``combine`` pass over K + R slots) and casts once.
 
 Rows travel back in x's dtype: a bf16 partial sum is rounded once (relative 2**-9), the same
 rounding each expert row gets on one GPU, and its fp32 sum with the other ranks' rows keeps
 the result within docs/spec.md's tolerance (twice the single layer's error) while halving the
-combine traffic against fp32.
+combine traffic against fp32. float16 layers send fp32 rows: one rank's partial sum may pass
+65504 where y, the sum over ranks, fits (docs/spec.md, "Numerics and accuracy"), as the
+single layer's expert rows may.
 
 Not graph-capturable: the sizes cross to the host once per call. A capturable variant would
 give every (source, destination) pair a fixed capacity of rows (e.g. T_max per rank, or a
@@ -160,13 +163,17 @@ def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):
     d = ex.dispatch(x, ids, weights)
     mark("dispatch")
     S_in = d.x.shape[0]
-    partial = xp.empty((S_in, x.shape[1]), x.dtype)
+    # float16: the partial sums stay fp32 (combine returns x's dtype, so it gets fp32 rows of
+    # x; these rows hold no zero-expert slot, so x's values only set the output dtype).
+    wide = x.dtype == np.float16
+    partial = xp.empty((S_in, x.shape[1]), np.float32 if wide else x.dtype)
     step = layer.max_chunk_tokens  # bounds the expert stage's workspace per pass
     for s in range(0, S_in, step):
         sl = slice(s, min(S_in, s + step))
         out = expert_mlp(d.x[sl], d.ids[sl], layer.w13, layer.w2,
                          strategy=layer.expert_strategy)
-        partial[sl] = combine(d.x[sl], d.ids[sl], d.weights[sl], ex.local_experts, "identity",
+        xs = d.x[sl].astype(np.float32) if wide else d.x[sl]
+        partial[sl] = combine(xs, d.ids[sl], d.weights[sl], ex.local_experts, "identity",
                               out, num_zero_experts=0, check_ids=False)
     mark("experts")
     back = ex.combine(partial, d.handle)
