@@ -301,3 +301,18 @@ def test_nccl_unique_id_reaches_the_communicator_in_the_type_cupy_wants(wants):
             return world, comm_id, rank
 
     assert _communicator(FakeNccl, 2, list(uid), 1) == (2, uid, 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_ranks_equal_whole_layer(dtype, rng):
+    # e4m3 experts and their block scales are sliced per rank like the experts themselves.
+    cfg = zm.MoEConfig(**{**BASE, "hidden_size": 160, "intermediate_size": 136}, dtype=dtype)
+    whole = zm.ZeroExpertMoE.from_weights(cfg, **random_layer_weights(rng, cfg)).quantize("fp8")
+    w = whole.numpy_weights()
+    xs = [random_x(rng, T, cfg.hidden_size, dtype) for T in (7, 0, 12)]
+    outs = run_ranks(whole.config, w, xs)
+    for x, (y, _, _) in zip(xs, outs):
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if x.shape[0]:
+            ref, _ = whole.reference(x)
+            assert relative_error(y, ref) <= 5e-3

@@ -8,7 +8,7 @@ tokens x [T, H] (T may be 0):
   one of its real experts (zero-expert slots never leave the rank), with its K slot ids in
   that rank's numbering (-1 for slots elsewhere) and its K weights. The sizes are exchanged
   first: one host synchronization per call.
-- the destination runs its local experts on the received rows (``expert_mlp``, any strategy;
+- the destination runs its local experts on the received rows (``run_experts``, any strategy;
   slots with id -1 are skipped by every path) and weights and sums each row's slots in fp32
   (``combine`` with no zero experts), one row per (token, rank): in x's dtype, fp32 for
   float16 layers.
@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .._arrays import cupy_module, is_cupy
-from ..experts import expert_mlp
+from ..experts import run_experts
 from ..zero_experts import combine
 
 
@@ -166,12 +166,13 @@ def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):
     # float16: the partial sums stay fp32 (combine returns x's dtype, so it gets fp32 rows of
     # x; these rows hold no zero-expert slot, so x's values only set the output dtype).
     wide = x.dtype == np.float16
+    scales = None if layer.w13_scale_inv is None else (layer.w13_scale_inv, layer.w2_scale_inv)
     partial = xp.empty((S_in, x.shape[1]), np.float32 if wide else x.dtype)
     step = layer.max_chunk_tokens  # bounds the expert stage's workspace per pass
     for s in range(0, S_in, step):
         sl = slice(s, min(S_in, s + step))
-        out = expert_mlp(d.x[sl], d.ids[sl], layer.w13, layer.w2,
-                         strategy=layer.expert_strategy)
+        out = run_experts(d.x[sl], d.ids[sl], layer.w13, layer.w2, None,
+                          strategy=layer.expert_strategy, scales=scales)
         xs = d.x[sl].astype(np.float32) if wide else d.x[sl]
         partial[sl] = combine(xs, d.ids[sl], d.weights[sl], ex.local_experts, "identity",
                               out, num_zero_experts=0, check_ids=False)
