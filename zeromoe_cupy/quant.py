@@ -147,8 +147,8 @@ def fp8_kernel_names() -> list[str]:
         names += [f"quantize_blocks<{ctype}>", f"quantize_rows<{ctype}>",
                   f"silu_mul_quantize<{ctype}>"]
         for vec in ("true", "false"):
-            names += [f"pair_gemv_fp8<{ctype},{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
-                      f"pair_gemv_fp8<{ctype},float,{ctype},{PAIR_ROWS[False]},false,{vec}>",
+            names += [f"pair_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
+                      f"pair_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>",
                       f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
                       f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
     return names

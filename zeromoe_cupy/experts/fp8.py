@@ -1,10 +1,10 @@
 """FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
 scales, activations quantized per row and 128 features.
 
-- Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: the pair kernel (kernels/fp8.cu
-  pair_gemv_fp8) reads the weight bytes and their scales straight from the routing ids,
-  quantizing x (GEMM 1) and h (GEMM 2, kept in fp32 between the passes) inside the warp that
-  reads them. No host synchronization; a token's result does not depend on its batch.
+- Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: x quantized per row by a small
+  kernel, then the pair kernel (kernels/fp8.cu pair_gemv_fp8) reads the weight bytes and their
+  scales straight from the routing ids; h (fp32) is quantized the same way between the passes.
+  No host synchronization; a token's result does not depend on its batch.
 - Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets,
   no host synchronization), activations quantized by a small kernel, and a kernel that runs
   each expert's rows a few at a time over its weights (read once per expert), fp32 FMAs.
@@ -97,37 +97,48 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
 
 
 def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
-    """The pair kernel over every (token, slot) pair, launched in chunks of whole tokens
-    (a launch takes at most 65535 pairs)."""
+    """x quantized per row (a small kernel), the pair kernel for GEMM 1 (h in fp32), h
+    quantized per row, the pair kernel for GEMM 2; launches of at most 65535 pairs."""
     cp = cupy_module()
+    x = cp.ascontiguousarray(x)  # a few rows: the quantize kernel reads packed rows
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     K = ids.shape[1]
     P = T * K
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod = quant.fp8_module()
+    hb, ib = quant.blocks(H), quant.blocks(I)
     slot_rows = cp.empty((T, K), np.int32)
+    xq = cp.empty((T, H), np.uint8)
+    xsc = cp.empty((T, hb), np.float32)
     h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
+    hq = cp.empty((P, I), np.uint8)
+    hsc = cp.empty((P, ib), np.float32)
     rows = cp.empty((P, H), x.dtype)
+    if P:
+        mod.get_function(f"quantize_rows<{ctype}>")(
+            (-(-T // 4), hb), (128,),
+            (x, np.int32(T), np.int32(H), _NULL, np.int32(0), np.int32(0), xq, xsc, _NULL))
     mark("permute")
-    x_stride = x.strides[0] // x.itemsize
-    chunk = 65535 // K * K
-    passes = ((True, x, x_stride, K, w13, s13, I, H, h, f"{ctype},{ctype},float"),
-              (False, h, I, 1, w2, s2, H, I, rows, f"{ctype},float,{ctype}"))
-    for glu, src, stride, div, W, S, N, Kd, out, types in passes:
-        vec = (Kd % 16 == 0 and (stride * src.itemsize) % 16 == 0 and src.data.ptr % 16 == 0
-               and W.data.ptr % 16 == 0)
+    chunk = 65535
+    passes = ((True, xq, xsc, K, w13, s13, I, H, h, f"{ctype},float"),
+              (False, hq, hsc, 1, w2, s2, H, I, rows, f"{ctype},{ctype}"))
+    for glu, aq, asc, div, W, S, N, Kd, out, types in passes:
+        if P and not glu:
+            mod.get_function("quantize_rows<float>")(
+                (-(-P // 4), ib), (128,),
+                (h, np.int32(P), np.int32(I), _NULL, np.int32(0), np.int32(0), hq, hsc, _NULL))
         R = PAIR_ROWS[glu]
-        kernel = mod.get_function(
-            f"pair_gemv_fp8<{types},{R},{str(glu).lower()},{str(vec).lower()}>")
+        vec = str(Kd % 16 == 0).lower()
+        kernel = mod.get_function(f"pair_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")
         for p0 in range(0, P, chunk):
             n = min(chunk, P - p0)
             kernel((-(-N // (PAIR_WARPS * R)), n), (32 * PAIR_WARPS,),
-                   (src, np.int64(stride), np.int32(div), ids, np.int32(E), W, S, np.int32(N),
-                    np.int32(Kd), out, slot_rows, np.int64(p0)))
+                   (aq, asc, np.int32(div), ids, np.int32(E), W, S, np.int32(N), np.int32(Kd),
+                    out, slot_rows, np.int64(p0)))
         if glu:
             mark("gemm1")
-            mark("activation")  # fused into the first pass
+            mark("activation")  # fused into the first pass (h's quantization runs before GEMM 2)
     mark("gemm2")
     return ExpertOutput(rows, slot_rows)
 

@@ -40,6 +40,45 @@ __device__ __forceinline__ float e4m3_value(unsigned char b) {
 // The e4m3 value nearest to v (as fp32; exact).
 __device__ __forceinline__ float e4m3_round(float v) { return e4m3_value(e4m3_bits(v)); }
 
+// Two at a time in the hot loops: the hardware converts from sm_89 on (the same results as
+// the functions above: round to nearest even, saturating finite; only NaN's sign may differ).
+__device__ __forceinline__ void e4m3x2_values(unsigned short two, float& lo, float& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  unsigned int h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+  lo = f.x;
+  hi = f.y;
+#else
+  lo = e4m3_value((unsigned char)(two & 0xffu));
+  hi = e4m3_value((unsigned char)(two >> 8));
+#endif
+}
+
+// v[i] <- e4m3(v[i]), N even.
+template <int N>
+__device__ __forceinline__ void e4m3_round_n(float (&v)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short two;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(two) : "f"(v[i + 1]), "f"(v[i]));
+    e4m3x2_values(two, v[i], v[i + 1]);
+#else
+    v[i] = e4m3_round(v[i]);
+    v[i + 1] = e4m3_round(v[i + 1]);
+#endif
+  }
+}
+
+// out[i] <- the values of N e4m3 bytes (N even).
+template <int N>
+__device__ __forceinline__ void e4m3_values_n(const unsigned char (&b)[N], float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 2)
+    e4m3x2_values((unsigned short)(b[i] | (b[i + 1] << 8)), out[i], out[i + 1]);
+}
+
 extern "C" __global__ void e4m3_encode(const float* __restrict__ in, unsigned char* __restrict__ out,
                                        long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -120,7 +159,8 @@ __device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
   for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(v[i]));
   const float sa = fmaxf(warp_max(m), ACT_EPS) / E4M3_MAX;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = e4m3_round(v[i] / sa);
+  for (int i = 0; i < 4; ++i) v[i] /= sa;
+  e4m3_round_n(v);
   return sa;
 }
 
@@ -144,14 +184,15 @@ __device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r
 
 // Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
 // One warp per (row, group); grid (ceil(rows / 4), ceil(K/128)), 128 threads. Rows past offsets[E]
-// (the layout's end) are skipped. The scale layout needs K % 128 == 0 (the GEMM path's rule).
+// (the layout's end; offsets may be null: every row) are skipped. The M-major scale layout
+// needs K % 128 == 0 (the cuBLASLt path's rule).
 template <typename T>
 __global__ void __launch_bounds__(128)
 quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
               int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
               float* __restrict__ deq) {
   const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
-  if (r >= rows || r >= offsets[E]) return;
+  if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
   const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
   float v[4];
   for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(a[(long long)r * K + c + i]) : 0.f;
@@ -167,7 +208,7 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
                   int E, int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
                   float* __restrict__ deq) {
   const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
-  if (r >= rows || r >= offsets[E]) return;
+  if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
   const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
   float v[4];
   for (int i = 0; i < 4; ++i) {
@@ -185,18 +226,17 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
 
 // The pair (decode) experts with e4m3 weights: as pair_gemv in experts.cu, with W e4m3 bytes
 // (E, MATS*N, Kd) and S its fp32 block scales (E, MATS*ceil(N/128), ceil(Kd/128)), gate and
-// up blocked separately. Each lane owns 16 consecutive features per step, so 8 lanes hold one
-// 128-feature group: they quantize it (max over the 8 lanes), dot the e4m3 values with the
-// weight bytes in fp32, and scale the partial sum by sa * scale_inv of the block.
-//   GLU:  in = x (TIN = TX, stride in_stride, row p / in_div); out = h in fp32 (TOUT = float),
-//         h = silu(g) * u from g, u rounded to TX.
-//   else: in = h (TIN = float); out = the pair's output row in TX.
-// VEC16: Kd, the row stride and the pointers allow 16-byte weight loads; the scalar variant
-// gives the same bits.
+// up blocked separately. The input is already quantized (quantize_rows, K-major): aq e4m3
+// bytes (rows, Kd), as fp32 (rows, ceil(Kd/128)); pair p reads row p / a_div (a_div = K: x's
+// row of the token; 1: the pair's own h row). Each lane owns 16 consecutive features per step:
+// it dots the e4m3 values with the weight bytes in fp32 and scales the partial sum by
+// sa * scale_inv of the block.
+//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
+// VEC16: Kd and the pointers allow 16-byte loads; the scalar variant gives the same bits.
 #define FP8_CH 16
-template <typename TX, typename TIN, typename TOUT, int ROWS, bool GLU, bool VEC16>
+template <typename TX, typename TOUT, int ROWS, bool GLU, bool VEC16>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
-pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
+pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as, int a_div,
               const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
               const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
               int* __restrict__ slot_rows, long long p0) {
@@ -210,7 +250,9 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
   if (j0 >= N) return;
   constexpr int MATS = GLU ? 2 : 1;
   const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
-  const TIN* a = in + (p / in_div) * in_stride;
+  const long long row = p / a_div;
+  const unsigned char* a = aq + row * Kd;
+  const float* sa_row = as + row * KB;
   const unsigned char* w[MATS][ROWS];
   const float* s[MATS][ROWS];
 #pragma unroll
@@ -223,31 +265,18 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
     }
   float acc[MATS][ROWS] = {};
 #pragma unroll 2
-  for (int c0 = 0; c0 < Kd; c0 += 32 * FP8_CH) {
-    const int c = c0 + lane * FP8_CH, g = c / QBLOCK;
-    float v[FP8_CH];
-    if (VEC16 && c < Kd) {
-#pragma unroll
-      for (int i = 0; i < FP8_CH; i += 16 / sizeof(TIN)) {
-        float t[16 / sizeof(TIN)];
-        load_f32<TIN, 16 / sizeof(TIN)>(a + c + i, t);
-#pragma unroll
-        for (int u = 0; u < 16 / (int)sizeof(TIN); ++u) v[i + u] = t[u];
-      }
+  for (int c = lane * FP8_CH; c < Kd; c += 32 * FP8_CH) {
+    const int g = c / QBLOCK;
+    alignas(16) unsigned char ab[FP8_CH];
+    if (VEC16) {
+      *reinterpret_cast<uint4*>(ab) = *reinterpret_cast<const uint4*>(a + c);
     } else {
 #pragma unroll
-      for (int i = 0; i < FP8_CH; ++i) v[i] = c + i < Kd ? to_f32(a[c + i]) : 0.f;
+      for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? a[c + i] : 0;
     }
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < FP8_CH; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-    for (int off = 1; off < QBLOCK / FP8_CH; off <<= 1)  // the 8 lanes of this group
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float sa = fmaxf(amax, ACT_EPS) / E4M3_MAX;
-#pragma unroll
-    for (int i = 0; i < FP8_CH; ++i) v[i] = e4m3_round(v[i] / sa);
-    if (c >= Kd) continue;  // after the shuffles: every lane takes part in them
+    float av[FP8_CH];
+    e4m3_values_n(ab, av);
+    const float sa = sa_row[g];
 #pragma unroll
     for (int m = 0; m < MATS; ++m)
 #pragma unroll
@@ -259,9 +288,11 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
 #pragma unroll
           for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
         }
+        float wv[FP8_CH];
+        e4m3_values_n(wb, wv);
         float d = 0.f;
 #pragma unroll
-        for (int i = 0; i < FP8_CH; ++i) d = fmaf(v[i], e4m3_value(wb[i]), d);
+        for (int i = 0; i < FP8_CH; ++i) d = fmaf(av[i], wv[i], d);
         acc[m][r] = fmaf(d, sa * s[m][r][g], acc[m][r]);
       }
   }
@@ -275,9 +306,9 @@ pair_gemv_fp8(const TIN* __restrict__ in, long long in_stride, int in_div,
     for (int r = 0; r < ROWS; ++r) {
       if (r == lane) {
         if (GLU) {
-          const float g = to_f32(from_f32<TX>(acc[0][r]));
-          const float u = to_f32(from_f32<TX>(acc[MATS - 1][r]));
-          v = g / (1.f + __expf(-g)) * u;
+          const float gv = to_f32(from_f32<TX>(acc[0][r]));
+          const float uv = to_f32(from_f32<TX>(acc[MATS - 1][r]));
+          v = gv / (1.f + __expf(-gv)) * uv;
         } else {
           v = acc[0][r];
         }
@@ -335,8 +366,7 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 #pragma unroll
             for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
           }
-#pragma unroll
-          for (int i = 0; i < FP8_CH; ++i) wv[m][r][i] = e4m3_value(wb[i]);
+          e4m3_values_n(wb, wv[m][r]);
           ws[m][r] = s[m][r][g];
         }
 #pragma unroll
@@ -351,8 +381,7 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
           for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? aq[row * Kd + c + i] : 0;
         }
         float av[FP8_CH];
-#pragma unroll
-        for (int i = 0; i < FP8_CH; ++i) av[i] = e4m3_value(ab[i]);
+        e4m3_values_n(ab, av);
         const float sa = as[row * KB + g];
 #pragma unroll
         for (int m = 0; m < MATS; ++m)
