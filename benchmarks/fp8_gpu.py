@@ -4,6 +4,7 @@ fp8 floor, and the fp8 error against the float64 evaluation on sampled tokens).
 
     python benchmarks/fp8_gpu.py probe
     python benchmarks/fp8_gpu.py timing [T,T,...]
+    python benchmarks/fp8_gpu.py compare T,T,...   (short: the fp8 kernels side by side)
 """
 import ctypes
 import sys
@@ -186,6 +187,61 @@ def timing(tokens):
         cp.get_default_memory_pool().free_all_blocks()
 
 
+def compare(tokens):
+    """A short run for kernel work: per T, fp8 "auto" and the other fp8 kernels that could
+    serve it, the fp8 floor (copy rate measured here; the FLOP term at an assumed 1.3 PFLOP/s
+    fp8 rate, never the larger one up to 16384 tokens), our bf16 layer, the graphed fp8 layer
+    at small T, and each alternative's relative difference from "auto" (same FP8 math)."""
+    import zeromoe_cupy as zm
+    from zeromoe_cupy.experts import fp8 as fp8_path
+    cfg = zm.MoEConfig.preset("longcat-flash")
+    t0 = time.time()
+    layer = zm.ZeroExpertMoE(cfg, seed=0)
+    bench.calibrate_zero_bias(layer, 8.0)
+    layer8 = layer.quantize("fp8")
+    bandwidth = bench.measure_copy(True)["best"]
+    layer.warmup()
+    layer8.warmup()
+    cp.cuda.runtime.deviceSynchronize()
+    print(f"built in {time.time() - t0:.1f} s; copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    timer = bench._Timer(True, 2, 7)
+    small = [t for t in tokens if t <= 16]
+    graphed = layer8.graphed(max(small), capture_sizes=small) if small else None
+
+    def run(strategy, mma, xs):
+        layer8.expert_strategy, fp8_path.GROUPED_MMA = strategy, mma
+        try:
+            return timer(layer8, xs), layer8(xs[0]).get().astype(np.float32)
+        finally:
+            layer8.expert_strategy, fp8_path.GROUPED_MMA = "auto", True
+
+    for T in tokens:
+        n_sets = int(min(4, max(2, (128 << 20) // (T * cfg.hidden_size * 2))))
+        xs = [bench._normal(cp, (T, cfg.hidden_size), BF16, 100 + i) for i in range(n_sets)]
+        floor, _, _ = bench.floor_time(layer8.config, layer8.route(xs[0]).topk_ids.get(),
+                                       bandwidth, 1.3e15)
+        ms16 = timer(layer, xs)
+        ms8, y8 = run("auto", True, xs)
+        line = f"T={T:>5} fp8 auto {ms8:.3f} ms ({ms8 / floor / 1e3:.2f}x floor " \
+               f"{floor * 1e3:.3f}) bf16 {ms16:.3f} ({ms16 / ms8:.2f}x)"
+        if graphed is not None and T in small:
+            msg = timer(graphed, xs)
+            line += f" graphed {msg:.3f} ({msg / floor / 1e3:.2f}x)"
+        print(line, flush=True)
+        alts = [("pairs", True), ("grouped", True)] if T <= 26 else \
+            [("grouped", True), ("grouped", False), ("padded", True)] if T <= 4096 else \
+            [("grouped", True), ("padded", True)]
+        for strategy, mma in alts:
+            if T > 1024 and not mma:
+                continue  # the FMA kernel is far slower there
+            ms, y = run(strategy, mma, xs)
+            print(f"    {strategy}{'' if mma else ' (fma kernel)'}: {ms:.3f} ms "
+                  f"({ms / floor / 1e3:.2f}x floor), diff from auto "
+                  f"{relative_error(y, y8):.1e}", flush=True)
+        del xs
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 class _Lazy:
     """w[e] fetched to the host on demand (the float64 reference reads a few experts)."""
 
@@ -218,6 +274,8 @@ def _sampled_errors(layer, layer8, x, r, samples=3):
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe()
+    elif sys.argv[1] == "compare":
+        compare([int(t) for t in sys.argv[2].split(",")])
     else:
         timing([int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2
                else [1, 16, 128, 1024, 16384])

@@ -151,6 +151,7 @@ def fp8_kernel_names() -> list[str]:
                       f"pair_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>",
                       f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
                       f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
+        names += [f"grouped_mma_fp8<{ctype},float,true>", f"grouped_mma_fp8<{ctype},{ctype},false>"]
     return names
 
 

@@ -5,9 +5,13 @@ scales, activations quantized per row and 128 features.
   kernel, then the pair kernel (kernels/fp8.cu pair_gemv_fp8) reads the weight bytes and their
   scales straight from the routing ids; h (fp32) is quantized the same way between the passes.
   No host synchronization; a token's result does not depend on its batch.
-- Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets,
-  no host synchronization), activations quantized by a small kernel, and a kernel that runs
-  each expert's rows a few at a time over its weights (read once per expert), fp32 FMAs.
+- Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows
+  gathered by expert (device offsets and the active experts from syncfree_plan, no host
+  synchronization), activations quantized by a small kernel, and grouped_mma_fp8: a fixed grid
+  of (feature chunk, active expert) blocks streaming each expert's e4m3 weights once per 64 of
+  its rows through the tensor cores (bytes -> fp16 exactly, fp32 accumulation per 128-wide
+  group, then scaled). H or I not a multiple of 16, or a GPU below compute capability 8.0:
+  grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
   quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
   cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
@@ -25,9 +29,11 @@ import numpy as np
 from .. import _cublas, quant
 from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
 from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
-                      experts_module, gather, real_counts, tile_plan)
+                      experts_module, gather, gather_rows, real_counts, tile_plan)
 
 GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which the grouped kernel runs
+GROUPED_MMA = True  # the tensor-core grouped kernel where it serves (else grouped_gemv_fp8)
+_MMA_FEATURES = {True: 64, False: 128}  # kernels/fp8.cu grouped_mma_fp8: features per block
 LT_REFUSAL: str | None = None
 LT_REFUSED: dict = {}
 _NULL = np.uint64(0)
@@ -62,6 +68,8 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     ctype = DTYPES[dtype_name(x.dtype)][1]
     mod, qmod = experts_module(), quant.fp8_module()
     counts = real_counts(ids, expert_counts, E)
+    if _mma_ready(H, I, w13, w2):
+        return _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark)
     offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, 1, P)
     hb, ib = quant.blocks(H), quant.blocks(I)
     xq = cp.empty((P, H), np.uint8)
@@ -90,6 +98,61 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
             qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
                 (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
                 (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
+        mark("gemm1" if glu else "gemm2")
+        if glu:
+            mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)
+    return ExpertOutput(rows, slot_rows)
+
+
+def _mma_ready(H, I, w13, w2) -> bool:
+    """Whether grouped_mma_fp8 serves: 16-byte loads (H, I multiples of 16, aligned weights),
+    and mma.sync / cp.async (compute capability >= 8.0)."""
+    if not GROUPED_MMA or H % 16 or I % 16 or w13.data.ptr % 16 or w2.data.ptr % 16:
+        return False
+    return int(cupy_module().cuda.Device().compute_capability) >= 80
+
+
+def _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark):
+    from .syncfree import syncfree_module
+    cp = cupy_module()
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    P = T * ids.shape[1]
+    ctype = DTYPES[dtype_name(x.dtype)][1]
+    qmod = quant.fp8_module()
+    offsets = cp.empty(E + 1, np.int32)
+    cursor = cp.empty(E, np.int32)
+    active = cp.empty(E + 1, np.int32)
+    syncfree_module().get_function("syncfree_plan")(
+        (1,), (1024,), (counts, np.int32(E), offsets, cursor, active))
+    # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
+    slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
+    hb, ib = quant.blocks(H), quant.blocks(I)
+    xq = cp.empty((P, H), np.uint8)
+    xsc = cp.empty((P, hb), np.float32)
+    h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
+    hq = cp.empty((P, I), np.uint8)
+    hsc = cp.empty((P, ib), np.float32)
+    rows = cp.empty((P, H), x.dtype)
+    grid_rows = max(1, -(-P // 4))
+    slots = min(E, P)
+    if slots:
+        qmod.get_function(f"quantize_rows<{ctype}>")(
+            (grid_rows, hb), (128,),
+            (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), xq, xsc, _NULL))
+    mark("permute")
+    for glu, a, asc, W, S, N, Kd, out, types in (
+            (True, xq, xsc, w13, s13, I, H, h, f"{ctype},float"),
+            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{ctype}")):
+        if slots:
+            if not glu:
+                qmod.get_function("quantize_rows<float>")(
+                    (grid_rows, ib), (128,),
+                    (h, np.int32(P), np.int32(I), offsets, np.int32(E), np.int32(0), hq, hsc,
+                     _NULL))
+            qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()}>")(
+                (-(-N // _MMA_FEATURES[glu]), slots), (256,),
+                (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out))
         mark("gemm1" if glu else "gemm2")
         if glu:
             mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)

@@ -42,17 +42,24 @@ __device__ __forceinline__ float e4m3_round(float v) { return e4m3_value(e4m3_bi
 
 // Two at a time in the hot loops: the hardware converts from sm_89 on (the same results as
 // the functions above: round to nearest even, saturating finite; only NaN's sign may differ).
-__device__ __forceinline__ void e4m3x2_values(unsigned short two, float& lo, float& hi) {
+// Two e4m3 bytes -> their values as an f16x2 (exact: every e4m3 value is an fp16; the low byte
+// in the low half).
+__device__ __forceinline__ unsigned e4m3x2_to_f16x2(unsigned short two) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  unsigned int h2;
+  unsigned h2;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
+  return h2;
+#else
+  const __half2 h = __floats2half2_rn(e4m3_value((unsigned char)(two & 0xffu)),
+                                      e4m3_value((unsigned char)(two >> 8)));
+  return *reinterpret_cast<const unsigned*>(&h);
+#endif
+}
+__device__ __forceinline__ void e4m3x2_values(unsigned short two, float& lo, float& hi) {
+  const unsigned h2 = e4m3x2_to_f16x2(two);
   const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
   lo = f.x;
   hi = f.y;
-#else
-  lo = e4m3_value((unsigned char)(two & 0xffu));
-  hi = e4m3_value((unsigned char)(two >> 8));
-#endif
 }
 
 // v[i] <- e4m3(v[i]), N even.
@@ -417,5 +424,202 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
         out[(long long)(t0 + t) * N + j0 + lane] = from_f32<TOUT>(v);
       }
     }
+  }
+}
+
+// ---- Tensor-core experts (sm_80+; the hardware e4m3 convert from sm_89) --------------------
+// Inline PTX only, as in syncfree.cu (NVRTC builds without <mma.h>).
+__device__ __forceinline__ unsigned f8_smem_address(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void f8_cp_async16(void* smem, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(f8_smem_address(smem)),
+               "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void f8_cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void f8_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// c (16x8 fp32) += a (16x16) * b (16x8), fp16 operands (PTX fragment layouts).
+__device__ __forceinline__ void f8_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                       unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The grouped experts on the tensor cores, exact FP8 math (docs/spec.md): e4m3 weight and
+// activation bytes are converted to fp16 in registers (exact), multiplied with mma.sync
+// m16n8k16 (products exact, fp32 accumulation) over each 128-wide k-group, and the group's
+// fp32 partial is scaled by sa[row, g] * scale_inv[block, g] and added to the fp32 total.
+// A fixed grid of (feature chunk, active-expert slot) blocks (active / offsets from
+// syncfree_plan); blocks past the active count exit at once. Each block streams its 128 weight
+// rows of one expert through shared memory (16-byte cp.async, G8_STAGES deep) and multiplies
+// them with the expert's rows, G8_MT at a time (16-row tiles past the rows are skipped), so
+// with few rows per expert the weights are read once at the copy rate.
+//   aq: (rows, Kd) e4m3 bytes in expert order, as: (rows, ceil(Kd/128)) fp32 (quantize_rows,
+//   K-major); W: (E, MATS * N, Kd) bytes, S: (E, MATS * ceil(N/128), ceil(Kd/128)) fp32.
+//   GLU: a block takes features [64 x, 64 x + 64) of the gate and the up half and writes
+//   h = silu(g) * u (TOUT = float), g and u rounded to TX first; else features
+//   [128 x, 128 x + 128) in TX. Needs Kd % 16 == 0 and 16-byte aligned aq and W; any N.
+// Operand order inside a k-step: lane (g, q) = (lane / 4, lane % 4) reads 16 bytes of its row at
+// byte 16 q of the stage, and the word s of them feeds k-step s: bytes 16q+4s, +1 as the
+// fragment's k = 2q, 2q+1 and bytes +2, +3 as k = 2q+8, 2q+9, for A and B alike. This is a
+// permutation of the stage's 64 k's applied to both operands, so the sum is the same; it lets
+// every operand come from one conflict-free 16-byte shared load (no ldmatrix of bytes).
+#define G8_THREADS 256
+#define G8_BN 128     // weight rows per block: 16 per warp
+#define G8_MT 64      // expert rows per pass: four 16-row mma tiles
+#define G8_BK 64      // k bytes per pipeline stage: half a 128-wide scale group
+#define G8_STAGES 4
+#define G8_LDC (G8_BN + 4)  // pitch of the fp32 result tile
+template <typename TX, typename TOUT, bool GLU>
+__global__ void __launch_bounds__(G8_THREADS, 2)
+grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
+                const int* __restrict__ offsets, const int* __restrict__ active,
+                const unsigned char* __restrict__ W, const float* __restrict__ S, int N, int Kd,
+                TOUT* __restrict__ out) {
+  const int slot = blockIdx.y;
+  if (slot >= active[0]) return;
+  const int e = active[1 + slot];
+  const int row0 = offsets[e], m = offsets[e + 1] - row0;
+  constexpr int FEAT = GLU ? G8_BN / 2 : G8_BN;
+  const int f0 = blockIdx.x * FEAT;
+  if (f0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  constexpr int STAGE = (G8_BN + G8_MT) * G8_BK;  // bytes: weight tile, then row tile
+  constexpr int BYTES = G8_STAGES * STAGE;
+  static_assert(BYTES >= G8_MT * G8_LDC * 4, "the result tile reuses the stage buffers");
+  __shared__ __align__(128) unsigned char smem[BYTES];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const int nk = (Kd + G8_BK - 1) / G8_BK;
+  const unsigned char* w_e = W + (long long)e * MATS * N * Kd;
+  // The warp's 16 weight rows lie in one 128-row scale block (f0 is a multiple of FEAT).
+  const float* s_w =
+      S + ((long long)e * MATS * NB + (GLU && warp * 16 >= FEAT ? NB : 0) + f0 / QBLOCK) * KB;
+
+  for (int r0 = 0; r0 < m; r0 += G8_MT) {
+    const int tiles = min(G8_MT / 16, (m - r0 + 15) / 16);  // 16-row tiles holding rows
+    auto issue = [&](int kt) {
+      unsigned char* st = smem + (kt % G8_STAGES) * STAGE;
+      const int k0 = kt * G8_BK;
+#pragma unroll 1
+      for (int i = threadIdx.x; i < (G8_BN + tiles * 16) * (G8_BK / 16); i += G8_THREADS) {
+        const int r = i / (G8_BK / 16), k = k0 + (i % (G8_BK / 16)) * 16;
+        const unsigned char* src;
+        bool ok = k < Kd;
+        if (r < G8_BN) {
+          const int f = f0 + (GLU ? r % FEAT : r);
+          ok = ok && f < N;
+          src = w_e + (long long)(GLU && r >= FEAT ? N + f : f) * Kd + k;
+        } else {
+          ok = ok && r0 + r - G8_BN < m;
+          src = aq + (long long)(row0 + r0 + r - G8_BN) * Kd + k;
+        }
+        f8_cp_async16(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
+      }
+    };
+    // [tile][n]: rows 16 tile + lane / 4 (+ 8) x this warp's features 16 warp + 8 n + 2 q (+1).
+    float total[G8_MT / 16][2][4] = {}, part[G8_MT / 16][2][4] = {};
+    float sw = 0.f;
+#pragma unroll
+    for (int s = 0; s < G8_STAGES - 1; ++s) {
+      if (s < nk) issue(s);
+      f8_cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; ++kt) {
+      const int g = kt * G8_BK / QBLOCK;
+      if ((kt * G8_BK) % QBLOCK == 0) sw = s_w[g];  // a group starts: the weight scale
+      f8_cp_async_wait<G8_STAGES - 2>();
+      __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
+      if (kt + G8_STAGES - 1 < nk) issue(kt + G8_STAGES - 1);
+      f8_cp_async_commit();
+      const unsigned char* st = smem + (kt % G8_STAGES) * STAGE;
+      const int q16 = (lane % 4) * 16;
+      unsigned b[2][4][2];  // [n][k-step][b0, b1]
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const uint4 raw =
+            *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * G8_BK + q16);
+        const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          b[n][s][0] = e4m3x2_to_f16x2((unsigned short)(words[s] & 0xffffu));
+          b[n][s][1] = e4m3x2_to_f16x2((unsigned short)(words[s] >> 16));
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < G8_MT / 16; ++t) {
+        if (t >= tiles) break;
+        const unsigned char* at = st + G8_BN * G8_BK + (t * 16 + lane / 4) * G8_BK + q16;
+        const uint4 lo = *reinterpret_cast<const uint4*>(at);
+        const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * G8_BK);
+        const unsigned wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const unsigned a[4] = {e4m3x2_to_f16x2((unsigned short)(wl[s] & 0xffffu)),
+                                 e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
+                                 e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
+                                 e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
+          f8_mma(part[t][0], a, b[0][s][0], b[0][s][1]);
+          f8_mma(part[t][1], a, b[1][s][0], b[1][s][1]);
+        }
+      }
+      if (((kt + 1) * G8_BK) % QBLOCK == 0 || kt == nk - 1) {  // the group ends: promote
+#pragma unroll
+        for (int t = 0; t < G8_MT / 16; ++t) {
+          if (t >= tiles) break;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = r0 + t * 16 + h * 8 + lane / 4;
+            const float f = r < m ? as[(long long)(row0 + r) * KB + g] * sw : 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                total[t][n][2 * h + i] = fmaf(part[t][n][2 * h + i], f, total[t][n][2 * h + i]);
+                part[t][n][2 * h + i] = 0.f;
+              }
+          }
+        }
+      }
+    }
+    f8_cp_async_wait<0>();
+    __syncthreads();  // every stage consumed: the buffers take the fp32 result tile
+    float* c = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int t = 0; t < G8_MT / 16; ++t) {
+      if (t >= tiles) break;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        float* p = c + (t * 16 + lane / 4) * G8_LDC + warp * 16 + n * 8 + (lane % 4) * 2;
+        p[0] = total[t][n][0];
+        p[1] = total[t][n][1];
+        p[8 * G8_LDC] = total[t][n][2];
+        p[8 * G8_LDC + 1] = total[t][n][3];
+      }
+    }
+    __syncthreads();
+    const int rows = min(G8_MT, m - r0);
+    for (int i = threadIdx.x; i < rows * FEAT; i += G8_THREADS) {
+      const int r = i / FEAT, j = i % FEAT;
+      if (f0 + j >= N) continue;
+      float v = c[r * G8_LDC + j];
+      if (GLU) {
+        const float gv = to_f32(from_f32<TX>(v));
+        const float uv = to_f32(from_f32<TX>(c[r * G8_LDC + FEAT + j]));
+        v = gv / (1.f + __expf(-gv)) * uv;
+      }
+      out[(long long)(row0 + r0 + r) * N + f0 + j] = from_f32<TOUT>(v);
+    }
+    __syncthreads();  // the result tile is read before the next pass refills the stages
   }
 }
