@@ -143,3 +143,15 @@ def test_gpu_fp8_tensor_core_grouped_matches_reference(dtype, shape, rng):
     err = relative_error(y[rows], ref)
     print(f"gpu fp8 tensor-core grouped {dtype} {shape}: {err:.2e}")
     assert err <= FP8_TOL
+
+
+def test_gpu_fp8_graphed_matches_eager(rng):
+    """Graphs of an fp8 layer take x in the config's dtype (its weights are uint8) and replay
+    the eager kernels: pairs at 2 tokens, the sync-free tensor-core kernel at 100 (in a graph
+    of 128)."""
+    cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
+    g = gpu8.graphed(128, capture_sizes=(2, 128))
+    for T in (2, 100):
+        x = cp.asarray(random_x(rng, T, cpu8.config.hidden_size, "bfloat16"))
+        want = gpu8(x).get().astype(np.float32)
+        assert relative_error(g(x).get().astype(np.float32), want) <= 1e-3

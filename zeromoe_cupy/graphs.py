@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._arrays import cupy_module
+from ._arrays import cupy_module, np_dtype
 from .experts import PAIRS_MAX
 
 # vLLM's decode batch sizes up to 512, then steps of SIZE_STEP; max_tokens is always included.
@@ -145,7 +145,7 @@ class GraphedMoE:
         self._ready.record()
         self._stream.wait_event(self._ready)  # the weights as the caller's stream leaves them
         with cp.cuda.using_allocator(self._pool.malloc), self._stream:
-            dtype = layer.w13.dtype
+            dtype = np_dtype(layer.config.dtype)  # not w13's: e4m3 weights are uint8
             self._x = cp.zeros((self.max_tokens, H), dtype)
             self._logits = cp.zeros((self.max_tokens, N), np.float32) if router_logits else None
             self._tokens = cp.arange(self.max_tokens + 1, dtype=np.int32)  # n_valid sources
