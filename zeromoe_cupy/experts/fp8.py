@@ -5,9 +5,9 @@ scales, activations quantized per row and 128 features.
   kernel, then the pair kernel (kernels/fp8.cu pair_gemv_fp8) reads the weight bytes and their
   scales straight from the routing ids; h (fp32) is quantized the same way between the passes.
   No host synchronization; a token's result does not depend on its batch.
-- Moderate (T*K <= GROUPED_MAX; strategy "grouped", or "syncfree" as graphs ask): rows
-  gathered by expert (device offsets and the active experts from syncfree_plan, no host
-  synchronization), activations quantized by a small kernel, and grouped_mma_fp8: a fixed grid
+- Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8; strategy "grouped",
+  or "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
+  experts from syncfree_plan, no host synchronization), activations quantized by a small kernel, and grouped_mma_fp8: a fixed grid
   of (feature chunk, active expert) blocks streaming each expert's e4m3 weights once per 64 of
   its rows through the tensor cores (bytes -> fp16 exactly, fp32 accumulation per 128-wide
   group, then scaled). H or I not a multiple of 16, or a GPU below compute capability 8.0:
@@ -31,7 +31,11 @@ from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
 from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
                       experts_module, gather, gather_rows, real_counts, tile_plan)
 
-GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which the grouped kernel runs
+GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which grouped_gemv_fp8 runs
+# ... and grouped_mma_fp8: 4096 tokens of top-12 (an estimate from bytes and FLOPs: one pass
+# over the active experts' weights per 64 of their rows, where the padded path pays one
+# cuBLASLt call, tens of microseconds, per active expert and GEMM).
+GROUPED_MMA_MAX = 12 * 4096
 GROUPED_MMA = True  # the tensor-core grouped kernel where it serves (else grouped_gemv_fp8)
 _MMA_FEATURES = {True: 64, False: 128}  # kernels/fp8.cu grouped_mma_fp8: features per block
 LT_REFUSAL: str | None = None
@@ -48,8 +52,8 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
     w13, w2 = (cp.ascontiguousarray(w).view(np.uint8) for w in (w13, w2))
     s13, s2 = (cp.ascontiguousarray(s, dtype=np.float32) for s in scales)
     if strategy == "auto":
-        strategy = "pairs" if T * K <= PAIRS_MAX else \
-            "grouped" if T * K <= GROUPED_MAX else "padded"
+        limit = GROUPED_MMA_MAX if _mma_ready(H, w13.shape[1] // 2, w13, w2) else GROUPED_MAX
+        strategy = "pairs" if T * K <= PAIRS_MAX else "grouped" if T * K <= limit else "padded"
     if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
     if strategy in ("grouped", "syncfree"):  # sync-free: graphs capture it
