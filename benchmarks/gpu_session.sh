@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine. Parts run in the order given (default: tests bench); each
 # writes its full log under $OUT and a summary to $OUT/log.txt. On a machine of two GPUs,
-# `split` runs the GPU suite on GPU 0 while `bench bench_fp8 load` run on GPU 1, then `ep`.
+# `split` runs `ep` first, then the GPU suite on GPU 0 while `bench bench_fp8` run on GPU 1.
 #   tests      the whole GPU suite              bench      zeromoe bench --graph --peers torch
 #   bench_fp8  zeromoe bench --quantization fp8  load       from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
@@ -15,7 +15,7 @@ part() {
   echo "== $1 $(date +%T) (GPU ${CUDA_VISIBLE_DEVICES:-all})" | tee -a "$log"
   case $1 in
     tests)
-      timeout 400 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
+      timeout 420 python3 -m pytest -m gpu -p no:cacheprovider -q tests > "$OUT/gpu_tests.txt" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -30 | tee -a "$log" ;;
     bench)
       timeout 260 python3 -m zeromoe_cupy bench --graph --peers torch --json "$OUT/bench.json" \
@@ -50,10 +50,10 @@ part() {
 }
 
 if [ "$parts" = split ]; then
-  (export CUDA_VISIBLE_DEVICES=0; part tests) &
-  (export CUDA_VISIBLE_DEVICES=1; part bench; part bench_fp8; part load) &
-  wait
   part ep
+  (export CUDA_VISIBLE_DEVICES=0; part tests) &
+  (export CUDA_VISIBLE_DEVICES=1; part bench; part bench_fp8) &
+  wait
 else
   for p in $parts; do part "$p"; done
 fi
