@@ -37,7 +37,7 @@ part() {
         > "$OUT/ep_torchrun.txt" 2>&1
       echo "torchrun rc=$?" | tee -a "$log"
       grep -h "EP CHECK" "$OUT/ep_check.txt" "$OUT/ep_torchrun.txt" | tee -a "$log"
-      timeout 150 python3 -m zeromoe_cupy bench --ep 2 --tokens 1,128,1024,4096,16384 \
+      timeout 150 python3 -m zeromoe_cupy bench --ep 2 --quick --tokens 1,128,1024,4096,16384 \
         --json "$OUT/ep2.json" > "$OUT/ep_bench.txt" 2>&1
       grep -v "^\[rank 1\]" "$OUT/ep_bench.txt" | tail -12 | tee -a "$log" ;;
     memcheck)
