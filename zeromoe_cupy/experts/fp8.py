@@ -63,74 +63,40 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
 
 def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     """Rows by expert (no padding, device offsets), activations quantized per row and 128
-    features (K-major scales), then grouped_gemv_fp8 for each GEMM. No host synchronization:
-    buffers are sized for every (token, slot) pair."""
-    cp = cupy_module()
-    T, H = x.shape
-    E, I = w13.shape[0], w13.shape[1] // 2
-    P = T * ids.shape[1]
-    ctype = DTYPES[dtype_name(x.dtype)][1]
-    mod, qmod = experts_module(), quant.fp8_module()
-    counts = real_counts(ids, expert_counts, E)
-    if _mma_ready(H, I, w13, w2):
-        return _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark)
-    offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, 1, P)
-    hb, ib = quant.blocks(H), quant.blocks(I)
-    xq = cp.empty((P, H), np.uint8)
-    xsc = cp.empty((P, hb), np.float32)
-    h = cp.empty((P, I), np.float32)
-    hq = cp.empty((P, I), np.uint8)
-    hsc = cp.empty((P, ib), np.float32)
-    rows = cp.empty((P, H), x.dtype)
-    grid_rows = max(1, -(-P // 4))
-    if P:
-        qmod.get_function(f"quantize_rows<{ctype}>")(
-            (grid_rows, hb), (128,),
-            (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), xq, xsc, _NULL))
-    mark("permute")
-    for glu, a, asc, W, S, N, Kd, out, types in (
-            (True, xq, xsc, w13, s13, I, H, h, f"{ctype},float"),
-            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{ctype}")):
-        if P:
-            if not glu:
-                qmod.get_function("quantize_rows<float>")(
-                    (grid_rows, ib), (128,),
-                    (h, np.int32(P), np.int32(I), offsets, np.int32(E), np.int32(0), hq, hsc,
-                     _NULL))
-            R = PAIR_ROWS[glu]
-            vec = str(Kd % 16 == 0).lower()
-            qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
-                (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
-                (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
-        mark("gemm1" if glu else "gemm2")
-        if glu:
-            mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)
-    return ExpertOutput(rows, slot_rows)
-
-
-def _mma_ready(H, I, w13, w2) -> bool:
-    """Whether grouped_mma_fp8 serves: 16-byte loads (H, I multiples of 16, aligned weights),
-    and mma.sync / cp.async (compute capability >= 8.0)."""
-    if not GROUPED_MMA or H % 16 or I % 16 or w13.data.ptr % 16 or w2.data.ptr % 16:
-        return False
-    return int(cupy_module().cuda.Device().compute_capability) >= 80
-
-
-def _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark):
-    from .syncfree import syncfree_module
+    features (K-major scales), then grouped_mma_fp8 (or grouped_gemv_fp8) for each GEMM. No
+    host synchronization: buffers are sized for every (token, slot) pair."""
     cp = cupy_module()
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     P = T * ids.shape[1]
     ctype = DTYPES[dtype_name(x.dtype)][1]
     qmod = quant.fp8_module()
-    offsets = cp.empty(E + 1, np.int32)
-    cursor = cp.empty(E, np.int32)
-    active = cp.empty(E + 1, np.int32)
-    syncfree_module().get_function("syncfree_plan")(
-        (1,), (1024,), (counts, np.int32(E), offsets, cursor, active))
-    # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
-    slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
+    counts = real_counts(ids, expert_counts, E)
+    if _mma_ready(H, I, w13, w2):
+        from .syncfree import syncfree_module
+        offsets = cp.empty(E + 1, np.int32)
+        cursor = cp.empty(E, np.int32)
+        active = cp.empty(E + 1, np.int32)
+        syncfree_module().get_function("syncfree_plan")(
+            (1,), (1024,), (counts, np.int32(E), offsets, cursor, active))
+        # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
+        slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
+        slots = min(E, P)
+
+        def gemm(glu, types, a, asc, W, S, N, Kd, out):
+            qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()}>")(
+                (-(-N // _MMA_FEATURES[glu]), slots), (256,),
+                (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out))
+    else:
+        offsets, slot_rows, xs = gather(experts_module(), ctype, x, ids, counts, E, 1, P)
+        slots = P
+
+        def gemm(glu, types, a, asc, W, S, N, Kd, out):
+            R = PAIR_ROWS[glu]
+            vec = str(Kd % 16 == 0).lower()
+            qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
+                (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
+                (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
     hb, ib = quant.blocks(H), quant.blocks(I)
     xq = cp.empty((P, H), np.uint8)
     xsc = cp.empty((P, hb), np.float32)
@@ -139,7 +105,6 @@ def _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark):
     hsc = cp.empty((P, ib), np.float32)
     rows = cp.empty((P, H), x.dtype)
     grid_rows = max(1, -(-P // 4))
-    slots = min(E, P)
     if slots:
         qmod.get_function(f"quantize_rows<{ctype}>")(
             (grid_rows, hb), (128,),
@@ -154,13 +119,19 @@ def _grouped_mma(x, ids, w13, s13, w2, s2, counts, mark):
                     (grid_rows, ib), (128,),
                     (h, np.int32(P), np.int32(I), offsets, np.int32(E), np.int32(0), hq, hsc,
                      _NULL))
-            qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()}>")(
-                (-(-N // _MMA_FEATURES[glu]), slots), (256,),
-                (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out))
+            gemm(glu, types, a, asc, W, S, N, Kd, out)
         mark("gemm1" if glu else "gemm2")
         if glu:
             mark("activation")  # fused into GEMM 1's pass (h's quantization runs before GEMM 2)
     return ExpertOutput(rows, slot_rows)
+
+
+def _mma_ready(H, I, w13, w2) -> bool:
+    """Whether grouped_mma_fp8 serves: 16-byte loads (H, I multiples of 16, aligned weights),
+    and mma.sync / cp.async (compute capability >= 8.0)."""
+    if not GROUPED_MMA or H % 16 or I % 16 or w13.data.ptr % 16 or w2.data.ptr % 16:
+        return False
+    return int(cupy_module().cuda.Device().compute_capability) >= 80
 
 
 def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
