@@ -456,7 +456,8 @@ def test_load_bad_files(tmp_path):
 
 def test_save_leaves_no_partial_file(tmp_path, monkeypatch):
     layer = zm.ZeroExpertMoE(SAVE_CASES[0], seed=0, device="cpu")
-    layer.w2 = layer.w2.astype(np.complex64)  # no safetensors name: the write fails midway
+    # no safetensors name: the write fails midway (set past the assignment check on purpose)
+    layer.__dict__["w2"] = layer.w2.astype(np.complex64)
     with pytest.raises(TypeError, match="w2"):
         layer.save(tmp_path / "moe.safetensors")
     assert os.listdir(tmp_path) == []

@@ -23,7 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ._arrays import as_array, cupy_module, is_cupy
+from . import quant
+from ._arrays import as_array, cupy_module, is_cupy, np_dtype
 
 # Key names understood by state_dict_weights (after the prefix), the first found is used.
 STATE_DICT_KEYS = {
@@ -243,6 +244,9 @@ def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, st
         pos += a.size * dt.itemsize
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # else the error would name the temporary file
+        raise FileNotFoundError(f"{path}: no such directory {folder}")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -697,6 +701,25 @@ FORMAT_NAME = "zeromoe_cupy.layer"
 FORMAT_VERSION = "1"
 
 
+def layer_weight_specs(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, host dtype) of every array a whole layer of ``config`` may hold, under
+    from_weights' argument names: fp32 for the router parts and the FP8 scales, e4m3
+    (float8_e4m3fn) for FP8 experts, the config's dtype for the other expert arrays. The
+    one statement of these rules (from_weights, weight assignment and ``load_layer`` use it)."""
+    H, I, E, Z, N = (config.hidden_size, config.intermediate_size, config.num_experts,
+                     config.num_zero_experts, config.num_total_experts)
+    R = config.router_hidden_size
+    f32, dt = np.dtype(np.float32), np_dtype(config.dtype)
+    experts = _E4M3 if config.quantization == "fp8" else dt
+    return {"router_weight": ((N, H) if R is None else (N, R), f32),
+            "router_bias": ((N,), f32), "e_score_correction_bias": ((N,), f32),
+            "w13": ((E, 2 * I, H), experts), "w2": ((E, H, I), experts),
+            "const_vec": ((Z, H), dt), "const_gate": ((Z, 2, H), dt),
+            "w13_scale_inv": (quant.scale_shape((E, 2 * I, H), glu=True), f32),
+            "w2_scale_inv": (quant.scale_shape((E, H, I), glu=False), f32),
+            "router_hidden_weight": ((R, H), f32), "gate_map": ((N, N), f32)}
+
+
 def save_layer(path, arrays: dict[str, Any], config, options: dict[str, Any]) -> None:
     """One safetensors file: ``arrays`` under from_weights' argument names; the metadata holds
     the format name, ``config.to_dict()`` and ``options`` as JSON."""
@@ -725,9 +748,27 @@ def load_layer(path):
         options = json.loads(meta["options"])
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: metadata 'config' / 'options' unreadable ({exc})") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: metadata 'format_version' is {meta.get('format_version')!r}, "
+                         f"expected {FORMAT_VERSION!r} (a file of another version of this "
+                         f"library, or edited)")
+    specs = layer_weight_specs(cfg)
+    required = ["w13", "w2"] + (["w13_scale_inv", "w2_scale_inv"] if cfg.quantization else []) \
+        + (["const_vec", "const_gate"] if cfg.has_constant_experts else [])
+    for name in required:
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r}: missing (required by the saved config)")
     targets = {}
     for name, info in tensors.items():
-        if info.np_dtype is None:
-            raise TypeError(f"{path}: tensor {name!r}: unsupported dtype {info.dtype}")
+        if name not in specs:
+            raise ValueError(f"{path}: tensor {name!r}: not a layer array (expected names "
+                             f"among {list(specs)})")
+        shape, dtype = specs[name]
+        if info.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r}: expected shape {list(shape)} (the saved "
+                             f"config's), got {list(info.shape)}")
+        if info.np_dtype != dtype:
+            raise TypeError(f"{path}: tensor {name!r}: expected dtype {_ST_NAMES[dtype]}, got "
+                            f"{info.dtype}")
         targets[name] = Target(info.shape, info.np_dtype, [(info, None, ())])
     return cfg, options, targets

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,8 +93,7 @@ class ZeroExpertMoE:
                  expert_strategy: str = "auto", router_gemm: str = "auto",
                  deterministic: bool = False, group=None, _weights=None, _scales=None,
                  _router_extra=None):
-        if not isinstance(config, MoEConfig):
-            raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        _check_config(config)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed: expected an int >= 0, got {type(seed).__name__} {seed!r}")
         if seed < 0:
@@ -142,6 +142,60 @@ class ZeroExpertMoE:
         self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
         # MoE++ router weights: W1 [R, H] of the two-layer router, gate_map [N, N]
         self.router_hidden_weight, self.gate_map = _router_extra or (None, None)
+        self._weights_ready = True  # from here on, assigned weights are checked (__setattr__)
+
+    def __setattr__(self, name, value):
+        if name in self.WEIGHT_NAMES and "_weights_ready" in self.__dict__:
+            value = self._checked_weight(name, value)
+            if name == "router_weight":  # the bf16x3 parts belong to the old array
+                self.__dict__.pop("_router_parts_cache", None)
+        object.__setattr__(self, name, value)
+
+    def _checked_weight(self, name: str, a):
+        """An array assigned to a weight attribute, checked as from_weights checks it (shape
+        from the config, E/R experts on a rank layer; dtype as the layer holds it; the
+        layer's device; C-contiguous) and kept as given, so that later in-place writes
+        reach the layer. None only where the layer may go without the array."""
+        cfg = self.config
+        optional = name == "e_score_correction_bias" and not cfg.use_correction_bias or \
+            name == "router_bias" and self.router_weight is not None
+        held = getattr(self, name)
+        if a is None:
+            if held is None or optional:
+                return None
+            raise ValueError(f"{name}: this layer needs the array, got None (build a new layer "
+                             f"with from_weights to change which arrays it has)")
+        if held is None and not optional:
+            raise ValueError(f"{name}: this layer has no {name} (its config or construction "
+                             f"leaves it out), got an array; build a new layer with from_weights")
+        a = as_array(a, name)
+        if is_cupy(a) != (self.device == "cuda"):
+            raise TypeError(f"{name}: expected a {'CuPy' if self.device == 'cuda' else 'NumPy'} "
+                            f"array (the layer's device, {self.device}), got "
+                            f"{type(a).__module__}.{type(a).__name__}")
+        shape, dtype = checkpoint.layer_weight_specs(cfg)[name]
+        if name in ("w13", "w2", "w13_scale_inv", "w2_scale_inv"):
+            lo, hi = _expert_slice(self.group, cfg.num_experts)
+            shape = (hi - lo,) + shape[1:]  # a rank layer holds its experts only
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+        if dtype == quant.E4M3 and a.dtype == np.uint8 and self.device == "cpu":
+            a = a.view(quant.E4M3)  # e4m3 bits, as from_weights takes them
+        if dtype == quant.E4M3 and self.device == "cuda":
+            dtype = np.dtype(np.uint8)  # CuPy has no float8 dtype: the GPU holds the bits
+        if a.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the layer's), got {a.dtype}; "
+                            f"cast it with .astype first")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array, got strides "
+                             f"{a.strides}; pass ascontiguousarray({name})")
+        return a
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The NumPy dtype x and y have (the config's dtype; FP8 layers included, whose
+        w13 / w2 hold e4m3)."""
+        return np_dtype(self.config.dtype)
 
     # --- construction ------------------------------------------------------------------------
     def _random_weights(self, seed: int):
@@ -223,6 +277,7 @@ class ZeroExpertMoE:
         must then pass ``router_logits=``). ``gate_map`` [E+Z, E+Z]: required by a config
         with ``gating_residual`` (unless the layer has no router), refused otherwise.
         """
+        _check_config(config)
         fp8 = config.quantization == "fp8"
         w13, w2 = _float8_as_uint8(w13, "w13"), _float8_as_uint8(w2, "w2")
         arrays = {"router_weight": router_weight, "w13": w13, "w2": w2,
@@ -261,35 +316,25 @@ class ZeroExpertMoE:
             arrays = {k: _to_device(v, device) for k, v in arrays.items()}
         xp = cupy_module() if device == "cuda" else np
         cfg = config
-        H, I, E, Z, N = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
-                         cfg.num_zero_experts, cfg.num_total_experts)
-        dt = np_dtype(cfg.dtype)
+        N = cfg.num_total_experts
         _check_group(options.get("group"), cfg)
-        lo, hi = _expert_slice(options.get("group"), E)
-        R = cfg.router_hidden_size
-        expected = {"router_weight": (N, H) if R is None else (N, R), "w13": (E, 2 * I, H),
-                    "w2": (E, H, I), "e_score_correction_bias": (N,), "router_bias": (N,),
-                    "const_vec": (Z, H), "const_gate": (Z, 2, H),
-                    "w13_scale_inv": quant.scale_shape((E, 2 * I, H), glu=True),
-                    "w2_scale_inv": quant.scale_shape((E, H, I), glu=False),
-                    "router_hidden_weight": (R, H), "gate_map": (N, N)}
+        lo, hi = _expert_slice(options.get("group"), cfg.num_experts)
+        specs = checkpoint.layer_weight_specs(cfg)
         _check_router_arrays(cfg, arrays)
         out = {}
         for k, a in arrays.items():
             if a is None:
                 out[k] = None
                 continue
-            if tuple(a.shape) != expected[k]:
-                raise ValueError(f"{k}: expected shape {expected[k]}, got {tuple(a.shape)}")
+            expected, want = specs[k]
+            if tuple(a.shape) != expected:
+                raise ValueError(f"{k}: expected shape {expected}, got {tuple(a.shape)}")
             if k in ("w13", "w2", "w13_scale_inv", "w2_scale_inv"):
                 a = a[lo:hi]  # the rank's experts (all of them without a group)
             if fp8 and k in ("w13", "w2"):  # e4m3: float8_e4m3fn on the host, uint8 on the GPU
                 a = xp.ascontiguousarray(a)
                 out[k] = a.view(np.uint8) if device == "cuda" else a.view(quant.E4M3)
                 continue
-            want = np.float32 if k in ("router_weight", "e_score_correction_bias",
-                                       "router_bias", "w13_scale_inv", "w2_scale_inv",
-                                       "router_hidden_weight", "gate_map") else dt
             if not is_float_dtype(a.dtype):
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
             out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
@@ -340,6 +385,7 @@ class ZeroExpertMoE:
         DLPack tensors). They are stacked into the fused w13 [E, 2I, H] (gate rows first) and
         w2 [E, H, I], which copies them once.
         """
+        _check_config(config)
         w13, w2 = checkpoint.stack_expert_weights(config, gate, up, down)
         return cls.from_weights(config, router_weight, w13, w2, e_score_correction_bias,
                                 router_bias, const_vec, const_gate, max_chunk_tokens, **options)
@@ -350,6 +396,7 @@ class ZeroExpertMoE:
                         **options) -> "ZeroExpertMoE":
         """A layer from a checkpoint's tensors (a dict of name -> NumPy/CuPy/DLPack tensor);
         the key names are those of ``checkpoint.state_dict_weights``."""
+        _check_config(config)
         weights = checkpoint.state_dict_weights(config, state_dict, prefix)
         return cls.from_weights(config, max_chunk_tokens=max_chunk_tokens, **weights, **options)
 
@@ -370,10 +417,12 @@ class ZeroExpertMoE:
             raise TypeError(f"x: expected dtype {cfg.dtype} (the config's), got {x.dtype}")
         return x
 
-    def _logits_input(self, logits, T, name="router_logits"):
+    def _logits_input(self, logits, T, name="router_logits", any_device=False):
+        """logits checked (kind, device unless ``any_device``, shape [T, E+Z], float dtype)
+        and as fp32."""
         logits = as_array(logits, name)
         N = self.config.num_total_experts
-        if is_cupy(logits) != (self.device == "cuda"):
+        if not any_device and is_cupy(logits) != (self.device == "cuda"):
             kind = "CUDA" if self.device == "cuda" else "NumPy"
             raise TypeError(f"{name}: expected a {kind} array like x")
         if tuple(logits.shape) != (T, N):
@@ -396,9 +445,9 @@ class ZeroExpertMoE:
             raise ValueError("router_logits: required by this layer, built without a router "
                              "weight (from_weights(router_weight=None)), got None")
 
-    def _routing_input(self, routing, T):
-        """The caller's routing checked (kinds, shapes, dtypes, ids in [0, E+Z)) and as
-        int32 ids / fp32 weights. Its expert_counts are not used: the layer counts the ids
+    def _routing_input(self, routing, T, any_device=False):
+        """The caller's routing checked (kinds, device unless ``any_device``, shapes, dtypes,
+        ids in [0, E+Z)) and as int32 ids / fp32 weights. Its expert_counts are not used: the layer counts the ids
         itself, so counts that do not match the ids cannot misplace a row. The range check
         is one reduction (and on the GPU one host synchronization) that the layer's own
         routing never pays."""
@@ -410,7 +459,7 @@ class ZeroExpertMoE:
         out = {}
         for name, kind in (("topk_ids", "an integer"), ("topk_weights", "a floating-point")):
             a = as_array(getattr(routing, name), f"routing.{name}")
-            if is_cupy(a) != (self.device == "cuda"):
+            if not any_device and is_cupy(a) != (self.device == "cuda"):
                 raise TypeError(f"routing.{name}: expected a "
                                 f"{'CuPy' if self.device == 'cuda' else 'NumPy'} array "
                                 f"(the layer's device, {self.device}), got {type(a).__module__}")
@@ -641,12 +690,17 @@ class ZeroExpertMoE:
         """The weights as host arrays, keyed by ``from_weights``' argument names, so that
         ``ZeroExpertMoE.from_weights(layer.config, **layer.numpy_weights())`` rebuilds the layer.
 
-        A GPU layer's arrays are copied to the host; a CPU layer's are returned as they are
-        (not copies: do not modify them). The first seven names are always present (None
-        where the layer has no such array); the others only where the layer holds them.
+        Host copies on either device: writing into them leaves the layer unchanged. The first
+        seven names are always present (None where the layer has no such array); the others
+        only where the layer holds them.
         """
+        return self._host_weights(copy=True)
+
+    def _host_weights(self, copy: bool) -> dict[str, Any]:
+        """numpy_weights(); ``copy=False`` returns a CPU layer's own arrays (pickling copies
+        them anyway)."""
         def host(a):
-            return None if a is None else (a.get() if is_cupy(a) else a)
+            return None if a is None else a.get() if is_cupy(a) else a.copy() if copy else a
         out = {k: host(getattr(self, k, None)) for k in self.WEIGHT_NAMES}
         return {k: v for i, (k, v) in enumerate(out.items()) if i < 7 or v is not None}
 
@@ -739,13 +793,18 @@ class ZeroExpertMoE:
     def load(cls, path, device: str = "auto") -> "ZeroExpertMoE":
         """A layer written by ``save``, on ``device`` ("auto": the GPU when one is usable),
         with the config and options it was saved with. Raises FileNotFoundError naming the
-        path; ValueError for a file ``save`` did not write."""
+        path; ValueError for a file ``save`` did not write (or of another format version) and
+        ValueError / TypeError naming the file and key for a missing tensor, a wrong shape or
+        dtype."""
         device = resolve_device(device)
         cfg, options, targets = checkpoint.load_layer(path)
         xp = cupy_module() if device == "cuda" else np
         arrays = {"router_weight": None,  # absent: a layer saved without a router
                   **checkpoint.fill_targets(targets, xp)}
-        return cls.from_weights(cfg, **arrays, **options)
+        try:
+            return cls.from_weights(cfg, **arrays, **options)
+        except (TypeError, ValueError) as exc:  # arrays that do not fit together: name the file
+            raise type(exc)(f"{os.fspath(path)}: {exc}") from exc
 
     def _whole_layer_only(self, what: str) -> None:
         if getattr(self, "group", None) is not None:
@@ -757,7 +816,7 @@ class ZeroExpertMoE:
         # Host arrays and plain values: the state of a GPU layer needs no GPU to be read.
         self._whole_layer_only("pickle / copy.deepcopy")
         return {"config": self.config.to_dict(), "device": self.device,
-                "options": self.options(), "weights": self.numpy_weights()}
+                "options": self.options(), "weights": self._host_weights(copy=False)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling (and copy.deepcopy) rebuild the layer through from_weights, on the device
@@ -780,7 +839,10 @@ class ZeroExpertMoE:
 
     def reference(self, x, router_logits=None, routing=None, prev_router_logits=None):
         """The float64 evaluation of docs/spec.md for this layer's weights: (y, routing);
-        ``routing.router_logits`` is L as ``return_router_logits`` gives it."""
+        ``routing.router_logits`` is L as ``return_router_logits`` gives it. Arguments as
+        ``__call__`` takes them (``routing``: a RoutingResult or an (ids, weights) pair),
+        checked as it checks them, except that router_logits and routing may be host arrays
+        for a GPU layer; they enter the reference in their own dtypes."""
         from . import reference
         cfg = self.config
         if self.group is not None:
@@ -790,14 +852,30 @@ class ZeroExpertMoE:
 
         def to_host(a):  # routing may come as host arrays even for a GPU layer
             return a.get() if is_cupy(a) else np.asarray(a)
+        x = self._input(x)
+        T = x.shape[0]
         self._check_logit_sources(router_logits, prev_router_logits, routing)
-        w = self._reference_weights()
+        if routing is not None and router_logits is not None:
+            raise ValueError("routing, router_logits: pass one or the other, not both")
+        # Checked as __call__ checks them (on any device); used as given, not cast to fp32.
         if router_logits is not None:
+            self._logits_input(router_logits, T, any_device=True)
             router_logits = to_host(as_array(router_logits, "router_logits"))
         if prev_router_logits is not None:
+            self._logits_input(prev_router_logits, T, "prev_router_logits", any_device=True)
             prev_router_logits = to_host(as_array(prev_router_logits, "prev_router_logits"))
+        if routing is not None:
+            if isinstance(routing, tuple) and not isinstance(routing, RoutingResult):
+                if len(routing) != 2:
+                    raise TypeError(f"routing: expected a RoutingResult or an (ids, weights) "
+                                    f"pair, got a tuple of {len(routing)}")
+                routing = RoutingResult(routing[0], routing[1], None)
+            self._routing_input(routing, T, any_device=True)
+            routing = (to_host(as_array(routing.topk_ids, "routing.topk_ids")),
+                       to_host(as_array(routing.topk_weights, "routing.topk_weights")))
+        w = self._reference_weights()
         return reference.forward(
-            to_host(self._input(x)), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
+            to_host(x), w["router_weight"], w["w13"], w["w2"], top_k=cfg.top_k,
             num_experts=cfg.num_experts, zero_expert_type=cfg.zero_types,
             scoring_func=cfg.scoring_func, correction_bias=w["e_score_correction_bias"],
             router_bias=w["router_bias"], renormalize=cfg.renormalize,
@@ -806,7 +884,7 @@ class ZeroExpertMoE:
             const_vec=w["const_vec"], const_gate=w["const_gate"],
             router_logits=router_logits,
             w13_scale_inv=w["w13_scale_inv"], w2_scale_inv=w["w2_scale_inv"],
-            routing=None if routing is None else (to_host(routing[0]), to_host(routing[1])),
+            routing=routing,
             expert_input_scale=cfg.expert_input_scale,
             router_hidden_weight=w["router_hidden_weight"], gate_map=w["gate_map"],
             prev_router_logits=prev_router_logits,
@@ -831,6 +909,11 @@ class ZeroExpertMoE:
                 f"Z={c.num_zero_experts}, K={c.top_k}, dtype={c.dtype}, "
                 f"{'' if c.quantization is None else f'quantization={c.quantization!r}, '}"
                 f"device={self.device!r}{ep})")
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
 
 
 def _check_group(group, config) -> None:
