@@ -588,3 +588,52 @@ def test_rank_opens_only_the_shards_of_its_experts(tmp_path, rng):
     np.testing.assert_array_equal(part.w13, w["w13"][:4])
     with pytest.raises(ValueError, match="garbage.safetensors"):
         zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu", group=g1)
+
+
+def _rewrite(path, out, drop=(), replace=None, meta=None):
+    """The saved file ``path`` rewritten to ``out`` with tensors dropped / replaced and
+    metadata entries changed."""
+    tensors, old_meta = checkpoint.read_header(str(path))
+    arrays = {k: checkpoint.read_tensor(v) for k, v in tensors.items() if k not in drop}
+    arrays.update(replace or {})
+    checkpoint.write_safetensors(str(out), arrays, {**old_meta, **(meta or {})})
+    return str(out)
+
+
+@pytest.mark.parametrize("cfg", SAVE_CASES)
+def test_load_names_the_file_and_key_of_a_bad_tensor(tmp_path, rng, cfg):
+    layer = zm.ZeroExpertMoE(cfg, seed=1, device="cpu")
+    path = tmp_path / "m.safetensors"
+    layer.save(path)
+    w = layer.numpy_weights()
+    names = [k for k, v in w.items() if v is not None]
+    for k in names:
+        if k != "router_weight":  # a layer may be saved without a router
+            with pytest.raises(ValueError, match=f"bad.safetensors.*'{k}'.*missing"):
+                zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors", drop=[k]),
+                                      device="cpu")
+        with pytest.raises(ValueError, match=f"bad.safetensors.*'{k}'.*expected shape"):
+            zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
+                                           replace={k: w[k][..., :-1].copy()}), device="cpu")
+        other = np.float16 if w[k].dtype != np.float16 else np.float32
+        with pytest.raises(TypeError, match=f"bad.safetensors.*'{k}'.*expected dtype"):
+            zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
+                                           replace={k: w[k].astype(other)}), device="cpu")
+    with pytest.raises(ValueError, match="bad.safetensors.*'extra'"):
+        zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
+                                       replace={"extra": w["w2"]}), device="cpu")
+    for version in ("", "2", "garbage"):
+        with pytest.raises(ValueError, match="bad.safetensors.*format_version"):
+            zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
+                                           meta={"format_version": version}), device="cpu")
+    # the untouched file still loads
+    x = random_x(rng, 5, H, cfg.dtype)
+    np.testing.assert_array_equal(zm.ZeroExpertMoE.load(path, device="cpu")(x), layer(x))
+
+
+def test_save_to_a_missing_directory_names_the_path(tmp_path):
+    layer = zm.ZeroExpertMoE(SAVE_CASES[0], seed=0, device="cpu")
+    path = tmp_path / "no" / "such" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"{path}: no such directory") as info:
+        layer.save(path)
+    assert ".tmp" not in str(info.value)

@@ -274,3 +274,76 @@ def test_expert_mlp_op_argument_errors(layer, x):
         ops.expert_mlp(x, ids, layer.w13, layer.w2, expert_counts=[0] * 6)
     with pytest.raises(TypeError, match="x: expected bfloat16, float16 or float32"):
         ops.expert_mlp(x.astype(np.int32), ids, layer.w13, layer.w2)
+
+
+def test_constructors_name_a_config_that_is_not_one(rng):
+    w = random_layer_weights(rng, CFG)
+    per_expert = (w["w13"][:, :8], w["w13"][:, 8:], w["w2"])
+    calls = [lambda c: zm.ZeroExpertMoE(c),
+             lambda c: zm.ZeroExpertMoE.from_weights(c, **w),
+             lambda c: zm.ZeroExpertMoE.from_expert_weights(c, w["router_weight"], *per_expert),
+             lambda c: zm.ZeroExpertMoE.from_state_dict(c, {})]
+    for call in calls:
+        for bad in (None, CFG.to_dict(), "config"):
+            with pytest.raises(TypeError, match="config: expected a MoEConfig"):
+                call(bad)
+
+
+def test_reference_checks_its_arguments_as_the_layer_does(layer, x, rng):
+    r = layer.route(x)
+    N = CFG.num_total_experts
+    logits = rng.standard_normal((5, N)).astype(np.float32)
+    for bad_id in (N, N + 3, -1):
+        ids = r.topk_ids.copy()
+        ids[rng.integers(5), rng.integers(2)] = bad_id
+        with pytest.raises(ValueError, match=r"routing.topk_ids: expected ids in \[0, 6\)"):
+            layer.reference(x, routing=(ids, r.topk_weights))
+    with pytest.raises(ValueError, match="router_logits: expected shape"):
+        layer.reference(x, router_logits=logits[:, :3])
+    with pytest.raises(ValueError, match="routing, router_logits"):
+        layer.reference(x, routing=r, router_logits=logits)
+    with pytest.raises(TypeError, match="routing.topk_ids: expected an integer"):
+        layer.reference(x, routing=(r.topk_ids.astype(np.float32), r.topk_weights))
+    with pytest.raises(ValueError, match=r"routing.topk_ids: expected shape \(2, 2\)"):
+        layer.reference(x[:2], routing=r)  # routing of 5 tokens for 2
+    with pytest.raises(TypeError, match="routing: expected a RoutingResult or an"):
+        layer.reference(x, routing=(r.topk_ids, r.topk_weights, r.expert_counts, 0))
+    # what passes the checks still gives the layer's result
+    y, _ = layer.reference(x, routing=(r.topk_ids, r.topk_weights))
+    np.testing.assert_allclose(layer(x, routing=r), y, rtol=1e-4, atol=1e-5)
+
+
+FP8_CFG = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="bfloat16", use_correction_bias=True)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_assigned_weights_are_checked(rng, fp8):
+    cfg = FP8_CFG
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **random_layer_weights(rng, cfg), device="cpu")
+    if fp8:
+        layer = layer.quantize("fp8")
+    w = layer.numpy_weights()
+    names = [k for k, v in w.items() if v is not None]
+    assert ("w13_scale_inv" in names) == fp8
+    for k in names:
+        a = w[k]
+        with pytest.raises(ValueError, match=f"{k}: expected shape"):
+            setattr(layer, k, np.zeros((1,) * a.ndim, a.dtype))
+        with pytest.raises(ValueError, match=f"{k}: expected shape"):
+            setattr(layer, k, a[..., :-1].copy())
+        other = np.float64 if a.dtype == np.float32 else np.float32
+        with pytest.raises(TypeError, match=f"{k}: expected dtype"):
+            setattr(layer, k, a.astype(other))
+        with pytest.raises(TypeError, match=k):
+            setattr(layer, k, a.tolist())
+        with pytest.raises(ValueError, match=f"{k}: this layer needs"):
+            setattr(layer, k, None)
+    for k in ("const_vec", "router_hidden_weight", "gate_map"):  # arrays the layer has not
+        with pytest.raises(ValueError, match=f"{k}: this layer has no"):
+            setattr(layer, k, np.zeros((6, 16), np.float32))
+    with pytest.raises(ValueError, match="w2: expected a C-contiguous"):
+        layer.w2 = np.asfortranarray(w["w2"])
+    # nothing above reached the layer
+    for k in names:
+        np.testing.assert_array_equal(getattr(layer, k).view(np.uint8), w[k].view(np.uint8))

@@ -221,3 +221,43 @@ def test_from_weights_takes_a_device(device, rng):
     ref, _ = layer.reference(x)
     y = layer(x)
     assert relative_error(y.get() if want == "cuda" else y, ref) <= TOL["float32"]
+
+
+def test_assigned_weights_are_used_and_in_place_writes_stay(rng):
+    cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="float32")
+    layer = zm.ZeroExpertMoE(cfg, seed=1, device="cpu")
+    new = random_layer_weights(rng, cfg, router_bias=True)
+    x = random_x(rng, 9, 16, "float32")
+    for k in ("router_weight", "router_bias", "w13", "w2"):
+        setattr(layer, k, new[k])
+        assert getattr(layer, k) is new[k]  # kept as given: later writes reach the layer
+    new["w2"][1:] *= -2
+    ref = zm.ZeroExpertMoE.from_weights(cfg, **new).reference(x)[0]
+    assert relative_error(layer(x), ref) < TOL["float32"]
+    layer.router_bias = None  # optional: may go
+    assert layer.router_bias is None
+
+
+def test_dtype_is_the_inputs_dtype_also_for_fp8(rng):
+    for dt in ("float32", "bfloat16", "float16"):
+        cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4,
+                           num_zero_experts=2, top_k=2, dtype=dt)
+        layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+        assert layer.dtype == np.dtype(zm.ZeroExpertMoE(cfg).w13.dtype)
+        for lay in (layer, layer.quantize("fp8")):
+            x = random_x(rng, 3, 16, "float32").astype(lay.dtype)
+            assert lay(x).dtype == lay.dtype
+        with pytest.raises(AttributeError):
+            layer.dtype = np.float32
+
+
+def test_numpy_weights_are_copies(rng):
+    cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="float32", zero_expert_type=("constant", "zero"))
+    layer = zm.ZeroExpertMoE(cfg, seed=2, device="cpu")
+    before = {k: v.copy() for k, v in layer.numpy_weights().items() if v is not None}
+    for k, v in layer.numpy_weights().items():
+        if v is not None:
+            v[...] = 7
+            np.testing.assert_array_equal(getattr(layer, k), before[k])

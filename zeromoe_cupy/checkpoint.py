@@ -753,9 +753,16 @@ def load_layer(path):
                          f"expected {FORMAT_VERSION!r} (a file of another version of this "
                          f"library, or edited)")
     specs = layer_weight_specs(cfg)
-    required = ["w13", "w2"] + (["w13_scale_inv", "w2_scale_inv"] if cfg.quantization else []) \
-        + (["const_vec", "const_gate"] if cfg.has_constant_experts else [])
-    for name in required:
+    # What save writes for this config (a layer may be saved without a router: then none of
+    # the router's parts); from_weights would make up a missing correction bias as zeros.
+    router = "router_weight" in tensors
+    required = {"w13": True, "w2": True, "w13_scale_inv": cfg.quantization == "fp8",
+                "w2_scale_inv": cfg.quantization == "fp8",
+                "const_vec": cfg.has_constant_experts, "const_gate": cfg.has_constant_experts,
+                "e_score_correction_bias": cfg.use_correction_bias,
+                "router_hidden_weight": router and cfg.router_hidden_size is not None,
+                "gate_map": router and cfg.gating_residual}
+    for name in (k for k, needed in required.items() if needed):
         if name not in tensors:
             raise ValueError(f"{path}: tensor {name!r}: missing (required by the saved config)")
     targets = {}
