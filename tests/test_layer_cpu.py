@@ -1,4 +1,5 @@
 """The layer on NumPy arrays against the float64 reference, over a table of cases."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -244,7 +245,8 @@ def test_dtype_is_the_inputs_dtype_also_for_fp8(rng):
         cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4,
                            num_zero_experts=2, top_k=2, dtype=dt)
         layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
-        assert layer.dtype == np.dtype(zm.ZeroExpertMoE(cfg).w13.dtype)
+        assert layer.dtype == {"float32": np.float32, "float16": np.float16,
+                               "bfloat16": ml_dtypes.bfloat16}[dt]
         for lay in (layer, layer.quantize("fp8")):
             x = random_x(rng, 3, 16, "float32").astype(lay.dtype)
             assert lay(x).dtype == lay.dtype
@@ -261,3 +263,15 @@ def test_numpy_weights_are_copies(rng):
         if v is not None:
             v[...] = 7
             np.testing.assert_array_equal(getattr(layer, k), before[k])
+
+
+def test_rank_layer_takes_its_slice_of_experts_on_assignment(rng):
+    cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="float32")
+    g = zm.parallel.local_groups(2)[1]
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu", group=g)
+    w13 = rng.standard_normal((2, 16, 16)).astype(np.float32)  # experts 2, 3 of the layer
+    layer.w13 = w13
+    assert layer.w13 is w13
+    with pytest.raises(ValueError, match=r"w13: expected shape \(2, 16, 16\)"):
+        layer.w13 = rng.standard_normal((4, 16, 16)).astype(np.float32)
