@@ -1,4 +1,6 @@
 """The functional ops on NumPy arrays, stage by stage, against the float64 reference."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,70 @@ def test_combine_takes_weights_in_any_float_dtype(rng):
     np.testing.assert_array_equal(
         ops.zero_expert_output(x, ids.astype(np.int64), w_bf16, 2, "constant", **kw),
         ops.zero_expert_output(x, ids, w_bf16.astype(np.float32), 2, "constant", **kw))
+
+
+def _real_and_zero_case(rng, T=12, H=16, I=8, K=3, E=4, Z=2):
+    """x, ids (every row has a real and a zero-expert slot), weights, w13, w2."""
+    x, ids, w, _, _ = _zero_case(rng, T, H, K, E, Z, "float32")
+    ids[:, 0] = rng.integers(0, E, T)
+    ids[:, 1] = rng.integers(E, E + Z, T)
+    w13 = (rng.standard_normal((E, 2 * I, H)) * H ** -0.5).astype(np.float32)
+    w2 = (rng.standard_normal((E, H, I)) * I ** -0.5).astype(np.float32)
+    return x, ids, w, w13, w2
+
+
+def test_combine_refuses_num_experts_that_contradict_expert_output(rng):
+    E, Z = 4, 2
+    x, ids, w, w13, w2 = _real_and_zero_case(rng, E=E, Z=Z)
+    out = ops.expert_mlp(x, ids, w13, w2)
+    y = ops.combine(x, ids, w, E, "identity", out)
+    ref, _ = reference.forward(x, None, w13, w2, top_k=3, num_experts=E,
+                               zero_expert_type="identity", routing=(ids, w))
+    assert relative_error(y, ref) <= TOL["float32"]
+    # Too many: zero-expert slots read as real experts without a row; too few: real rows
+    # read as zero experts. Either way a wrong y unless refused.
+    for wrong, z in ((E + 1, Z - 1), (E + Z, 0), (100, None), (E - 1, Z + 1), (0, E + Z)):
+        with pytest.raises(ValueError, match="num_experts / expert_output"):
+            ops.combine(x, ids, w, wrong, "identity", out, num_zero_experts=z)
+    # slot_rows of other ids, and rows past the end of expert_output.rows
+    other = ops.expert_mlp(x, np.roll(ids, 1, axis=1), w13, w2)
+    with pytest.raises(ValueError, match="expert_output"):
+        ops.combine(x, ids, w, E, "identity", other)
+    with pytest.raises(ValueError, match="expert_output"):
+        ops.combine(x, ids, w, E, "identity", (out.rows[:-1], out.slot_rows))
+    # The layer's path (check_ids=False) pays nothing and checks nothing.
+    ops.combine(x, ids, w, E + 1, "identity", out, num_zero_experts=Z - 1, check_ids=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8"])
+@pytest.mark.parametrize("strategy", ["auto", "fixed"])
+def test_nan_and_inf_in_x_give_nonfinite_rows_without_warnings(strategy, fp8, dtype, rng):
+    from zeromoe_cupy.quant import quantize_weight
+    E, Z, H = 4, 3, 16
+    x, ids, w, w13, w2 = _real_and_zero_case(rng, H=H, E=E, Z=Z)
+    _, _, _, cv, cg = _zero_case(rng, 1, H, 1, E, Z, dtype)
+    dt = np_dtype(dtype)
+    x, w13, w2 = x.astype(dt), w13.astype(dt), w2.astype(dt)
+    scales = {}
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_weight(w13, glu=True), quantize_weight(w2)
+        scales = dict(w13_scale_inv=s13, w2_scale_inv=s2)
+    bad = np.zeros(x.shape[0], bool)
+    bad[[1, 4, 7]] = True
+    x_bad = x.copy()
+    x_bad[1, 3], x_bad[4, 0], x_bad[7, :] = np.inf, np.nan, -np.inf
+    types = ("identity", "constant", "zero")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ys = []
+        for xi in (x, x_bad):
+            out = ops.expert_mlp(xi, ids, w13, w2, strategy=strategy, **scales)
+            ys.append(ops.combine(xi, ids, w, E, types, out, cv, cg))
+            ys.append(ops.zero_expert_output(xi, ids, w, E, types, cv, cg))
+    for clean, dirty in (ys[0::2], ys[1::2]):
+        assert np.isfinite(clean.astype(np.float32)).all()
+        np.testing.assert_allclose(dirty[~bad].astype(np.float32),
+                                   clean[~bad].astype(np.float32), rtol=2e-2, atol=2e-2)
+    # Each bad row has a real slot: its y row is not finite (NaN, documented), not hidden.
+    assert (~np.isfinite(ys[2][bad].astype(np.float32))).any(axis=1).all()

@@ -121,12 +121,28 @@ def _expert_output_arrays(expert_output, x):
     return rows, slot_rows
 
 
-def _check_ids_in_range(topk_ids, n):
-    # One reduction (and, on the GPU, one host synchronization); skip with check_ids=False.
-    if topk_ids.size == 0 or not bool(((topk_ids < 0) | (topk_ids >= n)).any()):
+def _check_ids_in_range(topk_ids, E, Z, expert_output=None):
+    """Every id in [0, E+Z) and, with expert_output (rows, slot_rows), a row in [0, M)
+    exactly for the slots whose id is a real expert (< E): rows that do not belong to this
+    E would otherwise be dropped or misread without a word. One reduction (and, on the GPU,
+    one host synchronization); skipped with check_ids=False."""
+    if topk_ids.size == 0:
         return
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
-    raise ValueError(f"topk_ids: expected ids in [0, {n}), got values in [{lo}, {hi}]")
+    n = E + Z
+    bad_ids = (topk_ids < 0) | (topk_ids >= n)
+    bad = bad_ids
+    if expert_output is not None:
+        M, slot_rows = expert_output[0].shape[0], expert_output[1]
+        bad = bad_ids | ((slot_rows >= 0) != (topk_ids < E)) | (slot_rows >= M)
+    if not bool(bad.any()):
+        return
+    if bool(bad_ids.any()):
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        raise ValueError(f"topk_ids: expected ids in [0, {n}), got values in [{lo}, {hi}]")
+    raise ValueError(f"num_experts / expert_output: expected expert_output.slot_rows to hold a "
+                     f"row in [0, {M}) exactly where the id is a real expert (below "
+                     f"num_experts={E}) and -1 elsewhere, got slots that disagree: pass the E "
+                     f"of expert_mlp's w13 and its output for these same topk_ids")
 
 
 def zero_expert_output(x, topk_ids, topk_weights, num_experts: int,
@@ -155,7 +171,8 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
 
     ``expert_output`` is what ``expert_mlp`` returned (rows, in x's dtype or float32, + the
     row of each real slot); None gives the zero experts' share alone. ``check_ids`` verifies
-    on the host that every id lies in [0, E+Z) (one reduction and, on the GPU, one
+    on the host that every id lies in [0, E+Z) and, with ``expert_output``, that its
+    slot_rows hold a row exactly where the id is below E (one reduction and, on the GPU, one
     synchronization); ids from ``route`` always do, and the layer skips the check. Unchecked
     out-of-range ids are never read out of bounds: they contribute nothing.
 
@@ -166,12 +183,17 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         num_experts: E, an int >= 0; ids E..E+Z-1 are the zero experts.
         zero_expert_type: "identity", "zero" or "constant", or a sequence of Z of them.
         expert_output: None or the ``ExpertOutput(rows [M, H] x's dtype, slot_rows int32
-            [T, K])`` of ``expert_mlp`` for the same x and ids.
+            [T, K])`` of ``expert_mlp`` for the same x and ids (its w13 having E experts).
         const_vec, const_gate: [Z, H] and [Z, 2, H] in x's dtype, for "constant" experts.
         num_zero_experts: Z, an int >= 0 (see ``zero_expert_output`` for the default).
 
     Returns:
-        y [T, H] in x's dtype, same array module as x.
+        y [T, H] in x's dtype, same array module as x. NaN or Inf in a row of x gives NaN or
+        Inf in that row of y (on the CPU without a NumPy warning).
+
+    Raises:
+        ValueError: shapes, ids outside [0, E+Z), or (check_ids) num_experts and
+            expert_output.slot_rows that disagree. TypeError: dtypes, array kinds.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -206,12 +228,13 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
             raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
                              f"got {slot_rows.shape}")
     if check_ids:
-        _check_ids_in_range(topk_ids, E + num_zero_experts)
+        _check_ids_in_range(topk_ids, E, num_zero_experts, expert_output)
     if is_cupy(x):
         return _combine_gpu(x, topk_ids, topk_weights, E, codes, expert_output,
                             const_vec, const_gate)
-    return _combine_numpy(x, topk_ids, topk_weights, E, codes, expert_output,
-                          const_vec, const_gate)
+    with np.errstate(all="ignore"):  # NaN/Inf in x give NaN/Inf in y (documented), no warning
+        return _combine_numpy(x, topk_ids, topk_weights, E, codes, expert_output,
+                              const_vec, const_gate)
 
 
 def _combine_numpy(x, ids, weights, E, codes, expert_output, const_vec, const_gate):

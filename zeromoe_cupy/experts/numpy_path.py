@@ -32,7 +32,15 @@ def fp16_scaled(a):
 
 
 def expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=False, scales=None):
-    """``scales``: None, or (w13_scale_inv, w2_scale_inv) with w13 / w2 e4m3."""
+    """``scales``: None, or (w13_scale_inv, w2_scale_inv) with w13 / w2 e4m3.
+
+    NaN or Inf in a row of x gives NaN (or Inf) in that pair's rows, as documented, and no
+    NumPy RuntimeWarning: the floating-point flags are ignored for the expert math."""
+    with np.errstate(all="ignore"):
+        return _expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order, scales)
+
+
+def _expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order, scales):
     from ..quant import dequantize_weight, fake_quantize_activations
     if scales is None:
         def weight(w, s, e, glu):
