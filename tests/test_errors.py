@@ -1,5 +1,7 @@
 """Every bad input raises ValueError (shapes, values) or TypeError (dtypes, array kinds),
 naming the argument."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -347,3 +349,56 @@ def test_assigned_weights_are_checked(rng, fp8):
     # nothing above reached the layer
     for k in names:
         np.testing.assert_array_equal(getattr(layer, k).view(np.uint8), w[k].view(np.uint8))
+
+
+def _matrix(a):
+    with warnings.catch_warnings():  # NumPy's own advice against np.matrix
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(a)
+
+
+def test_array_subclasses_that_change_numpy_semantics_are_refused(layer, x):
+    with pytest.raises(TypeError, match=r"x: .*numpy.matrix.*np.asarray\(x\)"):
+        layer(_matrix(x))
+    masked = np.ma.masked_array(x, mask=x > 1)
+    with pytest.raises(TypeError, match=r"x: .*masked array.*x.filled"):
+        layer(masked)
+    with pytest.raises(TypeError, match="x: .*masked array"):
+        ops.router_logits(np.ma.masked_array(x), layer.router_weight)
+    with pytest.raises(TypeError, match="w13: .*numpy.matrix"):
+        ops.expert_mlp(x, np.zeros((5, 1), np.int32), _matrix(layer.w13[0]), layer.w2)
+
+
+class _Tagged(np.ndarray):
+    """An ndarray subclass with its own reductions, as subclasses in the wild have."""
+
+    def max(self, *args, **kwargs):
+        raise AssertionError("the library reached a subclass method")
+
+    sum = min = mean = max
+
+
+def test_other_ndarray_subclasses_are_read_as_plain_views(layer, x, tmp_path):
+    want = layer(x)
+    mm = np.memmap(tmp_path / "x.bin", dtype=x.dtype, mode="w+", shape=x.shape)
+    mm[:] = x
+    tagged = x.copy().view(_Tagged)
+    for xs in (mm, tagged):
+        y = layer(xs)
+        assert type(y) is np.ndarray
+        np.testing.assert_array_equal(y, want)
+    from zeromoe_cupy._arrays import as_array
+    view = as_array(mm, "x")
+    assert type(view) is np.ndarray and np.shares_memory(view, mm)  # zero-copy
+
+
+def test_e4m3_weights_without_scales_name_the_scales(layer, x):
+    from zeromoe_cupy.quant import quantize_weight
+    ids = np.zeros((5, 1), np.int32)
+    q13, s13 = quantize_weight(layer.w13, glu=True)
+    q2, s2 = quantize_weight(layer.w2)
+    for w13, w2 in ((q13, q2), (q13.view(np.uint8), q2.view(np.uint8)), (layer.w13, q2)):
+        with pytest.raises(TypeError, match="w13_scale_inv and w2_scale_inv"):
+            ops.expert_mlp(x, ids, w13, w2)
+    with pytest.raises(TypeError, match=r"w13: expected dtype float32 \(x's\)"):
+        ops.expert_mlp(x, ids, layer.w13.astype(np.float16), layer.w2)

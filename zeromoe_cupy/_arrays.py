@@ -93,13 +93,24 @@ def as_array(a: Any, name: str, allow_none: bool = False):
     """Return ``a`` as a NumPy or CuPy array without copying.
 
     NumPy and CuPy arrays pass through; any other object with ``__dlpack__`` (torch, JAX)
-    is imported zero-copy: CUDA memory as CuPy, host memory as NumPy.
+    is imported zero-copy: CUDA memory as CuPy, host memory as NumPy. NumPy subclasses
+    (np.memmap, ...) become plain ndarray views of the same memory, except np.matrix and
+    masked arrays, refused with a TypeError: their operators and reductions differ from
+    ndarray's, and a mask would be silently ignored.
     """
     if a is None:
         if allow_none:
             return None
         raise TypeError(f"{name}: expected an array, got None")
-    if isinstance(a, np.ndarray) or is_cupy(a):
+    if isinstance(a, np.ndarray):
+        if isinstance(a, np.matrix):
+            raise TypeError(f"{name}: expected a plain ndarray, got numpy.matrix; pass "
+                            f"np.asarray({name})")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name}: expected a plain ndarray, got a masked array (the layer "
+                            f"has no notion of a mask); pass {name}.filled(value)")
+        return a if type(a) is np.ndarray else a.view(np.ndarray)
+    if is_cupy(a):
         return a
     if getattr(a, "requires_grad", False):
         raise ValueError(f"{name}: the tensor requires grad; this layer computes no gradients, "
@@ -161,8 +172,10 @@ def fixed_order_matmul(a, b):
     """a @ b (NumPy, float32 out) with each output summed over k = 0, 1, 2, ... in that order,
     whatever the shapes: BLAS picks kernels and blockings by shape, so a row's bits would
     depend on the other rows. Elementwise float64 steps instead (the fp32 products are exact
-    in float64); slow, for the deterministic mode on the CPU."""
+    in float64); slow, for the deterministic mode on the CPU. NaN/Inf inputs give NaN/Inf
+    outputs without a NumPy warning."""
     out = np.zeros((a.shape[0], b.shape[1]), np.float64)
-    for k in range(a.shape[1]):
-        out += np.multiply.outer(a[:, k].astype(np.float64), b[k].astype(np.float64))
-    return out.astype(np.float32)
+    with np.errstate(all="ignore"):
+        for k in range(a.shape[1]):
+            out += np.multiply.outer(a[:, k].astype(np.float64), b[k].astype(np.float64))
+        return out.astype(np.float32)

@@ -45,6 +45,10 @@ def _check(x, topk_ids, w13, w2, scales=None):
                             f"({'CuPy' if is_cupy(x) else 'NumPy'})")
     if scales is None:
         for name, a in (("w13", w13), ("w2", w2)):
+            if a.dtype != x.dtype and quant.is_e4m3(a):
+                raise TypeError(f"{name}: e4m3 weights ({a.dtype}) are FP8 experts: pass their "
+                                f"block scales w13_scale_inv and w2_scale_inv too, or weights "
+                                f"in x's dtype {x.dtype}")
             if a.dtype != x.dtype:
                 raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {a.dtype}")
         return
