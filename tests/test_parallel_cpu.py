@@ -166,8 +166,9 @@ def test_a_rank_that_raises_does_not_hang_the_others(rng):
             raise KeyError("rank one's own failure")
         return layer(x)
 
-    with pytest.raises(RuntimeError, match="rank 1 failed: KeyError"):
+    with pytest.raises(KeyError, match="rank one's own failure") as exc:
         zm.parallel.run_local(body, 3, timeout=60.0)  # the abort, not the timeout, ends it
+    assert "rank 1 of 3" in "".join(getattr(exc.value, "__notes__", [])) + str(exc.value.__cause__)
 
 
 def test_a_rank_that_stops_times_out_naming_it(rng):
@@ -316,3 +317,29 @@ def test_fp8_ranks_equal_whole_layer(dtype, rng):
         if x.shape[0]:
             ref, _ = whole.reference(x)
             assert relative_error(y, ref) <= 5e-3
+
+
+@pytest.mark.parametrize("failing", [0, 2])
+def test_run_local_raises_the_failing_ranks_own_exception(failing, rng):
+    """A constructor's ValueError (E not divisible by R) arrives as that ValueError, the same
+    object, naming the rank; the other ranks, waiting in a collective, do not hang."""
+    cfg = zm.MoEConfig(**BASE, dtype="float32")
+    w = random_layer_weights(rng, cfg)
+    raised = {}
+
+    def body(g):
+        if g.rank == failing:
+            bad = zm.MoEConfig(**{**BASE, "num_experts": 13}, dtype="float32")
+            try:
+                zm.ZeroExpertMoE(bad, seed=0, device="cpu", group=g)
+            except ValueError as exc:
+                raised["exc"] = exc
+                raise
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        return layer(random_x(np.random.default_rng(g.rank), 3, cfg.hidden_size, "float32"))
+
+    with pytest.raises(ValueError, match="divide the 13 real experts") as exc:
+        zm.parallel.run_local(body, 3, timeout=60.0)
+    assert exc.value is raised["exc"]
+    assert f"rank {failing} of 3" in "".join(getattr(exc.value, "__notes__", [])) \
+        + str(exc.value.__cause__)

@@ -256,16 +256,22 @@ def local_groups(world_size: int, timeout: float = DEFAULT_TIMEOUT_S) -> list[Lo
 def run_local(fn, world_size: int, timeout: float = DEFAULT_TIMEOUT_S) -> list:
     """Run ``fn(group)`` on ``world_size`` threads, one per rank of ``local_groups``; return
     the results in rank order. A rank that raises aborts the group (the others stop waiting
-    at once), and the first error is raised again here, naming its rank."""
+    at once, each with a RuntimeError naming the abort), and the exception of the rank that
+    failed first is raised again here, the same object (so ``except ValueError`` sees a
+    ValueError), with a note naming its rank (Python 3.11+; chained on older Pythons)."""
     groups = local_groups(world_size, timeout)
     results: list = [None] * world_size
     errors: list = [None] * world_size
+    failed: list[int] = []  # ranks in the order their errors were caught
+    lock = threading.Lock()
 
     def body(g):
         try:
             results[g.rank] = fn(g)
         except BaseException as exc:  # noqa: BLE001 - reported below
-            errors[g.rank] = exc
+            with lock:
+                errors[g.rank] = exc
+                failed.append(g.rank)
             g.abort(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=body, args=(g,), daemon=True) for g in groups]
@@ -273,11 +279,19 @@ def run_local(fn, world_size: int, timeout: float = DEFAULT_TIMEOUT_S) -> list:
         t.start()
     for t in threads:
         t.join()
-    # The rank that failed first is the one whose error is not an abort seen by the others.
-    order = sorted(range(world_size), key=lambda r: isinstance(errors[r], RuntimeError)
-                   and "aborted" in str(errors[r]))
-    for r in order:
-        if errors[r] is not None:
-            raise RuntimeError(f"rank {r} failed: {type(errors[r]).__name__}: "
-                               f"{errors[r]}") from errors[r]
-    return results
+    if not failed:
+        return results
+    # The rank that failed first: its error is not an abort seen by the others (they raise
+    # after it, but a rank that timed out races with the ranks it woke).
+    first = min(failed, key=lambda r: (_is_abort(errors[r]), failed.index(r)))
+    exc = errors[first]
+    note = f"rank {first} of {world_size} (run_local) raised this"
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(note)
+    elif exc.__cause__ is None:
+        exc.__cause__ = RuntimeError(note)
+    raise exc
+
+
+def _is_abort(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "local group aborted" in str(exc)
