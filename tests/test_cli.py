@@ -61,3 +61,32 @@ def test_info_says_why_there_is_no_gpu(capsys):
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("GPU"))
     assert "none usable: " in line and len(line) > len("GPU    none usable: ") + 5
+
+
+def _refused(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_checks_its_output_paths_before_running(option, tmp_path, capsys):
+    for path in (tmp_path / "missing" / "b.out", tmp_path):  # no such directory; a directory
+        last = _refused(["bench", "--device", "cpu", "--tokens", "4", option, str(path)], capsys)
+        assert last.startswith(f"zeromoe bench: error: argument {option}: cannot write")
+        assert str(path) in last
+
+
+def test_bench_refuses_expert_parallelism_on_the_cpu(capsys):
+    for argv in (["--device", "cpu", "--ep", "2"], ["--ep", "0"]):
+        last = _refused(["bench", "--tokens", "4", *argv], capsys)
+        assert last.startswith("zeromoe bench: error: argument --ep")
+
+
+def test_bench_header_names_the_quantization(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--tokens", "2",
+                     "--quantization", "fp8"]) == 0
+    building = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("building"))
+    assert "fp8" in building

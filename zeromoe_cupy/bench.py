@@ -104,11 +104,25 @@ def add_arguments(p) -> None:
 
 def check_arguments(parser, args) -> None:
     """What argparse cannot check alone, refused through parser.error (exit status 2):
-    the device, sizes the CPU path does not run, peers without a GPU, and
+    the device, sizes the CPU path does not run, peers or expert parallelism without a GPU,
+    output paths whose directory does not exist (checked before the run, not after it), and
     --real-per-token against the preset's K. Fills in args.device."""
     if args.device == "cuda" and not gpu_available():
         parser.error(f"argument --device: cuda: no usable CUDA GPU ({gpu_unavailable_reason()})")
     args.device = args.device or ("cuda" if gpu_available() else "cpu")
+    for option in ("json", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"argument --{option}: cannot write {path!r} (expected a file name in "
+                         f"an existing, writable directory)")
+    if args.ep is not None and args.ep < 1:
+        parser.error(f"argument --ep: expected an int >= 1, got {args.ep}")
+    if args.ep is not None and args.device == "cpu":
+        parser.error("argument --ep: expert parallelism in the benchmark runs only on GPUs "
+                     "(one per rank; device cpu here)")
     if args.device == "cpu":
         big = [t for t in args.tokens or () if t > CPU_MAX_TOKENS]
         if big:
@@ -441,7 +455,8 @@ def run(args) -> int:
     if real_per_token is None:
         real_per_token = 8.0 if preset == "longcat-flash" else cfg.top_k * 2 / 3
     xp = cupy_module() if gpu else np
-    print(f"building {preset} ({cfg.dtype}) on {device} ...", flush=True)
+    quantized = f", {args.quantization} experts" if getattr(args, "quantization", None) else ""
+    print(f"building {preset} ({cfg.dtype}{quantized}) on {device} ...", flush=True)
     layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy,
                              router_gemm=args.router_gemm, deterministic=args.deterministic)
     offset, share = calibrate_zero_bias(layer, real_per_token)
