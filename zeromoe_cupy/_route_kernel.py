@@ -327,12 +327,23 @@ def make_route_kernel(grouped: bool, n: int):
             vals[4 * g + 3] = d
             if scoring == 0:
                 m = fmax(fmax(m, a), fmax(b, fmax(c, d)))  # NaN never becomes the max
-        div = float32(0)
+        big = mul = float32(1)
         if norm_std > float32(0):
-            # Logits normalization: L / (std(L) / sigma), std unbiased over the n logits (two
-            # passes, as the host computes it); div 0 (equal logits) leaves L alone.
+            # Logits normalization: L / (std(L) / sigma), std unbiased over the n logits,
+            # as the host computes it: u = L / max|L| first (|u| <= 1: the squares neither
+            # overflow nor underflow), then u * (sigma / std(u)). std(u) 0 (equal logits)
+            # leaves L (u = +-1, u * max|L| = L); a NaN or inf logit makes std(u) NaN and
+            # the token's scores NaN, as on the host.
+            big = float32(0)
+            for i in range(V):
+                if FULL or first + 128 * (i >> 2) + (i & 3) < n:
+                    big = fmax(big, abs(vals[i]))  # NaN never becomes the max
+            big = reduce_max(big, w, lane, fs)
+            if big == float32(0):
+                big = float32(1)  # all zero (or NaN): u = L
             part = float32(0)
             for i in range(V):
+                vals[i] = vals[i] / big
                 if FULL or first + 128 * (i >> 2) + (i & 3) < n:
                     part += vals[i]
             mean = reduce_sum(part, w, lane, fs) / float32(n)
@@ -341,12 +352,12 @@ def make_route_kernel(grouped: bool, n: int):
                 if FULL or first + 128 * (i >> 2) + (i & 3) < n:
                     dev = vals[i] - mean
                     part += dev * dev
-            div = math.sqrt(reduce_sum(part, w, lane, fs) / DOF) / norm_std
-            if div != float32(0):  # NaN too: the token's scores become NaN, as on the host
-                m = NEG_INF
-                for i in range(V):
-                    vals[i] = vals[i] / div
-                    m = fmax(m, vals[i])
+            std = float32(math.sqrt(reduce_sum(part, w, lane, fs) / DOF))
+            mul = big if std == float32(0) else norm_std / std
+            m = NEG_INF
+            for i in range(V):
+                vals[i] = vals[i] * mul
+                m = fmax(m, vals[i])
         # Selection values: p * scale + bias, or without a bias the logit + nan_or_zero
         # (NaN throughout a softmax row whose sum is NaN, as its scores are; the add also
         # makes NaN canonical and -0 +0 for key_of).
@@ -536,8 +547,8 @@ def make_route_kernel(grouped: bool, n: int):
         # when every chosen score underflows.
         my_p = float32(0)
         my_l = logits[row + my_id] if lane < K else NEG_INF
-        if div != float32(0):
-            my_l = my_l / div  # as the values above were normalized
+        if norm_std > float32(0):
+            my_l = my_l / big * mul  # as the values above were normalized
         # drop_zero: the flagged ("zero"-type) experts' slots weigh 0
         dropped = False
         if renorm == 2 and lane < K:

@@ -338,17 +338,23 @@ def check_norm_std(sigma) -> None:
 
 
 def normalize_logits(logits, sigma: float):
-    """L / (std(L) / sigma) per row, in fp32 (std unbiased, two passes; rows with std 0 keep
-    L). The GPU routing kernel computes the same per token. logits: fp32 [T, N] NumPy or CuPy;
-    returns a new array."""
+    """L / (std(L) / sigma) per row, in fp32, std unbiased; rows with std 0 (all logits equal)
+    keep L. Computed as u * (sigma / std(u)) with u = L / max|L| (|u| <= 1), so that the
+    squares neither overflow nor underflow fp32 at extreme logit scales; a row with a NaN or
+    an infinite logit becomes NaN. The GPU routing kernel computes the same per token.
+    logits: fp32 [T, N] NumPy or CuPy; returns a new array."""
     check_norm_std(sigma)
     xp = cupy_module() if is_cupy(logits) else np
     n = logits.shape[1]
     with np.errstate(all="ignore"):
-        d = logits - logits.mean(axis=1, keepdims=True)
-        div = xp.sqrt((d * d).sum(axis=1, keepdims=True) / np.float32(max(n - 1, 1)))
-        div = div / np.float32(sigma)
-        return xp.where(div == 0, logits, logits / div).astype(np.float32, copy=False)
+        m = xp.abs(logits).max(axis=1, keepdims=True)  # NaN where the row has a NaN
+        m = xp.where(m == 0, np.float32(1), m)  # all zero: u = L, std 0
+        u = logits / m
+        d = u - u.mean(axis=1, keepdims=True)
+        std = xp.sqrt((d * d).sum(axis=1, keepdims=True) / np.float32(max(n - 1, 1)))
+        # std(u) == 0 only where the logits are all equal (then u = +-1 and u * m = L).
+        scale = xp.where(std == 0, m, np.float32(sigma) / std)
+        return (u * scale).astype(np.float32, copy=False)
 
 
 def _ordered(f):
