@@ -203,6 +203,42 @@ def test_simulated_kernel_logits_normalization(N, K, scoring, sigma, has_bias):
     assert not np.allclose(w_plain[ok], w[ok], rtol=1e-3)
 
 
+def extreme_scale_logits(rng, T, N, scale):
+    """Random logits at one scale ("max": +-3e38 beside ordinary logits, and rows spread
+    up to 3e38); row 1 all equal (std 0: kept as they are)."""
+    if scale == "max":
+        logits = rng.standard_normal((T, N))
+        logits[T // 2:] = np.clip(logits[T // 2:] * 1e38, -3e38, 3e38)
+        logits = logits.astype(np.float32)
+        logits[:, 5], logits[:, 6] = 3e38, -3e38
+        logits[1] = -3e38
+    else:
+        logits = (rng.standard_normal((T, N)) * scale).astype(np.float32)
+        logits[1] = np.float32(0.75 * scale)
+    return logits
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-25, 1e-22, 1e19, "max"])
+@pytest.mark.parametrize("N,K,scoring,has_bias,groups,tg", [
+    (20, 2, "softmax", False, None, None), (64, 6, "sigmoid", True, 8, 4)])
+def test_simulated_kernel_logits_normalization_at_extreme_scales(scale, N, K, scoring,
+                                                                 has_bias, groups, tg):
+    # The std of logits near fp32's limits neither underflows to 0 nor overflows: every
+    # token is normalized as the float64 reference does; only equal logits stay as they are,
+    # and an infinite logit makes the token's weights NaN with valid ids (as a NaN does).
+    rng = np.random.default_rng(N)
+    logits = extreme_scale_logits(rng, 8, N, scale)
+    logits[2, 3] = np.inf
+    bias = (rng.standard_normal(N) * 0.01).astype(np.float32) if has_bias else None
+    ids, w, counts = run_kernel(logits, K, scoring, bias, True, 1.5, groups, tg, norm_std=1.0)
+    ref = reference.route(logits, K, scoring, bias, True, 1.5, groups, tg, logits_norm_std=1.0)
+    np.testing.assert_array_equal(ids, ref.topk_ids)
+    ok = np.arange(8) != 2
+    np.testing.assert_allclose(w[ok], ref.topk_weights[ok], rtol=1e-5)
+    assert np.isnan(w[2]).all() and ((ids[2] >= 0) & (ids[2] < N)).all()
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=N))
+
+
 @pytest.mark.parametrize("scoring,N,mixed,groups,tg", [
     ("sigmoid", 40, False, None, None), ("softmax", 200, True, None, None),
     ("softmax", 40, False, 4, 3), ("sigmoid", 40, True, 4, 3)])

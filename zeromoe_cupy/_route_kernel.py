@@ -211,6 +211,18 @@ else:
 
 if _SIM:
     @cuda.jit(device=True)
+    def quiet_div(a, b):
+        """a / b in fp32 (inf / inf is NaN, as on the GPU; no warning)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return a / b
+else:
+    @cuda.jit(device=True)
+    def quiet_div(a, b):
+        return a / b
+
+
+if _SIM:
+    @cuda.jit(device=True)
     def sigmoid_fast(logit):
         """1 / (1 + exp(-l)) in fp32 (0 where exp overflows, as on the GPU; no warning)."""
         with np.errstate(over="ignore"):
@@ -343,7 +355,7 @@ def make_route_kernel(grouped: bool, n: int):
                 big = float32(1)  # all zero (or NaN): u = L
             part = float32(0)
             for i in range(V):
-                vals[i] = vals[i] / big
+                vals[i] = quiet_div(vals[i], big)  # NaN throughout if big is inf
                 if FULL or first + 128 * (i >> 2) + (i & 3) < n:
                     part += vals[i]
             mean = reduce_sum(part, w, lane, fs) / float32(n)
@@ -548,7 +560,7 @@ def make_route_kernel(grouped: bool, n: int):
         my_p = float32(0)
         my_l = logits[row + my_id] if lane < K else NEG_INF
         if norm_std > float32(0):
-            my_l = my_l / big * mul  # as the values above were normalized
+            my_l = quiet_div(my_l, big) * mul  # as the values above were normalized
         # drop_zero: the flagged ("zero"-type) experts' slots weigh 0
         dropped = False
         if renorm == 2 and lane < K:
