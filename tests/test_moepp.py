@@ -151,6 +151,42 @@ def test_logits_normalization_by_hand():
     assert not np.isnan(r.topk_weights).any()
 
 
+@pytest.mark.parametrize("scale", [1e-40, 1e-25, 1e-22, 1e19, 1e37, "max"])
+def test_logits_normalization_at_extreme_scales(scale, rng):
+    # Logits near fp32's limits: the std neither underflows to 0 (the raw L used instead)
+    # nor overflows (the scores squashed); only equal logits keep L, and a NaN or an
+    # infinite logit makes the token's weights NaN with valid ids.
+    cfg, layer = build("logits_norm", "float32", rng)
+    T, N = 8, cfg.num_total_experts
+    if scale == "max":
+        L = rng.standard_normal((T, N))
+        L[T // 2:] = np.clip(L[T // 2:] * 1e38, -3e38, 3e38)
+        L = L.astype(np.float32)
+        L[:, 5], L[:, 6] = 3e38, -3e38
+        L[1] = -3e38
+    else:
+        L = (rng.standard_normal((T, N)) * scale).astype(np.float32)
+        L[1] = np.float32(0.75 * scale)
+    L_before = L.copy()
+    r = route(L, cfg.top_k, renormalize=True, logits_norm_std=1.0)
+    ref = reference.route(L, cfg.top_k, renormalize=True, logits_norm_std=1.0)
+    np.testing.assert_array_equal(r.topk_ids, ref.topk_ids)
+    np.testing.assert_allclose(r.topk_weights, ref.topk_weights, rtol=1e-5)
+    np.testing.assert_array_equal(L, L_before)
+
+    x = random_x(rng, T, cfg.hidden_size, "float32")
+    y = layer(x, router_logits=L)
+    assert relative_error(y, layer.reference(x, router_logits=L)[0]) <= TOL["float32"]
+
+    bad = L.copy()
+    bad[2, 3], bad[3, 0] = np.nan, np.inf
+    r = route(bad, cfg.top_k, renormalize=True, logits_norm_std=1.0)
+    assert np.isnan(r.topk_weights[2:4]).all()
+    assert ((r.topk_ids >= 0) & (r.topk_ids < N)).all()
+    ok = np.r_[0:2, 4:T]
+    np.testing.assert_array_equal(r.topk_ids[ok], ref.topk_ids[ok])
+
+
 def test_expert_input_scale_rounds_to_the_dtype(rng):
     # s * x is rounded to bf16 once: a scale of 2 is exact, so the identity share is 2x
     cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=2, num_zero_experts=1,
