@@ -151,13 +151,12 @@ def test_logits_normalization_by_hand():
     assert not np.isnan(r.topk_weights).any()
 
 
-@pytest.mark.parametrize("scale", [1e-40, 1e-25, 1e-22, 1e19, 1e37, "max"])
-def test_logits_normalization_at_extreme_scales(scale, rng):
-    # Logits near fp32's limits: the std neither underflows to 0 (the raw L used instead)
-    # nor overflows (the scores squashed); only equal logits keep L, and a NaN or an
-    # infinite logit makes the token's weights NaN with valid ids.
-    cfg, layer = build("logits_norm", "float32", rng)
-    T, N = 8, cfg.num_total_experts
+EXTREME_SCALES = [1e-40, 1e-25, 1e-22, 1e19, 1e37, "max"]
+
+
+def extreme_logits(rng, T, N, scale):
+    """Random fp32 logits at one scale ("max": +-3e38 beside ordinary logits, and rows spread
+    up to 3e38); row 1 all equal."""
     if scale == "max":
         L = rng.standard_normal((T, N))
         L[T // 2:] = np.clip(L[T // 2:] * 1e38, -3e38, 3e38)
@@ -167,6 +166,17 @@ def test_logits_normalization_at_extreme_scales(scale, rng):
     else:
         L = (rng.standard_normal((T, N)) * scale).astype(np.float32)
         L[1] = np.float32(0.75 * scale)
+    return L
+
+
+@pytest.mark.parametrize("scale", EXTREME_SCALES)
+def test_logits_normalization_at_extreme_scales(scale, rng):
+    # Logits near fp32's limits: the std neither underflows to 0 (the raw L used instead)
+    # nor overflows (the scores squashed); only equal logits keep L, and a NaN or an
+    # infinite logit makes the token's weights NaN with valid ids.
+    cfg, layer = build("logits_norm", "float32", rng)
+    T, N = 8, cfg.num_total_experts
+    L = extreme_logits(rng, T, N, scale)
     L_before = L.copy()
     r = route(L, cfg.top_k, renormalize=True, logits_norm_std=1.0)
     ref = reference.route(L, cfg.top_k, renormalize=True, logits_norm_std=1.0)
@@ -358,6 +368,31 @@ def test_options_gpu_match_reference(case, strategy, dtype, rng):
     y1 = layer(x[:1], prev_router_logits=None if prev is None else prev[:1])
     ref1, _ = layer.reference(x[:1], prev_router_logits=None if prev_h is None else prev_h[:1])
     assert relative_error(y1.get(), ref1) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", EXTREME_SCALES)
+@pytest.mark.parametrize("N,K,scoring,groups,tg", [(20, 2, "softmax", None, None),
+                                                   (256, 8, "sigmoid", 8, 4)])
+def test_route_kernel_logits_normalization_at_extreme_scales(scale, N, K, scoring, groups, tg,
+                                                             rng):
+    # The kernel's normalization at fp32's limits, as the float64 reference; a NaN or an
+    # infinite logit makes the token's weights NaN with valid ids.
+    import cupy as cp
+    L = extreme_logits(rng, 64, N, scale)
+    L[2, 3], L[3, 0] = np.nan, np.inf
+    bias = (rng.standard_normal(N) * 0.01).astype(np.float32) if groups else None
+    args = dict(scoring_func=scoring, renormalize=True, num_expert_group=groups,
+                topk_group=tg, logits_norm_std=1.0)
+    r = route(cp.asarray(L), K, e_score_correction_bias=None if bias is None
+              else cp.asarray(bias), **args)
+    ref = reference.route(L, K, correction_bias=bias, **args)
+    ok = np.ones(64, bool)
+    ok[2:4] = False
+    ids, w = r.topk_ids.get(), r.topk_weights.get()
+    np.testing.assert_array_equal(ids[ok], ref.topk_ids[ok])
+    np.testing.assert_allclose(w[ok], ref.topk_weights[ok], rtol=1e-5)
+    assert np.isnan(w[2:4]).all() and ((ids >= 0) & (ids < N)).all()
 
 
 @pytest.mark.gpu
