@@ -275,3 +275,21 @@ def test_rank_layer_takes_its_slice_of_experts_on_assignment(rng):
     assert layer.w13 is w13
     with pytest.raises(ValueError, match=r"w13: expected shape \(2, 16, 16\)"):
         layer.w13 = rng.standard_normal((4, 16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_nan_and_inf_rows_stay_in_their_rows_without_warnings(dtype, fp8, rng):
+    # The suite turns the package's warnings into errors: router, experts, combine and the
+    # float64 reference must take NaN / Inf rows quietly, and leave the other rows finite.
+    cfg = zm.MoEConfig.preset("tiny", dtype=dtype, zero_expert_type="constant")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    if fp8:
+        layer = layer.quantize("fp8")
+    x = rng.standard_normal((4, cfg.hidden_size)).astype(np.float32)
+    x[1, 3], x[2, 5], x[3, 0] = np.nan, np.inf, -np.inf
+    x = x.astype(layer.dtype)
+    y = np.asarray(layer(x), np.float64)
+    ref, _ = layer.reference(x)
+    assert np.isfinite(y[0]).all() and np.isfinite(ref[0]).all()
+    assert not np.isfinite(y[1:]).all(axis=1).any()

@@ -222,35 +222,37 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
         # every expert reads s * x rounded to x's dtype (the router read x)
         x64 = (x64 * expert_input_scale).astype(np.asarray(x).dtype).astype(np.float64)
     y = np.zeros((T, H), np.float64)
-    for t in range(T):
-        for k in range(ids.shape[1]):
-            e = int(ids[t, k])
-            if e < num_experts and fp8:
-                W13 = fp8_dequantize(w13[e], w13_scale_inv[e], glu=True)
-                I = W13.shape[0] // 2
-                gu = (W13 @ fp8_activation(x64[t])).astype(x_dtype).astype(np.float64)
-                h = _silu(gu[:I]) * gu[I:]
-                out = fp8_dequantize(w2[e], w2_scale_inv[e], glu=False) @ fp8_activation(h)
-            elif e < num_experts:
-                W13 = np.asarray(w13[e], np.float64)
-                I = W13.shape[0] // 2
-                h = _silu(W13[:I] @ x64[t]) * (W13[I:] @ x64[t])
-                out = np.asarray(w2[e], np.float64) @ h
-            else:
-                j = e - num_experts
-                kind = types if isinstance(types, str) else types[j]
-                if kind == "identity":
-                    out = x64[t]
-                elif kind == "zero":
-                    out = np.zeros(H)
-                elif kind == "constant":
-                    g = np.asarray(const_gate[j], np.float64) @ x64[t]
-                    a = np.exp(g - g.max())
-                    a = a / a.sum()
-                    out = a[0] * x64[t] + a[1] * np.asarray(const_vec[j], np.float64)
+    # NaN / Inf in x give NaN rows (the documented result), without warnings.
+    with np.errstate(all="ignore"):
+        for t in range(T):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                if e < num_experts and fp8:
+                    W13 = fp8_dequantize(w13[e], w13_scale_inv[e], glu=True)
+                    I = W13.shape[0] // 2
+                    gu = (W13 @ fp8_activation(x64[t])).astype(x_dtype).astype(np.float64)
+                    h = _silu(gu[:I]) * gu[I:]
+                    out = fp8_dequantize(w2[e], w2_scale_inv[e], glu=False) @ fp8_activation(h)
+                elif e < num_experts:
+                    W13 = np.asarray(w13[e], np.float64)
+                    I = W13.shape[0] // 2
+                    h = _silu(W13[:I] @ x64[t]) * (W13[I:] @ x64[t])
+                    out = np.asarray(w2[e], np.float64) @ h
                 else:
-                    raise ValueError(f"zero_expert_type: {kind!r}")
-            y[t] += w[t, k] * out
+                    j = e - num_experts
+                    kind = types if isinstance(types, str) else types[j]
+                    if kind == "identity":
+                        out = x64[t]
+                    elif kind == "zero":
+                        out = np.zeros(H)
+                    elif kind == "constant":
+                        g = np.asarray(const_gate[j], np.float64) @ x64[t]
+                        a = np.exp(g - g.max())
+                        a = a / a.sum()
+                        out = a[0] * x64[t] + a[1] * np.asarray(const_vec[j], np.float64)
+                    else:
+                        raise ValueError(f"zero_expert_type: {kind!r}")
+                y[t] += w[t, k] * out
     return y, ReferenceRouting(ids, w, None, L)
 
 

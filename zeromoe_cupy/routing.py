@@ -109,7 +109,8 @@ def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_ord
         if is_cupy(x):
             logits = _router_fp32_gemm(x32, w32)
         else:
-            logits = fixed_order_matmul(x32, w32.T) if fixed_order else x32 @ w32.T
+            with np.errstate(all="ignore"):  # NaN / Inf rows give NaN logits, quietly
+                logits = fixed_order_matmul(x32, w32.T) if fixed_order else x32 @ w32.T
     if router_bias is not None:
         logits += router_bias.astype(np.float32, copy=False)
     return logits
