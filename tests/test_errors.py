@@ -115,6 +115,8 @@ def test_route_op_errors(rng):
         ops.route(L[0], 2)
     with pytest.raises(ValueError, match="top_k"):
         ops.route(L, 7)
+    with pytest.raises(TypeError, match="top_k"):
+        ops.route(L, 2.0)
     with pytest.raises(ValueError, match="scoring_func"):
         ops.route(L, 2, scoring_func="tanh")
     with pytest.raises(ValueError, match="e_score_correction_bias"):

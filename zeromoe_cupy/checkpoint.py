@@ -121,7 +121,7 @@ ST_DTYPES: dict[str, np.dtype] = {
     "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_E4M3 = quant.E4M3
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 _READ_CHUNK = 1 << 30    # one read() moves at most this many bytes (Linux caps a read near 2 GiB)
 

@@ -130,9 +130,7 @@ class GraphedMoE:
         cfg = layer.config
         H, N = cfg.hidden_size, cfg.num_total_experts
         # The arrays whose pointers the graphs hold: kept alive even if the layer drops them.
-        self._weights = tuple(getattr(layer, name) for name in (
-            "router_weight", "router_bias", "e_score_correction_bias", "w13", "w2",
-            "const_vec", "const_gate", "router_hidden_weight", "gate_map"))
+        self._weights = tuple(getattr(layer, name, None) for name in layer.WEIGHT_NAMES)
         # Compile every kernel and fill the layer's caches with the caller's allocator, so
         # nothing the layer keeps comes out of the private pool.
         layer.warmup()

@@ -589,7 +589,8 @@ class ZeroExpertMoE:
         return (y, logits) if return_router_logits else y
 
     def workspace_bytes(self, tokens: int | None = None) -> int:
-        """Upper bound of the temporary memory one forward call takes (the output included).
+        """Upper bound of the temporary memory one forward call takes (the output included),
+        for unquantized layers (FP8 layers add their quantized activations and scales).
 
         Per chunk of up to ``max_chunk_tokens`` tokens: x in fp32 for the router GEMM (T, H),
         router logits (T, E+Z) fp32, and for every expert row, its gathered input (H), its
@@ -665,9 +666,10 @@ class ZeroExpertMoE:
                 router_logits: bool = False) -> "GraphedMoE":
         """This layer's forward captured as CUDA graphs, one per token count in
         ``capture_sizes`` (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
-        512, then steps of 256, up to and including ``max_tokens``). ``g(x)`` replays the
-        smallest size >= T; see graphs.GraphedMoE (and ``router_logits=True`` for graphs
-        that take the caller's logits). GPU layers only."""
+        512, then steps of 256, up to and including ``max_tokens``; give ``max_tokens`` or
+        ``capture_sizes``). ``g(x)`` replays the smallest size >= T; see graphs.GraphedMoE
+        (and ``router_logits=True`` for graphs that take the caller's logits). GPU layers
+        only."""
         from .graphs import GraphedMoE
         return GraphedMoE(self, max_tokens, capture_sizes, router_logits=router_logits)
 
@@ -895,12 +897,6 @@ class ZeroExpertMoE:
         """ExchangeStats of the latest forward of a rank layer (rows and bytes sent and
         received over links); None without a group or before the first call."""
         return None if self._exchange is None else self._exchange.last_stats
-
-    @property
-    def last_exchange_bytes(self) -> dict[str, int] | None:
-        """{"sent": bytes, "received": bytes} over links in the latest forward of a rank layer."""
-        st = self.last_exchange
-        return None if st is None else {"sent": st.bytes_sent, "received": st.bytes_received}
 
     def __repr__(self) -> str:
         c = self.config

@@ -197,7 +197,9 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
         raise TypeError(f"router_logits: expected float32, bfloat16 or float16, "
                         f"got {logits.dtype}")
     n = logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= n:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k: expected an int, got {type(top_k).__name__} {top_k!r}")
+    if not 0 < top_k <= n:
         raise ValueError(f"top_k: expected an int in [1, {n}], got {top_k!r}")
     if scoring_func not in _SCORING_CODES:
         raise ValueError(f"scoring_func: expected 'softmax' or 'sigmoid', got {scoring_func!r}")

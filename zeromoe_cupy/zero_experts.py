@@ -182,8 +182,9 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         topk_weights: float [T, K] (used in fp32).
         num_experts: E, an int >= 0; ids E..E+Z-1 are the zero experts.
         zero_expert_type: "identity", "zero" or "constant", or a sequence of Z of them.
-        expert_output: None or the ``ExpertOutput(rows [M, H] x's dtype, slot_rows int32
-            [T, K])`` of ``expert_mlp`` for the same x and ids (its w13 having E experts).
+        expert_output: None or the ``ExpertOutput(rows [M, H] in x's dtype or float32,
+            slot_rows int32 [T, K])`` of ``expert_mlp`` for the same x and ids (its w13
+            having E experts).
         const_vec, const_gate: [Z, H] and [Z, 2, H] in x's dtype, for "constant" experts.
         num_zero_experts: Z, an int >= 0 (see ``zero_expert_output`` for the default).
 
@@ -192,8 +193,9 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         Inf in that row of y (on the CPU without a NumPy warning).
 
     Raises:
-        ValueError: shapes, ids outside [0, E+Z), or (check_ids) num_experts and
-            expert_output.slot_rows that disagree. TypeError: dtypes, array kinds.
+        ValueError: shapes, ids outside [0, E+Z), expert_output.rows of another dtype than
+            x's or float32, or (check_ids) num_experts and expert_output.slot_rows that
+            disagree. TypeError: other dtypes, array kinds.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")

@@ -80,8 +80,9 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
             whose counts come from its own ``route``, hands them to the paths directly.)
     Returns:
         ExpertOutput(rows [M, H] in rows_dtype(x.dtype) (x's dtype; float32 for float16),
-        one per real (token, slot) pair, grouped by expert; slot_rows int32 [T, K], the row
-        of each slot, -1 for zero-expert slots).
+        grouped by expert, M >= the real (token, slot) pairs: the padded and sync-free paths
+        leave rows no slot names, whose values are undefined; slot_rows int32 [T, K], the
+        row of each slot, -1 for zero-expert slots).
 
     ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
     "syncfree"; see below); every path computes the same values up to fp32 rounding (for

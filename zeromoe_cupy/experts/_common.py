@@ -11,7 +11,8 @@ from .._compile import memoize_per_device, raw_module
 
 
 class ExpertOutput(NamedTuple):
-    rows: Any       # (M, H) rows_dtype(x's dtype): FFN_e(x_t) for each real pair, by expert
+    rows: Any       # (M, H) rows_dtype(x's dtype): FFN_e(x_t) for each real pair, by expert;
+    #                 M may exceed the pairs (padding): rows no slot names are undefined
     slot_rows: Any  # (T, K) int32: row of rows for slot (t, k), -1 for zero-expert slots
 
 

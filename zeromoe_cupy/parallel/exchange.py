@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .._arrays import cupy_module, is_cupy
-from ..experts import run_experts
+from ..experts import _no_mark, run_experts
 from ..zero_experts import combine
 
 
@@ -140,10 +140,6 @@ class Exchange:
         self.last_stats = st._replace(combine_bytes_sent=st.rows_received * row_bytes,
                                       combine_bytes_received=st.rows_sent * row_bytes)
         return back
-
-
-def _no_mark(stage: str) -> None:
-    pass
 
 
 def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):

@@ -105,7 +105,6 @@ class NcclGroup(Group):
                                "nvidia-nccl-cu12 to match CuPy's CUDA)")
         self._nccl = nccl
         self.rank, self.world_size = int(rank), int(world_size)
-        self.device = cupy_module().cuda.Device().id
         self.comm = _communicator(nccl, self.world_size, unique_id, self.rank)
 
     def _exchange_counts(self, counts):

@@ -100,8 +100,9 @@ def _recv_message(conn) -> bytes:
 def rendezvous(info: RankInfo, payload=None, timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S):
     """Rank 0 sends ``payload`` (JSON-able) to every other rank; each returns it.
 
-    Rank 0 listens on MASTER_ADDR:MASTER_PORT and waits for the world_size - 1 others; they
-    connect with retries. Either side raises TimeoutError naming the address after
+    Rank 0 listens on ``info.master_port`` on every interface (MASTER_PORT, or MASTER_PORT + 1
+    under torchrun, or ZEROMOE_RENDEZVOUS_PORT; see ``rank_info``) and waits for the
+    world_size - 1 others, which connect to MASTER_ADDR with retries. Either side raises TimeoutError naming the address after
     ``timeout`` seconds.
     """
     addr, port = info.master_addr, info.master_port
