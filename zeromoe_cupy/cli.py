@@ -67,18 +67,7 @@ def demo(device: str | None = None, tokens: int = 64) -> int:
             overrides.update(hidden_size=256, intermediate_size=128)  # small enough for the CPU
         cfg = zm.MoEConfig.preset(preset, **overrides)
         layer = zm.ZeroExpertMoE(cfg, seed=0, device=device)
-        rng = np.random.default_rng(1)
-        x_host = rng.standard_normal((tokens, cfg.hidden_size)).astype(np.float32)
-        x_host = x_host.astype(np.dtype(layer.w13.dtype))
-        x = cupy_module().asarray(x_host) if device == "cuda" else x_host
-        r = layer.route(x)
-        y = layer(x, routing=r)
-        ref, _ = layer.reference(x)
-        y_host = y.get() if device == "cuda" else y
-        err = zm.reference.relative_error(y_host, ref)
-        ids = r.topk_ids.get() if device == "cuda" else r.topk_ids
-        real = float((ids < cfg.num_experts).sum(axis=1).mean())
-        passed = err <= TOLERANCE[dtype]
+        err, real, passed = _check_layer(layer, tokens)
         ok &= passed
         print(f"{preset:10s} {dtype:9s} T={tokens} H={cfg.hidden_size} E={cfg.num_experts} "
               f"Z={cfg.num_zero_experts} K={cfg.top_k}: real experts/token {real:.2f}, "
@@ -88,26 +77,31 @@ def demo(device: str | None = None, tokens: int = 64) -> int:
     return 0 if ok else 1
 
 
+def _check_layer(layer, tokens: int):
+    """Random tokens N(0, 1) through ``layer`` against its float64 reference: (relative
+    error, real experts per token, whether the error is within the dtype's tolerance)."""
+    import zeromoe_cupy as zm
+
+    cfg = layer.config
+    x_host = np.random.default_rng(1).standard_normal((tokens, cfg.hidden_size))
+    x_host = x_host.astype(np.float32).astype(layer.dtype)
+    x = cupy_module().asarray(x_host) if layer.device == "cuda" else x_host
+    r = layer.route(x)
+    y = layer(x, routing=r)
+    ref, _ = layer.reference(x)
+    err = zm.reference.relative_error(y.get() if layer.device == "cuda" else y, ref)
+    ids = r.topk_ids.get() if layer.device == "cuda" else r.topk_ids
+    real = float((ids < cfg.num_experts).sum(axis=1).mean())
+    return err, real, err <= TOLERANCE[cfg.dtype]
+
+
 def demo_checkpoint(moe, path: str, layer: int, tokens: int = 64) -> int:
     """The demo on a real layer ``moe`` (``model.layers.<layer>.mlp`` of the checkpoint at
     ``path``): random tokens N(0, 1), checked against the float64 reference."""
-    import zeromoe_cupy as zm
-    from ._arrays import np_dtype
-
     device, cfg = moe.device, moe.config
     if device == "cpu":
         print("No GPU in use: running the NumPy path on the CPU.")
-    x_host = np.random.default_rng(1).standard_normal((tokens, cfg.hidden_size))
-    x_host = x_host.astype(np.float32).astype(np_dtype(cfg.dtype))
-    x = cupy_module().asarray(x_host) if device == "cuda" else x_host
-    r = moe.route(x)
-    y = moe(x, routing=r)
-    ref, _ = moe.reference(x)
-    y_host = y.get() if device == "cuda" else y
-    err = zm.reference.relative_error(y_host, ref)
-    ids = r.topk_ids.get() if device == "cuda" else r.topk_ids
-    real = float((ids < cfg.num_experts).sum(axis=1).mean())
-    passed = err <= TOLERANCE[cfg.dtype]
+    err, real, passed = _check_layer(moe, tokens)
     print(f"{path} layer {layer}: {cfg.dtype} T={tokens} H={cfg.hidden_size} "
           f"I={cfg.intermediate_size} E={cfg.num_experts} Z={cfg.num_zero_experts} "
           f"K={cfg.top_k}: real experts/token {real:.2f}, rel. error vs float64 {err:.2e} "
