@@ -404,3 +404,30 @@ def test_e4m3_weights_without_scales_name_the_scales(layer, x):
             ops.expert_mlp(x, ids, w13, w2)
     with pytest.raises(TypeError, match=r"w13: expected dtype float32 \(x's\)"):
         ops.expert_mlp(x, ids, layer.w13.astype(np.float16), layer.w2)
+
+
+def test_config_device_and_group_of_a_built_layer_are_fixed():
+    import dataclasses
+    layer = zm.ZeroExpertMoE(zm.MoEConfig.preset("tiny"), seed=0, device="cpu")
+    for name, value in (("config", dataclasses.replace(layer.config, num_experts=4)),
+                        ("device", "cuda"), ("group", None)):
+        with pytest.raises(AttributeError, match=name):
+            setattr(layer, name, value)
+
+
+def test_combine_unchecked_ids_outside_the_experts_contribute_nothing(rng):
+    # check_ids=False: ids beyond E+Z, or a num_experts below the rows' experts, never index
+    # out of bounds on the CPU path (they add nothing).
+    cfg = zm.MoEConfig.preset("tiny")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    x = rng.standard_normal((5, cfg.hidden_size)).astype(np.float32)
+    r = layer.route(x)
+    out = ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2)
+    ids = r.topk_ids.copy()
+    ids[0, 0] = 10 ** 6
+    y = ops.combine(x, ids, r.topk_weights, cfg.num_experts, "identity", out,
+                    num_zero_experts=cfg.num_zero_experts, check_ids=False)
+    assert np.isfinite(y).all()
+    y = ops.combine(x, r.topk_ids, r.topk_weights, 1, "identity", out, num_zero_experts=4,
+                    check_ids=False)
+    assert np.isfinite(y).all()

@@ -293,3 +293,20 @@ def test_nan_and_inf_rows_stay_in_their_rows_without_warnings(dtype, fp8, rng):
     ref, _ = layer.reference(x)
     assert np.isfinite(y[0]).all() and np.isfinite(ref[0]).all()
     assert not np.isfinite(y[1:]).all(axis=1).any()
+
+
+def test_reference_takes_given_logits_as_fp32_like_the_layer(rng):
+    # float64 logits that differ only below fp32's resolution, and beyond fp32's range: the
+    # layer uses them as fp32 values (docs/spec.md), and so does its oracle, quietly.
+    cfg = zm.MoEConfig.preset("tiny")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    x = rng.standard_normal((3, cfg.hidden_size)).astype(np.float32)
+    logits = np.full((3, cfg.num_total_experts), -1.0)
+    logits[:, 0], logits[:, 5], logits[:, 3] = 1.0, 1.0 + 1e-12, 1.0 - 1e-12
+    logits[2] = rng.standard_normal(cfg.num_total_experts) * 1e50
+    y = layer(x, router_logits=logits)
+    ref, routing = layer.reference(x, router_logits=logits)
+    np.testing.assert_array_equal(layer.route(x, router_logits=logits).topk_ids[:2],
+                                  routing.topk_ids[:2])
+    assert relative_error(y[:2], ref[:2]) <= TOL["float32"]
+    assert np.isnan(y[2]).all() and np.isnan(ref[2]).all()  # +-inf logits: a NaN row

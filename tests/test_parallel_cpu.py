@@ -343,3 +343,20 @@ def test_run_local_raises_the_failing_ranks_own_exception(failing, rng):
     assert exc.value is raised["exc"]
     assert f"rank {failing} of 3" in "".join(getattr(exc.value, "__notes__", [])) \
         + str(exc.value.__cause__)
+
+
+def test_gather_layer_of_fp8_ranks_and_its_bad_inputs(rng):
+    cfg = zm.MoEConfig(**{**BASE, "hidden_size": 160, "intermediate_size": 136},
+                       dtype="bfloat16")
+    whole = zm.ZeroExpertMoE.from_weights(cfg, **random_layer_weights(rng, cfg)).quantize("fp8")
+    w = whole.numpy_weights()
+    ranks = zm.parallel.run_local(
+        lambda g: zm.ZeroExpertMoE.from_weights(whole.config, **w, group=g), 2)
+    back = zm.parallel.gather_layer(ranks)
+    for name in ("w13", "w2", "w13_scale_inv", "w2_scale_inv"):
+        np.testing.assert_array_equal(getattr(back, name).view(np.uint8),
+                                      getattr(whole, name).view(np.uint8))
+    with pytest.raises(TypeError, match="rank_layers"):
+        zm.parallel.gather_layer([])
+    with pytest.raises(TypeError, match="rank_layers"):
+        zm.parallel.gather_layer([whole])

@@ -145,6 +145,11 @@ class ZeroExpertMoE:
         self._weights_ready = True  # from here on, assigned weights are checked (__setattr__)
 
     def __setattr__(self, name, value):
+        if name in ("config", "device", "group") and "_weights_ready" in self.__dict__:
+            # The weights, kernels and exchange were built for these: a new layer is needed.
+            raise AttributeError(f"{name}: fixed when the layer is built; build a new layer "
+                                 f"(e.g. ZeroExpertMoE.from_weights(config, "
+                                 f"**layer.numpy_weights()))")
         if name in self.WEIGHT_NAMES and "_weights_ready" in self.__dict__:
             value = self._checked_weight(name, value)
             if name == "router_weight":  # the bf16x3 parts belong to the old array
@@ -430,7 +435,8 @@ class ZeroExpertMoE:
         if not is_float_dtype(logits.dtype):
             raise TypeError(f"{name}: expected a floating-point array (float32, "
                             f"bfloat16, float16, ...), got {logits.dtype}")
-        return logits.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # beyond fp32's range: +-inf, as docs/spec.md says
+            return logits.astype(np.float32, copy=False)
 
     def _check_logit_sources(self, router_logits, prev_router_logits, routing=None):
         """Which logits a call may take: raises ValueError for combinations that mean nothing."""
@@ -859,13 +865,13 @@ class ZeroExpertMoE:
         self._check_logit_sources(router_logits, prev_router_logits, routing)
         if routing is not None and router_logits is not None:
             raise ValueError("routing, router_logits: pass one or the other, not both")
-        # Checked as __call__ checks them (on any device); used as given, not cast to fp32.
+        # Checked and rounded to fp32 as __call__ does (on any device): the layer's math takes
+        # given logits as fp32 values (docs/spec.md), so its oracle does too.
         if router_logits is not None:
-            self._logits_input(router_logits, T, any_device=True)
-            router_logits = to_host(as_array(router_logits, "router_logits"))
+            router_logits = to_host(self._logits_input(router_logits, T, any_device=True))
         if prev_router_logits is not None:
-            self._logits_input(prev_router_logits, T, "prev_router_logits", any_device=True)
-            prev_router_logits = to_host(as_array(prev_router_logits, "prev_router_logits"))
+            prev_router_logits = to_host(self._logits_input(
+                prev_router_logits, T, "prev_router_logits", any_device=True))
         if routing is not None:
             if isinstance(routing, tuple) and not isinstance(routing, RoutingResult):
                 if len(routing) != 2:

@@ -174,7 +174,9 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     on the host that every id lies in [0, E+Z) and, with ``expert_output``, that its
     slot_rows hold a row exactly where the id is below E (one reduction and, on the GPU, one
     synchronization); ids from ``route`` always do, and the layer skips the check. Unchecked
-    out-of-range ids are never read out of bounds: they contribute nothing.
+    out-of-range ids are never read out of bounds: they contribute nothing. With
+    ``check_ids=False`` the caller vouches for ``expert_output.slot_rows`` (the GPU kernel
+    reads the rows they name).
 
     Args:
         x: [T, H] bfloat16, float16 or float32.
@@ -224,7 +226,8 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         rows, slot_rows = _expert_output_arrays(expert_output, x)
         expert_output = (rows, slot_rows)
         if rows.ndim != 2 or rows.shape[1] != H or rows.dtype not in (x.dtype, np.float32):
-            raise ValueError(f"expert_output.rows: expected [M, {H}] of {x.dtype} or float32, "
+            allowed = x.dtype if x.dtype == np.float32 else f"{x.dtype} or float32"
+            raise ValueError(f"expert_output.rows: expected [M, {H}] of {allowed}, "
                              f"got {rows.shape} of {rows.dtype}")
         if slot_rows.shape != topk_ids.shape:
             raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
@@ -253,9 +256,9 @@ def _combine_numpy(x, ids, weights, E, codes, expert_output, const_vec, const_ga
         wk = w[:, k:k + 1]
         if rows32 is not None:
             r = slot_rows[:, k]
-            real = (e < E) & (r >= 0)
+            real = (e >= 0) & (e < E) & (r >= 0) & (r < rows32.shape[0])
             y[real] += wk[real] * rows32[r[real]]
-        zero = e >= E
+        zero = (e >= E) & (e < E + codes.shape[0])  # ids outside [0, E+Z) contribute nothing
         kind = np.full(T, -1)
         kind[zero] = codes[e[zero] - E]
         ident = kind == _TYPE_CODES["identity"]

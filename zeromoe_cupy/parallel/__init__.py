@@ -23,7 +23,12 @@ def gather_layer(rank_layers):
     any order) concatenated in rank order; router, biases and zero experts from rank 0. For
     testing rank layers against the whole layer (``.reference()``)."""
     from ..layer import ZeroExpertMoE
-    layers = sorted(rank_layers, key=lambda layer: layer.group.rank)
+    layers = list(rank_layers)
+    if not layers or not all(isinstance(la, ZeroExpertMoE) and la.group is not None
+                             for la in layers):
+        raise TypeError("rank_layers: expected the rank layers (ZeroExpertMoE with a group), "
+                        f"one per rank, got {[type(la).__name__ for la in layers]}")
+    layers.sort(key=lambda layer: layer.group.rank)
     ranks = [layer.group.rank for layer in layers]
     if ranks != list(range(layers[0].group.world_size)):
         raise ValueError(f"rank_layers: expected one layer per rank 0..R-1, got ranks {ranks}")
@@ -34,5 +39,9 @@ def gather_layer(rank_layers):
         xp.concatenate([la.w2 for la in layers]), first.e_score_correction_bias,
         first.router_bias, first.const_vec, first.const_gate, first.max_chunk_tokens,
         router_hidden_weight=first.router_hidden_weight, gate_map=first.gate_map,
+        w13_scale_inv=None if first.w13_scale_inv is None else xp.concatenate(
+            [la.w13_scale_inv for la in layers]),
+        w2_scale_inv=None if first.w2_scale_inv is None else xp.concatenate(
+            [la.w2_scale_inv for la in layers]),
         expert_strategy=first.expert_strategy, router_gemm=first.router_gemm,
         deterministic=first.deterministic)
