@@ -8,7 +8,7 @@ import pytest
 
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
-from zeromoe_cupy.experts.syncfree import syncfree_kernel_names
+from zeromoe_cupy.experts.syncfree import PIPELINE, syncfree_kernel_names
 from zeromoe_cupy.quant import fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
@@ -45,14 +45,29 @@ def _check(result):
     return result[1:] if len(result) > 2 else (result[1] if len(result) > 1 else None)
 
 
+# syncfree.cu's pipeline options beyond the defaults (PIPELINE): each prefetch size, deeper
+# and wider stages.
+SYNCFREE_VARIANTS = [dict(PIPELINE, SF_PREFETCH=p) for p in (64, 128, 256)] + \
+    [dict(PIPELINE, SF_BK=64, SF_STAGES=4, SF_MIN_BLOCKS=2)]
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("filename", sorted(KERNELS))
 def test_cuda_kernels_compile_with_nvrtc(filename, arch):
+    _compile(filename, arch, ())
+
+
+@pytest.mark.parametrize("variant", SYNCFREE_VARIANTS, ids=str)
+def test_syncfree_pipeline_variants_compile(variant):
+    _compile("syncfree.cu", "sm_90", tuple(f"-D{k}={v}" for k, v in variant.items()))
+
+
+def _compile(filename, arch, extra):
     src = kernel_source(filename).encode()
     prog = _check(nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], []))
     for name in KERNELS[filename]:
         _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-    opts = [o.encode() for o in NVRTC_OPTIONS] + [f"-arch={arch}".encode()] + \
+    opts = [o.encode() for o in NVRTC_OPTIONS + extra] + [f"-arch={arch}".encode()] + \
         [f"-I{d}".encode() for d in _include_dirs()]
     (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     log_size = _check(nvrtc.nvrtcGetProgramLogSize(prog))

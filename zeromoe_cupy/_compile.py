@@ -27,10 +27,11 @@ def kernel_source(filename: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def raw_module(filename: str, name_expressions: Sequence[str]):
-    """A cupy.RawModule for kernels/<filename>, memoized per device by the caller."""
+def raw_module(filename: str, name_expressions: Sequence[str], options: Sequence[str] = ()):
+    """A cupy.RawModule for kernels/<filename> (extra NVRTC ``options``, e.g. -D macros),
+    memoized per device by the caller."""
     cp = cupy_module()
-    return cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS,
+    return cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS + tuple(options),
                         name_expressions=list(name_expressions))
 
 

@@ -23,6 +23,10 @@ from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scale
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
+_BLOCK_ROWS = 128 + SYNCFREE_ROWS  # weight rows + expert rows of one pipeline stage
+# The pipeline of kernels/syncfree.cu (its -D options): reduction elements per stage, stages,
+# blocks per SM budgeted, L2 prefetch bytes of the weight loads.
+PIPELINE = (("SF_BK", 32), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH", 0))
 
 
 def syncfree_kernel_names() -> list[str]:
@@ -35,9 +39,24 @@ def syncfree_kernel_names() -> list[str]:
     return names
 
 
+def syncfree_smem_bytes(pipeline=PIPELINE) -> int:
+    """Dynamic shared memory of syncfree_gemm: its stages, or the fp32 result tile it reuses
+    them for, whichever is larger (kernels/syncfree.cu)."""
+    p = dict(pipeline)
+    stages = p["SF_STAGES"] * _BLOCK_ROWS * (p["SF_BK"] + 8) * 2
+    return max(stages, SYNCFREE_ROWS * (128 + 4) * 4)
+
+
 @memoize_per_device
-def syncfree_module():
-    return raw_module("syncfree.cu", syncfree_kernel_names())
+def syncfree_module(pipeline=PIPELINE):
+    """kernels/syncfree.cu built for ``pipeline`` ((name, value) pairs, as PIPELINE)."""
+    mod = raw_module("syncfree.cu", syncfree_kernel_names(),
+                     tuple(f"-D{k}={v}" for k, v in pipeline))
+    smem = syncfree_smem_bytes(pipeline)
+    if smem > 48 * 1024:  # beyond the default limit a kernel must opt in
+        for name in syncfree_kernel_names()[2:]:
+            mod.get_function(name).max_dynamic_shared_size_bytes = smem
+    return mod
 
 
 def tensor_core_ready(x, w13, w2) -> bool:
@@ -47,7 +66,7 @@ def tensor_core_ready(x, w13, w2) -> bool:
             and w13.data.ptr % 16 == 0 and w2.data.ptr % 16 == 0)
 
 
-def syncfree(x, ids, w13, w2, expert_counts, mark):
+def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=PIPELINE):
     """expert_mlp's GPU contract (rows in expert order + slot_rows) without host syncs."""
     if not tensor_core_ready(x, w13, w2):
         return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
@@ -58,7 +77,8 @@ def syncfree(x, ids, w13, w2, expert_counts, mark):
     K = ids.shape[1]
     P = T * K
     ctype = DTYPES[dtype_name(x.dtype)][1]
-    mod = syncfree_module()
+    mod = syncfree_module(pipeline)
+    smem = syncfree_smem_bytes(pipeline)
     counts = real_counts(ids, expert_counts, E)
     offsets = cp.empty(E + 1, np.int32)
     cursor = cp.empty(E, np.int32)
@@ -83,7 +103,7 @@ def syncfree(x, ids, w13, w2, expert_counts, mark):
             grid = (-(-N // _BLOCK_FEATURES[glu]), slots)
             mod.get_function(f"syncfree_gemm<{ctype},{o},{str(glu).lower()}>")(
                 grid, (256,), (src, W, out, offsets, active, np.int32(N), np.int32(Kd),
-                               row_scale if row_scale is not None else 0))
+                               row_scale if row_scale is not None else 0), shared_mem=smem)
             if glu:
                 mark("gemm1")
                 if half:

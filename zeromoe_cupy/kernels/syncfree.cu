@@ -64,8 +64,19 @@ extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __res
 #define SF_THREADS 256
 #define SF_BN 128                 // weight rows (output features) per block: 16 per warp
 #define SF_MT 32                  // expert rows per pass: two 16-row mma tiles
+// The pipeline's shape, set by experts/syncfree.py (-D options; these are its defaults):
+#ifndef SF_BK
 #define SF_BK 32                  // reduction elements per pipeline stage
+#endif
+#ifndef SF_STAGES
 #define SF_STAGES 3
+#endif
+#ifndef SF_MIN_BLOCKS
+#define SF_MIN_BLOCKS 3           // blocks per SM the registers are budgeted for
+#endif
+#ifndef SF_PREFETCH
+#define SF_PREFETCH 0             // L2 prefetch of the weight loads: 0, 64, 128 or 256 bytes
+#endif
 #define SF_LD (SF_BK + 8)         // shared row pitch in elements: 16 bytes of padding (banks)
 #define SF_LDC (SF_BN + 4)        // pitch of the fp32 result tile
 #define SF_CHUNKS (SF_BK / 8)     // 16-byte pieces per row per stage
@@ -81,6 +92,27 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(bytes));
+}
+// The same with an L2 prefetch hint: the rest of the 64/128/256-byte line comes into L2 with
+// the 16 bytes asked for, so a weight row read a stage at a time is fetched from DRAM in
+// longer runs.
+__device__ __forceinline__ void cp_async16_prefetch(void* smem, const void* gmem, bool valid) {
+#if SF_PREFETCH == 64 || SF_PREFETCH == 128 || SF_PREFETCH == 256
+  const unsigned dst = smem_address(smem);
+  const int bytes = valid ? 16 : 0;
+#endif
+#if SF_PREFETCH == 256
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(gmem), "r"(bytes));
+#elif SF_PREFETCH == 128
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(gmem), "r"(bytes));
+#elif SF_PREFETCH == 64
+  asm volatile("cp.async.cg.shared.global.L2::64B [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(gmem), "r"(bytes));
+#else
+  cp_async16(smem, gmem, valid);
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -126,8 +158,9 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (
 // O, the output type: T, or float for fp16 layers (whose activation and expert outputs may
 // pass 65504); row_scale (or null): each output row r times row_scale[r] (see
 // half_rows_scaled in experts.cu).
+// Shared memory: SF_STAGES stages, dynamic (syncfree_smem_bytes in experts/syncfree.py).
 template <typename T, typename O, bool GLU>
-__global__ void __launch_bounds__(SF_THREADS, 3)
+__global__ void __launch_bounds__(SF_THREADS, SF_MIN_BLOCKS)
 syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
               const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd,
               const float* __restrict__ row_scale) {
@@ -141,9 +174,7 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__
   constexpr int MATS = GLU ? 2 : 1;
   const T* w_e = W + (long long)e * MATS * N * Kd;
   constexpr int STAGE = (SF_BN + SF_MT) * SF_LD;  // elements: weight tile, then row tile
-  constexpr int BYTES = SF_STAGES * STAGE * (int)sizeof(T);
-  static_assert(BYTES >= SF_MT * SF_LDC * 4, "the result tile reuses the stage buffers");
-  __shared__ __align__(128) unsigned char smem_raw[BYTES];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // max(stages, result tile)
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nk = (Kd + SF_BK - 1) / SF_BK;
@@ -166,7 +197,10 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__
           ok = ok && r0 + r - SF_BN < m;
           src = in + (long long)(row0 + r0 + r - SF_BN) * Kd + k;
         }
-        cp_async16(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
+        if (r < SF_BN)
+          cp_async16_prefetch(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
+        else
+          cp_async16(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
       }
     };
     // acc[m][n]: rows 16 m.. of the pass x this warp's features 16 warp + 8 n..
