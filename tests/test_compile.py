@@ -8,7 +8,7 @@ import pytest
 
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
-from zeromoe_cupy.experts.syncfree import PIPELINE, syncfree_kernel_names
+from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
 from zeromoe_cupy.quant import fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
@@ -45,10 +45,9 @@ def _check(result):
     return result[1:] if len(result) > 2 else (result[1] if len(result) > 1 else None)
 
 
-# syncfree.cu's pipeline options beyond the defaults (PIPELINE): each prefetch size, deeper
-# and wider stages.
-SYNCFREE_VARIANTS = [dict(PIPELINE, SF_PREFETCH=p) for p in (64, 128, 256)] + \
-    [dict(PIPELINE, SF_BK=64, SF_STAGES=4, SF_MIN_BLOCKS=2)]
+# syncfree.cu's pipelines: the two the package runs, and each prefetch size of the sweep.
+SYNCFREE_VARIANTS = [dict(PIPELINE), dict(SMALL_PIPELINE)] + \
+    [dict(SMALL_PIPELINE, SF_PREFETCH=p) for p in (0, 64, 128)]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

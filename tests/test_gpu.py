@@ -164,7 +164,7 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed",
-                                      "syncfree"])
+                                      "syncfree", "capacity"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
@@ -188,7 +188,7 @@ def test_layer_gpu_matches_reference(case, dtype, strategy, rng):
 
 
 @pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed",
-                                      "syncfree"])
+                                      "syncfree", "capacity"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
 def test_layer_gpu_skewed_routing(force, strategy, rng):
     cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,

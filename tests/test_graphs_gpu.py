@@ -38,11 +38,25 @@ def test_capture_size_arguments_rejected(kw, err):
 @pytest.mark.parametrize("strategy,tokens,expected", [
     ("auto", PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
     ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
-    ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree")])
-def test_graph_strategy_is_sync_free(strategy, tokens, expected):
-    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4)
+    ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree"),
+    ("capacity", 1, "capacity")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
+    # 64 real experts, top-4: "capacity" (bf16 only) from 4 pairs per expert, 64 tokens
+    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
+                              dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+    if dtype == "bfloat16" and expected == "syncfree" and tokens >= 64:
+        expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
+
+
+@pytest.mark.parametrize("T,K,E,C", [(1024, 12, 512, 48), (256, 12, 512, 24), (1, 1, 512, 8),
+                                     (300, 4, 16, 112)])
+def test_capacity_rows(T, K, E, C):
+    # T*K/E + 3 sqrt(T*K/E) + 4, rounded up to a multiple of 8
+    from zeromoe_cupy.experts.capacity import capacity_rows
+    assert capacity_rows(T, K, E) == C
 
 
 def test_graphed_cpu_layer_names_its_device():
@@ -87,13 +101,14 @@ SYNCFREE_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["syncfree", "capacity"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("case", sorted(SYNCFREE_CASES))
-def test_syncfree_path_matches_reference(case, dtype, rng):
+def test_syncfree_path_matches_reference(case, dtype, strategy, rng):
     cp = pytest.importorskip("cupy")
     cfg0, T = SYNCFREE_CASES[case]
     cfg = dataclasses.replace(cfg0, dtype=dtype)
-    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    layer = _gpu_layer(rng, cfg, expert_strategy=strategy)
     x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
     x_before = x.copy()
     y = layer(x)
@@ -105,12 +120,15 @@ def test_syncfree_path_matches_reference(case, dtype, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["syncfree", "capacity"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
-def test_syncfree_path_skewed_routing(force, rng):
+def test_syncfree_path_skewed_routing(force, strategy, rng):
+    # "capacity": an expert's block holds capacity_rows(300, 4, 16) = 112 rows; the rest of a
+    # hot expert's rows spill to the syncfree path
     cp = pytest.importorskip("cupy")
     cfg = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=16,
                        num_zero_experts=8, top_k=4, use_correction_bias=True, dtype="bfloat16")
-    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    layer = _gpu_layer(rng, cfg, expert_strategy=strategy)
     bias = layer.e_score_correction_bias
     if force == "zero":
         bias[16:] += 10
@@ -130,7 +148,7 @@ GRAPH_CFG = zm.MoEConfig(hidden_size=256, intermediate_size=128, num_experts=40,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["syncfree", "pairs"])
+@pytest.mark.parametrize("strategy", ["syncfree", "pairs", "capacity"])
 def test_replay_equals_eager_of_padded_input_bitwise(strategy, rng):
     # The layer runs the graph's own expert path eagerly: every real row's bits must match,
     # at every captured size, for T = size and T < size, with new x (new routing) each call.

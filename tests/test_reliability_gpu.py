@@ -233,7 +233,8 @@ def test_gpu_routing_scores_that_underflow(scoring, bias_kind, N, groups, rng):
             assert np.isfinite(r[1]).all()
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree",
+                                      "capacity"])
 @pytest.mark.parametrize("kind", ["output", "activation"])
 @pytest.mark.parametrize("T,H", [(12, 40), (12, 33), (300, 40)])
 def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, kind, T, H, rng):
@@ -282,7 +283,8 @@ def test_gpu_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, N, 
             np.testing.assert_array_equal(r[0], expected[:, :K])
 
 
-@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree"])
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree",
+                                      "capacity"])
 def test_gpu_expert_counts_that_do_not_match_the_ids_change_nothing(strategy, rng):
     # ops.expert_mlp counts the ids itself: wrong counts can neither read or write out of
     # bounds nor change the result.

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
 from .. import quant
-from . import fixed, fp8, grouped, numpy_path, pairs, syncfree
+from . import capacity, fixed, fp8, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
                       STRATEGIES, ExpertOutput, experts_kernel_names, rows_dtype, tile_plan)
 
@@ -156,6 +156,10 @@ def _no_mark(stage: str) -> None:
 #   calls in all). With many rows per expert the forward measured 1.3x (4096 tokens) to 3x
 #   (16384) faster this way than with the grouped call at LongCat shapes (NOTES.md); an expert's
 #   weights are read once per tile, and padding adds < PAD_ROWS rows per expert.
+#   "auto" also takes this path with one uniform tile (every active expert padded to the most
+#   rows any has, rounded up to 8) while that is at most UNIFORM_MAX_ROWS: one batched call per
+#   GEMM, which read the weights at 97-102% of the copy rate for 8 to 48 rows at LongCat
+#   shapes (H200), where the grouped call reaches about 90% (benchmarks/expert_sweep.py).
 # - "fixed" (never picked by "auto"): the padded layout (FIXED_TILE rows) and our own tiled
 #   GEMM kernel, whose every output sums over k in one fixed order: a token's result has the
 #   same bits whatever the batch or chunk it comes in. No host synchronization; several times
@@ -163,6 +167,9 @@ def _no_mark(stage: str) -> None:
 # - "syncfree" (never picked by "auto"; graphs.py uses it): offsets and the active-expert list
 #   by a device scan, then tensor-core GEMMs on a worst-case grid that read each active
 #   expert's weights once per 32 rows. No host synchronization (syncfree.py).
+# - "capacity" (never picked by "auto"; graphs.py uses it from CAPACITY_MIN_PAIRS pairs per
+#   expert): blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched calls
+#   over all experts, overflow spilled to "syncfree". No host synchronization (capacity.py).
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -184,6 +191,8 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
         return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
     if strategy == "syncfree":
         return syncfree.syncfree(x, ids, w13, w2, expert_counts, mark)
+    if strategy == "capacity":
+        return capacity.capacity(x, ids, w13, w2, mark, allow_tf32)
     return grouped.grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
 
 

@@ -24,10 +24,11 @@ def rows_dtype(dtype):
     return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
-STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree")
+STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree", "capacity")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
+UNIFORM_MAX_ROWS = 64   # "auto": most rows of one expert up to which one uniform tile wins
 FIXED_TILE = 64  # kernels/experts.cu
 PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
 PAIR_WARPS = 4
@@ -110,9 +111,11 @@ def gather(mod, ctype, x, ids, counts, E, pad, rows_total):
     return offsets, slot_rows, xs
 
 
-def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total):
+def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total, capacity=0, spill=None):
     """x's row copied to row offsets[e] + (a claim on cursor[e]) of xs for every real
-    (token, slot) pair; ``cursor`` (E,) must be zero. Returns (slot_rows (T, K), xs)."""
+    (token, slot) pair; ``cursor`` (E,) must be zero. Returns (slot_rows (T, K), xs).
+    With ``capacity`` > 0, claims from ``capacity`` on get no row: their slot_rows are -1 and
+    ``spill`` (T, K) int32 gets their expert (-1 for every other slot)."""
     cp = cupy_module()
     T, H = x.shape
     K = ids.shape[1]
@@ -124,7 +127,8 @@ def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total):
         threads = min(256, max(32, -(-(H // vec) // 32) * 32))
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
-                                   offsets, cursor, slot_rows, xs, np.int32(H)))
+                                   offsets, cursor, slot_rows, xs, np.int32(H),
+                                   np.int32(capacity), spill if capacity else 0))
     return slot_rows, xs
 
 

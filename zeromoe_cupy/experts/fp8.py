@@ -56,7 +56,7 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
         strategy = "pairs" if T * K <= PAIRS_MAX else "grouped" if T * K <= limit else "padded"
     if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
-    if strategy in ("grouped", "syncfree"):  # sync-free: graphs capture it
+    if strategy in ("grouped", "syncfree", "capacity"):  # sync-free: graphs capture it
         return grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
     return gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark)
 

@@ -8,8 +8,9 @@ import numpy as np
 
 from .. import _cublas
 from .._arrays import DTYPES, cupy_module, dtype_name
-from ._common import (MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, ExpertOutput, experts_module, gather,
-                      half_rows_scaled, real_counts, rows_dtype, scale_rows, silu_mul, tile_plan)
+from ._common import (MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, UNIFORM_MAX_ROWS, ExpertOutput,
+                      experts_module, gather, half_rows_scaled, real_counts, rows_dtype,
+                      scale_rows, silu_mul, tile_plan)
 
 
 def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -28,13 +29,20 @@ def grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
     # cuBLAS's grouped and batched calls want 16-byte aligned matrices: rows of H or I elements
     # keep that only when H and I are multiples of 16 bytes' worth of elements.
     aligned = (H * item) % 16 == 0 and (I * item) % 16 == 0
+    pad, max_tile = PAD_ROWS, MAX_TILE
     if strategy == "auto":
-        strategy = "padded" if (aligned and active.size
-                                and M >= PADDED_MIN_ROWS * active.size) else "grouped"
+        most = int(counts_host.max()) if counts_host.size else 0
+        if aligned and active.size and most <= UNIFORM_MAX_ROWS:
+            strategy = "padded"  # one uniform tile: every active expert padded to `most`
+            pad = max_tile = -(-most // 8) * 8
+        else:
+            strategy = "padded" if (aligned and active.size
+                                    and M >= PADDED_MIN_ROWS * active.size) else "grouped"
     if strategy == "padded" and not aligned:
         strategy = "grouped"  # the per-expert fallback below serves odd sizes
-    pad = PAD_ROWS if strategy == "padded" else 1
-    starts, rows_total, tiles = tile_plan(counts_host, pad, MAX_TILE)
+    if strategy != "padded":
+        pad = 1
+    starts, rows_total, tiles = tile_plan(counts_host, pad, max_tile)
     offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, pad, rows_total)
     gate_up = cp.empty((rows_total, I2), x.dtype)
     h = cp.empty((rows_total, I), x.dtype)

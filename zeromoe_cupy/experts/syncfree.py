@@ -25,8 +25,12 @@ SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's 
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
 _BLOCK_ROWS = 128 + SYNCFREE_ROWS  # weight rows + expert rows of one pipeline stage
 # The pipeline of kernels/syncfree.cu (its -D options): reduction elements per stage, stages,
-# blocks per SM budgeted, L2 prefetch bytes of the weight loads.
-PIPELINE = (("SF_BK", 32), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH", 0))
+# blocks per SM budgeted, L2 prefetch bytes of the weight loads. Chosen by
+# benchmarks/expert_sweep.py (H200, LongCat-Flash bf16, T = 64 to 1024): 80-91% of the copy
+# rate, where (32, 3, 3, no prefetch) read at 56-59%; the 256-byte L2 prefetch alone gave 73-80%.
+# SMALL_PIPELINE: GPUs whose blocks cannot opt in to PIPELINE's 69 KB of shared memory.
+PIPELINE = (("SF_BK", 64), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH", 256))
+SMALL_PIPELINE = (("SF_BK", 32), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH", 256))
 
 
 def syncfree_kernel_names() -> list[str]:
@@ -47,9 +51,14 @@ def syncfree_smem_bytes(pipeline=PIPELINE) -> int:
     return max(stages, SYNCFREE_ROWS * (128 + 4) * 4)
 
 
+def syncfree_module(pipeline=None):
+    """kernels/syncfree.cu built for ``pipeline`` ((name, value) pairs, as PIPELINE; None: the
+    device's, device_pipeline)."""
+    return _syncfree_module(pipeline or device_pipeline())
+
+
 @memoize_per_device
-def syncfree_module(pipeline=PIPELINE):
-    """kernels/syncfree.cu built for ``pipeline`` ((name, value) pairs, as PIPELINE)."""
+def _syncfree_module(pipeline):
     mod = raw_module("syncfree.cu", syncfree_kernel_names(),
                      tuple(f"-D{k}={v}" for k, v in pipeline))
     smem = syncfree_smem_bytes(pipeline)
@@ -66,8 +75,18 @@ def tensor_core_ready(x, w13, w2) -> bool:
             and w13.data.ptr % 16 == 0 and w2.data.ptr % 16 == 0)
 
 
-def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=PIPELINE):
-    """expert_mlp's GPU contract (rows in expert order + slot_rows) without host syncs."""
+@memoize_per_device
+def device_pipeline():
+    """PIPELINE where the current GPU's blocks can have its shared memory, else SMALL_PIPELINE."""
+    rt = cupy_module().cuda.runtime
+    optin = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, rt.getDevice())
+    return PIPELINE if syncfree_smem_bytes(PIPELINE) <= optin else SMALL_PIPELINE
+
+
+def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=None, out_rows=None):
+    """expert_mlp's GPU contract (rows in expert order + slot_rows) without host syncs.
+    ``out_rows``: None, or a C-contiguous (>= T*K, H) array of rows_dtype(x.dtype) to write the
+    rows into (only where tensor_core_ready; the capacity path's spill)."""
     if not tensor_core_ready(x, w13, w2):
         return fixed.fixed(x, ids, w13, w2, expert_counts, mark)
     cp = cupy_module()
@@ -77,7 +96,8 @@ def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=PIPELINE):
     K = ids.shape[1]
     P = T * K
     ctype = DTYPES[dtype_name(x.dtype)][1]
-    mod = syncfree_module(pipeline)
+    pipeline = pipeline or device_pipeline()
+    mod = _syncfree_module(pipeline)
     smem = syncfree_smem_bytes(pipeline)
     counts = real_counts(ids, expert_counts, E)
     offsets = cp.empty(E + 1, np.int32)
@@ -93,7 +113,7 @@ def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=PIPELINE):
     half = ctype == "__half"
     act = cp.empty((P, I), rows_dtype(x.dtype))
     h = cp.empty((P, I), x.dtype) if half else act
-    rows = cp.empty((P, H), rows_dtype(x.dtype))
+    rows = cp.empty((P, H), rows_dtype(x.dtype)) if out_rows is None else out_rows
     o = out_ctype(ctype)
     mark("permute")
     slots = min(E, P)

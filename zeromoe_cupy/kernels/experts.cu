@@ -32,18 +32,24 @@ extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E,
 }
 
 // One block per (token, slot): a real slot claims the next row of its expert's block and
-// copies x's row there. slot_rows gets that row (-1 for zero-expert slots).
+// copies x's row there. slot_rows gets that row (-1 for zero-expert slots). With capacity > 0
+// a block holds at most that many rows: a slot that finds its expert's block full gets no row
+// and spill[pair] = its expert (spill[pair] = -1 for every other slot), for another path.
 template <typename T, int VEC>
 __global__ void gather_rows(const T* __restrict__ x, long long x_stride,
                             const int* __restrict__ ids, int K, int E,
                             const int* __restrict__ offsets, int* __restrict__ cursor,
-                            int* __restrict__ slot_rows, T* __restrict__ xs, int H) {
+                            int* __restrict__ slot_rows, T* __restrict__ xs, int H,
+                            int capacity, int* __restrict__ spill) {
   __shared__ int row;
   const long long pair = blockIdx.x;
   if (threadIdx.x == 0) {
     const int e = ids[pair];
-    row = (e >= 0 && e < E) ? offsets[e] + atomicAdd(&cursor[e], 1) : -1;
+    const int claim = (e >= 0 && e < E) ? atomicAdd(&cursor[e], 1) : -1;
+    const bool fits = claim >= 0 && (capacity == 0 || claim < capacity);
+    row = fits ? offsets[e] + claim : -1;
     slot_rows[pair] = row;
+    if (capacity > 0) spill[pair] = claim >= 0 && !fits ? e : -1;
   }
   __syncthreads();
   if (row < 0) return;

@@ -64,9 +64,10 @@ extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __res
 #define SF_THREADS 256
 #define SF_BN 128                 // weight rows (output features) per block: 16 per warp
 #define SF_MT 32                  // expert rows per pass: two 16-row mma tiles
-// The pipeline's shape, set by experts/syncfree.py (-D options; these are its defaults):
+// The pipeline's shape, set by experts/syncfree.py (-D options; the defaults here are its
+// PIPELINE):
 #ifndef SF_BK
-#define SF_BK 32                  // reduction elements per pipeline stage
+#define SF_BK 64                  // reduction elements per pipeline stage
 #endif
 #ifndef SF_STAGES
 #define SF_STAGES 3
@@ -75,7 +76,7 @@ extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __res
 #define SF_MIN_BLOCKS 3           // blocks per SM the registers are budgeted for
 #endif
 #ifndef SF_PREFETCH
-#define SF_PREFETCH 0             // L2 prefetch of the weight loads: 0, 64, 128 or 256 bytes
+#define SF_PREFETCH 256           // L2 prefetch of the weight loads: 0, 64, 128 or 256 bytes
 #endif
 #define SF_LD (SF_BK + 8)         // shared row pitch in elements: 16 bytes of padding (banks)
 #define SF_LDC (SF_BN + 4)        // pitch of the fp32 result tile

@@ -1,0 +1,89 @@
+"""The "capacity" path: every real expert gets a block of C rows, C fixed by T, K and E (not
+by the counts), so both GEMMs are single cuBLAS batched calls over all E experts whose shapes
+are known without the per-expert counts: no host synchronization, and capturable in a CUDA
+graph (graphs.py uses it from CAPACITY_MIN_PAIRS pairs per expert). A pair that finds its
+expert's block full (a routing more skewed than C allows) is spilled to the "syncfree" path,
+whose rows follow the blocks in the same output: the result is the same, only slower.
+
+Built for many rows per expert, where nearly every expert is active anyway: every expert's
+weights are read, used or not. At LongCat-Flash shapes (bf16, H200, benchmarks/expert_sweep.py)
+the two batched GEMMs and the SiLU pass read the weights at 97-102% of the copy rate for
+C = 8 to 48 and 91% at 64, where the syncfree GEMMs reach 80-91%.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _cublas
+from .._arrays import DTYPES, cupy_module, dtype_name
+from . import syncfree
+from ._common import ExpertOutput, experts_module, gather_rows, rows_dtype, silu_mul
+
+CAPACITY_MIN_PAIRS = 4  # graphs: mean (token, slot) pairs per real expert from which C pays
+
+
+def capacity_rows(T: int, K: int, E: int) -> int:
+    """C, the rows of each expert's block: the mean pairs per expert if every slot were real,
+    lam = T*K/E, plus 3 standard deviations of a balanced (Poisson) routing and 4, rounded up
+    to a multiple of 8. Pairs beyond C are spilled, not lost."""
+    lam = T * K / E
+    return int(math.ceil((lam + 3 * math.sqrt(lam) + 4) / 8) * 8)
+
+
+def capacity_ready(x, w13, w2) -> bool:
+    """Whether this path serves these arrays: bf16 (fp16 would need fp32 output rows from the
+    batched call, which cuBLAS may refuse, and a graph cannot fall back) with the 16-byte
+    alignment of the tensor-core paths (the spill runs on syncfree)."""
+    return dtype_name(x.dtype) == "bfloat16" and syncfree.tensor_core_ready(x, w13, w2)
+
+
+def capacity(x, ids, w13, w2, mark, allow_tf32=False):
+    """expert_mlp's GPU contract (rows + slot_rows), no host synchronization. Where
+    capacity_ready is false, the syncfree path runs instead."""
+    if not capacity_ready(x, w13, w2):
+        return syncfree.syncfree(x, ids, w13, w2, None, mark)
+    cp = cupy_module()
+    T, H = x.shape
+    E, I2 = w13.shape[0], w13.shape[1]
+    I = I2 // 2
+    K = ids.shape[1]
+    P = T * K
+    C = capacity_rows(T, K, E)
+    name = dtype_name(x.dtype)
+    ctype = DTYPES[name][1]
+    mod = experts_module()
+    offsets = cp.arange(0, E * C + 1, C, dtype=np.int32)  # expert e's block: rows e*C ...
+    cursor = cp.zeros(E, np.int32)
+    spill = cp.empty((T, K), np.int32)
+    slot_rows, xs = gather_rows(mod, ctype, x, ids, offsets, cursor, E, E * C, C, spill)
+    gate_up = cp.empty((E * C, I2), x.dtype)
+    h = cp.empty((E * C, I), x.dtype)
+    # the blocks' rows, then the spilled pairs' rows (at most P)
+    rows = cp.empty((E * C + P, H), rows_dtype(x.dtype))
+    mark("permute")
+    experts = cp.arange(E, dtype=np.uint64)
+
+    def pointers(a, per_expert):  # expert e's matrix: e * per_expert of a's first dimension
+        # device arithmetic: capturable, no host copy
+        return np.uint64(a.data.ptr) + experts * np.uint64(per_expert * a.strides[0])
+
+    _cublas.batched_gemm_nt(pointers(w13, 1), pointers(xs, C), pointers(gate_up, C), C, I2, H,
+                            name, allow_tf32)
+    mark("gemm1")
+    silu_mul(mod, ctype, gate_up, h, E * C, I)
+    mark("activation")
+    _cublas.batched_gemm_nt(pointers(w2, 1), pointers(h, C), pointers(rows, C), C, H, I, name,
+                            allow_tf32)
+    # Spilled pairs: the syncfree path over them alone (no pair at all in a balanced routing:
+    # its kernels find no active expert and exit).
+    spilled = syncfree.syncfree(x, spill, w13, w2, None, _no_mark, out_rows=rows[E * C:])
+    slot_rows = cp.where(slot_rows >= 0, slot_rows,
+                         cp.where(spilled.slot_rows >= 0, spilled.slot_rows + E * C, -1))
+    mark("gemm2")
+    return ExpertOutput(rows, slot_rows.astype(np.int32, copy=False))
+
+
+def _no_mark(stage: str) -> None:
+    pass
