@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 
+from ._arrays import check_int
+
 ZERO_EXPERT_TYPES = ("identity", "zero", "constant")
 SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -41,20 +43,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         router_logits_norm_std=1.0,
     ),
 }
-
-
-def _as_int(name: str, value: Any) -> int:
-    """value as a Python int: ints and NumPy integer scalars; bools are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    value = _as_int(name, value)
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return value
 
 
 def _finite_float(name: str, value: Any) -> float:
@@ -137,11 +125,9 @@ class MoEConfig:
     def __post_init__(self) -> None:
         # Numbers may come as NumPy scalars (np.int64(2)): stored as Python int / float.
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
-        Z = _as_int("num_zero_experts", self.num_zero_experts)
-        if Z < 0:
-            raise ValueError(f"num_zero_experts: expected >= 0, got {Z}")
-        object.__setattr__(self, "num_zero_experts", Z)
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        object.__setattr__(self, "num_zero_experts",
+                           check_int("num_zero_experts", self.num_zero_experts, 0))
         for name, strings in FLAG_STRINGS.items():
             object.__setattr__(self, name, _flag(name, getattr(self, name), strings))
         object.__setattr__(self, "routed_scaling_factor",
@@ -181,7 +167,7 @@ class MoEConfig:
                            _positive_float("expert_input_scale", self.expert_input_scale))
         if self.router_hidden_size is not None:
             object.__setattr__(self, "router_hidden_size",
-                               _positive_int("router_hidden_size", self.router_hidden_size))
+                               check_int("router_hidden_size", self.router_hidden_size, 1))
         if self.router_logits_norm_std is not None:
             object.__setattr__(self, "router_logits_norm_std", _positive_float(
                 "router_logits_norm_std", self.router_logits_norm_std))
@@ -190,7 +176,7 @@ class MoEConfig:
             raise ValueError("num_expert_group and topk_group: expected both or neither, "
                              f"got num_expert_group={g}, topk_group={tg}")
         if g is not None:
-            g, tg = _positive_int("num_expert_group", g), _positive_int("topk_group", tg)
+            g, tg = check_int("num_expert_group", g, 1), check_int("topk_group", tg, 1)
             object.__setattr__(self, "num_expert_group", g)
             object.__setattr__(self, "topk_group", tg)
             if n % g:

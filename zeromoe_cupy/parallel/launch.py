@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Mapping, NamedTuple, Sequence
 
+from .._arrays import check_int
+
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 
 # (rank, world size, local rank) variable names, in the order they are looked for.
@@ -188,8 +190,7 @@ def launch(nprocs: int, argv: Sequence[str], prefix: bool = True,
     when every rank exits with 0; when one fails, the others are terminated and its exit
     status is returned (1 if it was a signal).
     """
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs: expected a positive int, got {nprocs!r}")
+    nprocs = check_int("nprocs", nprocs, 1)
     if not argv:
         raise ValueError("argv: expected a script (and its arguments), got nothing")
     base = dict(os.environ if env is None else env)
