@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import zeromoe_cupy as zm
+from zeromoe_cupy import cli
 from zeromoe_cupy.parallel import launch as launch_mod
 from zeromoe_cupy.reference import relative_error
 
@@ -285,6 +286,66 @@ def test_launch_sets_the_environment_and_stops_the_others_on_failure(tmp_path):
     assert bad.returncode == 3
     assert "rank 1 exited with status 3" in bad.stderr
     assert not list(tmp_path.glob("late*"))  # ranks 0 and 2 were stopped
+
+
+class _FakeRank:
+    """A rank process that has already exited with status 0."""
+
+    def __init__(self, *args, **kwargs):
+        self.stdout = None
+
+    def poll(self):
+        return 0
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_launch_refuses_more_ranks_than_gpus_before_starting_any(gpus, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: gpus)
+    monkeypatch.setattr(launch_mod.subprocess, "Popen",
+                        lambda *a, **k: started.append(a) or _FakeRank())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=rf"^nprocs \(-n\): {gpus + 1} ranks asked for, but "
+                                         rf"{gpus} GPU\(s\) are visible; expected at most {gpus}"):
+        launch_mod.launch(gpus + 1, ["-c", "pass"], prefix=False)
+    assert not started
+    assert launch_mod.launch(gpus, ["-c", "pass"], prefix=False) == 0
+    assert len(started) == gpus
+
+
+def test_launch_names_cuda_visible_devices_and_the_cli_says_it_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["launch", "-n", "4", "script.py"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "zeromoe launch: error: nprocs (-n): 4 ranks asked for, but 2 GPU(s) are visible "
+        "(CUDA_VISIBLE_DEVICES='3,5'); expected at most 2, one GPU per rank")
+
+
+def test_bench_ep_refuses_more_ranks_than_gpus(monkeypatch, capsys):
+    from zeromoe_cupy import bench
+    monkeypatch.setattr(bench, "gpu_available", lambda: True)
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--ep", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "zeromoe bench: error: argument --ep: 2 ranks asked for, but 1 GPU(s) are visible")
+
+
+def test_launch_without_a_gpu_starts_the_ranks_after_a_note(monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: None)
+    monkeypatch.setattr(launch_mod.subprocess, "Popen",
+                        lambda *a, **k: started.append(a) or _FakeRank())
+    assert launch_mod.launch(3, ["-c", "pass"], prefix=False) == 0
+    assert len(started) == 3
+    err = capsys.readouterr().err
+    assert "no usable CUDA GPU" in err and "zm.parallel.local_groups(3)" in err
 
 
 @pytest.mark.parametrize("wants", [bytes, tuple])

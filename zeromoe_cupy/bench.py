@@ -123,6 +123,12 @@ def check_arguments(parser, args) -> None:
     if args.ep is not None and args.device == "cpu":
         parser.error("argument --ep: expert parallelism in the benchmark runs only on GPUs "
                      "(one per rank; device cpu here)")
+    if args.ep is not None and not args.ep_worker:
+        from .parallel.launch import _check_gpus
+        try:
+            _check_gpus(args.ep, os.environ.get("CUDA_VISIBLE_DEVICES"), "--ep")
+        except ValueError as exc:
+            parser.error(f"argument {exc}")
     if args.device == "cpu":
         big = [t for t in args.tokens or () if t > CPU_MAX_TOKENS]
         if big:
