@@ -172,6 +172,45 @@ def test_a_rank_that_raises_does_not_hang_the_others(rng):
     assert "rank 1 of 3" in "".join(getattr(exc.value, "__notes__", [])) + str(exc.value.__cause__)
 
 
+# One rank built with another config: (overrides on the last rank, the message's detail).
+MISMATCHES = [
+    (dict(hidden_size=40), "hidden_size 40 here, 48 on rank 0"),
+    (dict(top_k=2), "top_k 2 here, 4 on rank 0"),
+    (dict(num_experts=6), "num_experts 6 here, 12 on rank 0"),
+    (dict(num_zero_experts=2), "num_zero_experts 2 here, 4 on rank 0"),
+    (dict(intermediate_size=16), "intermediate_size 16 here, 24 on rank 0"),
+    (dict(dtype="bfloat16"), "dtype 'bfloat16' here, another value on rank 0"),
+    (dict(scoring_func="sigmoid", routed_scaling_factor=2.0),
+     "scoring_func 'sigmoid' here, another value on rank 0; routed_scaling_factor 2.0 here"),
+]
+
+
+@pytest.mark.parametrize("R", [2, 3])
+@pytest.mark.parametrize("overrides,detail", MISMATCHES, ids=[str(m[0]) for m in MISMATCHES])
+def test_ranks_with_different_configs_raise_naming_the_field(R, overrides, detail):
+    """Every rank raises a ValueError at the first forward, before any row moves: the one
+    that differs names its own value and another rank's; the others name the odd rank."""
+    errors = [None] * R
+
+    def body(g):
+        cfg = zm.MoEConfig(**{**BASE, "dtype": "float32", **(overrides if g.rank == R - 1
+                                                              else {})})
+        w = random_layer_weights(np.random.default_rng(0), cfg)
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        x = random_x(np.random.default_rng(g.rank), 3 + g.rank, cfg.hidden_size, cfg.dtype)
+        try:
+            layer(x)
+        except ValueError as exc:
+            errors[g.rank] = str(exc)
+
+    zm.parallel.run_local(body, R, timeout=30.0)
+    assert detail in errors[R - 1], errors[R - 1]
+    for r in range(R - 1):
+        assert f"on rank {R - 1}" in errors[r], errors[r]
+    assert all(e.startswith("config: the rank layers of one group must share one MoEConfig")
+               for e in errors)
+
+
 def test_a_rank_that_stops_times_out_naming_it(rng):
     groups = zm.parallel.local_groups(3, timeout=0.3)
     errors = {}

@@ -131,7 +131,7 @@ class ZeroExpertMoE:
         self._exchange = None
         if group is not None:
             from .parallel.exchange import Exchange
-            self._exchange = Exchange(group, config.num_experts)
+            self._exchange = Exchange(group, config.num_experts, config)
         # FP8 experts: fp32 block scales of w13 / w2 (None for unquantized layers).
         self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
         # MoE++ router weights: W1 [R, H] of the two-layer router, gate_map [N, N]
