@@ -209,3 +209,32 @@ def ep_fp16_cancellation_case(rng, T=10, H=32, I=24):
     assert np.abs(rank0).max() > 65504 and np.abs(y).max() < 3e4  # the case is what it says
     return cfg, w, x, zm.RoutingResult(ids, weights, None), y
 
+
+
+class _RecordingDict(dict):
+    """A dict that records every key looked up (present or not)."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.looked_up = set()
+
+    def get(self, key, default=None):
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+
+def hf_keys_read(config: dict) -> set:
+    """The keys of a Hugging Face config dict that ``MoEConfig.from_hf_config`` looks up,
+    model_type aside (which keys depends on the flags the dict sets)."""
+    from zeromoe_cupy.config import parse_hf_config
+    d = _RecordingDict(config)
+    parse_hf_config(d)
+    return d.looked_up - {"model_type"}

@@ -15,7 +15,7 @@ import zeromoe_cupy as zm
 from zeromoe_cupy import checkpoint
 from zeromoe_cupy._arrays import np_dtype
 
-from helpers import random_x
+from helpers import hf_keys_read, random_x
 
 H, I, E, Z, K = 24, 12, 5, 3, 3
 
@@ -153,6 +153,28 @@ def test_from_hf_config_quantization_and_dense_layers():
 def test_from_hf_config_bad_values(d, kind, match):
     with pytest.raises(kind, match=match):
         zm.MoEConfig.from_hf_config(d)
+
+
+# Every branch read: MoE++ with logits normalization reads moe_gate_norm_std too.
+MOEPP = dict(model_type="MoE++", hidden_size=H, intermediate_size=I, num_experts=[9],
+             num_hidden_layers=2, moe_use_logits_norm=True, moe_gate_norm_std=1.0)
+NULL_IS_ABSENT = {"dtype", "torch_dtype", "quantization_config"}  # as in transformers
+
+
+@pytest.mark.parametrize("config", [longcat_config(), deepseek_config(), MOEPP],
+                         ids=["longcat_flash", "deepseek_v3", "MoE++"])
+def test_from_hf_config_null_key_is_an_error_naming_key_and_file(tmp_path, config):
+    keys = hf_keys_read(config) - NULL_IS_ABSENT
+    assert "hidden_size" in keys and len(keys) >= 8  # the recording saw the parser's reads
+    path = tmp_path / "config.json"
+    for key in sorted(keys):
+        path.write_text(json.dumps({**config, key: None}))
+        with pytest.raises(ValueError, match=rf"^{path}: key '{key}': expected "):
+            zm.MoEConfig.from_hf_config(path)
+    for key in NULL_IS_ABSENT:  # null means absent: the same config
+        absent = {k: v for k, v in config.items() if k != key}
+        assert zm.MoEConfig.from_hf_config({**config, key: None}) == \
+            zm.MoEConfig.from_hf_config(absent)
 
 
 def test_from_hf_config_bad_paths(tmp_path):

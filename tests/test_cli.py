@@ -90,3 +90,22 @@ def test_bench_header_names_the_quantization(capsys):
                      "--quantization", "fp8"]) == 0
     building = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("building"))
     assert "fp8" in building
+
+
+@pytest.mark.parametrize("preset", ["longcat-flash", "moe++-7b"])
+def test_bench_out_of_memory_says_what_the_preset_needs(preset, monkeypatch, capsys):
+    import zeromoe_cupy as zm
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 36.0 GiB")
+
+    monkeypatch.setattr(zm, "ZeroExpertMoE", no_memory)
+    assert cli.main(["bench", "--device", "cpu", "--preset", preset, "--tokens", "1"]) == 1
+    cfg = zm.MoEConfig.preset(preset)
+    H, I, E, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_total_experts
+    need = 3 * E * H * I * 2 + N * H * 4  # bf16 experts, fp32 router
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"zeromoe bench: out of host memory building the {preset!r} preset: its weights alone "
+        f"take {need / 1e9:.1f} GB (bfloat16); try --preset tiny")
+    assert "Traceback" not in err

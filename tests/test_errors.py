@@ -1,12 +1,14 @@
 """Every bad input raises ValueError (shapes, values) or TypeError (dtypes, array kinds),
 naming the argument."""
+import re
 import warnings
 
 import numpy as np
 import pytest
 
 import zeromoe_cupy as zm
-from zeromoe_cupy import ops
+from zeromoe_cupy import graphs, ops
+from zeromoe_cupy.parallel import launch
 from zeromoe_cupy._arrays import gpu_available
 
 from helpers import random_layer_weights, random_x
@@ -431,3 +433,39 @@ def test_combine_unchecked_ids_outside_the_experts_contribute_nothing(rng):
     y = ops.combine(x, r.topk_ids, r.topk_weights, 1, "identity", out, num_zero_experts=4,
                     check_ids=False)
     assert np.isfinite(y).all()
+
+
+# --- integer arguments: one rule everywhere ----------------------------------------------------
+def _combine(num_experts):
+    x = np.ones((1, 4), np.float32)
+    return ops.combine(x, np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32), num_experts,
+                       "identity")
+
+
+# (name in the message, a call taking the value, the smallest value it accepts)
+INT_ARGUMENTS = [
+    ("max_tokens", lambda v: graphs._sizes(v, None), 1),
+    ("capture_sizes[1]", lambda v: graphs._sizes(None, (4, v)), 1),
+    ("world_size", zm.parallel.local_groups, 1),
+    ("nprocs", lambda v: launch.launch(v, ["-c", "pass"]), 1),
+    ("max_chunk_tokens", lambda v: zm.ZeroExpertMoE(CFG, device="cpu", max_chunk_tokens=v), 1),
+    ("seed", lambda v: zm.ZeroExpertMoE(CFG, device="cpu", seed=v), 0),
+    ("top_k", lambda v: zm.MoEConfig(hidden_size=4, intermediate_size=4, num_experts=4,
+                                     top_k=v), 1),
+    ("num_experts", _combine, 0),
+]
+INT_IDS = [a[0] for a in INT_ARGUMENTS]
+
+
+@pytest.mark.parametrize("name,call,minimum", INT_ARGUMENTS, ids=INT_IDS)
+@pytest.mark.parametrize("bad", [True, 2.0, "2", np.float32(2), [2]])
+def test_non_int_is_a_type_error_naming_the_argument(name, call, minimum, bad):
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)}: expected an int"):
+        call(bad)
+
+
+@pytest.mark.parametrize("name,call,minimum", INT_ARGUMENTS, ids=INT_IDS)
+def test_int_out_of_range_is_a_value_error_naming_the_argument(name, call, minimum):
+    for bad in (minimum - 1, np.int64(minimum - 5)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected an int >= {minimum}"):
+            call(bad)

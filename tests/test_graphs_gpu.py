@@ -26,9 +26,10 @@ def test_default_capture_sizes(max_tokens, expected):
 
 
 @pytest.mark.parametrize("kw,err", [
-    (dict(), ValueError), (dict(max_tokens=0), ValueError), (dict(max_tokens=2.0), ValueError),
-    (dict(max_tokens=True), ValueError), (dict(capture_sizes=()), ValueError),
+    (dict(), ValueError), (dict(max_tokens=0), ValueError), (dict(max_tokens=2.0), TypeError),
+    (dict(max_tokens=True), TypeError), (dict(capture_sizes=()), ValueError),
     (dict(capture_sizes=(1, -2)), ValueError), (dict(capture_sizes=5), TypeError),
+    (dict(capture_sizes=(1, 2.0)), TypeError),
     (dict(max_tokens=8, capture_sizes=(1, 4)), ValueError)])
 def test_capture_size_arguments_rejected(kw, err):
     with pytest.raises(err):

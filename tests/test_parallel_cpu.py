@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import zeromoe_cupy as zm
+from zeromoe_cupy import cli
 from zeromoe_cupy.parallel import launch as launch_mod
 from zeromoe_cupy.reference import relative_error
 
@@ -171,6 +172,45 @@ def test_a_rank_that_raises_does_not_hang_the_others(rng):
     assert "rank 1 of 3" in "".join(getattr(exc.value, "__notes__", [])) + str(exc.value.__cause__)
 
 
+# One rank built with another config: (overrides on the last rank, the message's detail).
+MISMATCHES = [
+    (dict(hidden_size=40), "hidden_size 40 here, 48 on rank 0"),
+    (dict(top_k=2), "top_k 2 here, 4 on rank 0"),
+    (dict(num_experts=6), "num_experts 6 here, 12 on rank 0"),
+    (dict(num_zero_experts=2), "num_zero_experts 2 here, 4 on rank 0"),
+    (dict(intermediate_size=16), "intermediate_size 16 here, 24 on rank 0"),
+    (dict(dtype="bfloat16"), "dtype 'bfloat16' here, another value on rank 0"),
+    (dict(scoring_func="sigmoid", routed_scaling_factor=2.0),
+     "scoring_func 'sigmoid' here, another value on rank 0; routed_scaling_factor 2.0 here"),
+]
+
+
+@pytest.mark.parametrize("R", [2, 3])
+@pytest.mark.parametrize("overrides,detail", MISMATCHES, ids=[str(m[0]) for m in MISMATCHES])
+def test_ranks_with_different_configs_raise_naming_the_field(R, overrides, detail):
+    """Every rank raises a ValueError at the first forward, before any row moves: the one
+    that differs names its own value and another rank's; the others name the odd rank."""
+    errors = [None] * R
+
+    def body(g):
+        cfg = zm.MoEConfig(**{**BASE, "dtype": "float32", **(overrides if g.rank == R - 1
+                                                              else {})})
+        w = random_layer_weights(np.random.default_rng(0), cfg)
+        layer = zm.ZeroExpertMoE.from_weights(cfg, **w, group=g)
+        x = random_x(np.random.default_rng(g.rank), 3 + g.rank, cfg.hidden_size, cfg.dtype)
+        try:
+            layer(x)
+        except ValueError as exc:
+            errors[g.rank] = str(exc)
+
+    zm.parallel.run_local(body, R, timeout=30.0)
+    assert detail in errors[R - 1], errors[R - 1]
+    for r in range(R - 1):
+        assert f"on rank {R - 1}" in errors[r], errors[r]
+    assert all(e.startswith("config: the rank layers of one group must share one MoEConfig")
+               for e in errors)
+
+
 def test_a_rank_that_stops_times_out_naming_it(rng):
     groups = zm.parallel.local_groups(3, timeout=0.3)
     errors = {}
@@ -285,6 +325,66 @@ def test_launch_sets_the_environment_and_stops_the_others_on_failure(tmp_path):
     assert bad.returncode == 3
     assert "rank 1 exited with status 3" in bad.stderr
     assert not list(tmp_path.glob("late*"))  # ranks 0 and 2 were stopped
+
+
+class _FakeRank:
+    """A rank process that has already exited with status 0."""
+
+    def __init__(self, *args, **kwargs):
+        self.stdout = None
+
+    def poll(self):
+        return 0
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_launch_refuses_more_ranks_than_gpus_before_starting_any(gpus, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: gpus)
+    monkeypatch.setattr(launch_mod.subprocess, "Popen",
+                        lambda *a, **k: started.append(a) or _FakeRank())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=rf"^nprocs \(-n\): {gpus + 1} ranks asked for, but "
+                                         rf"{gpus} GPU\(s\) are visible; expected at most {gpus}"):
+        launch_mod.launch(gpus + 1, ["-c", "pass"], prefix=False)
+    assert not started
+    assert launch_mod.launch(gpus, ["-c", "pass"], prefix=False) == 0
+    assert len(started) == gpus
+
+
+def test_launch_names_cuda_visible_devices_and_the_cli_says_it_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["launch", "-n", "4", "script.py"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "zeromoe launch: error: nprocs (-n): 4 ranks asked for, but 2 GPU(s) are visible "
+        "(CUDA_VISIBLE_DEVICES='3,5'); expected at most 2, one GPU per rank")
+
+
+def test_bench_ep_refuses_more_ranks_than_gpus(monkeypatch, capsys):
+    from zeromoe_cupy import bench
+    monkeypatch.setattr(bench, "gpu_available", lambda: True)
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--ep", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "zeromoe bench: error: argument --ep: 2 ranks asked for, but 1 GPU(s) are visible")
+
+
+def test_launch_without_a_gpu_starts_the_ranks_after_a_note(monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: None)
+    monkeypatch.setattr(launch_mod.subprocess, "Popen",
+                        lambda *a, **k: started.append(a) or _FakeRank())
+    assert launch_mod.launch(3, ["-c", "pass"], prefix=False) == 0
+    assert len(started) == 3
+    err = capsys.readouterr().err
+    assert "no usable CUDA GPU" in err and "zm.parallel.local_groups(3)" in err
 
 
 @pytest.mark.parametrize("wants", [bytes, tuple])

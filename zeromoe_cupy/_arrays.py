@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import ml_dtypes
@@ -13,6 +14,20 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
     "float16": (np.dtype(np.float16), "__half"),
     "float32": (np.dtype(np.float32), "float"),
 }
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as a Python int (ints and NumPy integer scalars), at least ``minimum``.
+
+    Raises TypeError naming ``name`` for a bool or a non-integer (2.0, "2", None): a wrong
+    kind; ValueError for an int below ``minimum``: a wrong value.
+    """
+    expected = "an int" if minimum is None else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return int(value)
 
 
 def np_dtype(name: str) -> np.dtype:

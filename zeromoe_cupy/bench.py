@@ -123,6 +123,12 @@ def check_arguments(parser, args) -> None:
     if args.ep is not None and args.device == "cpu":
         parser.error("argument --ep: expert parallelism in the benchmark runs only on GPUs "
                      "(one per rank; device cpu here)")
+    if args.ep is not None and not args.ep_worker:
+        from .parallel.launch import _check_gpus
+        try:
+            _check_gpus(args.ep, os.environ.get("CUDA_VISIBLE_DEVICES"), "--ep")
+        except ValueError as exc:
+            parser.error(f"argument {exc}")
     if args.device == "cpu":
         big = [t for t in args.tokens or () if t > CPU_MAX_TOKENS]
         if big:
@@ -142,6 +148,19 @@ def check_arguments(parser, args) -> None:
                                or args.router_gemm != "auto"):
         parser.error("argument --deterministic: picks its own kernels; leave --strategy and "
                      "--router-gemm at auto")
+
+
+def weight_bytes(cfg) -> int:
+    """Bytes of the weights a layer of ``cfg`` holds: the router and the real experts (the
+    biases and the zero experts' few rows left out)."""
+    from .checkpoint import layer_weight_specs
+    specs = layer_weight_specs(cfg)
+    names = ["router_weight", "w13", "w2"]
+    if cfg.router_hidden_size is not None:
+        names.append("router_hidden_weight")
+    if cfg.quantization is not None:
+        names += ["w13_scale_inv", "w2_scale_inv"]
+    return sum(int(np.prod(specs[n][0])) * specs[n][1].itemsize for n in names)
 
 
 def calibrate_zero_bias(layer, real_per_token: float, n_tokens: int = 4096, seed: int = 1):
@@ -457,8 +476,16 @@ def run(args) -> int:
     xp = cupy_module() if gpu else np
     quantized = f", {args.quantization} experts" if getattr(args, "quantization", None) else ""
     print(f"building {preset} ({cfg.dtype}{quantized}) on {device} ...", flush=True)
-    layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device, expert_strategy=args.strategy,
-                             router_gemm=args.router_gemm, deterministic=args.deterministic)
+    try:
+        layer = zm.ZeroExpertMoE(cfg, seed=args.seed, device=device,
+                                 expert_strategy=args.strategy, router_gemm=args.router_gemm,
+                                 deterministic=args.deterministic)
+    except MemoryError:  # NumPy's and CuPy's out-of-memory errors both derive from it
+        smaller = "" if preset == "tiny" else "; try --preset tiny"
+        print(f"zeromoe bench: out of {'GPU' if gpu else 'host'} memory building the "
+              f"{preset!r} preset: its weights alone take {weight_bytes(cfg) / 1e9:.1f} GB "
+              f"({cfg.dtype}){smaller}", file=sys.stderr)
+        return 1
     offset, share = calibrate_zero_bias(layer, real_per_token)
     print(f"zero-expert bias offset {offset:+.4f}: {share:.2f} of {cfg.top_k} slots real",
           flush=True)

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from . import quant
-from ._arrays import as_array, cupy_module, is_cupy, np_dtype
+from ._arrays import as_array, check_int, cupy_module, is_cupy, np_dtype
 
 # Key names understood by state_dict_weights (after the prefix), the first found is used.
 STATE_DICT_KEYS = {
@@ -661,9 +661,7 @@ def pretrained_layer(path, layer: int, dtype: str | None = None,
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     model = parse_hf_config(path)
     cfg = model.config
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise TypeError(f"layer: expected an int, got {type(layer).__name__} {layer!r}")
-    layer = int(layer)
+    layer = check_int("layer", layer)
     if not 0 <= layer < model.num_layers:
         raise ValueError(f"layer: expected 0 <= layer < {model.num_layers} (the decoder layers "
                          f"of {path}), got {layer}")

@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "launch":
         from .parallel.launch import launch
-        return launch(args.nprocs, [args.script, *args.args], prefix=not args.no_prefix)
+        try:
+            return launch(args.nprocs, [args.script, *args.args], prefix=not args.no_prefix)
+        except ValueError as exc:  # more ranks than GPUs: one line, exit status 2
+            p_launch.error(str(exc))
     if args.command == "info":
         return info()
     if args.command == "demo":

@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 
+from ._arrays import check_int
+
 ZERO_EXPERT_TYPES = ("identity", "zero", "constant")
 SCORING_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -41,20 +43,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         router_logits_norm_std=1.0,
     ),
 }
-
-
-def _as_int(name: str, value: Any) -> int:
-    """value as a Python int: ints and NumPy integer scalars; bools are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    value = _as_int(name, value)
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return value
 
 
 def _finite_float(name: str, value: Any) -> float:
@@ -137,11 +125,9 @@ class MoEConfig:
     def __post_init__(self) -> None:
         # Numbers may come as NumPy scalars (np.int64(2)): stored as Python int / float.
         for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
-        Z = _as_int("num_zero_experts", self.num_zero_experts)
-        if Z < 0:
-            raise ValueError(f"num_zero_experts: expected >= 0, got {Z}")
-        object.__setattr__(self, "num_zero_experts", Z)
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        object.__setattr__(self, "num_zero_experts",
+                           check_int("num_zero_experts", self.num_zero_experts, 0))
         for name, strings in FLAG_STRINGS.items():
             object.__setattr__(self, name, _flag(name, getattr(self, name), strings))
         object.__setattr__(self, "routed_scaling_factor",
@@ -181,7 +167,7 @@ class MoEConfig:
                            _positive_float("expert_input_scale", self.expert_input_scale))
         if self.router_hidden_size is not None:
             object.__setattr__(self, "router_hidden_size",
-                               _positive_int("router_hidden_size", self.router_hidden_size))
+                               check_int("router_hidden_size", self.router_hidden_size, 1))
         if self.router_logits_norm_std is not None:
             object.__setattr__(self, "router_logits_norm_std", _positive_float(
                 "router_logits_norm_std", self.router_logits_norm_std))
@@ -190,7 +176,7 @@ class MoEConfig:
             raise ValueError("num_expert_group and topk_group: expected both or neither, "
                              f"got num_expert_group={g}, topk_group={tg}")
         if g is not None:
-            g, tg = _positive_int("num_expert_group", g), _positive_int("topk_group", tg)
+            g, tg = check_int("num_expert_group", g, 1), check_int("topk_group", tg, 1)
             object.__setattr__(self, "num_expert_group", g)
             object.__setattr__(self, "topk_group", tg)
             if n % g:
@@ -282,8 +268,10 @@ class MoEConfig:
         ``config.json``, or the config as a dict. Supported ``model_type`` values are the keys
         of ``HF_MODEL_TYPES`` ("longcat_flash", "deepseek_v3", "MoE++"); missing keys take the
         defaults of the matching config class (transformers', or MoE++'s own ``MoeConfig``,
-        whose flags map as docs/spec.md "MoE++ options" says). ``torch_dtype`` / ``dtype``
-        gives ``dtype`` (absent: "bfloat16"); ``quantization_config`` with
+        whose flags map as docs/spec.md "MoE++ options" says); a key present as null is an
+        error, as those classes keep None (docs/spec.md "Hugging Face configs" lists the keys
+        read). ``torch_dtype`` / ``dtype`` gives ``dtype`` (absent or null: "bfloat16");
+        ``quantization_config`` (null: absent) with
         ``quant_method "fp8"`` (e4m3, 128x128 blocks, dynamic activations) gives
         ``quantization="fp8"``.
 
@@ -306,14 +294,24 @@ class HFModel(NamedTuple):
 
 class _Keys:
     """Reads a Hugging Face config dict with the defaults of its transformers class; errors
-    name the key."""
+    name the key.
+
+    An absent key takes the default; a key present as null is an error. None of the classes
+    read here (transformers' LongcatFlashConfig and DeepseekV3Config, MoE++'s MoeConfig)
+    turns a None into its default for these keys: they keep None, and their model then fails
+    or, for a flag, reads it as false. (Elsewhere null is absent where transformers says so:
+    ``torch_dtype`` / ``dtype`` and ``quantization_config``.)"""
 
     def __init__(self, d: dict, source: str):
         self.d, self.source = d, source
 
     def get(self, key: str, default: Any) -> Any:
-        v = self.d.get(key, default)
-        return default if v is None and default is not None else v
+        if key not in self.d:
+            return default
+        if self.d[key] is None:
+            raise ValueError(f"{self.source}: key {key!r}: expected a value, got null (leave "
+                             f"the key out for the default, {default!r})")
+        return self.d[key]
 
     def int(self, key: str, default: Any) -> int:
         v = self.get(key, default)
@@ -327,7 +325,9 @@ class _Keys:
 
 
 def _hf_dtype(k: _Keys) -> str:
-    v = k.d.get("dtype", k.d.get("torch_dtype"))
+    v = k.d.get("dtype")
+    if v is None:  # absent or null: transformers reads torch_dtype then
+        v = k.d.get("torch_dtype")
     if v is None:
         return "bfloat16"
     v = str(v).removeprefix("torch.")
@@ -365,7 +365,7 @@ def _parse_longcat_flash(k: _Keys) -> dict[str, Any]:
         hidden_size=k.int("hidden_size", 6144),
         intermediate_size=k.int("expert_ffn_hidden_size", 2048),
         num_experts=k.int("n_routed_experts", 512),
-        num_zero_experts=k.int("zero_expert_num", 0) if "zero_expert_num" in k.d else 256,
+        num_zero_experts=k.int("zero_expert_num", 256),
         zero_expert_type=zero_type, top_k=k.int("moe_topk", 12), scoring_func="softmax",
         renormalize=False, routed_scaling_factor=k.get("routed_scaling_factor", 6.0),
         use_correction_bias=True)
@@ -379,9 +379,9 @@ def _parse_longcat_flash(k: _Keys) -> dict[str, Any]:
 def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
     # transformers' DeepseekV3Config; DeepSeek's own config.json adds scoring_func (sigmoid),
     # topk_method and moe_layer_freq. No zero experts; shared experts are not this layer.
-    top_k = k.d.get("num_experts_per_tok", 8)
-    if top_k is None:
+    if "num_experts_per_tok" in k.d and k.d["num_experts_per_tok"] is None:
         raise k.error("num_experts_per_tok", "an int (None means a dense model, no MoE layer)")
+    top_k = k.int("num_experts_per_tok", 8)
     scoring = k.get("scoring_func", "sigmoid")
     if scoring not in SCORING_FUNCS:
         raise k.error("scoring_func", f"one of {SCORING_FUNCS}")
@@ -392,7 +392,7 @@ def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
     first_dense = k.int("first_k_dense_replace", 3)
     freq = k.int("moe_layer_freq", 1)
     dense = tuple(L for L in range(n_layers) if L < first_dense or L % freq)
-    n_group, topk_group = k.d.get("n_group", 8), k.d.get("topk_group", 4)
+    n_group, topk_group = k.int("n_group", 8), k.int("topk_group", 4)
     fields = dict(
         hidden_size=k.int("hidden_size", 7168),
         intermediate_size=k.int("moe_intermediate_size", 2048),
@@ -418,7 +418,7 @@ def _parse_moe_plus_plus(k: _Keys) -> dict[str, Any]:
     # defaults; docs/spec.md "MoE++ options" maps its flags. num_experts is a list [N]: N - 4
     # FFN experts, then constant, constant, copy, zero. Top-2 is fixed in its code, and its
     # decoder threads the gating residual through every layer.
-    n = k.d.get("num_experts", [32])
+    n = k.get("num_experts", [32])
     if (not isinstance(n, (list, tuple)) or len(n) != 1 or isinstance(n[0], bool)
             or not isinstance(n[0], int) or n[0] < 5):
         raise k.error("num_experts", "a list [N] with N >= 5 (N - 4 FFN experts, then "

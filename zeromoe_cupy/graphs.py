@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._arrays import cupy_module, np_dtype
+from ._arrays import check_int, cupy_module, np_dtype
 from .experts import PAIRS_MAX
 from .experts.capacity import CAPACITY_MIN_PAIRS
 
@@ -41,26 +41,23 @@ def default_capture_sizes(max_tokens: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_tokens,)
 
 
-def _positive_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
-
-
 def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
-    if max_tokens is not None and not _positive_int(max_tokens):
-        raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+    if max_tokens is not None:
+        max_tokens = check_int("max_tokens", max_tokens, 1)
     if capture_sizes is None:
         if max_tokens is None:
             raise ValueError("max_tokens: expected a positive int (or capture_sizes), got None")
-        return default_capture_sizes(int(max_tokens))
+        return default_capture_sizes(max_tokens)
     try:
         sizes = list(capture_sizes)
     except TypeError:
         raise TypeError(f"capture_sizes: expected a sequence of positive ints, got "
                         f"{type(capture_sizes).__name__}") from None
-    if not sizes or not all(_positive_int(s) for s in sizes):
-        raise ValueError(f"capture_sizes: expected a non-empty sequence of positive ints, "
-                         f"got {capture_sizes!r}")
-    sizes = sorted({int(s) for s in sizes})
+    if not sizes:
+        raise ValueError("capture_sizes: expected a non-empty sequence of positive ints, got "
+                         f"{capture_sizes!r}")
+    sizes = [check_int(f"capture_sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
+    sizes = sorted(set(sizes))
     if max_tokens is not None and sizes[-1] != max_tokens:
         raise ValueError(f"capture_sizes: expected the largest size to equal max_tokens="
                          f"{max_tokens}, got {sizes[-1]}")

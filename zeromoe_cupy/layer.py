@@ -6,14 +6,13 @@ Z zero experts (ids E..E+Z-1), K experts per token, N = E + Z.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import (as_array, cupy_module, gpu_available, is_cupy, is_float_dtype, np_dtype,
-                      resolve_device)
+from ._arrays import (as_array, check_int, cupy_module, gpu_available, is_cupy, is_float_dtype,
+                      np_dtype, resolve_device)
 from . import checkpoint, quant
 from .config import MoEConfig
 from .experts import STRATEGIES, run_experts
@@ -94,14 +93,9 @@ class ZeroExpertMoE:
                  deterministic: bool = False, group=None, _weights=None, _scales=None,
                  _router_extra=None):
         _check_config(config)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed: expected an int >= 0, got {type(seed).__name__} {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed}")
+        seed = check_int("seed", seed, 0)
         device = resolve_device(device)
-        if isinstance(max_chunk_tokens, bool) or not isinstance(max_chunk_tokens, int) \
-                or max_chunk_tokens <= 0:
-            raise ValueError(f"max_chunk_tokens: expected a positive int, got {max_chunk_tokens!r}")
+        max_chunk_tokens = check_int("max_chunk_tokens", max_chunk_tokens, 1)
         if expert_strategy not in STRATEGIES:
             raise ValueError(f"expert_strategy: expected one of {STRATEGIES}, "
                              f"got {expert_strategy!r}")
@@ -137,7 +131,7 @@ class ZeroExpertMoE:
         self._exchange = None
         if group is not None:
             from .parallel.exchange import Exchange
-            self._exchange = Exchange(group, config.num_experts)
+            self._exchange = Exchange(group, config.num_experts, config)
         # FP8 experts: fp32 block scales of w13 / w2 (None for unquantized layers).
         self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
         # MoE++ router weights: W1 [R, H] of the two-layer router, gate_map [N, N]

@@ -12,8 +12,8 @@ import numpy as np
 import math
 import numbers
 
-from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, fixed_order_matmul, is_cupy,
-                      is_float_dtype, np_dtype, with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, check_int, cupy_module, dtype_name, fixed_order_matmul,
+                      is_cupy, is_float_dtype, np_dtype, with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: a lane keeps 4 * ceil(N / 128) scores in registers, and K
@@ -197,8 +197,7 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
         raise TypeError(f"router_logits: expected float32, bfloat16 or float16, "
                         f"got {logits.dtype}")
     n = logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise TypeError(f"top_k: expected an int, got {type(top_k).__name__} {top_k!r}")
+    check_int("top_k", top_k)
     if not 0 < top_k <= n:
         raise ValueError(f"top_k: expected an int in [1, {n}], got {top_k!r}")
     if scoring_func not in _SCORING_CODES:
@@ -213,9 +212,8 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
     if (num_expert_group is None) != (topk_group is None):
         raise ValueError("num_expert_group and topk_group: expected both or neither")
     if num_expert_group is not None:
-        for name, v in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+        check_int("num_expert_group", num_expert_group)
+        check_int("topk_group", topk_group)
         if num_expert_group <= 0 or n % num_expert_group:
             raise ValueError(f"num_expert_group: expected a positive divisor of {n}, "
                              f"got {num_expert_group}")

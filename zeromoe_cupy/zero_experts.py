@@ -7,13 +7,12 @@ NumPy arrays run a vectorized CPU path; CuPy arrays run one RawKernel pass per c
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Sequence, Union
 
 import numpy as np
 
-from ._arrays import (DTYPES, as_array, cupy_module, dtype_name, is_cupy, is_float_dtype,
-                      vector_width, with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, check_int, cupy_module, dtype_name, is_cupy,
+                      is_float_dtype, vector_width, with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 from .config import ZERO_EXPERT_TYPES
 
@@ -94,14 +93,6 @@ def _check_constants(codes, H, const_vec, const_gate, like):
         if is_cupy(a) != is_cupy(like):
             raise TypeError(f"{name}: expected the same array kind as x")
     return const_vec, const_gate
-
-
-def _count(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value}")
-    return int(value)
 
 
 def _expert_output_arrays(expert_output, x):
@@ -205,10 +196,10 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     const_vec = as_array(const_vec, "const_vec", allow_none=True)
     const_gate = as_array(const_gate, "const_gate", allow_none=True)
     _check_routing_arrays(x, topk_ids, topk_weights)
-    E = _count("num_experts", num_experts)
+    E = check_int("num_experts", num_experts, 0)
     _check_type_kind(zero_expert_type)
     if num_zero_experts is not None:
-        num_zero_experts = _count("num_zero_experts", num_zero_experts)
+        num_zero_experts = check_int("num_zero_experts", num_zero_experts, 0)
     else:
         if not isinstance(zero_expert_type, str):
             num_zero_experts = len(zero_expert_type)

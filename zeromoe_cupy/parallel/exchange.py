@@ -31,6 +31,9 @@ padded batched GEMM over the capacity); the price is link bytes for the unused c
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import zlib
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -70,14 +73,30 @@ class Dispatched(NamedTuple):
     handle: Any       # (send order, send splits, receive splits), for combine
 
 
+def config_fingerprint(config) -> np.ndarray:
+    """int64 [F]: one number per MoEConfig field (``dataclasses.fields`` order), the value
+    itself for an int field, else a CRC32 of its JSON. Equal configs give equal rows."""
+    out = []
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+        else:
+            out.append(zlib.crc32(json.dumps(v, sort_keys=True).encode()))
+    return np.array(out, np.int64)
+
+
 class Exchange:
     """DeepEP-style buffer object of one rank: ``dispatch`` then ``combine`` per forward.
 
     ``num_experts``: E, the real experts of the whole layer (divisible by the group size).
+    ``config``: the rank layer's MoEConfig, or None. When given, every dispatch sends its
+    fingerprint (``config_fingerprint``) with the counts, and a rank whose config differs
+    from another's raises ValueError naming the fields, before any row moves.
     ``last_stats`` holds the ExchangeStats of the latest forward.
     """
 
-    def __init__(self, group, num_experts: int):
+    def __init__(self, group, num_experts: int, config=None):
         R = group.world_size
         if num_experts % R:
             raise ValueError(f"num_experts: expected a multiple of the group size {R}, "
@@ -85,7 +104,39 @@ class Exchange:
         self.group = group
         self.num_experts = num_experts
         self.local_experts = num_experts // R
+        self.config = config
+        self._fingerprint = None if config is None else config_fingerprint(config)
+        self._fingerprint_rows = None  # [R, F] in the array module of the counts, on first use
         self.last_stats: ExchangeStats | None = None
+
+    def _with_fingerprint(self, xp, send_counts):
+        """The counts [R] as [R, 1 + F]: each row followed by this rank's config fingerprint
+        (F int64 more per peer and forward; the device copy is made once)."""
+        if self._fingerprint is None:
+            return send_counts
+        if self._fingerprint_rows is None or not isinstance(self._fingerprint_rows, xp.ndarray):
+            R = self.group.world_size
+            self._fingerprint_rows = xp.asarray(np.tile(self._fingerprint, (R, 1)))
+        return xp.concatenate([send_counts.astype(np.int64)[:, None], self._fingerprint_rows],
+                              axis=1)
+
+    def _check_fingerprints(self, received) -> None:
+        """``received`` [R, F]: every rank's fingerprint. ValueError naming the fields that
+        differ from this rank's, with the first rank where each differs."""
+        mine = self._fingerprint
+        differs = received != mine[None, :]
+        if not differs.any():
+            return
+        fields = [f.name for f in dataclasses.fields(self.config)]
+        parts = []
+        for i in np.nonzero(differs.any(axis=0))[0]:
+            p = int(np.nonzero(differs[:, i])[0][0])
+            value = getattr(self.config, fields[i])
+            other = (int(received[p, i]) if isinstance(value, int) and not isinstance(value, bool)
+                     else "another value")
+            parts.append(f"{fields[i]} {value!r} here, {other} on rank {p}")
+        raise ValueError(f"config: the rank layers of one group must share one MoEConfig; rank "
+                         f"{self.group.rank}'s differs: {'; '.join(parts)}")
 
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
         """Send each token once to every rank holding one of its real experts (collective;
@@ -98,7 +149,9 @@ class Exchange:
         # need[p, t]: token t has a slot on rank p (rank-major, so rows group by destination)
         need = (dest[None, :, :] == xp.arange(R, dtype=np.int32)[:, None, None]).any(axis=2)
         send_counts = need.sum(axis=1)
-        sent, received = g.exchange_counts(send_counts)
+        sent, received = g.exchange_counts(self._with_fingerprint(xp, send_counts))
+        if self._fingerprint is not None:
+            self._check_fingerprints(received[:, 1:])
         send_splits, recv_splits = sent[:, 0], received[:, 0]
         S, S_in = int(send_splits.sum()), int(recv_splits.sum())
         # Row order: every needed (p, t) in rank-major order, placed by a prefix sum; the

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._arrays import cupy_module, is_cupy
+from .._arrays import check_int, cupy_module, is_cupy
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -244,8 +244,7 @@ class LocalGroup(Group):
 def local_groups(world_size: int, timeout: float = DEFAULT_TIMEOUT_S) -> list[LocalGroup]:
     """``world_size`` group objects for as many threads of this process (rank p uses the
     p-th). ``timeout``: seconds a collective waits for the other ranks before it raises."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
+    world_size = check_int("world_size", world_size, 1)
     if not timeout > 0:
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     world = _LocalWorld(world_size, float(timeout))

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Mapping, NamedTuple, Sequence
 
+from .._arrays import check_int
+
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 
 # (rank, world size, local rank) variable names, in the order they are looked for.
@@ -179,20 +181,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _gpus_seen() -> int | None:
+    """The GPUs CuPy sees in this process (CUDA_VISIBLE_DEVICES applied); None without a
+    usable GPU."""
+    from .._arrays import cupy_module, gpu_available
+    return cupy_module().cuda.runtime.getDeviceCount() if gpu_available() else None
+
+
+def _check_gpus(nprocs: int, visible_devices: str | None, name: str = "nprocs (-n)") -> None:
+    """One GPU per rank: more ranks than visible GPUs is a ValueError before any rank starts
+    (two ranks on one GPU fail later inside NCCL). Without a GPU the ranks still start (a
+    script may only use ``rank_info`` / ``rendezvous``), after a note on stderr."""
+    count = _gpus_seen()
+    if count is None:
+        from .._arrays import gpu_unavailable_reason
+        print(f"zeromoe launch: no usable CUDA GPU ({gpu_unavailable_reason()}); starting the "
+              f"{nprocs} ranks anyway, but zm.parallel.init() needs one GPU per rank (ranks on "
+              f"the CPU: zm.parallel.local_groups({nprocs}) in one process)", file=sys.stderr,
+              flush=True)
+        return
+    if nprocs > count:
+        where = "" if visible_devices is None else f" (CUDA_VISIBLE_DEVICES={visible_devices!r})"
+        raise ValueError(f"{name}: {nprocs} ranks asked for, but {count} GPU(s) are "
+                         f"visible{where}; expected at most {count}, one GPU per rank")
+
+
 def launch(nprocs: int, argv: Sequence[str], prefix: bool = True,
            env: Mapping[str, str] | None = None) -> int:
     """Run ``python argv...`` as ``nprocs`` ranks on this host, with RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free port) set.
 
+    Each rank gets one GPU (``init()`` selects GPU LOCAL_RANK): ``nprocs`` above the GPUs
+    CuPy sees here (CUDA_VISIBLE_DEVICES applied) is a ValueError naming both numbers, raised
+    before any rank starts; without a usable GPU the ranks start after a note on stderr.
+    (Not checked when ``env`` sets another CUDA_VISIBLE_DEVICES than this process's.)
+
     Output lines are prefixed with ``[rank r]`` (``prefix=False``: passed through). Returns 0
     when every rank exits with 0; when one fails, the others are terminated and its exit
     status is returned (1 if it was a signal).
     """
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs: expected a positive int, got {nprocs!r}")
+    nprocs = check_int("nprocs", nprocs, 1)
     if not argv:
         raise ValueError("argv: expected a script (and its arguments), got nothing")
     base = dict(os.environ if env is None else env)
+    visible = base.get("CUDA_VISIBLE_DEVICES")
+    if visible == os.environ.get("CUDA_VISIBLE_DEVICES"):  # the ranks see what we see
+        _check_gpus(nprocs, visible)
     port = str(free_port())
     procs, pumps = [], []
     for r in range(nprocs):
