@@ -4,11 +4,13 @@ benchmark workload: 8 of 12 slots real), against the copy rate measured in the s
 - the "syncfree" GEMMs (kernels/syncfree.cu) for each pipeline variant below, T = 64 ... 1024;
 - the pair kernel (pair_gemv) for rows per warp 1 ... 8, T = 1 ... 16;
 - cuBLAS batched GEMMs over every expert padded to a fixed capacity of C rows (the layout a
-  graph could use without host counts), C = 8 ... 64.
+  graph could use without host counts), C = 8 ... 64;
+- the FP8 layer's eager forward (tensor-core grouped kernel) with and without an L2 prefetch
+  hint on its weight loads (kernels/fp8.cu G8_PREFETCH), T = 64 ... 1024.
 Rate = the distinct experts' weight bytes (SPEC's floor bytes without x and y) / time.
 Outputs of every syncfree and pair variant are compared with the default's, slot by slot.
 
-    python benchmarks/expert_sweep.py [out.json]
+    python benchmarks/expert_sweep.py [out.json] [parts: syncfree,pairs,capacity,fp8]
 """
 import json
 import sys
@@ -26,6 +28,7 @@ from zeromoe_cupy.experts import syncfree as sf
 from zeromoe_cupy.experts._common import PAIR_WARPS, experts_kernel_names, experts_module
 
 out_path = sys.argv[1] if len(sys.argv) > 1 else None
+parts = (sys.argv[2] if len(sys.argv) > 2 else "syncfree,pairs,capacity").split(",")
 t_start = time.perf_counter()
 cfg = zm.MoEConfig.preset("longcat-flash")
 dt = np_dtype(cfg.dtype)
@@ -36,7 +39,7 @@ w13, w2 = layer.w13, layer.w2
 copy = measure_ceilings(cfg.dtype, quick=True)["copy"]["best"]
 print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy {copy / 1e12:.2f} TB/s"
       f" (built in {time.perf_counter() - t_start:.0f} s)", flush=True)
-result = {"copy_bytes_per_s": copy, "syncfree": [], "pairs": [], "capacity": []}
+result = {"copy_bytes_per_s": copy, "syncfree": [], "pairs": [], "capacity": [], "fp8": []}
 
 
 def timed(fn, repeat=15, warmup=3):
@@ -80,6 +83,8 @@ VARIANTS = [(32, 3, 3, 0), (32, 3, 3, 64), (32, 3, 3, 128), (32, 3, 3, 256), (32
             (32, 6, 2, 256), (64, 3, 2, 0), (64, 3, 2, 256), (64, 3, 3, 256), (64, 4, 2, 256),
             (128, 2, 2, 256), (128, 3, 1, 256)]
 names = [k for k, _ in sf.PIPELINE]
+if "syncfree" not in parts:
+    VARIANTS = []
 print(f"\nsyncfree: {'variant':>22} " + " ".join(f"{'T=' + str(t):>16}" for t in
                                                    (64, 128, 256, 1024)), flush=True)
 loads = {T: workload(T) for T in (64, 128, 256, 1024)}
@@ -104,7 +109,7 @@ for v in VARIANTS:
     print(f"          {str(v):>22} " + " ".join(cells), flush=True)
 
 # pair kernel, rows per warp (GLU, plain)
-PAIR_VARIANTS = [(2, 4), (1, 2), (4, 4), (4, 8), (8, 8), (2, 8)]
+PAIR_VARIANTS = [(2, 4), (1, 2), (4, 4), (4, 8), (8, 8), (2, 8)] if "pairs" in parts else []
 ctype = "__nv_bfloat16"
 names_extra = [f"pair_gemv<{ctype},{ctype},{ctype},8,{g},true>" for g, _ in PAIR_VARIANTS] + \
     [f"pair_gemv<{ctype},{ctype},{ctype},8,{p},false>" for _, p in PAIR_VARIANTS]
@@ -149,7 +154,7 @@ print("\ncapacity: C, ms (GEMM 1 + SiLU*up + GEMM 2), share of copy rate (all E 
 all_bytes = E * 3 * H * I * dt.itemsize
 emod = experts_module()
 from zeromoe_cupy.experts._common import silu_mul  # noqa: E402
-for C in (8, 16, 32, 48, 64):
+for C in (8, 16, 32, 48, 64) if "capacity" in parts else ():
     xs = _normal(cp, (E * C, H), dt, 7)
     gate_up = cp.empty((E * C, 2 * I), dt)
     h = cp.empty((E * C, I), dt)
@@ -170,6 +175,31 @@ for C in (8, 16, 32, 48, 64):
     result["capacity"].append({"capacity": C, "ms": ms, "of_copy": frac})
     print(f"          C={C:3d} {ms:8.3f} ms {frac:5.0%}", flush=True)
     del xs, gate_up, h, rows
+
+if "fp8" in parts:
+    from zeromoe_cupy import quant
+    fp8_layer = layer.quantize("fp8")
+    print("\nfp8 layer, eager ms (share of copy rate for the fp8 weight bytes + scales)")
+    default_module = quant.fp8_module
+    for prefetch in (0, 128, 256):
+        mod8 = raw_module("fp8.cu", quant.fp8_kernel_names(), (f"-DG8_PREFETCH={prefetch}",))
+        quant.fp8_module = lambda: mod8
+        cells = []
+        for T in (64, 128, 1024):
+            x, ids, nbytes = loads.get(T) or workload(T)
+            nbytes = nbytes // 2 * (1 + 4 / (128 * 128))  # e4m3 bytes plus block scales
+            ms = timed(lambda: fp8_layer(x))
+            y = fp8_layer(x).astype(np.float32)
+            result["fp8"].append({"prefetch": prefetch, "tokens": T, "ms": ms,
+                                  "of_copy": nbytes / (ms * 1e-3) / copy})
+            cells.append(f"T={T} {ms:7.3f} {nbytes / (ms * 1e-3) / copy:4.0%}")
+            if prefetch == 0:
+                result.setdefault("fp8_y", {})[T] = y
+            else:
+                cells[-1] += f" diff {rel(y, result['fp8_y'][T]):.1e}"
+        print(f"  G8_PREFETCH={prefetch:3d}  " + "   ".join(cells), flush=True)
+    quant.fp8_module = default_module
+    result.pop("fp8_y", None)
 
 print(f"\nsweep done in {time.perf_counter() - t_start:.0f} s")
 if out_path:

@@ -439,6 +439,25 @@ __device__ __forceinline__ void f8_cp_async16(void* smem, const void* gmem, bool
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(f8_smem_address(smem)),
                "l"(gmem), "r"(bytes));
 }
+// The same with an L2 prefetch hint of G8_PREFETCH bytes (0: none) for the weight loads: a
+// weight row read a stage at a time comes from DRAM in longer runs (as in syncfree.cu).
+#ifndef G8_PREFETCH
+#define G8_PREFETCH 0
+#endif
+__device__ __forceinline__ void f8_cp_async16_weights(void* smem, const void* gmem, bool valid) {
+#if G8_PREFETCH == 256 || G8_PREFETCH == 128
+  const int bytes = valid ? 16 : 0;
+#endif
+#if G8_PREFETCH == 256
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
+               ::"r"(f8_smem_address(smem)), "l"(gmem), "r"(bytes));
+#elif G8_PREFETCH == 128
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n"
+               ::"r"(f8_smem_address(smem)), "l"(gmem), "r"(bytes));
+#else
+  f8_cp_async16(smem, gmem, valid);
+#endif
+}
 __device__ __forceinline__ void f8_cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -524,7 +543,10 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
           ok = ok && r0 + r - G8_BN < m;
           src = aq + (long long)(row0 + r0 + r - G8_BN) * Kd + k;
         }
-        f8_cp_async16(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
+        if (r < G8_BN)
+          f8_cp_async16_weights(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
+        else
+          f8_cp_async16(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
       }
     };
     // [tile][n]: rows 16 tile + lane / 4 (+ 8) x this warp's features 16 warp + 8 n + 2 q (+1).
