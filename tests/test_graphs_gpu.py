@@ -43,11 +43,11 @@ def test_capture_size_arguments_rejected(kw, err):
     ("capacity", 1, "capacity")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
-    # 64 real experts, top-4: "capacity" (bf16 only) from 4 pairs per expert, 64 tokens
+    # 64 real experts, top-4: "capacity" (bf16 only) from 3 pairs per expert, 48 tokens
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
-    if dtype == "bfloat16" and expected == "syncfree" and tokens >= 64:
+    if dtype == "bfloat16" and expected == "syncfree" and tokens >= 48:
         expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
 
@@ -58,6 +58,13 @@ def test_capacity_rows(T, K, E, C):
     # T*K/E + 3 sqrt(T*K/E) + 4, rounded up to a multiple of 8
     from zeromoe_cupy.experts.capacity import capacity_rows
     assert capacity_rows(T, K, E) == C
+
+
+@pytest.mark.parametrize("T,expected", [(170, False), (171, True), (1600, True),
+                                        (2000, False)])
+def test_eager_auto_takes_capacity_from_4_pairs_per_expert_while_c_is_at_most_64(T, expected):
+    from zeromoe_cupy.experts.capacity import eager_prefers
+    assert eager_prefers(T, 12, 512) == expected
 
 
 def test_graphed_cpu_layer_names_its_device():

@@ -84,8 +84,8 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         leave rows no slot names, whose values are undefined; slot_rows int32 [T, K], the
         row of each slot, -1 for zero-expert slots).
 
-    ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed" or
-    "syncfree"; see below); every path computes the same values up to fp32 rounding (for
+    ``strategy`` picks the GPU path ("auto", "pairs", "grouped", "padded", "fixed", "syncfree" or
+    "capacity"; see below); every path computes the same values up to fp32 rounding (for
     float16, up to the fp16 rounding of the activation, which "pairs" and "fixed" keep in
     fp32); "fixed" gives the same bits for a token in any batch (on the CPU too, where the
     other choices all mean NumPy's matmul). ``stage_marks(name)``, if given, is called after
@@ -167,9 +167,10 @@ def _no_mark(stage: str) -> None:
 # - "syncfree" (never picked by "auto"; graphs.py uses it): offsets and the active-expert list
 #   by a device scan, then tensor-core GEMMs on a worst-case grid that read each active
 #   expert's weights once per 32 rows. No host synchronization (syncfree.py).
-# - "capacity" (never picked by "auto"; graphs.py uses it from CAPACITY_MIN_PAIRS pairs per
-#   expert): blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched calls
-#   over all experts, overflow spilled to "syncfree". No host synchronization (capacity.py).
+# - "capacity": blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched
+#   calls over all experts, overflow spilled to "syncfree". No host synchronization
+#   (capacity.py). "auto" picks it for bf16 from 4 pairs per expert while C <= 64 (LongCat-Flash:
+#   171 to about 1400 tokens), graphs from 3 pairs per expert.
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -182,6 +183,9 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     w2 = cp.ascontiguousarray(w2)
     if strategy == "auto" and T * K <= PAIRS_MAX:
         strategy = "pairs"
+    if (strategy == "auto" and capacity.eager_prefers(T, K, w13.shape[0])
+            and capacity.capacity_ready(x, w13, w2)):
+        strategy = "capacity"
     if strategy == "pairs":
         if T * K > 65535:
             raise ValueError(f"strategy='pairs': expected T * K <= 65535 (token, slot) pairs, "

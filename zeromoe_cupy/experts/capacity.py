@@ -1,7 +1,7 @@
 """The "capacity" path: every real expert gets a block of C rows, C fixed by T, K and E (not
 by the counts), so both GEMMs are single cuBLAS batched calls over all E experts whose shapes
 are known without the per-expert counts: no host synchronization, and capturable in a CUDA
-graph (graphs.py uses it from CAPACITY_MIN_PAIRS pairs per expert). A pair that finds its
+graph (graphs.py uses it from CAPACITY_MIN_PAIRS pairs per expert; "auto" from EAGER_MIN_PAIRS). A pair that finds its
 expert's block full (a routing more skewed than C allows) is spilled to the "syncfree" path,
 whose rows follow the blocks in the same output: the result is the same, only slower.
 
@@ -21,7 +21,14 @@ from .._arrays import DTYPES, cupy_module, dtype_name
 from . import syncfree
 from ._common import ExpertOutput, experts_module, gather_rows, rows_dtype, silu_mul
 
-CAPACITY_MIN_PAIRS = 4  # graphs: mean (token, slot) pairs per real expert from which C pays
+# Mean (token, slot) pairs per real expert (T*K/E, every slot counted) from which this path
+# runs: in graphs from 3 (the alternative there, syncfree, reads the weights at 87-91% of the
+# copy rate), eagerly from 4 while C <= EAGER_MAX_ROWS (the alternative there, one uniform cuBLAS
+# tile over the active experts only, reads no inactive expert's weights). Measured at
+# LongCat-Flash shapes on an H200 (benchmarks/graph_replay.py, benchmarks/expert_sweep.py).
+CAPACITY_MIN_PAIRS = 3
+EAGER_MIN_PAIRS = 4
+EAGER_MAX_ROWS = 64
 
 
 def capacity_rows(T: int, K: int, E: int) -> int:
@@ -30,6 +37,11 @@ def capacity_rows(T: int, K: int, E: int) -> int:
     to a multiple of 8. Pairs beyond C are spilled, not lost."""
     lam = T * K / E
     return int(math.ceil((lam + 3 * math.sqrt(lam) + 4) / 8) * 8)
+
+
+def eager_prefers(T: int, K: int, E: int) -> bool:
+    """Whether "auto" runs this path for an eager call (see EAGER_MIN_PAIRS)."""
+    return T * K >= EAGER_MIN_PAIRS * E and capacity_rows(T, K, E) <= EAGER_MAX_ROWS
 
 
 def capacity_ready(x, w13, w2) -> bool:
