@@ -8,6 +8,7 @@ import pytest
 
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
+from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
 from zeromoe_cupy.quant import fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
@@ -18,6 +19,7 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (
 KERNELS = {
     "combine.cu": combine_kernel_names(),
     "copy.cu": ["copy_16byte"],
+    "exchange.cu": EXCHANGE_KERNELS,
     "experts.cu": experts_kernel_names(),
     "fp8.cu": fp8_kernel_names(),
     "router.cu": router_kernel_names(),

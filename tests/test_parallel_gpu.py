@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import zeromoe_cupy as zm
@@ -41,6 +42,36 @@ def test_local_groups_on_one_gpu(rng):
         if x.shape[0]:
             ref, _ = whole.reference(x)
             assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("R,H", [(2, 40), (3, 33)])
+def test_gpu_dispatch_equals_the_numpy_dispatch(R, H, rng):
+    # The CuPy dispatch (kernels/exchange.cu) sends the same rows, ids and weights in the same
+    # order as the NumPy one; H = 33 bf16 rows (66 bytes) take the kernel's byte copy.
+    import cupy as cp
+    import ml_dtypes
+    from zeromoe_cupy.parallel.exchange import Exchange
+    E, Z, K = 12, 4, 5
+    Ts = [7, 0, 30][:R]
+    xs = [rng.standard_normal((T, H)).astype(ml_dtypes.bfloat16) for T in Ts]
+    ids = [rng.integers(-1, E + Z, (T, K)).astype(np.int32) for T in Ts]
+    ws = [rng.random((T, K), dtype=np.float32) for T in Ts]
+
+    def body(g, xp):
+        if xp is not np:
+            cp.cuda.Device(0).use()
+        ex = Exchange(g, E)
+        d = ex.dispatch(xp.asarray(xs[g.rank]), xp.asarray(ids[g.rank]), xp.asarray(ws[g.rank]))
+        host = [a if xp is np else a.get() for a in (d.x, d.ids, d.weights, d.handle[0],
+                                                      d.handle[1])]
+        return host, ex.last_stats
+
+    for (want, want_stats), (got, got_stats) in zip(zm.parallel.run_local(lambda g: body(g, np), R),
+                                                    zm.parallel.run_local(lambda g: body(g, cp), R)):
+        assert got_stats == want_stats
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a).astype(np.float64),
+                                          np.asarray(b).astype(np.float64))
 
 
 def _run(cmd):

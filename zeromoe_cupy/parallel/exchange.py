@@ -39,8 +39,16 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .._arrays import cupy_module, is_cupy
+from .._compile import memoize_per_device, raw_module
 from ..experts import _no_mark, run_experts
 from ..zero_experts import combine
+
+EXCHANGE_KERNELS = ["ep_need", "ep_pack", "ep_combine_slots"]
+
+
+@memoize_per_device
+def _exchange_module():
+    return raw_module("exchange.cu", EXCHANGE_KERNELS)
 
 
 class ExchangeStats(NamedTuple):
@@ -141,8 +149,10 @@ class Exchange:
     def dispatch(self, x, topk_ids, topk_weights) -> Dispatched:
         """Send each token once to every rank holding one of its real experts (collective;
         one host synchronization for the sizes). x [T, H]; ids, weights [T, K]."""
+        if is_cupy(x):
+            return self._dispatch_gpu(x, topk_ids, topk_weights)
         g, R, El = self.group, self.group.world_size, self.local_experts
-        xp = cupy_module() if is_cupy(x) else np
+        xp = np
         T, K = topk_ids.shape
         ids = topk_ids.astype(np.int32, copy=False)
         dest = xp.where(ids < self.num_experts, ids // El, -1)  # rank of each slot; -1: zero
@@ -172,19 +182,69 @@ class Exchange:
         recv_w = xp.empty((S_in, K), np.float32)
         g.all_to_all([send_x, xp.ascontiguousarray(send_ids), send_w], send_splits,
                       [recv_x, recv_ids, recv_w], recv_splits)
-        me = g.rank
+        self._record(x, K, send_splits, recv_splits)
+        return Dispatched(recv_x, recv_ids, recv_w, (tok, to, send_splits, recv_splits, None,
+                                                     None))
+
+    def _dispatch_gpu(self, x, topk_ids, topk_weights) -> Dispatched:
+        """dispatch on CuPy arrays: the same rows in the same order, the bookkeeping in the
+        kernels of kernels/exchange.cu (a few launches, where the array operations of the
+        NumPy version cost about a millisecond of host time per call)."""
+        cp = cupy_module()
+        g, R, El, E = self.group, self.group.world_size, self.local_experts, self.num_experts
+        mod = _exchange_module()
+        T, K = topk_ids.shape
+        x = cp.ascontiguousarray(x)
+        ids = cp.ascontiguousarray(topk_ids, dtype=np.int32)
+        w = cp.ascontiguousarray(topk_weights, dtype=np.float32)
+        need = cp.empty((R, T), np.int32)
+        counts = cp.zeros(R, np.int32)
+        args = (np.int32(T), np.int32(K), np.int32(E), np.int32(El))
+        if T:
+            mod.get_function("ep_need")((-(-T // 256),), (256,),
+                                        (ids, *args[:4], np.int32(R), need, counts))
+        sent, received = g.exchange_counts(self._with_fingerprint(cp, counts))
+        if self._fingerprint is not None:
+            self._check_fingerprints(received[:, 1:])
+        send_splits, recv_splits = sent[:, 0], received[:, 0]
+        S, S_in = int(send_splits.sum()), int(recv_splits.sum())
+        pos = cp.cumsum(need.ravel(), dtype=np.int32)  # row of a needed (p, t): pos - 1
+        H = x.shape[1]
+        send_x = cp.empty((S, H), x.dtype)
+        send_ids = cp.empty((S, K), np.int32)
+        send_w = cp.empty((S, K), np.float32)
+        tok = cp.empty(S, np.int64)
+        to = cp.empty(S, np.int64)
+        if S:
+            row_bytes = H * x.itemsize
+            vec16 = int(row_bytes % 16 == 0 and x.data.ptr % 16 == 0 and send_x.data.ptr % 16 == 0)
+            mod.get_function("ep_pack")(
+                (R * T,), (128,), (x, np.int64(row_bytes), np.int32(vec16), ids, w, need, pos,
+                                   *args, send_x, send_ids, send_w, tok, to))
+        recv_x = cp.empty((S_in, H), x.dtype)
+        recv_ids = cp.empty((S_in, K), np.int32)
+        recv_w = cp.empty((S_in, K), np.float32)
+        g.all_to_all([send_x, send_ids, send_w], send_splits, [recv_x, recv_ids, recv_w],
+                     recv_splits)
+        self._record(x, K, send_splits, recv_splits)
+        return Dispatched(recv_x, recv_ids, recv_w, (tok, to, send_splits, recv_splits, need,
+                                                     pos))
+
+    def _record(self, x, K, send_splits, recv_splits) -> None:
+        """last_stats of a dispatch: rows and bytes to and from other ranks."""
+        me = self.group.rank
+        S, S_in = int(send_splits.sum()), int(recv_splits.sum())
         row_bytes = x.shape[1] * x.itemsize + K * 8
         out_rows, in_rows = S - int(send_splits[me]), S_in - int(recv_splits[me])
         self.last_stats = ExchangeStats(out_rows, in_rows, int(send_splits[me]),
                                         out_rows * row_bytes, in_rows * row_bytes, 0, 0)
-        return Dispatched(recv_x, recv_ids, recv_w, (tok, to, send_splits, recv_splits))
 
     def combine(self, rows, handle):
         """Send each served row back to its home rank (collective). ``rows`` [S_in, H]: one per
         row ``dispatch`` received, in its order. Returns [S, H]: one row per (token,
         destination rank) this rank sent, in dispatch's send order (``handle``)."""
         g = self.group
-        tok, to, send_splits, recv_splits = handle
+        send_splits, recv_splits = handle[2], handle[3]
         xp = cupy_module() if is_cupy(rows) else np
         back = xp.empty((int(send_splits.sum()), rows.shape[1]), rows.dtype)
         g.all_to_all([xp.ascontiguousarray(rows)], recv_splits, [back], send_splits)
@@ -227,18 +287,29 @@ def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):
                               out, num_zero_experts=0, check_ids=False)
     mark("experts")
     back = ex.combine(partial, d.handle)
-    tok, to = d.handle[0], d.handle[1]
+    tok, to, need, pos = d.handle[0], d.handle[1], d.handle[4], d.handle[5]
     R = layer.group.world_size
     # One combine over K + R slots: the zero experts' slots as routed (real ones masked to -1,
     # which contributes nothing) and one slot per rank with weight 1 reading the row it sent
     # back (slot_rows -1 where the token had nothing there).
-    extra = xp.full((T, R), -1, np.int32)
-    extra[tok, to] = xp.arange(back.shape[0], dtype=np.int32)
-    all_ids = xp.concatenate([xp.where(ids < E, -1, ids).astype(np.int32),
-                              xp.zeros((T, R), np.int32)], axis=1)
-    all_w = xp.concatenate([weights.astype(np.float32, copy=False),
-                            xp.ones((T, R), np.float32)], axis=1)
-    slot_rows = xp.concatenate([xp.full((T, K), -1, np.int32), extra], axis=1)
+    if need is not None:  # CuPy: one kernel (kernels/exchange.cu ep_combine_slots)
+        all_ids = xp.empty((T, K + R), np.int32)
+        all_w = xp.empty((T, K + R), np.float32)
+        slot_rows = xp.empty((T, K + R), np.int32)
+        if T:
+            _exchange_module().get_function("ep_combine_slots")(
+                (-(-T * (K + R) // 256),), (256,),
+                (xp.ascontiguousarray(ids, dtype=np.int32),
+                 xp.ascontiguousarray(weights, dtype=np.float32), need, pos, np.int32(T),
+                 np.int32(K), np.int32(E), np.int32(R), all_ids, all_w, slot_rows))
+    else:
+        extra = xp.full((T, R), -1, np.int32)
+        extra[tok, to] = xp.arange(back.shape[0], dtype=np.int32)
+        all_ids = xp.concatenate([xp.where(ids < E, -1, ids).astype(np.int32),
+                                  xp.zeros((T, R), np.int32)], axis=1)
+        all_w = xp.concatenate([weights.astype(np.float32, copy=False),
+                                xp.ones((T, R), np.float32)], axis=1)
+        slot_rows = xp.concatenate([xp.full((T, K), -1, np.int32), extra], axis=1)
     y = combine(x, all_ids, all_w, E, cfg.zero_types, (back, slot_rows), layer.const_vec,
                 layer.const_gate, num_zero_experts=cfg.num_zero_experts, check_ids=False)
     mark("combine")
