@@ -10,7 +10,7 @@ benchmark workload: 8 of 12 slots real), against the copy rate measured in the s
 Rate = the distinct experts' weight bytes (SPEC's floor bytes without x and y) / time.
 Outputs of every syncfree and pair variant are compared with the default's, slot by slot.
 
-    python benchmarks/expert_sweep.py [out.json] [parts: syncfree,pairs,capacity,fp8]
+    python benchmarks/expert_sweep.py [out.json] [parts: syncfree,pairs,capacity,dummy,fp8]
 """
 import json
 import sys
@@ -174,6 +174,44 @@ for C in (8, 16, 32, 48, 64) if "capacity" in parts else ():
     frac = all_bytes / (ms * 1e-3) / copy
     result["capacity"].append({"capacity": C, "ms": ms, "of_copy": frac})
     print(f"          C={C:3d} {ms:8.3f} ms {frac:5.0%}", flush=True)
+    del xs, gate_up, h, rows
+
+# Capacity with only n of the E experts active: batched calls over the n alone (what a host
+# count allows), over all E (what capacity does), and over all E where the E - n inactive
+# entries all read one dummy expert's weights and write one scratch block (L2 hits?).
+if "dummy" in parts:
+    C = 16
+    print(f"\ncapacity C={C} with n of E experts active: ms over n only / all E / n + dummies")
+    xs = _normal(cp, (E * C, H), dt, 7)
+    gate_up = cp.empty((E * C, 2 * I), dt)
+    h = cp.empty((E * C, I), dt)
+    rows = cp.empty((E * C, H), dt)
+    mats = ((w13, xs, gate_up, 2 * I * H * 2, C * H * 2, C * 2 * I * 2),
+            (w2, h, rows, H * I * 2, C * I * 2, C * H * 2))
+    for n in (E, int(E * 0.86), int(E * 0.63), int(E * 0.4)):
+        def ptrs(entries, dummy):
+            out = []
+            for W, src, dst, sw, sx, sd in mats:
+                e = np.arange(entries)
+                we = np.where(e < n, e, E - 1) if dummy else e
+                de = np.where(e < n, e, E - 1) if dummy else e
+                out.append([cp.asarray((a.data.ptr + k * st).astype(np.uint64))
+                            for a, k, st in ((W, we, sw), (src, e, sx), (dst, de, sd))])
+            return out
+
+        cells = []
+        for entries, dummy in ((n, False), (E, False), (E, True)):
+            p1, p2 = ptrs(entries, dummy)
+
+            def run_it():
+                _cublas.batched_gemm_nt(p1[0], p1[1], p1[2], C, 2 * I, H, "bfloat16")
+                silu_mul(emod, ctype, gate_up, h, entries * C, I)
+                _cublas.batched_gemm_nt(p2[0], p2[1], p2[2], C, H, I, "bfloat16")
+
+            cells.append(timed(run_it))
+        result.setdefault("dummy", []).append({"active": n, "ms_active_only": cells[0],
+                                               "ms_all": cells[1], "ms_dummies": cells[2]})
+        print(f"          n={n:3d} " + " / ".join(f"{c:7.3f}" for c in cells), flush=True)
     del xs, gate_up, h, rows
 
 if "fp8" in parts:

@@ -41,7 +41,7 @@ def out_ctype(ctype: str) -> str:
 
 def experts_kernel_names() -> list[str]:
     """Every instantiation in kernels/experts.cu that the GPU path may launch."""
-    names = ["expert_offsets", "scale_rows"]
+    names = ["expert_offsets", "scale_rows", "capacity_pointers"]
     for _, (dt, ctype) in DTYPES.items():
         o = out_ctype(ctype)
         names += [f"fixed_gemm_nt<{ctype},{ctype},{ctype}>", f"fixed_gemm_nt<{ctype},{o},{o}>"]

@@ -5,10 +5,11 @@ graph (graphs.py uses it from CAPACITY_MIN_PAIRS pairs per expert; "auto" from E
 expert's block full (a routing more skewed than C allows) is spilled to the "syncfree" path,
 whose rows follow the blocks in the same output: the result is the same, only slower.
 
-Built for many rows per expert, where nearly every expert is active anyway: every expert's
-weights are read, used or not. At LongCat-Flash shapes (bf16, H200, benchmarks/expert_sweep.py)
-the two batched GEMMs and the SiLU pass read the weights at 97-102% of the copy rate for
-C = 8 to 48 and 91% at 64, where the syncfree GEMMs reach 80-91%.
+Built for many rows per expert, where nearly every expert is active anyway: the batch has E
+entries whatever the routing; those of inactive experts all read one expert's weights (mostly
+L2 hits) and write scratch rows. At LongCat-Flash shapes (bf16, H200,
+benchmarks/expert_sweep.py) the two batched GEMMs and the SiLU pass read the weights at
+97-102% of the copy rate for C = 8 to 48 and 91% at 64, where the syncfree GEMMs reach 80-91%.
 """
 from __future__ import annotations
 
@@ -69,28 +70,39 @@ def capacity(x, ids, w13, w2, mark, allow_tf32=False):
     offsets = cp.arange(0, E * C + 1, C, dtype=np.int32)  # expert e's block: rows e*C ...
     cursor = cp.zeros(E, np.int32)
     spill = cp.empty((T, K), np.int32)
-    slot_rows, xs = gather_rows(mod, ctype, x, ids, offsets, cursor, E, E * C, C, spill)
-    gate_up = cp.empty((E * C, I2), x.dtype)
-    h = cp.empty((E * C, I), x.dtype)
-    # the blocks' rows, then the spilled pairs' rows (at most P)
-    rows = cp.empty((E * C + P, H), rows_dtype(x.dtype))
+    # Row buffers: E blocks of C rows and a scratch block E (the inactive entries' rows).
+    slot_rows, xs = gather_rows(mod, ctype, x, ids, offsets, cursor, E, (E + 1) * C, C, spill)
+    gate_up = cp.empty(((E + 1) * C, I2), x.dtype)
+    h = cp.empty(((E + 1) * C, I), x.dtype)
+    # the blocks' rows, then the spilled pairs' rows (at most P), then scratch
+    rows = cp.empty((E * C + P + C, H), rows_dtype(x.dtype))
+    # Batch entries: the active experts (cursor: the claims on each block), then the inactive
+    # ones, which all read expert 0's weights (capacity_pointers in kernels/experts.cu).
+    # Measured (H200, LongCat-Flash, C = 16, 440 of 512 experts active): 8.37 ms against 9.03
+    # with every entry reading its own expert and 7.76 over the active experts alone.
+    active = cp.empty(E + 1, np.int32)
+    syncfree.syncfree_module().get_function("syncfree_plan")(
+        (1,), (1024,), (cursor, np.int32(E), cp.empty(E + 1, np.int32),
+                        cp.empty(E, np.int32), active))
+    ptrs = cp.empty((6, E), np.uint64)
+    u64 = np.uint64
+    mod.get_function("capacity_pointers")(
+        (-(-E // 256),), (256,),
+        (active, np.int32(E), np.int32(C), u64(w13.data.ptr), u64(w13.strides[0]),
+         u64(xs.data.ptr), u64(xs.strides[0]), u64(gate_up.data.ptr), u64(gate_up.strides[0]),
+         u64(w2.data.ptr), u64(w2.strides[0]), u64(h.data.ptr), u64(h.strides[0]),
+         u64(rows.data.ptr), u64(rows.strides[0]), u64(rows.data.ptr + (E * C + P) *
+                                                       rows.strides[0]), ptrs))
     mark("permute")
-    experts = cp.arange(E, dtype=np.uint64)
-
-    def pointers(a, per_expert):  # expert e's matrix: e * per_expert of a's first dimension
-        # device arithmetic: capturable, no host copy
-        return np.uint64(a.data.ptr) + experts * np.uint64(per_expert * a.strides[0])
-
-    _cublas.batched_gemm_nt(pointers(w13, 1), pointers(xs, C), pointers(gate_up, C), C, I2, H,
-                            name, allow_tf32)
+    _cublas.batched_gemm_nt(ptrs[0], ptrs[1], ptrs[2], C, I2, H, name, allow_tf32)
     mark("gemm1")
     silu_mul(mod, ctype, gate_up, h, E * C, I)
     mark("activation")
-    _cublas.batched_gemm_nt(pointers(w2, 1), pointers(h, C), pointers(rows, C), C, H, I, name,
-                            allow_tf32)
+    _cublas.batched_gemm_nt(ptrs[3], ptrs[4], ptrs[5], C, H, I, name, allow_tf32)
     # Spilled pairs: the syncfree path over them alone (no pair at all in a balanced routing:
     # its kernels find no active expert and exit).
-    spilled = syncfree.syncfree(x, spill, w13, w2, None, _no_mark, out_rows=rows[E * C:])
+    spilled = syncfree.syncfree(x, spill, w13, w2, None, _no_mark,
+                                out_rows=rows[E * C:E * C + P])
     slot_rows = cp.where(slot_rows >= 0, slot_rows,
                          cp.where(spilled.slot_rows >= 0, spilled.slot_rows + E * C, -1))
     mark("gemm2")

@@ -60,6 +60,32 @@ __global__ void gather_rows(const T* __restrict__ x, long long x_stride,
   }
 }
 
+// The "capacity" path's batched-GEMM pointers, (6, E) uint64: for GEMM 1 (w13, x rows, gate_up
+// rows) and GEMM 2 (w2, h rows, output rows) of each batch entry. The first active[0] entries
+// serve the active experts (active: syncfree_plan's list), each with its block of C rows; the
+// other entries all read expert 0's weights (one expert's bytes, mostly L2 hits, where each
+// inactive expert's own would cost a full read) and the scratch block E of the row buffers,
+// and write scratch (rows_scratch for GEMM 2). One thread per entry.
+extern "C" __global__ void capacity_pointers(
+    const int* __restrict__ active, int E, int C, unsigned long long w13,
+    unsigned long long w13_bytes, unsigned long long xs, unsigned long long xs_row,
+    unsigned long long gate_up, unsigned long long gate_up_row, unsigned long long w2,
+    unsigned long long w2_bytes, unsigned long long h, unsigned long long h_row,
+    unsigned long long rows, unsigned long long rows_row, unsigned long long rows_scratch,
+    unsigned long long* __restrict__ ptrs) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= E) return;
+  const bool real = i < active[0];
+  const unsigned long long e = real ? active[1 + i] : 0;  // weights
+  const unsigned long long b = (real ? e : E) * C;        // first row of the block
+  ptrs[i] = w13 + e * w13_bytes;
+  ptrs[E + i] = xs + b * xs_row;
+  ptrs[2 * E + i] = gate_up + b * gate_up_row;
+  ptrs[3 * E + i] = w2 + e * w2_bytes;
+  ptrs[4 * E + i] = h + b * h_row;
+  ptrs[5 * E + i] = real ? rows + b * rows_row : rows_scratch;
+}
+
 // gate_up: (M, 2I) with gate columns first -> h: (M, I) = silu(gate) * up, computed in fp32
 // and stored as O (T, or fp32 for an fp16 layer's fixed path, where it cannot overflow).
 template <typename T, typename O, int VEC>
