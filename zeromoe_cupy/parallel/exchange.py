@@ -114,7 +114,7 @@ class Exchange:
         self.local_experts = num_experts // R
         self.config = config
         self._fingerprint = None if config is None else config_fingerprint(config)
-        self._fingerprint_rows = None  # [R, F] in the array module of the counts, on first use
+        self._fingerprint_rows = None  # [R, 1 + F]: counts, then the fingerprint; on first use
         self.last_stats: ExchangeStats | None = None
 
     def _with_fingerprint(self, xp, send_counts):
@@ -124,9 +124,13 @@ class Exchange:
             return send_counts
         if self._fingerprint_rows is None or not isinstance(self._fingerprint_rows, xp.ndarray):
             R = self.group.world_size
-            self._fingerprint_rows = xp.asarray(np.tile(self._fingerprint, (R, 1)))
-        return xp.concatenate([send_counts.astype(np.int64)[:, None], self._fingerprint_rows],
-                              axis=1)
+            rows = np.zeros((R, 1 + self._fingerprint.size), np.int64)
+            rows[:, 1:] = self._fingerprint
+            self._fingerprint_rows = xp.asarray(rows)
+        # One buffer for every call: each call's exchange reads it before the next call's
+        # write, in stream order (NCCL) or before returning (local groups).
+        self._fingerprint_rows[:, 0] = send_counts
+        return self._fingerprint_rows
 
     def _check_fingerprints(self, received) -> None:
         """``received`` [R, F]: every rank's fingerprint. ValueError naming the fields that

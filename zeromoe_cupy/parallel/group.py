@@ -41,7 +41,7 @@ class Group:
             raise ValueError(f"counts: expected shape [{R}] or [{R}, c], got {counts.shape}")
         if counts.dtype.kind not in "iu":
             raise TypeError(f"counts: expected an integer array, got {counts.dtype}")
-        return self._exchange_counts(counts.reshape(R, -1).astype(np.int64))
+        return self._exchange_counts(counts.reshape(R, -1).astype(np.int64, copy=False))
 
     def all_to_all(self, sends: Sequence[Any], send_splits, recvs: Sequence[Any],
                    recv_splits) -> None:
