@@ -115,6 +115,31 @@ def test_workspace_stays_inside_the_documented_bound_at_65536_tokens(rng):
     assert relative_error(y[:64].get(), ref_rows.get()) <= TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("E,T,strategy", [(64, 256, "auto"), (64, 256, "capacity"),
+                                          (128, 48, "auto"), (64, 256, "grouped"),
+                                          (64, 256, "syncfree")])
+def test_workspace_bound_of_each_expert_path(E, T, strategy, rng):
+    # (64, 256, "auto"): the capacity path (C = 56); (128, 48, "auto"): one uniform tile
+    cfg = zm.MoEConfig(hidden_size=512, intermediate_size=256, num_experts=E,
+                       num_zero_experts=16, top_k=8, dtype="bfloat16")
+    w = random_layer_weights(rng, cfg)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()},
+                                          expert_strategy=strategy)
+    x = cp.asarray(random_x(rng, T, cfg.hidden_size, "bfloat16"))
+    layer(x)  # compiles, fills the layer's caches
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    pool.set_limit(size=pool.total_bytes() + layer.workspace_bytes(T))
+    try:
+        y = layer(x)
+        cp.cuda.Device().synchronize()
+    finally:
+        pool.set_limit(size=0)
+    ref, _ = layer.reference(x)
+    assert relative_error(y.get(), ref) <= TOL["bfloat16"]
+
+
 def test_two_threads_on_their_own_streams(layer, rng):
     xs = [cp.asarray(random_x(rng, 3000, 512, "bfloat16")) for _ in range(2)]
     expected = [layer(x) for x in xs]

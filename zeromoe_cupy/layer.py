@@ -598,21 +598,38 @@ class ZeroExpertMoE:
         layers (and a 4-byte row scale); plus the output (T, H). Expert rows:
         one per real (token, slot) pair, at most T*K, plus the padding of the "padded"
         strategy: under PAD_ROWS rows per active expert, and "auto" pads only when the
-        active experts average PADDED_MIN_ROWS rows or more.
+        active experts average PADDED_MIN_ROWS rows or more, or to one uniform tile of at most
+        UNIFORM_MAX_ROWS rows per active expert. The "capacity" strategy (bf16; "auto" where
+        experts.capacity.eager_prefers) holds (E + 1) blocks of C rows (capacity_rows) of
+        input, GEMM 1 output and activation, E*C + T*K + C output rows, and the syncfree
+        buffers of its spilled pairs (input and activation rows, at most T*K).
         """
-        from .experts import PAD_ROWS, PADDED_MIN_ROWS
+        from .experts import PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX
+        from .experts._common import UNIFORM_MAX_ROWS
+        from .experts.capacity import capacity_rows, eager_prefers
         cfg = self.config
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs, "fixed": pairs}.get(
             self.expert_strategy, 0)
-        rows = pairs + min(cfg.num_experts, padded_experts) * (PAD_ROWS - 1)
+        rows = pairs + min(E, padded_experts) * (PAD_ROWS - 1)
+        if self.expert_strategy == "auto" and pairs > PAIRS_MAX:  # the uniform tile
+            rows = max(rows, min(E, pairs) * min(UNIFORM_MAX_ROWS, -(-pairs // 8) * 8))
         out_item = 4 if cfg.dtype == "float16" else item  # experts.rows_dtype
-        per_chunk = (T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12
-                     + rows * ((cfg.hidden_size + 2 * cfg.intermediate_size) * item
-                               + (cfg.hidden_size + cfg.intermediate_size) * out_item
-                               + (4 if cfg.dtype == "float16" else 0)))
+        experts = rows * ((H + 2 * I) * item + (H + I) * out_item
+                          + (4 if cfg.dtype == "float16" else 0))
+        if E and (self.expert_strategy == "capacity" or (
+                self.expert_strategy == "auto" and cfg.dtype == "bfloat16"
+                and eager_prefers(T, cfg.top_k, E))):
+            C = capacity_rows(T, cfg.top_k, E)
+            # + index arrays: per expert about 24 int32 and the 6-pointer table, per pair 6
+            # int32, and the pool's 512-byte rounding of about 16 small arrays
+            experts = max(experts, ((E + 1) * C * (H + 3 * I) + (E * C + pairs + C) * H
+                                    + pairs * (H + I)) * item
+                          + (E + 1) * 144 + pairs * 24 + 16 * 512)
+        per_chunk = T * (cfg.hidden_size + cfg.num_total_experts) * 4 + pairs * 12 + experts
         per_chunk += T * (cfg.router_hidden_size or 0) * 4  # the two-layer router's hidden
         if cfg.gating_residual:
             per_chunk += T * cfg.num_total_experts * 4  # the residual term
