@@ -5,8 +5,8 @@ benchmark workload: 8 of 12 slots real), against the copy rate measured in the s
 - the pair kernel (pair_gemv) for rows per warp 1 ... 8, T = 1 ... 16;
 - cuBLAS batched GEMMs over every expert padded to a fixed capacity of C rows (the layout a
   graph could use without host counts), C = 8 ... 64;
-- the FP8 layer's eager forward (tensor-core grouped kernel) with and without an L2 prefetch
-  hint on its weight loads (kernels/fp8.cu G8_PREFETCH), T = 64 ... 1024.
+- the FP8 layer's eager forward (tensor-core grouped kernel) for stage widths and depths
+  of its pipeline (kernels/fp8.cu G8_BK, G8_STAGES), T = 64 ... 1024.
 Rate = the distinct experts' weight bytes (SPEC's floor bytes without x and y) / time.
 Outputs of every syncfree and pair variant are compared with the default's, slot by slot.
 
@@ -217,26 +217,27 @@ if "dummy" in parts:
 if "fp8" in parts:
     from zeromoe_cupy import quant
     fp8_layer = layer.quantize("fp8")
-    print("\nfp8 layer, eager ms (share of copy rate for the fp8 weight bytes + scales)")
-    default_module = quant.fp8_module
-    for prefetch in (0, 128, 256):
-        mod8 = raw_module("fp8.cu", quant.fp8_kernel_names(), (f"-DG8_PREFETCH={prefetch}",))
-        quant.fp8_module = lambda: mod8
+    print("\nfp8 layer, eager ms (share of copy rate for the fp8 weight bytes + scales) by "
+          "pipeline (G8_BK, G8_STAGES)")
+    default_pipeline = quant.fp8_pipeline
+    for prefetch in ((64, 4), (128, 2), (128, 3), (128, 4)):  # (64, 4): the baseline
+        variant = (("G8_BK", prefetch[0]), ("G8_STAGES", prefetch[1]))
+        quant.fp8_pipeline = lambda: variant
         cells = []
         for T in (64, 128, 1024):
             x, ids, nbytes = loads.get(T) or workload(T)
             nbytes = nbytes // 2 * (1 + 4 / (128 * 128))  # e4m3 bytes plus block scales
             ms = timed(lambda: fp8_layer(x))
             y = fp8_layer(x).astype(np.float32)
-            result["fp8"].append({"prefetch": prefetch, "tokens": T, "ms": ms,
+            result["fp8"].append({"pipeline": list(prefetch), "tokens": T, "ms": ms,
                                   "of_copy": nbytes / (ms * 1e-3) / copy})
             cells.append(f"T={T} {ms:7.3f} {nbytes / (ms * 1e-3) / copy:4.0%}")
-            if prefetch == 0:
+            if prefetch == (64, 4):
                 result.setdefault("fp8_y", {})[T] = y
             else:
                 cells[-1] += f" diff {rel(y, result['fp8_y'][T]):.1e}"
-        print(f"  G8_PREFETCH={prefetch:3d}  " + "   ".join(cells), flush=True)
-    quant.fp8_module = default_module
+        print(f"  {str(prefetch):>9}  " + "   ".join(cells), flush=True)
+    quant.fp8_pipeline = default_pipeline
     result.pop("fp8_y", None)
 
 print(f"\nsweep done in {time.perf_counter() - t_start:.0f} s")

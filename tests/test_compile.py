@@ -10,7 +10,7 @@ from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
-from zeromoe_cupy.quant import fp8_kernel_names
+from zeromoe_cupy.quant import FP8_PIPELINE, SMALL_FP8_PIPELINE, fp8_kernel_names
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
 
@@ -63,9 +63,11 @@ def test_syncfree_pipeline_variants_compile(variant):
     _compile("syncfree.cu", "sm_90", tuple(f"-D{k}={v}" for k, v in variant.items()))
 
 
-@pytest.mark.parametrize("prefetch", [0, 256])
-def test_fp8_prefetch_variants_compile(prefetch):
-    _compile("fp8.cu", "sm_90", (f"-DG8_PREFETCH={prefetch}",))
+@pytest.mark.parametrize("options", [("-DG8_PREFETCH=0",), ("-DG8_PREFETCH=256",),
+                                     tuple(f"-D{k}={v}" for k, v in FP8_PIPELINE),
+                                     tuple(f"-D{k}={v}" for k, v in SMALL_FP8_PIPELINE)])
+def test_fp8_variants_compile(options):
+    _compile("fp8.cu", "sm_90", options)
 
 
 def _compile(filename, arch, extra):

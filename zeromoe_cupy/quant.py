@@ -155,10 +155,43 @@ def fp8_kernel_names() -> list[str]:
     return names
 
 
+# The tensor-core kernel's pipeline (kernels/fp8.cu grouped_mma_fp8, as -D options): k bytes
+# per stage and stages. SMALL_FP8_PIPELINE: GPUs whose blocks cannot opt in to its shared
+# memory.
+FP8_PIPELINE = (("G8_BK", 128), ("G8_STAGES", 3))
+SMALL_FP8_PIPELINE = (("G8_BK", 64), ("G8_STAGES", 4))
+
+
+def fp8_smem_bytes(pipeline) -> int:
+    """Dynamic shared memory of grouped_mma_fp8: its stages of (128 weight + 64 activation
+    rows) x G8_BK bytes, at least its fp32 result tile (64 x 132 floats)."""
+    p = dict(pipeline)
+    return max(p["G8_STAGES"] * (128 + 64) * p["G8_BK"], 64 * 132 * 4)
+
+
 @memoize_per_device
-def fp8_module():
-    """kernels/fp8.cu, compiled once per device."""
-    return raw_module("fp8.cu", fp8_kernel_names())
+def fp8_pipeline():
+    """FP8_PIPELINE where the current GPU's blocks can have its shared memory, else the small
+    one."""
+    rt = cupy_module().cuda.runtime
+    optin = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, rt.getDevice())
+    return FP8_PIPELINE if fp8_smem_bytes(FP8_PIPELINE) <= optin else SMALL_FP8_PIPELINE
+
+
+def fp8_module(pipeline=None):
+    """kernels/fp8.cu, compiled once per device and pipeline (None: fp8_pipeline())."""
+    return _fp8_module(pipeline or fp8_pipeline())
+
+
+@memoize_per_device
+def _fp8_module(pipeline):
+    mod = raw_module("fp8.cu", fp8_kernel_names(), tuple(f"-D{k}={v}" for k, v in pipeline))
+    smem = fp8_smem_bytes(pipeline)
+    if smem > 48 * 1024:  # beyond the default limit a kernel must opt in
+        for name in fp8_kernel_names():
+            if name.startswith("grouped_mma_fp8"):
+                mod.get_function(name).max_dynamic_shared_size_bytes = smem
+    return mod
 
 
 def _launch_1d(name, n, args):

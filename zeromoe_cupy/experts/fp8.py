@@ -70,9 +70,11 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     E, I = w13.shape[0], w13.shape[1] // 2
     P = T * ids.shape[1]
     ctype = DTYPES[dtype_name(x.dtype)][1]
-    qmod = quant.fp8_module()
+    pipeline = quant.fp8_pipeline()
+    qmod = quant.fp8_module(pipeline)
     counts = real_counts(ids, expert_counts, E)
     if _mma_ready(H, I, w13, w2):
+        smem = quant.fp8_smem_bytes(pipeline)
         from .syncfree import syncfree_module
         offsets = cp.empty(E + 1, np.int32)
         cursor = cp.empty(E, np.int32)
@@ -86,7 +88,8 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
         def gemm(glu, types, a, asc, W, S, N, Kd, out):
             qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()}>")(
                 (-(-N // _MMA_FEATURES[glu]), slots), (256,),
-                (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out))
+                (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out),
+                shared_mem=smem)
     else:
         offsets, slot_rows, xs = gather(experts_module(), ctype, x, ids, counts, E, 1, P)
         slots = P

@@ -496,8 +496,17 @@ __device__ __forceinline__ void f8_mma(float (&c)[4], const unsigned (&a)[4], un
 #define G8_THREADS 256
 #define G8_BN 128     // weight rows per block: 16 per warp
 #define G8_MT 64      // expert rows per pass: four 16-row mma tiles
-#define G8_BK 64      // k bytes per pipeline stage: half a 128-wide scale group
+// The pipeline, set by quant.py (FP8_PIPELINE as -D options; these defaults are its
+// SMALL_FP8_PIPELINE):
+// k bytes per stage (64: half a 128-wide scale group, or 128: a whole group) and stages. A
+// stage holds G8_BK / 64 sub-tiles of 64 bytes per row, each read as in the 64-byte layout.
+#ifndef G8_BK
+#define G8_BK 64
+#endif
+#ifndef G8_STAGES
 #define G8_STAGES 4
+#endif
+#define G8_SUB ((G8_BN + G8_MT) * 64)  // bytes of one 64-byte-wide sub-tile of a stage
 #define G8_LDC (G8_BN + 4)  // pitch of the fp32 result tile
 template <typename TX, typename TOUT, bool GLU>
 __global__ void __launch_bounds__(G8_THREADS, 2)
@@ -514,9 +523,10 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
   if (f0 >= N) return;
   constexpr int MATS = GLU ? 2 : 1;
   constexpr int STAGE = (G8_BN + G8_MT) * G8_BK;  // bytes: weight tile, then row tile
-  constexpr int BYTES = G8_STAGES * STAGE;
-  static_assert(BYTES >= G8_MT * G8_LDC * 4, "the result tile reuses the stage buffers");
-  __shared__ __align__(128) unsigned char smem[BYTES];
+  static_assert(G8_BK == 64 || G8_BK == 128, "a stage: half or all of one scale group");
+  // dynamic: G8_STAGES * STAGE bytes (at least the result tile, G8_MT * G8_LDC floats)
+  extern __shared__ __align__(128) unsigned char g8_smem[];
+  unsigned char* smem = g8_smem;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
   const int nk = (Kd + G8_BK - 1) / G8_BK;
@@ -543,10 +553,12 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
           ok = ok && r0 + r - G8_BN < m;
           src = aq + (long long)(row0 + r0 + r - G8_BN) * Kd + k;
         }
+        const int c = i % (G8_BK / 16);  // 16-byte chunk: sub-tile c / 4, place c % 4
+        unsigned char* dst = st + (c / 4) * G8_SUB + r * 64 + (c % 4) * 16;
         if (r < G8_BN)
-          f8_cp_async16_weights(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
+          f8_cp_async16_weights(dst, ok ? src : W, ok);
         else
-          f8_cp_async16(st + r * G8_BK + (i % (G8_BK / 16)) * 16, ok ? src : W, ok);
+          f8_cp_async16(dst, ok ? src : W, ok);
       }
     };
     // [tile][n]: rows 16 tile + lane / 4 (+ 8) x this warp's features 16 warp + 8 n + 2 q (+1).
@@ -564,37 +576,40 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
       __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
       if (kt + G8_STAGES - 1 < nk) issue(kt + G8_STAGES - 1);
       f8_cp_async_commit();
-      const unsigned char* st = smem + (kt % G8_STAGES) * STAGE;
       const int q16 = (lane % 4) * 16;
-      unsigned b[2][4][2];  // [n][k-step][b0, b1]
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const uint4 raw =
-            *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * G8_BK + q16);
-        const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+      for (int sub = 0; sub < G8_BK / 64; ++sub) {  // 64-byte sub-tiles, in k order
+        const unsigned char* st = smem + (kt % G8_STAGES) * STAGE + sub * G8_SUB;
+        unsigned b[2][4][2];  // [n][k-step][b0, b1]
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          b[n][s][0] = e4m3x2_to_f16x2((unsigned short)(words[s] & 0xffffu));
-          b[n][s][1] = e4m3x2_to_f16x2((unsigned short)(words[s] >> 16));
+        for (int n = 0; n < 2; ++n) {
+          const uint4 raw =
+              *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * 64 + q16);
+          const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            b[n][s][0] = e4m3x2_to_f16x2((unsigned short)(words[s] & 0xffffu));
+            b[n][s][1] = e4m3x2_to_f16x2((unsigned short)(words[s] >> 16));
+          }
         }
-      }
 #pragma unroll
-      for (int t = 0; t < G8_MT / 16; ++t) {
-        if (t >= tiles) break;
-        const unsigned char* at = st + G8_BN * G8_BK + (t * 16 + lane / 4) * G8_BK + q16;
-        const uint4 lo = *reinterpret_cast<const uint4*>(at);
-        const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * G8_BK);
-        const unsigned wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+        for (int t = 0; t < G8_MT / 16; ++t) {
+          if (t >= tiles) break;
+          const unsigned char* at = st + G8_BN * 64 + (t * 16 + lane / 4) * 64 + q16;
+          const uint4 lo = *reinterpret_cast<const uint4*>(at);
+          const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * 64);
+          const unsigned wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const unsigned a[4] = {e4m3x2_to_f16x2((unsigned short)(wl[s] & 0xffffu)),
-                                 e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
-                                 e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
-                                 e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
-          f8_mma(part[t][0], a, b[0][s][0], b[0][s][1]);
-          f8_mma(part[t][1], a, b[1][s][0], b[1][s][1]);
+          for (int s = 0; s < 4; ++s) {
+            const unsigned a[4] = {e4m3x2_to_f16x2((unsigned short)(wl[s] & 0xffffu)),
+                                   e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
+                                   e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
+                                   e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
+            f8_mma(part[t][0], a, b[0][s][0], b[0][s][1]);
+            f8_mma(part[t][1], a, b[1][s][0], b[1][s][1]);
+          }
         }
-      }
+      }  // sub-tiles
       if (((kt + 1) * G8_BK) % QBLOCK == 0 || kt == nk - 1) {  // the group ends: promote
 #pragma unroll
         for (int t = 0; t < G8_MT / 16; ++t) {
