@@ -220,8 +220,8 @@ if "fp8" in parts:
     print("\nfp8 layer, eager ms (share of copy rate for the fp8 weight bytes + scales) by "
           "pipeline (G8_BK, G8_STAGES)")
     default_pipeline = quant.fp8_pipeline
-    for prefetch in ((64, 4), (128, 2), (128, 3), (128, 4)):  # (64, 4): the baseline
-        variant = (("G8_BK", prefetch[0]), ("G8_STAGES", prefetch[1]))
+    for pipe in ((64, 4), (128, 2), (128, 3), (128, 4)):  # (64, 4): the baseline
+        variant = (("G8_BK", pipe[0]), ("G8_STAGES", pipe[1]))
         quant.fp8_pipeline = lambda: variant
         cells = []
         for T in (64, 128, 1024):
@@ -229,14 +229,14 @@ if "fp8" in parts:
             nbytes = nbytes // 2 * (1 + 4 / (128 * 128))  # e4m3 bytes plus block scales
             ms = timed(lambda: fp8_layer(x))
             y = fp8_layer(x).astype(np.float32)
-            result["fp8"].append({"pipeline": list(prefetch), "tokens": T, "ms": ms,
+            result["fp8"].append({"pipeline": list(pipe), "tokens": T, "ms": ms,
                                   "of_copy": nbytes / (ms * 1e-3) / copy})
             cells.append(f"T={T} {ms:7.3f} {nbytes / (ms * 1e-3) / copy:4.0%}")
-            if prefetch == (64, 4):
+            if pipe == (64, 4):
                 result.setdefault("fp8_y", {})[T] = y
             else:
                 cells[-1] += f" diff {rel(y, result['fp8_y'][T]):.1e}"
-        print(f"  {str(prefetch):>9}  " + "   ".join(cells), flush=True)
+        print(f"  {str(pipe):>9}  " + "   ".join(cells), flush=True)
     quant.fp8_pipeline = default_pipeline
     result.pop("fp8_y", None)
 
