@@ -144,6 +144,10 @@ def test_from_hf_config_quantization_and_dense_layers():
     ({}, ValueError, "model_type"),
     (longcat_config(dtype="float64"), ValueError, "dtype"),
     (longcat_config(zero_expert_type="copy"), ValueError, "zero_expert_type"),
+    # no constant-expert tensors in a LongCat checkpoint: refused when the config is read
+    (longcat_config(zero_expert_type="constant"), ValueError, "zero_expert_type"),
+    (deepseek_config(moe_layer_freq=0), ValueError, "moe_layer_freq"),
+    (deepseek_config(topk_method="greedy"), ValueError, "topk_method"),
     (longcat_config(moe_topk=2.5), ValueError, "moe_topk"),
     (longcat_config(moe_topk=E + Z + 1), ValueError, "top_k"),
     (deepseek_config(num_experts_per_tok=None), ValueError, "num_experts_per_tok"),
@@ -266,10 +270,30 @@ def test_from_pretrained_router_bias_is_added(tmp_path, rng):
     np.testing.assert_array_equal(layer.router_bias, w["router_bias"])
     x = random_x(rng, 9, H, "float32")
     assert zm.reference.relative_error(layer(x), reference_y(layer.config, w, x)) <= 1e-5
+    # router_bias false (or absent): a bias tensor in the file is ignored, as transformers does
+    for config in (longcat_config(router_bias=False), longcat_config()):
+        write_checkpoint(tmp_path, config, tensors)
+        layer = zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=0, device="cpu")
+        assert layer.router_bias is None
+        w_no_bias = {k: v for k, v in w.items() if k != "router_bias"}
+        assert zm.reference.relative_error(layer(x), reference_y(layer.config, w_no_bias, x)) \
+            <= 1e-5
     del tensors["model.layers.0.mlp.router.classifier.bias"]
     write_checkpoint(tmp_path, longcat_config(router_bias=True), tensors)
     with pytest.raises(ValueError, match="router_bias"):
         zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=0, device="cpu")
+
+
+def test_from_pretrained_deepseek_ignores_a_gate_bias(tmp_path, rng):
+    # DeepSeek-V3's router has no bias: a stray gate.bias must not change the routing
+    w = layer_tensors(rng, 8, 8, "float32")
+    tensors = hf_tensors(w, "model.layers.2.mlp.", "per_expert", router="gate")
+    tensors["model.layers.2.mlp.gate.bias"] = (rng.standard_normal(8) * 5).astype(np.float32)
+    write_checkpoint(tmp_path, deepseek_config(), tensors)
+    layer = zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=2, device="cpu")
+    assert layer.router_bias is None
+    x = random_x(rng, 13, H, "float32")
+    assert zm.reference.relative_error(layer(x), reference_y(layer.config, w, x)) <= 1e-5
 
 
 def test_from_pretrained_opens_only_the_shards_of_the_layer(tmp_path, rng):

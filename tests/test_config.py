@@ -65,7 +65,8 @@ BAD = [
     # kinds that are not the field's
     (dict(zero_expert_type=None), TypeError, "zero_expert_type"),
     (dict(zero_expert_type=3), TypeError, "zero_expert_type"),
-    (dict(scoring_func=None), ValueError, "scoring_func"),
+    (dict(scoring_func=None), TypeError, "scoring_func"),
+    (dict(scoring_func="softplus"), ValueError, "scoring_func"),
     (dict(dtype=None), TypeError, "dtype"),
     (dict(top_k=np.float64(2.0)), TypeError, "top_k"),
     (dict(num_experts=np.bool_(True)), TypeError, "num_experts"),

@@ -469,3 +469,49 @@ def test_int_out_of_range_is_a_value_error_naming_the_argument(name, call, minim
     for bad in (minimum - 1, np.int64(minimum - 5)):
         with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected an int >= {minimum}"):
             call(bad)
+
+
+# --- found by a new user's tries ---------------------------------------------------------------
+@pytest.mark.parametrize("tokens, exc", [(-1, ValueError), (1.5, TypeError), ("a", TypeError),
+                                         (True, TypeError)])
+def test_workspace_bytes_checks_tokens(layer, tokens, exc):
+    with pytest.raises(exc, match="tokens"):
+        layer.workspace_bytes(tokens)
+
+
+@pytest.mark.parametrize("timeout, exc", [("5", TypeError), (True, TypeError), (None, TypeError),
+                                          (0, ValueError), (-1.0, ValueError),
+                                          (float("nan"), ValueError)])
+def test_local_groups_timeout(timeout, exc):
+    with pytest.raises(exc, match="timeout"):
+        zm.parallel.local_groups(2, timeout=timeout)
+
+
+def test_expert_mlp_names_both_weights_when_their_i_differs(layer, x):
+    ids = np.zeros((5, 2), np.int32)
+    with pytest.raises(ValueError, match=r"w13, w2: .*I = 5.*I = 8"):
+        ops.expert_mlp(x, ids, layer.w13[:, :10], layer.w2)
+
+
+@pytest.mark.parametrize("name, glu, where", [("w13", True, "expert 2 (up rows)"),
+                                              ("w2", False, "matrix 1")])
+def test_quantize_names_the_weight_and_matrix_with_a_non_finite_value(layer, name, glu, where):
+    w = getattr(layer, name).copy()
+    if glu:
+        w[2, CFG.intermediate_size + 1, 3] = np.inf  # expert 2's up half
+    else:
+        w[1, 0, 0] = np.nan
+    setattr(layer, name, w)
+    with pytest.raises(ValueError, match=re.escape(f"{name}: expected finite weights, got NaN or "
+                                                   f"Inf in {where}")):
+        layer.quantize("fp8")
+
+
+def test_from_state_dict_wants_a_mapping_and_hints_at_the_prefix_dot(layer):
+    sd = {"m.router.classifier.weight": layer.router_weight, "m.experts.w13_weight": layer.w13,
+          "m.experts.w2_weight": layer.w2}
+    with pytest.raises(TypeError, match="state_dict"):
+        zm.ZeroExpertMoE.from_state_dict(CFG, list(sd.items()), prefix="m.")
+    with pytest.raises(ValueError, match=r"did you mean 'm\.'"):
+        zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix="m")
+    assert zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix="m.").w13.shape == layer.w13.shape

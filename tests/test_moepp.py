@@ -325,9 +325,15 @@ def test_route_arguments_raise():
         route(L, 2, renormalize="drop_zero", drop_experts=[True, False])
     with pytest.raises(ValueError, match="drop_experts"):
         route(L, 2, renormalize=True, drop_experts=[False] * 6)
+    with pytest.raises(TypeError, match="drop_experts"):  # ints, not bools
+        route(L, 2, renormalize="drop_zero", drop_experts=np.array([1, 0, 0, 0, 0, 0]))
     for sigma in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="logits_norm_std"):
             route(L, 2, logits_norm_std=sigma)
+    for sigma in (True, "1", None, [1.0]):
+        if sigma is not None:
+            with pytest.raises(TypeError, match="logits_norm_std"):
+                route(L, 2, logits_norm_std=sigma)
 
 
 # --- GPU (marker gpu) ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
@@ -81,8 +82,15 @@ def state_dict_weights(config, state_dict, prefix: str = "") -> dict[str, Any]:
     [E, 2I, H], ``experts.w2_weight`` [E, H, I], as vLLM stores them) or per expert
     (``experts.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj``, or Mixtral's
     ``w1`` / ``w3`` / ``w2``); constant experts' ``const_vec`` and ``const_gate``.
-    Raises ValueError naming the keys looked for when the router or an expert is missing.
+    Raises TypeError when state_dict is not a mapping or prefix not a str; ValueError naming
+    the keys looked for when the router or an expert is missing.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a mapping of name -> tensor (a dict, or "
+                        f"safetensors' load_file result), got {type(state_dict).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix: expected a str, got {type(prefix).__name__} {prefix!r}")
+
     def find(names):
         for name in names:
             if prefix + name in state_dict:
@@ -91,8 +99,11 @@ def state_dict_weights(config, state_dict, prefix: str = "") -> dict[str, Any]:
 
     found = {k: find(names) for k, names in STATE_DICT_KEYS.items()}
     if found["router_weight"] is None:
+        hint = ""
+        if prefix and not prefix.endswith("."):
+            hint = f"; prefix {prefix!r} has no trailing '.': did you mean {prefix + '.'!r}?"
         raise ValueError(f"state_dict: no router weight under {prefix!r} (looked for "
-                         f"{[prefix + k for k in STATE_DICT_KEYS['router_weight']]})")
+                         f"{[prefix + k for k in STATE_DICT_KEYS['router_weight']]}){hint}")
     out = {k: found[k] for k in ("router_weight", "e_score_correction_bias", "router_bias",
                                  "const_vec", "const_gate")}
     if found["w13"] is not None and found["w2"] is not None:
@@ -689,7 +700,7 @@ def pretrained_layer(path, layer: int, dtype: str | None = None,
     if model.model_type == "MoE++":
         return cfg, moepp_targets(files, prefix, cfg, expert_dtype, experts)
     targets = pretrained_targets(files, prefix, cfg, expert_dtype,
-                                 router_bias=True if model.router_bias else None,
+                                 router_bias=bool(model.router_bias),
                                  experts=experts)
     return cfg, targets
 

@@ -158,7 +158,10 @@ class MoEConfig:
         object.__setattr__(self, "zero_expert_type",
                            types if isinstance(types, str) else types_t)
         object.__setattr__(self, "_zero_types", types_t)
-        if not isinstance(self.scoring_func, str) or self.scoring_func not in SCORING_FUNCS:
+        if not isinstance(self.scoring_func, str):
+            raise TypeError(f"scoring_func: expected one of {SCORING_FUNCS}, got "
+                            f"{type(self.scoring_func).__name__} {self.scoring_func!r}")
+        if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, "
                              f"got {self.scoring_func!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
@@ -356,8 +359,9 @@ def _parse_longcat_flash(k: _Keys) -> dict[str, Any]:
     # transformers' LongcatFlashConfig: softmax scores, the correction bias chooses, no
     # renormalization; every decoder layer holds one MoE block (model.layers.L.mlp).
     zero_type = k.get("zero_expert_type", "identity")
-    if zero_type not in ZERO_EXPERT_TYPES:
-        raise k.error("zero_expert_type", f"one of {ZERO_EXPERT_TYPES}")
+    if zero_type not in ("identity", "zero"):  # a LongCat checkpoint holds no constant experts
+        raise k.error("zero_expert_type", "'identity' or 'zero' (LongCat-Flash checkpoints name "
+                      "no constant-expert tensors)")
     router_bias = k.get("router_bias", False)
     if not isinstance(router_bias, bool):
         raise k.error("router_bias", "a bool")
@@ -391,8 +395,14 @@ def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
     n_layers = k.int("num_hidden_layers", 61)
     first_dense = k.int("first_k_dense_replace", 3)
     freq = k.int("moe_layer_freq", 1)
+    if freq < 1:
+        raise k.error("moe_layer_freq", "an int >= 1 (every freq-th layer is an MoE layer)")
     dense = tuple(L for L in range(n_layers) if L < first_dense or L % freq)
     n_group, topk_group = k.int("n_group", 8), k.int("topk_group", 4)
+    method = k.get("topk_method", "noaux_tc")
+    if method not in ("noaux_tc", "group_limited_greedy"):  # both grouped, as computed here
+        raise k.error("topk_method", "'noaux_tc' (grouped top-k with the correction bias, as "
+                      "DeepSeek-V3) or 'group_limited_greedy' (grouped, without it)")
     fields = dict(
         hidden_size=k.int("hidden_size", 7168),
         intermediate_size=k.int("moe_intermediate_size", 2048),
@@ -400,7 +410,7 @@ def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
         top_k=top_k, scoring_func=scoring, renormalize=norm,
         routed_scaling_factor=k.get("routed_scaling_factor", 2.5),
         num_expert_group=n_group, topk_group=topk_group,
-        use_correction_bias=k.get("topk_method", "noaux_tc") == "noaux_tc")
+        use_correction_bias=method == "noaux_tc")
     keys = dict(hidden_size="hidden_size", intermediate_size="moe_intermediate_size",
                 num_experts="n_routed_experts", top_k="num_experts_per_tok",
                 routed_scaling_factor="routed_scaling_factor", num_expert_group="n_group",

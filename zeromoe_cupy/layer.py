@@ -358,8 +358,8 @@ class ZeroExpertMoE:
         if self.config.quantization is not None:
             raise ValueError(f"quantize: the layer is already quantized "
                              f"({self.config.quantization!r})")
-        w13, s13 = quant.quantize_weight(self.w13, glu=True)
-        w2, s2 = quant.quantize_weight(self.w2)
+        w13, s13 = quant.quantize_weight(self.w13, glu=True, name="w13")
+        w2, s2 = quant.quantize_weight(self.w2, name="w2")
 
         def copy(a):
             return None if a is None else a.copy()
@@ -608,6 +608,8 @@ class ZeroExpertMoE:
         from .experts._common import UNIFORM_MAX_ROWS
         from .experts.capacity import capacity_rows, eager_prefers
         cfg = self.config
+        if tokens is not None:
+            tokens = check_int("tokens", tokens, minimum=0)
         T = self.max_chunk_tokens if tokens is None else min(tokens, self.max_chunk_tokens)
         item = np_dtype(cfg.dtype).itemsize
         pairs = T * cfg.top_k
@@ -751,8 +753,9 @@ class ZeroExpertMoE:
         (``router.classifier.weight`` [E+Z, H] as LongCat-Flash names it, or ``gate.weight``
         [E, H] as DeepSeek-V3 does; fp32 in the layer), the correction bias
         (``router.e_score_correction_bias`` / ``gate.e_score_correction_bias``), a router bias
-        ``router.classifier.bias`` when present (added to the logits as docs/spec.md step 1 says;
-        transformers' LongcatFlash leaves it out), and the real experts 0..E-1 either per
+        ``router.classifier.bias`` when the config's ``router_bias`` is true (required then, and
+        added to the logits as docs/spec.md step 1 says; transformers' LongcatFlash leaves it
+        out; with ``router_bias`` false or absent a bias tensor in the file is ignored), and the real experts 0..E-1 either per
         expert (``experts.M.gate_proj.weight`` [I, H], ``up_proj`` [I, H], ``down_proj`` [H, I];
         entries of the zero experts M >= E are ignored) or fused as transformers keeps them in
         memory (``experts.gate_up_proj`` [E or E+Z, 2I, H], gate rows first;

@@ -57,13 +57,14 @@ def _matrices(shape, glu):
     return count, (n // 2 if glu else n), k
 
 
-def quantize_weight(w, glu: bool = False):
+def quantize_weight(w, glu: bool = False, name: str = "w"):
     """(q, scale_inv) of a weight [..., N, K] (NumPy or CuPy; bf16/fp16/fp32).
 
     Per 128x128 block, in fp32: scale_inv = max|W| / 448 (1 where that is 0), q = e4m3(W /
     scale_inv). ``glu``: the rows are gate then up ([..., 2I, K]), blocked separately.
     Returns q (NumPy: float8_e4m3fn; CuPy: uint8 bits) of w's shape and fp32 scales
-    ``scale_shape(w.shape, glu)``. Raises ValueError for non-finite weights or an odd 2I.
+    ``scale_shape(w.shape, glu)``. Raises ValueError for non-finite weights (naming ``name``
+    and the first matrix [..., N, K] holding one) or an odd 2I.
     """
     if w.ndim < 2:
         raise ValueError(f"w: expected a weight [..., N, K], got shape {tuple(w.shape)}")
@@ -71,20 +72,26 @@ def quantize_weight(w, glu: bool = False):
         raise ValueError(f"w: expected an even number of rows (gate and up), got {w.shape[-2]}")
     count, n, k = _matrices(w.shape, glu)
     if is_cupy(w):
-        q, s = _quantize_weight_gpu(w, count, n, k)
+        q, s = _quantize_weight_gpu(w, count, n, k, name, glu)
     else:
-        q, s = _quantize_weight_numpy(np.asarray(w), count, n, k)
+        q, s = _quantize_weight_numpy(np.asarray(w), count, n, k, name, glu)
     return q.reshape(w.shape), s.reshape(scale_shape(w.shape, glu))
 
 
-def _quantize_weight_numpy(w, count, n, k):
+def _not_finite(name, i, glu):
+    """The ValueError for non-finite values in matrix i of _matrices' order."""
+    where = f"expert {i // 2} ({'gate' if i % 2 == 0 else 'up'} rows)" if glu else f"matrix {i}"
+    return ValueError(f"{name}: expected finite weights, got NaN or Inf in {where}")
+
+
+def _quantize_weight_numpy(w, count, n, k, name, glu):
     mats = w.reshape(count, n, k)
     q = np.empty((count, n, k), E4M3)
     s = np.empty((count, blocks(n), blocks(k)), np.float32)
     for i in range(count):
         m = mats[i].astype(np.float32)
         if not np.isfinite(m).all():
-            raise ValueError("w: expected finite weights, got NaN or Inf")
+            raise _not_finite(name, i, glu)
         padded = np.zeros((blocks(n) * BLOCK, blocks(k) * BLOCK), np.float32)
         padded[:n, :k] = np.abs(m)
         amax = padded.reshape(blocks(n), BLOCK, blocks(k), BLOCK).max(axis=(1, 3))
@@ -220,7 +227,7 @@ def e4m3_to_f32(q):
     return out
 
 
-def _quantize_weight_gpu(w, count, n, k):
+def _quantize_weight_gpu(w, count, n, k, name, glu):
     from ._arrays import DTYPES, dtype_name
     cp = cupy_module()
     name = dtype_name(w.dtype)
@@ -231,6 +238,7 @@ def _quantize_weight_gpu(w, count, n, k):
     s = cp.empty((count, blocks(n), blocks(k)), np.float32)
     fp8_module().get_function(f"quantize_blocks<{DTYPES[name][1]}>")(
         (blocks(k), blocks(n), count), (256,), (w, q, s, np.int32(n), np.int32(k)))
-    if not bool(cp.isfinite(s).all()):  # the kernel marks blocks holding NaN / Inf
-        raise ValueError("w: expected finite weights, got NaN or Inf")
+    finite = cp.isfinite(s.reshape(count, -1)).all(axis=1)  # the kernel marks NaN / Inf blocks
+    if not bool(finite.all()):
+        raise _not_finite(name, int(cp.argmin(finite)), glu)
     return q, s

@@ -326,15 +326,21 @@ def _drop_mask(drop_experts, renorm, n):
     if is_cupy(drop_experts):
         drop_experts = drop_experts.get()
     mask = np.asarray(drop_experts)
-    if mask.shape != (n,) or mask.dtype != np.bool_:
-        raise ValueError(f"drop_experts: expected {n} bools (one per expert), got "
-                         f"{mask.dtype} of shape {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"drop_experts: expected {n} bools (one per expert), got dtype "
+                        f"{mask.dtype}")
+    if mask.shape != (n,):
+        raise ValueError(f"drop_experts: expected {n} bools (one per expert), got shape "
+                         f"{mask.shape}")
     return mask
 
 
 def check_norm_std(sigma) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) \
-            or not (math.isfinite(sigma) and sigma > 0):
+    """TypeError for a bool or a non-number, ValueError for one that is not finite and > 0."""
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"logits_norm_std: expected a finite float > 0, got "
+                        f"{type(sigma).__name__} {sigma!r}")
+    if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"logits_norm_std: expected a finite float > 0, got {sigma!r}")
 
 

@@ -37,6 +37,10 @@ def _check(x, topk_ids, w13, w2, scales=None):
     if w13.ndim != 3 or w13.shape[2] != H or w13.shape[1] % 2:
         raise ValueError(f"w13: expected shape [E, 2I, H={H}], got {w13.shape}")
     E, I2 = w13.shape[0], w13.shape[1]
+    if w2.ndim == 3 and w2.shape[:2] == (E, H) and w2.shape[2] != I2 // 2:
+        raise ValueError(f"w13, w2: expected the same I in w13 [E, 2I, H] and w2 [E, H, I], got "
+                         f"w13 {tuple(w13.shape)} (I = {I2 // 2}) and w2 {tuple(w2.shape)} "
+                         f"(I = {w2.shape[2]})")
     if w2.shape != (E, H, I2 // 2):
         raise ValueError(f"w2: expected shape ({E}, {H}, {I2 // 2}), got {w2.shape}")
     for name, a in (("topk_ids", topk_ids), ("w13", w13), ("w2", w2)):

@@ -17,6 +17,7 @@ arrays on one GPU, through shared memory; for tests and research code without GP
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from typing import Any, Sequence
@@ -249,7 +250,10 @@ def local_groups(world_size: int, timeout: float = DEFAULT_TIMEOUT_S) -> list[Lo
     """``world_size`` group objects for as many threads of this process (rank p uses the
     p-th). ``timeout``: seconds a collective waits for the other ranks before it raises."""
     world_size = check_int("world_size", world_size, 1)
-    if not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout: expected a positive number of seconds, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    if not timeout > 0:  # NaN too
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     world = _LocalWorld(world_size, float(timeout))
     return [LocalGroup(world, r) for r in range(world_size)]
