@@ -3,8 +3,9 @@ benchmark workload: 8 of 12 slots real), against the copy rate measured in the s
 
 - the "syncfree" GEMMs (kernels/syncfree.cu) for each pipeline variant below, T = 64 ... 1024;
 - the pair kernel (pair_gemv) for rows per warp 1 ... 8, T = 1 ... 16;
-- cuBLAS batched GEMMs over every expert padded to a fixed capacity of C rows (the layout a
-  graph could use without host counts), C = 8 ... 64;
+- cuBLAS batched GEMMs over every expert padded to a fixed capacity of C rows (the layout of
+  the "capacity" path), C = 8 ... 64; and ("dummy") with only some experts active: over the
+  active ones alone, over all, and over all with the inactive entries reading one expert;
 - the FP8 layer's eager forward (tensor-core grouped kernel) for stage widths and depths
   of its pipeline (kernels/fp8.cu G8_BK, G8_STAGES), T = 64 ... 1024.
 Rate = the distinct experts' weight bytes (SPEC's floor bytes without x and y) / time.

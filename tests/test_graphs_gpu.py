@@ -47,7 +47,10 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
-    if dtype == "bfloat16" and expected == "syncfree" and tokens >= 48:
+    if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 3 * 64 \
+            and tokens * 4 / 64 + 3 * (tokens * 4 / 64) ** 0.5 + 4 <= 64:
+        # from 3 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
+        # 81 tokens (C = 16); not 1000 (C = 96) nor 20000
         expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
 
@@ -60,11 +63,15 @@ def test_capacity_rows(T, K, E, C):
     assert capacity_rows(T, K, E) == C
 
 
-@pytest.mark.parametrize("T,expected", [(170, False), (171, True), (1600, True),
-                                        (2000, False)])
-def test_eager_auto_takes_capacity_from_4_pairs_per_expert_while_c_is_at_most_64(T, expected):
-    from zeromoe_cupy.experts.capacity import eager_prefers
-    assert eager_prefers(T, 12, 512) == expected
+@pytest.mark.parametrize("T,graph,expected", [
+    (170, False, False), (171, False, True), (1742, False, True), (1743, False, False),
+    (127, True, False), (128, True, True), (1742, True, True), (1743, True, False)])
+def test_capacity_from_4_pairs_per_expert_eagerly_3_in_graphs_while_c_is_at_most_64(T, graph,
+                                                                                     expected):
+    from zeromoe_cupy.experts.capacity import capacity_rows, prefers
+    assert prefers(T, 12, 512, graph=graph) == expected
+    assert capacity_rows(1742, 12, 512) == 64 and capacity_rows(1743, 12, 512) == 72
+    assert not prefers(100, 4, 0)  # no real experts: never (and no division by zero)
 
 
 def test_graphed_cpu_layer_names_its_device():
@@ -306,3 +313,19 @@ def test_bench_graph_columns(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert all(r["graph_ms"] > 0 and r["graph_ratio_to_floor"] > 0 for r in rows)
     assert "graph ms" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["auto", "capacity", "syncfree"])
+def test_expert_paths_with_no_real_experts(strategy, rng):
+    # E = 0: every slot is a zero expert; no path divides by E or launches an empty grid
+    cp = pytest.importorskip("cupy")
+    import ml_dtypes
+    T, H, I, K = 300, 64, 32, 4
+    x = cp.asarray(random_x(rng, T, H, "bfloat16"))
+    ids = cp.asarray(rng.integers(0, 4, (T, K)).astype(np.int32))
+    w13 = cp.zeros((0, 2 * I, H), ml_dtypes.bfloat16)
+    w2 = cp.zeros((0, H, I), ml_dtypes.bfloat16)
+    out = zm.ops.expert_mlp(x, ids, w13, w2, strategy=strategy)
+    assert out.rows.shape[1] == H
+    assert (out.slot_rows.get() == -1).all()

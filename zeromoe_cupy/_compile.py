@@ -27,12 +27,24 @@ def kernel_source(filename: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def raw_module(filename: str, name_expressions: Sequence[str], options: Sequence[str] = ()):
+def raw_module(filename: str, name_expressions: Sequence[str], options: Sequence[str] = (),
+               dynamic_smem: tuple[int, Sequence[str]] | None = None):
     """A cupy.RawModule for kernels/<filename> (extra NVRTC ``options``, e.g. -D macros),
-    memoized per device by the caller."""
+    memoized per device by the caller. ``dynamic_smem``: (bytes, kernel names) of kernels
+    launched with that much dynamic shared memory; beyond the default 48 KB they opt in."""
     cp = cupy_module()
-    return cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS + tuple(options),
-                        name_expressions=list(name_expressions))
+    mod = cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS + tuple(options),
+                       name_expressions=list(name_expressions))
+    if dynamic_smem is not None and dynamic_smem[0] > 48 * 1024:
+        for name in dynamic_smem[1]:
+            mod.get_function(name).max_dynamic_shared_size_bytes = dynamic_smem[0]
+    return mod
+
+
+def optin_shared_bytes() -> int:
+    """The most dynamic shared memory a block of the current GPU may opt in to (bytes)."""
+    rt = cupy_module().cuda.runtime
+    return rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, rt.getDevice())
 
 
 def numba_kernel_as_cupy(pyfunc: Callable, signature, launch_bounds=None) -> "object":

@@ -600,13 +600,12 @@ class ZeroExpertMoE:
         strategy: under PAD_ROWS rows per active expert, and "auto" pads only when the
         active experts average PADDED_MIN_ROWS rows or more, or to one uniform tile of at most
         UNIFORM_MAX_ROWS rows per active expert. The "capacity" strategy (bf16; "auto" where
-        experts.capacity.eager_prefers) holds (E + 1) blocks of C rows (capacity_rows) of
+        experts.capacity.prefers) holds (E + 1) blocks of C rows (capacity_rows) of
         input, GEMM 1 output and activation, E*C + T*K + C output rows, and the syncfree
         buffers of its spilled pairs (input and activation rows, at most T*K).
         """
-        from .experts import PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX
-        from .experts._common import UNIFORM_MAX_ROWS
-        from .experts.capacity import capacity_rows, eager_prefers
+        from .experts import PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX, UNIFORM_MAX_ROWS
+        from .experts.capacity import capacity_rows, prefers
         cfg = self.config
         if tokens is not None:
             tokens = check_int("tokens", tokens, minimum=0)
@@ -624,7 +623,7 @@ class ZeroExpertMoE:
                           + (4 if cfg.dtype == "float16" else 0))
         if E and (self.expert_strategy == "capacity" or (
                 self.expert_strategy == "auto" and cfg.dtype == "bfloat16"
-                and eager_prefers(T, cfg.top_k, E))):
+                and prefers(T, cfg.top_k, E))):
             C = capacity_rows(T, cfg.top_k, E)
             # + index arrays: per expert about 24 int32 and the 6-pointer table, per pair 6
             # int32, and the pool's 512-byte rounding of about 16 small arrays

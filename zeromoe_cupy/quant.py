@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ._arrays import cupy_module, is_cupy
-from ._compile import memoize_per_device, raw_module
+from ._compile import memoize_per_device, optin_shared_bytes, raw_module
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -162,11 +162,14 @@ def fp8_kernel_names() -> list[str]:
     return names
 
 
-# The tensor-core kernel's pipeline (kernels/fp8.cu grouped_mma_fp8, as -D options): k bytes
-# per stage and stages. SMALL_FP8_PIPELINE: GPUs whose blocks cannot opt in to its shared
-# memory.
-FP8_PIPELINE = (("G8_BK", 128), ("G8_STAGES", 3))
-SMALL_FP8_PIPELINE = (("G8_BK", 64), ("G8_STAGES", 4))
+# The tensor-core kernel's pipeline (kernels/fp8.cu grouped_mma_fp8, as -D options; its
+# defaults there are FP8_PIPELINE): k bytes per stage, stages, L2 prefetch bytes of the weight
+# loads. Chosen by benchmarks/expert_sweep.py (H200, LongCat-Flash): the fp8 layer at T = 64 /
+# 128 / 1024 took 5.08 / 6.97 / 9.33 ms with this, 5.66 / 7.66 / 10.11 with (64, 4, 128), bits
+# equal; the prefetch (with 64-byte stages) 5.52 / 7.55 / 9.90 ms against 5.79 / 7.93 / 10.16
+# without. SMALL_FP8_PIPELINE: GPUs whose blocks cannot opt in to its 72 KB of shared memory.
+FP8_PIPELINE = (("G8_BK", 128), ("G8_STAGES", 3), ("G8_PREFETCH", 128))
+SMALL_FP8_PIPELINE = (("G8_BK", 64), ("G8_STAGES", 4), ("G8_PREFETCH", 128))
 
 
 def fp8_smem_bytes(pipeline) -> int:
@@ -180,9 +183,8 @@ def fp8_smem_bytes(pipeline) -> int:
 def fp8_pipeline():
     """FP8_PIPELINE where the current GPU's blocks can have its shared memory, else the small
     one."""
-    rt = cupy_module().cuda.runtime
-    optin = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, rt.getDevice())
-    return FP8_PIPELINE if fp8_smem_bytes(FP8_PIPELINE) <= optin else SMALL_FP8_PIPELINE
+    small = fp8_smem_bytes(FP8_PIPELINE) > optin_shared_bytes()
+    return SMALL_FP8_PIPELINE if small else FP8_PIPELINE
 
 
 def fp8_module(pipeline=None):
@@ -192,13 +194,9 @@ def fp8_module(pipeline=None):
 
 @memoize_per_device
 def _fp8_module(pipeline):
-    mod = raw_module("fp8.cu", fp8_kernel_names(), tuple(f"-D{k}={v}" for k, v in pipeline))
-    smem = fp8_smem_bytes(pipeline)
-    if smem > 48 * 1024:  # beyond the default limit a kernel must opt in
-        for name in fp8_kernel_names():
-            if name.startswith("grouped_mma_fp8"):
-                mod.get_function(name).max_dynamic_shared_size_bytes = smem
-    return mod
+    mma = [n for n in fp8_kernel_names() if n.startswith("grouped_mma_fp8")]
+    return raw_module("fp8.cu", fp8_kernel_names(), tuple(f"-D{k}={v}" for k, v in pipeline),
+                      dynamic_smem=(fp8_smem_bytes(pipeline), mma))
 
 
 def _launch_1d(name, n, args):

@@ -1,7 +1,7 @@
 """The real experts (docs/spec.md, step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
 
-One module per GPU path (pairs, grouped/padded, fixed) and one for the CPU; this module checks
-the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
+One module per GPU path (pairs, grouped/padded, fixed, syncfree, capacity, fp8) and one for the
+CPU; this module checks the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
 real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
 ``combine`` reads it from there. ``rows`` is in x's dtype, except for float16: fp32 there, and
 the activation is kept from overflowing too (rows_dtype), so that no intermediate passes 65504
@@ -17,11 +17,12 @@ from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_
 from .. import quant
 from . import capacity, fixed, fp8, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
-                      STRATEGIES, ExpertOutput, experts_kernel_names, rows_dtype, tile_plan)
+                      STRATEGIES, UNIFORM_MAX_ROWS, ExpertOutput, experts_kernel_names, no_mark,
+                      rows_dtype, tile_plan)
 
 __all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX", "STRATEGIES",
-           "ExpertOutput", "expert_mlp", "experts_kernel_names", "rows_dtype", "run_experts",
-           "tile_plan"]
+           "UNIFORM_MAX_ROWS", "ExpertOutput", "expert_mlp", "experts_kernel_names", "no_mark",
+           "rows_dtype", "run_experts", "tile_plan"]
 
 
 def _check(x, topk_ids, w13, w2, scales=None):
@@ -133,7 +134,7 @@ def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
     returned for exactly these ids (on the GPU they lay out the rows unchecked: counts
     that do not match the ids would read and write out of bounds). ``scales``: None, or
     (w13_scale_inv, w2_scale_inv) for e4m3 weights."""
-    mark = stage_marks or _no_mark
+    mark = stage_marks or no_mark
     if scales is not None:
         if is_cupy(x):
             return fp8.expert_mlp_fp8(x, topk_ids, w13, w2, scales, route_counts, mark,
@@ -142,10 +143,6 @@ def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
     if is_cupy(x):
         return _expert_mlp_gpu(x, topk_ids, w13, w2, route_counts, allow_tf32, mark, strategy)
     return numpy_path.expert_mlp_numpy(x, topk_ids, w13, w2, mark, fixed_order=strategy == "fixed")
-
-
-def _no_mark(stage: str) -> None:
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +171,7 @@ def _no_mark(stage: str) -> None:
 # - "capacity": blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched
 #   calls over all experts, overflow spilled to "syncfree". No host synchronization
 #   (capacity.py). "auto" picks it for bf16 from 4 pairs per expert while C <= 64 (LongCat-Flash:
-#   171 to about 1400 tokens), graphs from 3 pairs per expert.
+#   171 to 1742 tokens), graphs from 3 pairs per expert (128 to 1742 tokens).
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -187,7 +184,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     w2 = cp.ascontiguousarray(w2)
     if strategy == "auto" and T * K <= PAIRS_MAX:
         strategy = "pairs"
-    if (strategy == "auto" and capacity.eager_prefers(T, K, w13.shape[0])
+    if (strategy == "auto" and capacity.prefers(T, K, w13.shape[0])
             and capacity.capacity_ready(x, w13, w2)):
         strategy = "capacity"
     if strategy == "pairs":
@@ -200,7 +197,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     if strategy == "syncfree":
         return syncfree.syncfree(x, ids, w13, w2, expert_counts, mark)
     if strategy == "capacity":
-        return capacity.capacity(x, ids, w13, w2, mark, allow_tf32)
+        return capacity.capacity(x, ids, w13, w2, allow_tf32, mark)
     return grouped.grouped(x, ids, w13, w2, expert_counts, allow_tf32, mark, strategy)
 
 

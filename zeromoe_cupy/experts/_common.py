@@ -34,6 +34,10 @@ PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / 
 PAIR_WARPS = 4
 
 
+def no_mark(stage: str) -> None:
+    """The stage_marks callback that records nothing."""
+
+
 def out_ctype(ctype: str) -> str:
     """The C type of rows_dtype (see there) for a layer of C type ``ctype``."""
     return "float" if ctype == "__half" else ctype

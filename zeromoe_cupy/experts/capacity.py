@@ -21,16 +21,20 @@ import numpy as np
 from .. import _cublas
 from .._arrays import DTYPES, cupy_module, dtype_name
 from . import syncfree
-from ._common import ExpertOutput, experts_module, gather_rows, rows_dtype, silu_mul
+from ._common import ExpertOutput, experts_module, gather_rows, no_mark, rows_dtype, silu_mul
 
 # Mean (token, slot) pairs per real expert (T*K/E, every slot counted) from which this path
-# runs: in graphs from 3 (the alternative there, syncfree, reads the weights at 87-91% of the
-# copy rate), eagerly from 4 while C <= EAGER_MAX_ROWS (the alternative there, one uniform cuBLAS
-# tile over the active experts only, reads no inactive expert's weights). Measured at
-# LongCat-Flash shapes on an H200 (benchmarks/graph_replay.py, benchmarks/expert_sweep.py).
+# runs: in graphs from 3 (the alternative there, syncfree, reads the weights at 80-91% of the
+# copy rate), eagerly from 4 (the alternative there, one uniform cuBLAS tile over the active
+# experts only, reads no inactive expert's weights); both while C <= CAPACITY_MAX_ROWS, the
+# range measured (above it the blocks' memory grows past the other paths' and the batched
+# calls leave the bytes-bound regime). LongCat-Flash on an H200 (benchmarks/graph_replay.py,
+# benchmarks/expert_sweep.py): 171 to 1742 tokens eagerly, 128 to 1742 in graphs.
+# Under expert parallelism the -1 slots of other ranks count too: C is larger than the real
+# pairs need (speed only; the rows stay right).
 CAPACITY_MIN_PAIRS = 3
 EAGER_MIN_PAIRS = 4
-EAGER_MAX_ROWS = 64
+CAPACITY_MAX_ROWS = 64
 
 
 def capacity_rows(T: int, K: int, E: int) -> int:
@@ -41,9 +45,11 @@ def capacity_rows(T: int, K: int, E: int) -> int:
     return int(math.ceil((lam + 3 * math.sqrt(lam) + 4) / 8) * 8)
 
 
-def eager_prefers(T: int, K: int, E: int) -> bool:
-    """Whether "auto" runs this path for an eager call (see EAGER_MIN_PAIRS)."""
-    return T * K >= EAGER_MIN_PAIRS * E and capacity_rows(T, K, E) <= EAGER_MAX_ROWS
+def prefers(T: int, K: int, E: int, graph: bool = False) -> bool:
+    """Whether "auto" (or, ``graph``, a CUDA graph) runs this path for T tokens (see
+    CAPACITY_MIN_PAIRS)."""
+    least = CAPACITY_MIN_PAIRS if graph else EAGER_MIN_PAIRS
+    return E > 0 and T * K >= least * E and capacity_rows(T, K, E) <= CAPACITY_MAX_ROWS
 
 
 def capacity_ready(x, w13, w2) -> bool:
@@ -53,10 +59,10 @@ def capacity_ready(x, w13, w2) -> bool:
     return dtype_name(x.dtype) == "bfloat16" and syncfree.tensor_core_ready(x, w13, w2)
 
 
-def capacity(x, ids, w13, w2, mark, allow_tf32=False):
+def capacity(x, ids, w13, w2, allow_tf32, mark):
     """expert_mlp's GPU contract (rows + slot_rows), no host synchronization. Where
-    capacity_ready is false, the syncfree path runs instead."""
-    if not capacity_ready(x, w13, w2):
+    capacity_ready is false (or E = 0), the syncfree path runs instead."""
+    if not capacity_ready(x, w13, w2) or w13.shape[0] == 0:
         return syncfree.syncfree(x, ids, w13, w2, None, mark)
     cp = cupy_module()
     T, H = x.shape
@@ -102,13 +108,10 @@ def capacity(x, ids, w13, w2, mark, allow_tf32=False):
     _cublas.batched_gemm_nt(ptrs[3], ptrs[4], ptrs[5], C, H, I, name, allow_tf32)
     # Spilled pairs: the syncfree path over them alone (no pair at all in a balanced routing:
     # its kernels find no active expert and exit).
-    spilled = syncfree.syncfree(x, spill, w13, w2, None, _no_mark,
+    spilled = syncfree.syncfree(x, spill, w13, w2, None, no_mark,
                                 out_rows=rows[E * C:E * C + P])
     slot_rows = cp.where(slot_rows >= 0, slot_rows,
                          cp.where(spilled.slot_rows >= 0, spilled.slot_rows + E * C, -1))
     mark("gemm2")
     return ExpertOutput(rows, slot_rows.astype(np.int32, copy=False))
 
-
-def _no_mark(stage: str) -> None:
-    pass

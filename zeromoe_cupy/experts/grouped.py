@@ -1,7 +1,9 @@
 """The cuBLAS paths: "grouped" (one cublasGemmGroupedBatchedEx group per active expert) and
 "padded" (each expert's rows padded to PAD_ROWS and cut into tiles, cublasGemmBatchedEx per
-tile size). Both lay the rows out by a device scan of the counts and copy the per-expert counts
-to the host once (cuBLAS wants group sizes there)."""
+tile size; or, as "auto" picks it while no expert has more than UNIFORM_MAX_ROWS rows, every
+active expert padded to one uniform tile: one batched call per GEMM). Both lay the rows out by
+a device scan of the counts and copy the per-expert counts to the host once (cuBLAS wants
+group sizes there)."""
 from __future__ import annotations
 
 import numpy as np

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import DTYPES, cupy_module, dtype_name
-from .._compile import memoize_per_device, raw_module
+from .._compile import memoize_per_device, optin_shared_bytes, raw_module
 from . import fixed
 from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scaled, out_ctype,
                       real_counts, rows_dtype)
@@ -33,14 +33,18 @@ PIPELINE = (("SF_BK", 64), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH
 SMALL_PIPELINE = (("SF_BK", 32), ("SF_STAGES", 3), ("SF_MIN_BLOCKS", 3), ("SF_PREFETCH", 256))
 
 
-def syncfree_kernel_names() -> list[str]:
-    """Every instantiation in kernels/syncfree.cu that the path (and graphs.py) may launch."""
-    names = ["syncfree_plan", "mask_padding_rows"]
+def _gemm_names() -> list[str]:
+    names = []
     for name in ("bfloat16", "float16"):
         ctype = DTYPES[name][1]
         names += [f"syncfree_gemm<{ctype},{out_ctype(ctype)},{str(glu).lower()}>"
                   for glu in (True, False)]
     return names
+
+
+def syncfree_kernel_names() -> list[str]:
+    """Every instantiation in kernels/syncfree.cu that the path (and graphs.py) may launch."""
+    return ["syncfree_plan", "mask_padding_rows"] + _gemm_names()
 
 
 def syncfree_smem_bytes(pipeline=PIPELINE) -> int:
@@ -59,13 +63,9 @@ def syncfree_module(pipeline=None):
 
 @memoize_per_device
 def _syncfree_module(pipeline):
-    mod = raw_module("syncfree.cu", syncfree_kernel_names(),
-                     tuple(f"-D{k}={v}" for k, v in pipeline))
-    smem = syncfree_smem_bytes(pipeline)
-    if smem > 48 * 1024:  # beyond the default limit a kernel must opt in
-        for name in syncfree_kernel_names()[2:]:
-            mod.get_function(name).max_dynamic_shared_size_bytes = smem
-    return mod
+    return raw_module("syncfree.cu", syncfree_kernel_names(),
+                      tuple(f"-D{k}={v}" for k, v in pipeline),
+                      dynamic_smem=(syncfree_smem_bytes(pipeline), _gemm_names()))
 
 
 def tensor_core_ready(x, w13, w2) -> bool:
@@ -78,9 +78,7 @@ def tensor_core_ready(x, w13, w2) -> bool:
 @memoize_per_device
 def device_pipeline():
     """PIPELINE where the current GPU's blocks can have its shared memory, else SMALL_PIPELINE."""
-    rt = cupy_module().cuda.runtime
-    optin = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, rt.getDevice())
-    return PIPELINE if syncfree_smem_bytes(PIPELINE) <= optin else SMALL_PIPELINE
+    return PIPELINE if syncfree_smem_bytes(PIPELINE) <= optin_shared_bytes() else SMALL_PIPELINE
 
 
 def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=None, out_rows=None):

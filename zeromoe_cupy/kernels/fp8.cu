@@ -442,7 +442,7 @@ __device__ __forceinline__ void f8_cp_async16(void* smem, const void* gmem, bool
 // The same with an L2 prefetch hint of G8_PREFETCH bytes (0: none) for the weight loads: a
 // weight row read a stage at a time comes from DRAM in longer runs (as in syncfree.cu).
 #ifndef G8_PREFETCH
-#define G8_PREFETCH 128  // bytes (0, 128, 256): the fp8 layer 5.8, 5.5, 5.6 ms at T = 64, H200
+#define G8_PREFETCH 128  // 0, 128 or 256 bytes (quant.py FP8_PIPELINE)
 #endif
 __device__ __forceinline__ void f8_cp_async16_weights(void* smem, const void* gmem, bool valid) {
 #if G8_PREFETCH == 256 || G8_PREFETCH == 128
@@ -496,15 +496,14 @@ __device__ __forceinline__ void f8_mma(float (&c)[4], const unsigned (&a)[4], un
 #define G8_THREADS 256
 #define G8_BN 128     // weight rows per block: 16 per warp
 #define G8_MT 64      // expert rows per pass: four 16-row mma tiles
-// The pipeline, set by quant.py (FP8_PIPELINE as -D options; these defaults are its
-// SMALL_FP8_PIPELINE):
+// The pipeline, set by quant.py (FP8_PIPELINE as -D options; these defaults are its own):
 // k bytes per stage (64: half a 128-wide scale group, or 128: a whole group) and stages. A
 // stage holds G8_BK / 64 sub-tiles of 64 bytes per row, each read as in the 64-byte layout.
 #ifndef G8_BK
-#define G8_BK 64
+#define G8_BK 128
 #endif
 #ifndef G8_STAGES
-#define G8_STAGES 4
+#define G8_STAGES 3
 #endif
 #define G8_SUB ((G8_BN + G8_MT) * 64)  // bytes of one 64-byte-wide sub-tile of a stage
 #define G8_LDC (G8_BN + 4)  // pitch of the fp32 result tile

@@ -40,7 +40,7 @@ import numpy as np
 
 from .._arrays import cupy_module, is_cupy
 from .._compile import memoize_per_device, raw_module
-from ..experts import _no_mark, run_experts
+from ..experts import no_mark, run_experts
 from ..zero_experts import combine
 
 EXCHANGE_KERNELS = ["ep_need", "ep_pack", "ep_combine_slots"]
@@ -263,7 +263,7 @@ def ep_forward(layer, x, routing, mark: Callable[[str], None] | None = None):
     """y [T, H] of a rank layer (``layer.group`` set) for its tokens x and their routing over
     all E+Z experts. Collective: every rank calls it the same number of times.
     ``mark(stage)``, if given, is called after "dispatch", "experts" and "combine"."""
-    mark = mark or _no_mark
+    mark = mark or no_mark
     cfg = layer.config
     ex = layer._exchange
     ids, weights = routing.topk_ids, routing.topk_weights
