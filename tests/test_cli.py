@@ -23,6 +23,8 @@ BAD = [
     (["bench", "--device", "cpu", "--tokens", "8192"], "argument --tokens"),
     (["bench", "--device", "cpu", "--tokens", "1,8192"], "argument --tokens"),
     (["bench", "--device", "cpu", "--peers", "torch"], "argument --peers"),
+    (["bench", "--device", "cpu", "--graph"], "argument --graph"),
+    (["bench", "--device", "cpu", "--strategy", "capacity"], "argument --strategy"),
     (["bench", "--seed", "-1"], "argument --seed"),
     (["bench", "--deterministic", "--strategy", "padded"], "argument --deterministic"),
     (["demo", "--tokens", "-3"], "argument --tokens"),

@@ -104,7 +104,8 @@ def add_arguments(p) -> None:
 
 def check_arguments(parser, args) -> None:
     """What argparse cannot check alone, refused through parser.error (exit status 2):
-    the device, sizes the CPU path does not run, peers or expert parallelism without a GPU,
+    the device, sizes the CPU path does not run, peers, graphs, GPU strategies or expert
+    parallelism without a GPU,
     output paths whose directory does not exist (checked before the run, not after it), and
     --real-per-token against the preset's K. Fills in args.device."""
     if args.device == "cuda" and not gpu_available():
@@ -136,6 +137,12 @@ def check_arguments(parser, args) -> None:
                          f"{CPU_MAX_TOKENS} tokens, got {big[0]}")
         if args.peers:
             parser.error("argument --peers: peers run only on the GPU (device cpu here)")
+        if args.graph:
+            parser.error("argument --graph: CUDA graphs need the GPU (device cpu here)")
+        if args.strategy not in ("auto", "fixed") and not args.deterministic:
+            # the CPU path has one way (NumPy's matmul), and the fixed-order one
+            parser.error(f"argument --strategy: {args.strategy!r} is a GPU path; the CPU "
+                         f"(device cpu here) runs 'auto' (NumPy) or 'fixed'")
     if args.seed < 0:
         parser.error(f"argument --seed: expected an int >= 0, got {args.seed}")
     if args.real_per_token is not None:
