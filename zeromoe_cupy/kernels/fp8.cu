@@ -2,6 +2,7 @@
 // pair (decode) experts reading e4m3 weights. e4m3 values are held as bytes (unsigned char);
 // every rounding to e4m3 is from fp32, to nearest even, saturating at +-448 (docs/spec.md).
 #include "common.cuh"
+#include "async_mma.cuh"
 
 #define E4M3_MAX 448.f
 #define ACT_EPS 1e-10f
@@ -428,51 +429,7 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 }
 
 // ---- Tensor-core experts (sm_80+; the hardware e4m3 convert from sm_89) --------------------
-// Inline PTX only, as in syncfree.cu (NVRTC builds without <mma.h>).
-__device__ __forceinline__ unsigned f8_smem_address(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void f8_cp_async16(void* smem, const void* gmem, bool valid) {
-  const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(f8_smem_address(smem)),
-               "l"(gmem), "r"(bytes));
-}
-// The same with an L2 prefetch hint of G8_PREFETCH bytes (0: none) for the weight loads: a
-// weight row read a stage at a time comes from DRAM in longer runs (as in syncfree.cu).
-#ifndef G8_PREFETCH
-#define G8_PREFETCH 128  // 0, 128 or 256 bytes (quant.py FP8_PIPELINE)
-#endif
-__device__ __forceinline__ void f8_cp_async16_weights(void* smem, const void* gmem, bool valid) {
-#if G8_PREFETCH == 256 || G8_PREFETCH == 128
-  const int bytes = valid ? 16 : 0;
-#endif
-#if G8_PREFETCH == 256
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
-               ::"r"(f8_smem_address(smem)), "l"(gmem), "r"(bytes));
-#elif G8_PREFETCH == 128
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n"
-               ::"r"(f8_smem_address(smem)), "l"(gmem), "r"(bytes));
-#else
-  f8_cp_async16(smem, gmem, valid);
-#endif
-}
-__device__ __forceinline__ void f8_cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int N>
-__device__ __forceinline__ void f8_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-// c (16x8 fp32) += a (16x16) * b (16x8), fp16 operands (PTX fragment layouts).
-__device__ __forceinline__ void f8_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                       unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// cp.async and mma.sync from async_mma.cuh (inline PTX).
 
 // The grouped experts on the tensor cores, exact FP8 math (docs/spec.md): e4m3 weight and
 // activation bytes are converted to fp16 in registers (exact), multiplied with mma.sync
@@ -504,6 +461,9 @@ __device__ __forceinline__ void f8_mma(float (&c)[4], const unsigned (&a)[4], un
 #endif
 #ifndef G8_STAGES
 #define G8_STAGES 3
+#endif
+#ifndef G8_PREFETCH
+#define G8_PREFETCH 128  // the weight loads' L2 prefetch, bytes (async_mma.cuh cp_async16)
 #endif
 #define G8_SUB ((G8_BN + G8_MT) * 64)  // bytes of one 64-byte-wide sub-tile of a stage
 #define G8_LDC (G8_BN + 4)  // pitch of the fp32 result tile
@@ -555,9 +515,9 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
         const int c = i % (G8_BK / 16);  // 16-byte chunk: sub-tile c / 4, place c % 4
         unsigned char* dst = st + (c / 4) * G8_SUB + r * 64 + (c % 4) * 16;
         if (r < G8_BN)
-          f8_cp_async16_weights(dst, ok ? src : W, ok);
+          cp_async16<G8_PREFETCH>(dst, ok ? src : W, ok);
         else
-          f8_cp_async16(dst, ok ? src : W, ok);
+          cp_async16<0>(dst, ok ? src : W, ok);
       }
     };
     // [tile][n]: rows 16 tile + lane / 4 (+ 8) x this warp's features 16 warp + 8 n + 2 q (+1).
@@ -566,15 +526,15 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
 #pragma unroll
     for (int s = 0; s < G8_STAGES - 1; ++s) {
       if (s < nk) issue(s);
-      f8_cp_async_commit();
+      cp_async_commit();
     }
     for (int kt = 0; kt < nk; ++kt) {
       const int g = kt * G8_BK / QBLOCK;
       if ((kt * G8_BK) % QBLOCK == 0) sw = s_w[g];  // a group starts: the weight scale
-      f8_cp_async_wait<G8_STAGES - 2>();
+      cp_async_wait<G8_STAGES - 2>();
       __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
       if (kt + G8_STAGES - 1 < nk) issue(kt + G8_STAGES - 1);
-      f8_cp_async_commit();
+      cp_async_commit();
       const int q16 = (lane % 4) * 16;
 #pragma unroll
       for (int sub = 0; sub < G8_BK / 64; ++sub) {  // 64-byte sub-tiles, in k order
@@ -604,8 +564,8 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
                                    e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
                                    e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
                                    e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
-            f8_mma(part[t][0], a, b[0][s][0], b[0][s][1]);
-            f8_mma(part[t][1], a, b[1][s][0], b[1][s][1]);
+            mma16816<__half>(part[t][0], a, b[0][s][0], b[0][s][1]);
+            mma16816<__half>(part[t][1], a, b[1][s][0], b[1][s][1]);
           }
         }
       }  // sub-tiles
@@ -628,7 +588,7 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
         }
       }
     }
-    f8_cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();  // every stage consumed: the buffers take the fp32 result tile
     float* c = reinterpret_cast<float*>(smem);
 #pragma unroll

@@ -8,6 +8,7 @@
 // Inline PTX only (sm_80+): NVRTC builds without <mma.h>, whose crt/ part not every CUDA
 // install ships.
 #include "common.cuh"
+#include "async_mma.cuh"
 
 // counts: (E,) rows per real expert -> offsets: (E+1,) their exclusive scan; cursor: (E,)
 // zeroed (gather_rows claims rows with it); active: (E+1,): active[0] = number of experts with
@@ -82,74 +83,6 @@ extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __res
 #define SF_LDC (SF_BN + 4)        // pitch of the fp32 result tile
 #define SF_CHUNKS (SF_BK / 8)     // 16-byte pieces per row per stage
 
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = smem_address(smem);
-  const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(bytes));
-}
-// The same with an L2 prefetch hint: the rest of the 64/128/256-byte line comes into L2 with
-// the 16 bytes asked for, so a weight row read a stage at a time is fetched from DRAM in
-// longer runs.
-__device__ __forceinline__ void cp_async16_prefetch(void* smem, const void* gmem, bool valid) {
-#if SF_PREFETCH == 64 || SF_PREFETCH == 128 || SF_PREFETCH == 256
-  const unsigned dst = smem_address(smem);
-  const int bytes = valid ? 16 : 0;
-#endif
-#if SF_PREFETCH == 256
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(gmem), "r"(bytes));
-#elif SF_PREFETCH == 128
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(gmem), "r"(bytes));
-#elif SF_PREFETCH == 64
-  asm volatile("cp.async.cg.shared.global.L2::64B [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(gmem), "r"(bytes));
-#else
-  cp_async16(smem, gmem, valid);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Four 8x8 tiles of 16-bit elements from shared memory; lane l gives the address of row l % 8
-// of tile l / 8 and receives, per tile, the two elements (row l / 4, columns 2 (l % 4) + 0, 1).
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(p)));
-}
-
-// c (16x8 fp32) += a (16x16, row-major) * b (16x8, column-major), PTX fragment layouts.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                         unsigned b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4],
-                                                        unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (&a)[4],
-                                                 unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // out[r, j] = sum_k in[r, k] * W[e, j, k] for the rows r of expert e's block (offsets from
 // syncfree_plan), in: (rows, Kd) in expert order, W: (E, MATS * N, Kd), out: (rows, N).
 // GLU (MATS = 2): a block takes features j in [64 x, 64 x + 64) of both the gate (rows j) and
@@ -199,9 +132,10 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__
           src = in + (long long)(row0 + r0 + r - SF_BN) * Kd + k;
         }
         if (r < SF_BN)
-          cp_async16_prefetch(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
+          cp_async16<SF_PREFETCH>(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W,
+                                  ok);
         else
-          cp_async16(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
+          cp_async16<0>(st + r * SF_LD + (i % SF_CHUNKS) * 8, ok ? src : (const T*)W, ok);
       }
     };
     // acc[m][n]: rows 16 m.. of the pass x this warp's features 16 warp + 8 n..
