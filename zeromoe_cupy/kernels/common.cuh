@@ -15,6 +15,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
+// SwiGLU's activation silu(g) * u, in fp32 (docs/spec.md step 8).
+__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
+// The same of fp32 GEMM results g and u first rounded to T, as the GEMM paths store gate and up
+// before their activation pass: the fused paths give those paths' values.
+template <typename T>
+__device__ __forceinline__ float swiglu_rounded(float g, float u) {
+  return swiglu(to_f32(from_f32<T>(g)), to_f32(from_f32<T>(u)));
+}
+
 // Sum of v over the 32 lanes of a warp (all lanes get it).
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -40,4 +50,24 @@ __device__ __forceinline__ void store_f32(T* p, const float (&in)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) tmp.v[i] = from_f32<T>(in[i]);
   *reinterpret_cast<Vec<T, VEC>*>(p) = tmp;
+}
+
+// The end of a pair kernel (one warp per ROWS output features of one row): each lane's
+// partial sums acc[m][r] (m: gate, up for GLU) added over the warp, then lane r < ROWS writes
+// feature j0 + r of out_row, if below N: swiglu_rounded<T>(gate, up) (GLU) or the sum, as O.
+template <typename T, typename O, int MATS, int ROWS, bool GLU>
+__device__ __forceinline__ void pair_store(float (&acc)[MATS][ROWS], int lane, int j0, int N,
+                                           O* out_row) {
+#pragma unroll
+  for (int m = 0; m < MATS; ++m)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if (lane < ROWS && j0 + lane < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r == lane) v = GLU ? swiglu_rounded<T>(acc[0][r], acc[MATS - 1][r]) : acc[0][r];
+    }
+    out_row[j0 + lane] = from_f32<O>(v);
+  }
 }

@@ -99,7 +99,7 @@ __global__ void silu_mul(const T* __restrict__ gate_up, O* __restrict__ h, long 
     load_f32<T, VEC>(gate_up + r * 2 * I + c, g);
     load_f32<T, VEC>(gate_up + r * 2 * I + I + c, u);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+    for (int j = 0; j < VEC; ++j) o[j] = swiglu(g[j], u[j]);
     store_f32<O, VEC>(h + r * I + c, o);
   }
 }
@@ -119,7 +119,7 @@ __device__ __forceinline__ void activation_chunk(const void* src, long long r, i
     load_f32<__half, VEC>(gu + c, g);
     load_f32<__half, VEC>(gu + I + c, u);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+    for (int j = 0; j < VEC; ++j) o[j] = swiglu(g[j], u[j]);
   } else {
     load_f32<float, VEC>(static_cast<const float*>(src) + r * I + c, o);
   }
@@ -228,27 +228,7 @@ pair_gemv(const X* __restrict__ in, long long in_stride, int in_div,
         }
     }
   }
-#pragma unroll
-  for (int m = 0; m < MATS; ++m)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
-  if (lane < ROWS && j0 + lane < N) {
-    float v = 0.f;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r == lane) {
-        if (GLU) {
-          // Rounded like the GEMM path's stored gate and up values before the activation.
-          const float g = to_f32(from_f32<T>(acc[0][r]));
-          const float u = to_f32(from_f32<T>(acc[MATS - 1][r]));
-          v = g / (1.f + __expf(-g)) * u;
-        } else {
-          v = acc[0][r];
-        }
-      }
-    }
-    out[p * N + j0 + lane] = from_f32<O>(v);
-  }
+  pair_store<T, O, MATS, ROWS, GLU>(acc, lane, j0, N, out + p * N);
 }
 
 // The experts' GEMMs in one fixed summation order (the "fixed" strategy):

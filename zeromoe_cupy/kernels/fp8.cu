@@ -223,7 +223,7 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
     if (c + i < I) {
       const float gv = to_f32(gate_up[(long long)r * 2 * I + c + i]);
       const float uv = to_f32(gate_up[(long long)r * 2 * I + I + c + i]);
-      v[i] = gv / (1.f + __expf(-gv)) * uv;
+      v[i] = swiglu(gv, uv);
     } else {
       v[i] = 0.f;
     }
@@ -242,6 +242,22 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
 //   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
 // VEC16: Kd and the pointers allow 16-byte loads; the scalar variant gives the same bits.
 #define FP8_CH 16
+
+// The FP8_CH e4m3 bytes p[c .. c + FP8_CH) as floats, bytes past Kd as 0: one 16-byte load when
+// VEC16, else byte by byte (the same values).
+template <bool VEC16>
+__device__ __forceinline__ void e4m3_chunk(const unsigned char* p, int c, int Kd,
+                                           float (&out)[FP8_CH]) {
+  alignas(16) unsigned char b[FP8_CH];
+  if (VEC16) {
+    *reinterpret_cast<uint4*>(b) = *reinterpret_cast<const uint4*>(p + c);
+  } else {
+#pragma unroll
+    for (int i = 0; i < FP8_CH; ++i) b[i] = c + i < Kd ? p[c + i] : 0;
+  }
+  e4m3_values_n(b, out);
+}
+
 template <typename TX, typename TOUT, int ROWS, bool GLU, bool VEC16>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
 pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as, int a_div,
@@ -275,55 +291,22 @@ pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as
 #pragma unroll 2
   for (int c = lane * FP8_CH; c < Kd; c += 32 * FP8_CH) {
     const int g = c / QBLOCK;
-    alignas(16) unsigned char ab[FP8_CH];
-    if (VEC16) {
-      *reinterpret_cast<uint4*>(ab) = *reinterpret_cast<const uint4*>(a + c);
-    } else {
-#pragma unroll
-      for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? a[c + i] : 0;
-    }
     float av[FP8_CH];
-    e4m3_values_n(ab, av);
+    e4m3_chunk<VEC16>(a, c, Kd, av);
     const float sa = sa_row[g];
 #pragma unroll
     for (int m = 0; m < MATS; ++m)
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        alignas(16) unsigned char wb[FP8_CH];
-        if (VEC16) {
-          *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
-        } else {
-#pragma unroll
-          for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
-        }
         float wv[FP8_CH];
-        e4m3_values_n(wb, wv);
+        e4m3_chunk<VEC16>(w[m][r], c, Kd, wv);
         float d = 0.f;
 #pragma unroll
         for (int i = 0; i < FP8_CH; ++i) d = fmaf(av[i], wv[i], d);
         acc[m][r] = fmaf(d, sa * s[m][r][g], acc[m][r]);
       }
   }
-#pragma unroll
-  for (int m = 0; m < MATS; ++m)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = warp_sum(acc[m][r]);
-  if (lane < ROWS && j0 + lane < N) {
-    float v = 0.f;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r == lane) {
-        if (GLU) {
-          const float gv = to_f32(from_f32<TX>(acc[0][r]));
-          const float uv = to_f32(from_f32<TX>(acc[MATS - 1][r]));
-          v = gv / (1.f + __expf(-gv)) * uv;
-        } else {
-          v = acc[0][r];
-        }
-      }
-    }
-    out[p * N + j0 + lane] = from_f32<TOUT>(v);
-  }
+  pair_store<TX, TOUT, MATS, ROWS, GLU>(acc, lane, j0, N, out + p * N);
 }
 
 // The experts for a moderate number of rows, with no host synchronization: each block takes
@@ -367,29 +350,15 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
       for (int m = 0; m < MATS; ++m)
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          alignas(16) unsigned char wb[FP8_CH];
-          if (VEC16) {
-            *reinterpret_cast<uint4*>(wb) = *reinterpret_cast<const uint4*>(w[m][r] + c);
-          } else {
-#pragma unroll
-            for (int i = 0; i < FP8_CH; ++i) wb[i] = c + i < Kd ? w[m][r][c + i] : 0;
-          }
-          e4m3_values_n(wb, wv[m][r]);
+          e4m3_chunk<VEC16>(w[m][r], c, Kd, wv[m][r]);
           ws[m][r] = s[m][r][g];
         }
 #pragma unroll
       for (int t = 0; t < MT; ++t) {
         if (t0 + t >= r1) break;
         const long long row = t0 + t;
-        alignas(16) unsigned char ab[FP8_CH];
-        if (VEC16) {
-          *reinterpret_cast<uint4*>(ab) = *reinterpret_cast<const uint4*>(aq + row * Kd + c);
-        } else {
-#pragma unroll
-          for (int i = 0; i < FP8_CH; ++i) ab[i] = c + i < Kd ? aq[row * Kd + c + i] : 0;
-        }
         float av[FP8_CH];
-        e4m3_values_n(ab, av);
+        e4m3_chunk<VEC16>(aq + row * Kd, c, Kd, av);
         const float sa = as[row * KB + g];
 #pragma unroll
         for (int m = 0; m < MATS; ++m)
@@ -413,13 +382,7 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
           if (r == lane) {
-            if (GLU) {
-              const float gv = to_f32(from_f32<TX>(acc[0][r][t]));
-              const float uv = to_f32(from_f32<TX>(acc[MATS - 1][r][t]));
-              v = gv / (1.f + __expf(-gv)) * uv;
-            } else {
-              v = acc[0][r][t];
-            }
+            v = GLU ? swiglu_rounded<TX>(acc[0][r][t], acc[MATS - 1][r][t]) : acc[0][r][t];
           }
         }
         out[(long long)(t0 + t) * N + j0 + lane] = from_f32<TOUT>(v);
@@ -609,11 +572,7 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
       const int r = i / FEAT, j = i % FEAT;
       if (f0 + j >= N) continue;
       float v = c[r * G8_LDC + j];
-      if (GLU) {
-        const float gv = to_f32(from_f32<TX>(v));
-        const float uv = to_f32(from_f32<TX>(c[r * G8_LDC + FEAT + j]));
-        v = gv / (1.f + __expf(-gv)) * uv;
-      }
+      if (GLU) v = swiglu_rounded<TX>(v, c[r * G8_LDC + FEAT + j]);
       out[(long long)(row0 + r0 + r) * N + f0 + j] = from_f32<TOUT>(v);
     }
     __syncthreads();  // the result tile is read before the next pass refills the stages

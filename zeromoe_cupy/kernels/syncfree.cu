@@ -189,11 +189,7 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__
       const int r = i / FEAT, j = i % FEAT;
       if (f0 + j >= N) continue;
       float v = c[r * SF_LDC + j];
-      if (GLU) {
-        const float g = to_f32(from_f32<T>(v));
-        const float u = to_f32(from_f32<T>(c[r * SF_LDC + FEAT + j]));
-        v = g / (1.f + __expf(-g)) * u;
-      }
+      if (GLU) v = swiglu_rounded<T>(v, c[r * SF_LDC + FEAT + j]);
       if (row_scale != nullptr) v *= row_scale[row0 + r0 + r];
       out[(long long)(row0 + r0 + r) * N + f0 + j] = from_f32<O>(v);
     }
