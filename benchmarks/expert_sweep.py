@@ -24,7 +24,7 @@ import zeromoe_cupy as zm
 from zeromoe_cupy import _cublas
 from zeromoe_cupy._arrays import np_dtype
 from zeromoe_cupy._compile import raw_module
-from zeromoe_cupy.bench import _normal, calibrate_zero_bias, measure_ceilings
+from zeromoe_cupy.bench import _normal, _Timer, calibrate_zero_bias, measure_ceilings
 from zeromoe_cupy.experts import syncfree as sf
 from zeromoe_cupy.experts._common import PAIR_WARPS, experts_kernel_names, experts_module
 
@@ -44,17 +44,8 @@ result = {"copy_bytes_per_s": copy, "syncfree": [], "pairs": [], "capacity": [],
 
 
 def timed(fn, repeat=15, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
+    """Median ms of fn() over CUDA events (bench._Timer)."""
+    return _Timer(True, warmup, repeat)(lambda _: fn(), [None])
 
 
 def by_slot(out):
