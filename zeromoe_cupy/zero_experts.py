@@ -20,6 +20,9 @@ ZeroTypes = Union[str, Sequence[str]]
 _TYPE_CODES = {name: code for code, name in enumerate(ZERO_EXPERT_TYPES)}  # matches combine.cu
 _MAX_SLOTS = 64  # combine.cu keeps per-slot coefficients in shared memory
 _COMBINE_WARPS = 8  # tokens per block in combine.cu
+# Below this many tokens the combine splits H over more warps (slices of 32 * VEC features),
+# up to about this many warps in all: enough loads in flight for a few tokens.
+_COMBINE_MIN_WARPS = 4096
 
 
 def zero_type_codes(zero_expert_type: ZeroTypes, num_zero_experts: int) -> np.ndarray:
@@ -330,12 +333,15 @@ def _combine_gpu(x, ids, weights, E, codes, expert_output, const_vec, const_gate
             vec = 1
     kernel = _combine_module().get_function(f"combine_kernel<{ctype},{rtype},{vec}>")
     null = 0
-    kernel((-(-T // _COMBINE_WARPS),), (32 * _COMBINE_WARPS,),
+    chunks = max(1, -(-H // (32 * vec)))
+    per_slice = -(-chunks // min(chunks, max(1, _COMBINE_MIN_WARPS // T))) * 32 * vec
+    kernel((-(-T // _COMBINE_WARPS), -(-H // per_slice)), (32 * _COMBINE_WARPS,),
            (x, np.int64(x_stride), ids, weights,
             rows if rows is not None else null, slot_rows if slot_rows is not None else null,
             codes_d, const_vec if const_vec is not None else null,
             const_gate if const_gate is not None else null,
-            out, np.int64(T), np.int32(H), np.int32(K), np.int32(E), np.int32(codes.shape[0])))
+            out, np.int64(T), np.int32(H), np.int32(K), np.int32(E), np.int32(codes.shape[0]),
+            np.int32(per_slice)))
     return out
 
 

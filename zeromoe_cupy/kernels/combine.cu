@@ -10,7 +10,10 @@
 #define MAX_SLOTS 64
 #define COMBINE_WARPS 8  // tokens per block: one warp each, so many tokens are in flight
 
-// One warp per token; its lanes stride over H in VEC-element steps.
+// One warp per (token, slice of H): blockIdx.y picks features [y * slice, (y + 1) * slice),
+// slice a multiple of 32 * VEC; its lanes stride over them in VEC-element steps. Slicing H
+// gives a few tokens enough warps (one warp per token left a one-token combine waiting on
+// 24 x 8 dependent loads); each element's sum is the same whatever the slice.
 // x: (T, H) row stride x_stride; ids, weights: (T, K); rows: (M, H) or null;
 // slot_rows: (T, K) row of rows for each real slot (-1 otherwise) or null;
 // zero_types: (Z,) int32 codes; const_vec: (Z, H); const_gate: (Z, 2, H); out: (T, H).
@@ -21,7 +24,7 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
                                const R* __restrict__ rows, const int* __restrict__ slot_rows,
                                const int* __restrict__ zero_types,
                                const T* __restrict__ const_vec, const T* __restrict__ const_gate,
-                               T* __restrict__ out, long long T_, int H, int K, int E, int Z) {
+                               T* __restrict__ out, long long T_, int H, int K, int E, int Z, int slice) {
   // Per warp: the token's slots, classified, then compacted in slot order (so the fp32 sums
   // run in the same order every time).
   __shared__ int slot_kind[COMBINE_WARPS][MAX_SLOTS];  // -1 nothing, zero type, or SLOT_REAL
@@ -84,7 +87,8 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
   __syncwarp();
 
   T* ot = out + t * (long long)H;
-  for (int h = lane * VEC; h < H; h += 32 * VEC) {
+  const int h_end = min(H, (int)(blockIdx.y + 1) * slice);
+  for (int h = blockIdx.y * slice + lane * VEC; h < h_end; h += 32 * VEC) {
     float acc[VEC], v[VEC];
     if (use_x) {
       load_f32<T, VEC>(xt + h, v);
@@ -94,7 +98,22 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
     }
-    for (int r = 0; r < nr; ++r) {
+    // ROWS_AHEAD rows' loads in flight before their sums, which keep the slot order.
+    constexpr int ROWS_AHEAD = 4;
+    int r = 0;
+    for (; r + ROWS_AHEAD <= nr; r += ROWS_AHEAD) {
+      float vs[ROWS_AHEAD][VEC];
+#pragma unroll
+      for (int j = 0; j < ROWS_AHEAD; ++j)
+        load_f32<R, VEC>(rows + row_off[warp][r + j] + h, vs[j]);
+#pragma unroll
+      for (int j = 0; j < ROWS_AHEAD; ++j) {
+        const float w = row_w[warp][r + j];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += w * vs[j][i];
+      }
+    }
+    for (; r < nr; ++r) {
       load_f32<R, VEC>(rows + row_off[warp][r] + h, v);
       const float w = row_w[warp][r];
 #pragma unroll
