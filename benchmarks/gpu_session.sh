@@ -2,7 +2,7 @@
 # One call on the GPU machine. Parts run in the order given (default: tests bench); each
 # writes its full log under $OUT and a summary to $OUT/log.txt. On a machine of two GPUs,
 # `split` runs `ep` first, then the GPU suite on GPU 0 while `bench bench_fp8` run on GPU 1.
-#   tests      the whole GPU suite (3 processes) bench      zeromoe bench --graph --peers torch
+#   tests      the whole GPU suite (4 processes) bench      zeromoe bench --graph --peers torch
 #   sweep      benchmarks/expert_sweep.py (every part)
 #   bench_fp8  zeromoe bench --quantization fp8  load       from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
@@ -16,7 +16,7 @@ part() {
   echo "== $1 $(date +%T) (GPU ${CUDA_VISIBLE_DEVICES:-all})" | tee -a "$log"
   case $1 in
     tests)
-      # three pytest processes on the GPU at once (the suite alone takes over 420 s); about 220 s
+      # four pytest processes on the GPU at once (the suite alone takes over 450 s); about 190 s
       # each on an H200
       run_tests() {
         timeout 290 python3 -m pytest -m gpu -p no:cacheprovider -q "${@:2}" > "$OUT/$1.txt" 2>&1
@@ -25,7 +25,8 @@ part() {
       run_tests gpu_tests_a tests/test_gpu.py &
       run_tests gpu_tests_b tests/test_fp8_gpu.py tests/test_interop_gpu.py tests/test_bench_gpu.py \
         tests/test_checkpoint.py tests/test_parallel_gpu.py &
-      run_tests gpu_tests_c tests/test_graphs_gpu.py tests/test_reliability_gpu.py tests/test_moepp.py &
+      run_tests gpu_tests_c tests/test_graphs_gpu.py &
+      run_tests gpu_tests_d tests/test_reliability_gpu.py tests/test_moepp.py &
       wait
       grep -hE "^(FAILED|ERROR)|passed|failed| rc=" "$OUT"/gpu_tests_?.txt | tail -30 | tee -a "$log" ;;
     sweep)

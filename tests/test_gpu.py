@@ -323,11 +323,12 @@ def test_router_logits_from_bf16_parts_match_fp32_accuracy(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [0, 1, 3, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
-def test_router_logits_for_few_tokens(T, dtype, layout, rng):
+@pytest.mark.parametrize("N", [96, 97])  # 97: the last block of the kernel's two rows is half full
+def test_router_logits_for_few_tokens(T, dtype, layout, N, rng):
     # Up to ROUTER_GEMV_MAX_T tokens: one matrix-vector kernel, fp32 sums.
     from zeromoe_cupy.routing import ROUTER_GEMV_MAX_T, router_logits
     assert T <= ROUTER_GEMV_MAX_T
-    H, N = 1000, 96
+    H = 1000
     x = cp.asarray(random_x(rng, T, H + 1, dtype))
     x = x[:, 1:] if layout == "misaligned" else x[:, :H]
     wr = cp.asarray((rng.standard_normal((N, H)) * H ** -0.5).astype(np.float32))

@@ -117,6 +117,8 @@ def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_ord
 
 
 ROUTER_GEMV_MAX_T = 8
+ROUTER_GEMV_BLOCK_T = 8  # kernels/router.cu MAXT: tokens per block (each block reads W once)
+_ROUTER_GEMV_SPLIT, _ROUTER_GEMV_ROWS = 4, 2  # kernels/router.cu RG_SPLIT (warps per row), RG_ROWS
 # Measured at H=6144 (H200), max error vs float64 over 256 of 16384 rows: 1.8e-6 (chunks of
 # 1536), 6.2e-7 (512); the fp32 GEMM 3.2e-6, the unchunked product 7.9e-6.
 BF16X3_CHUNK = 512
@@ -124,7 +126,7 @@ BF16X3_CHUNK = 512
 
 def router_kernel_names() -> list[str]:
     """Every instantiation in kernels/router.cu that router_logits may launch."""
-    return [f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>"
+    return [f"router_gemv<{ctype},{vec},{ROUTER_GEMV_BLOCK_T}>"
             for _, (dt, ctype) in DTYPES.items() for vec in (1, 4)]
 
 
@@ -146,9 +148,9 @@ def _router_gemv(x, router_weight, router_bias):
     logits = cp.empty((T, N), np.float32)
     if T:
         ctype = DTYPES[dtype_name(x.dtype)][1]
-        warps = 8
-        _router_module().get_function(f"router_gemv<{ctype},{vec},{ROUTER_GEMV_MAX_T}>")(
-            (-(-N // warps), -(-T // ROUTER_GEMV_MAX_T)), (32 * warps,),
+        _router_module().get_function(f"router_gemv<{ctype},{vec},{ROUTER_GEMV_BLOCK_T}>")(
+            (-(-N // _ROUTER_GEMV_ROWS), -(-T // ROUTER_GEMV_BLOCK_T)),
+            (32 * _ROUTER_GEMV_SPLIT * _ROUTER_GEMV_ROWS,),
             (x, np.int64(x_stride), np.int32(T), w, np.int32(H), np.int32(N), bias, logits))
     return logits
 
