@@ -321,7 +321,7 @@ def test_router_logits_from_bf16_parts_match_fp32_accuracy(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [0, 1, 3, 8])
+@pytest.mark.parametrize("T", [0, 1, 3, 8, 17, 32])
 @pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
 @pytest.mark.parametrize("N", [96, 97])  # 97: the last block of the kernel's two rows is half full
 def test_router_logits_for_few_tokens(T, dtype, layout, N, rng):

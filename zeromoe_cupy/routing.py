@@ -53,7 +53,7 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
             leading part is summed in K-chunks to keep the error near an fp32 GEMM's.
         fixed_order: every logit summed in one order whatever the batch (a token gets the
             same bits alone or in any batch; slower). On the GPU a matrix-vector kernel (also
-            used for up to 8 tokens without it); on the CPU ordered float64 sums.
+            used for up to 32 tokens without it); on the CPU ordered float64 sums.
 
     Returns:
         float32 [T, E+Z], same array module as x.
@@ -116,7 +116,11 @@ def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_ord
     return logits
 
 
-ROUTER_GEMV_MAX_T = 8
+# Up to this many tokens the matrix-vector kernel computes the logits (router_gemv reads W once
+# per 8 tokens, the repeats from L2): per call, device time on an H200 at LongCat-Flash shapes
+# (benchmarks/router_precision.py), T = 8 / 16 / 32 / 64: 0.030 / 0.041 / 0.061 / 0.115 ms,
+# the fp32 GEMM with x's fp32 copy 0.068 / 0.071 / 0.070 / 0.072 ms.
+ROUTER_GEMV_MAX_T = 32
 ROUTER_GEMV_BLOCK_T = 8  # kernels/router.cu MAXT: tokens per block (each block reads W once)
 _ROUTER_GEMV_SPLIT, _ROUTER_GEMV_ROWS = 4, 2  # kernels/router.cu RG_SPLIT (warps per row), RG_ROWS
 # Measured at H=6144 (H200), max error vs float64 over 256 of 16384 rows: 1.8e-6 (chunks of
