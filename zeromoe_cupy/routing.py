@@ -283,8 +283,10 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     exact tie between different biases goes to the lower id). A NaN s ranks below every
     number, -inf and -FLT_MAX included (a NaN logit makes its whole softmax row NaN).
     Grouped top-k with a bias compares groups by the fp32 sum of their two best s, equal
-    sums to the lower group: groups whose scores all underflow fp32 (e.g. bias 0, sigmoid
-    logits below about -104) go by group id, not by their exact sums. Weights: the fp32
+    sums to the lower group. Groups whose two best experts have bias 0 and whose fp32 sum
+    is below the smallest normal float (e.g. sigmoid logits below about -87) go, on the CPU,
+    by the exact sums (from the log-scores); the GPU kernel still compares their fp32 sums
+    (ties to the lower group) there. Weights: the fp32
     score (0 where it underflows fp32, e.g. sigmoid(-110)); with ``renormalize``,
     exp(log p_k - max) / sum over the K chosen, finite whenever the chosen logits are, even
     when every chosen score underflows.
@@ -397,6 +399,29 @@ def _tie_keys(key, f, logits, bias):
     return np.where(tie_ok, _ordered(logits), 0)
 
 
+def _tiny_group_keys(gkey, gscore, order, logits, bias, scoring_func, total, best):
+    """Group keys where the fp32 group scores underflow: a group whose best ``best`` experts
+    have bias 0 and whose fp32 score is below the smallest normal float holds p values
+    that rounded to 0 or to subnormals, so fp32 cannot order such groups as their exact
+    sums (docs/spec.md step 5: the float64 order). They share one key just below that
+    float's and are ordered among themselves by log(sum of their best ``best`` p), from the
+    log-scores (which do not underflow). Returns (keys, second keys: +inf elsewhere)."""
+    T, groups, gs = order.shape[0], order.shape[1], logits.shape[1] // order.shape[1]
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    chosen_bias = bias.reshape(groups, gs)[np.arange(groups)[None, :, None], order]
+    cand = ((chosen_bias == 0).all(axis=2) & (gscore >= 0) & (gscore < tiny))
+    exact = np.full(gkey.shape, np.inf)
+    if not cand.any():
+        return gkey, exact
+    lp = log_scores_f32(logits, scoring_func, total).astype(np.float64)
+    lp = np.where((bias == 0)[None, :], lp, -np.inf).reshape(T, groups, gs)
+    top = -np.sort(-lp, axis=2)[:, :, :best]
+    with np.errstate(all="ignore"):
+        value = np.logaddexp.reduce(top, axis=2)
+    bucket = _ordered(tiny) - 1  # the key of the largest float below the smallest normal
+    return np.where(cand, bucket, gkey), np.where(cand, value, exact)
+
+
 def sigmoid_f32(logits):
     """sigmoid in fp32 without a premature underflow: exp(l) / (1 + exp(l)) for l < 0, so
     sigmoid(-100) is its fp32 value 3.7e-44, not 1 / (1 + inf) = 0."""
@@ -439,8 +464,12 @@ def _route_numpy(logits, top_k, scoring_func, bias, renorm, rsf, groups, topk_gr
         order = np.argsort(-key.reshape(T, groups, gs), axis=2, kind="stable")[:, :, :best]
         with np.errstate(all="ignore"):
             gscore = np.take_along_axis(f.reshape(T, groups, gs), order, axis=2).sum(axis=2)
-        keep = np.argsort(-_ordered(gscore.astype(np.float32)), axis=1,
-                          kind="stable")[:, :topk_group]
+        gkey = _ordered(gscore.astype(np.float32))
+        exact = np.zeros(gkey.shape)
+        if bias is not None:
+            gkey, exact = _tiny_group_keys(gkey, gscore, order, logits, bias, scoring_func,
+                                           total, best)
+        keep = np.lexsort((-exact, -gkey), axis=1)[:, :topk_group]
         allowed = np.zeros((T, groups), bool)
         np.put_along_axis(allowed, keep, True, axis=1)
         key = np.where(np.repeat(allowed, gs, axis=1), key, KEY_MASKED)
