@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from zeromoe_cupy import reference
+from zeromoe_cupy import ops, reference
 from zeromoe_cupy.routing import drop_words, launch_route_kernel
 
 from helpers import (biased_tie_case, extreme_routing_case, one_lane_wins_logits,
@@ -252,3 +252,28 @@ def test_simulated_kernel_exact_ties_of_unequal_biases_go_to_the_lower_id(scorin
     np.testing.assert_array_equal(ids, ref.topk_ids)
     if groups is None:
         np.testing.assert_array_equal(ids, expected[:, :K])
+
+
+@pytest.mark.parametrize("scoring,norm", [("softmax", None), ("sigmoid", None),
+                                          ("sigmoid", 4.0)])
+@pytest.mark.parametrize("N,groups,tg", [(16, 4, 2), (258, 6, 3)])
+def test_simulated_kernel_groups_whose_scores_underflow(scoring, norm, N, groups, tg, rng):
+    # A bias of 0 on some experts: groups whose two best fp32 scores underflow rank by their
+    # exact sums, as in float64, not by group id (their fp32 sums tie or round apart).
+    from test_routing_numerics import check_against_reference
+    T, K = 8, 3
+    logits = (rng.standard_normal((T, N)) * 4 - 120).astype(np.float32)
+    if scoring == "softmax":
+        logits[:, 0] = 60
+    bias = np.where(rng.random(N) < 0.8, 0, -0.5).astype(np.float32)
+    if norm is not None:  # logits about -12 +- 0.4, normalized to about -120 +- 4
+        logits = (logits / 10).astype(np.float32)
+    r = run_kernel(logits, K, scoring, bias, False, 1.0, groups, tg, norm_std=norm)
+    ref = reference.route(logits, K, scoring, bias, False, 1.0, groups, tg,
+                          logits_norm_std=norm)
+    np.testing.assert_array_equal(r[0], ref.topk_ids)
+    numpy_path = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
+                           num_expert_group=groups, topk_group=tg, logits_norm_std=norm)
+    np.testing.assert_array_equal(numpy_path.topk_ids, ref.topk_ids)
+    if norm is None:
+        check_against_reference(r, logits, K, scoring, bias, False, groups, tg)

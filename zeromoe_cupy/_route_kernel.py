@@ -20,7 +20,10 @@ one bias tie where the scores underflowed or rounded alike), then by the lower i
 by the lower id (different biases tie exactly, or within an fp32 rounding). The fast
 selection ranks by (key, id), notes when the last winner of a round ties with a remaining
 key, and only then the warp redoes the token with the full rule (rare: ties of finite fp32
-sums).
+sums). Grouped top-k with a bias ranks groups by the fp32 sum of their two best values, except
+that groups whose sum underflowed (below the smallest normal float, from experts of bias 0)
+share the key TINY and, when the best remaining group holds it, are ranked by their exact
+sums from the log-scores (routing._tiny_group_keys does the same on the host).
 """
 import numpy as np
 
@@ -31,7 +34,7 @@ from numba import config, cuda, float32, int32, types, uint32
 from numba.cuda import libdevice
 from numba.core.extending import intrinsic
 
-from .routing import _WARPS_PER_BLOCK as WARPS, KEY_MASKED, KEY_NAN, KEY_SHIFT
+from .routing import _WARPS_PER_BLOCK as WARPS, KEY_MASKED, KEY_NAN, KEY_SHIFT, KEY_TINY
 
 _SIM = bool(config.ENABLE_CUDASIM)
 FULL = 0xFFFFFFFF
@@ -41,6 +44,8 @@ MASKED = int32(KEY_MASKED)       # padding, dropped groups, empty cache slots
 NAN_KEY = int32(KEY_NAN)
 NEG_INF_KEY = int32(-(2**31) + 0xFFFFFE)
 POS_INF_KEY = int32(2**31 - 1)
+TINY_FLOAT = float32(np.finfo(np.float32).tiny)  # the smallest normal fp32
+TINY = int32(KEY_TINY)           # the groups' key where their fp32 scores underflowed
 
 
 @intrinsic
@@ -321,6 +326,33 @@ def make_route_kernel(grouped: bool, n: int):
         return l2 < ll or (l2 == ll and e > li)
 
     @cuda.jit(device=True)
+    def tiny_group(gsum, ea, eb, best, bias):
+        # A group whose fp32 score underflowed (below the smallest normal float) from
+        # experts of bias 0: its exact sum decides (routing._tiny_group_keys).
+        return (gsum >= float32(0) and gsum < TINY_FLOAT and bias[ea] == float32(0)
+                and (best == 1 or bias[eb] == float32(0)))
+
+    @cuda.jit(device=True)
+    def group_log_scores(grp, gsize, bias, logits, row, m, big, mul, norm_std, scoring):
+        # The two best log-scores among the group's experts of bias 0 (log-softmax up to
+        # the row's constant, or log-sigmoid), from the (normalized) logits.
+        la = lb = NEG_INF
+        for e in range(grp * gsize, (grp + 1) * gsize):
+            if bias[e] == float32(0):
+                l = logits[row + e]
+                if norm_std > float32(0):
+                    l = quiet_div(l, big) * mul
+                lp = l - m
+                if scoring == 1:
+                    lp = min(l, float32(0)) - math.log1p(math.exp(-abs(l)))
+                if lp > la:
+                    lb = la
+                    la = lp
+                elif lp > lb:
+                    lb = lp
+        return la, lb
+
+    @cuda.jit(device=True)
     def route_token(logits, bias, drop, out_ids, out_w, hist, t, valid, w, lane, fs, js, vs, ls,
                     ks, kept, K, scoring, has_bias, renorm, rsf, groups, topk_group, norm_std):
         """Route token t with warp w; its K ids go into the block's histogram."""
@@ -427,23 +459,66 @@ def make_route_kernel(grouped: bool, n: int):
             for r in range(topk_group):
                 bv = MASKED
                 bi = int32(NO_ID)
+                top_lp = NEG_INF  # the best log-score among this lane's TINY groups
                 for grp in range(lane, groups, 32):
                     if not (kept[w, grp // 32] >> (grp % 32)) & 1:
                         a = b = float32(0)
                         ka = kb = MASKED
+                        ea = eb = int32(0)
                         for e in range(grp * gsize, (grp + 1) * gsize):
                             v = ks[base + uint32(e)]
                             kv = key_of(v)
                             if kv > ka:
-                                b, kb = a, ka
-                                a, ka = v, kv
+                                b, kb, eb = a, ka, ea
+                                a, ka, ea = v, kv, int32(e)
                             elif kv > kb:
-                                b, kb = v, kv
-                        gkey = key_of(a + b if best == 2 else a + float32(0))
+                                b, kb, eb = v, kv, int32(e)
+                        gsum = a + b if best == 2 else a + float32(0)
+                        gkey = key_of(gsum)
+                        if has_bias and tiny_group(gsum, ea, eb, best, bias):
+                            gkey = TINY
+                            la, lb = group_log_scores(grp, gsize, bias, logits, row, m, big,
+                                                      mul, norm_std, scoring)
+                            top_lp = fmax(top_lp, la)
                         if gkey > bv or (gkey == bv and grp < bi):
                             bv = gkey
                             bi = grp
                 bv, bi = reduce_argmax(bv, bi, w, lane, vs, js)
+                if has_bias and (bv == TINY or _SIM):
+                    # The best remaining groups' fp32 sums underflowed: rank them by their
+                    # exact sums, log(p_a + p_b) - A with A the best log-score among them (the
+                    # winner's value is near 0, where fp32 resolves it finely).
+                    A = reduce_max(top_lp, w, lane, fs)
+                    tv = NEG_INF
+                    ti = int32(NO_ID)
+                    for grp in range(lane, groups, 32):
+                        if not (kept[w, grp // 32] >> (grp % 32)) & 1:
+                            a = b = float32(0)
+                            ka = kb = MASKED
+                            ea = eb = int32(0)
+                            for e in range(grp * gsize, (grp + 1) * gsize):
+                                v = ks[base + uint32(e)]
+                                kv = key_of(v)
+                                if kv > ka:
+                                    b, kb, eb = a, ka, ea
+                                    a, ka, ea = v, kv, int32(e)
+                                elif kv > kb:
+                                    b, kb, eb = v, kv, int32(e)
+                            gsum = a + b if best == 2 else a + float32(0)
+                            if tiny_group(gsum, ea, eb, best, bias):
+                                la, lb = group_log_scores(grp, gsize, bias, logits, row, m,
+                                                         big, mul, norm_std, scoring)
+                                gv = NEG_INF
+                                if la > NEG_INF:
+                                    gv = la - A
+                                    if best == 2:
+                                        gv += math.log1p(math.exp(lb - la))
+                                if gv > tv or (gv == tv and grp < ti):
+                                    tv = gv
+                                    ti = grp
+                    tv, ti = reduce_argmax(tv, ti, w, lane, fs, js)
+                    if bv == TINY:
+                        bi = ti
                 if lane == 0 and bi < groups:
                     kept[w, bi // 32] |= int32(1) << (bi % 32)
                 sync_warp()

@@ -27,6 +27,9 @@ _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 KEY_SHIFT = 0x7FFFFF   # +inf -> 2**31 - 1, -inf -> -2**31 + 0xFFFFFE
 KEY_NAN = -(2**31) + 0x7FFFFE
 KEY_MASKED = -(2**31)
+# grouped top-k: the key of the groups whose fp32 scores underflowed (_tiny_group_keys), that
+# of the largest float below the smallest normal one
+KEY_TINY = 0x800000 + KEY_SHIFT - 1
 
 
 class RoutingResult(NamedTuple):
@@ -283,10 +286,10 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     exact tie between different biases goes to the lower id). A NaN s ranks below every
     number, -inf and -FLT_MAX included (a NaN logit makes its whole softmax row NaN).
     Grouped top-k with a bias compares groups by the fp32 sum of their two best s, equal
-    sums to the lower group. Groups whose two best experts have bias 0 and whose fp32 sum
-    is below the smallest normal float (e.g. sigmoid logits below about -87) go, on the CPU,
-    by the exact sums (from the log-scores); the GPU kernel still compares their fp32 sums
-    (ties to the lower group) there. Weights: the fp32
+    sums to the lower group, except groups whose two best experts have bias 0 and whose fp32
+    sum is below the smallest normal float (e.g. sigmoid logits below about -87): those rank
+    below every larger sum and among themselves by their exact sums (from the log-scores),
+    as in float64. Weights: the fp32
     score (0 where it underflows fp32, e.g. sigmoid(-110)); with ``renormalize``,
     exp(log p_k - max) / sum over the K chosen, finite whenever the chosen logits are, even
     when every chosen score underflows.
@@ -418,8 +421,7 @@ def _tiny_group_keys(gkey, gscore, order, logits, bias, scoring_func, total, bes
     top = -np.sort(-lp, axis=2)[:, :, :best]
     with np.errstate(all="ignore"):
         value = np.logaddexp.reduce(top, axis=2)
-    bucket = _ordered(tiny) - 1  # the key of the largest float below the smallest normal
-    return np.where(cand, bucket, gkey), np.where(cand, value, exact)
+    return np.where(cand, KEY_TINY, gkey), np.where(cand, value, exact)
 
 
 def sigmoid_f32(logits):
