@@ -526,3 +526,10 @@ def test_graphed_on_a_cpu_layer_is_a_value_error_naming_the_device():
     layer = zm.ZeroExpertMoE(zm.MoEConfig.preset("tiny"), device="cpu")
     with pytest.raises(ValueError, match="cpu"):
         layer.graphed(max_tokens=8)
+
+
+@pytest.mark.skipif(zm.gpu_available(), reason="the CPU fallback of the demo")
+def test_demo_runs_on_the_cpu_and_says_so(capsys):
+    from zeromoe_cupy import cli
+    assert cli.main(["demo"]) == 0
+    assert "cpu" in capsys.readouterr().out.lower()
