@@ -57,8 +57,8 @@ def test_scores_that_underflow_rank_and_weigh_exactly(scoring, bias_kind, renorm
 def test_underflowing_scores_in_groups(bias_kind, rng):
     N, K = 64, 6
     logits, bias = underflow_routing_case(rng, 8, N, "softmax", bias_kind)
-    # Where the group scores underflow too they tie (both sides then keep the lower groups);
-    # the order inside the kept groups is the underflow case.
+    # Where the group scores underflow too both rank them by their exact sums; the order
+    # inside the kept groups is the underflow case.
     r = ops.route(logits, K, e_score_correction_bias=bias, renormalize=True,
                   num_expert_group=8, topk_group=4)
     check_against_reference(r, logits, K, "softmax", bias, True, 8, 4)
