@@ -304,8 +304,21 @@ def test_bad_weights_and_inputs_raise(rng):
             layer.route(x, prev_router_logits=bad)
     with pytest.raises(TypeError, match="prev_router_logits"):
         layer(x, prev_router_logits=good.astype(np.int32))
-    with pytest.raises(ValueError, match="prev_router_logits"):  # with given logits
-        layer(x, router_logits=good, prev_router_logits=good)
+    # given logits stand for L after the residual (docs/spec.md): none is added to them, and
+    # they come back as L unchanged; prev_router_logits is still checked
+    other = rng.standard_normal((6, N)).astype(np.float32)
+    y_given, L_given = layer(x, router_logits=good, prev_router_logits=other,
+                             return_router_logits=True)
+    np.testing.assert_array_equal(L_given, good)
+    ref, _ = layer.reference(x, router_logits=good)
+    assert relative_error(y_given, ref) <= 1e-5
+    np.testing.assert_array_equal(y_given, layer(x, router_logits=good))
+    np.testing.assert_array_equal(layer.route(x, good, prev_router_logits=other).topk_ids,
+                                  layer.route(x, good).topk_ids)
+    with pytest.raises(ValueError, match="prev_router_logits"):
+        layer(x, router_logits=good, prev_router_logits=good[:5])
+    with pytest.raises(ValueError, match="prev_router_logits"):  # routing= computes no logits
+        layer(x, routing=layer.route(x), prev_router_logits=good)
     with pytest.raises(ValueError, match="return_router_logits"):
         layer(x, routing=layer.route(x), return_router_logits=True)
     with pytest.raises(TypeError, match="return_router_logits"):

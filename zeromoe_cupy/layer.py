@@ -438,9 +438,12 @@ class ZeroExpertMoE:
             if not self.config.gating_residual:
                 raise ValueError("prev_router_logits: this layer has no gating residual "
                                  "(MoEConfig(gating_residual=True) adds one), got an array")
-            if router_logits is not None or routing is not None:
-                raise ValueError("prev_router_logits: not with router_logits= or routing= (those "
-                                 "already stand for the logits after the residual)")
+            # Given router_logits stand for L after the residual (docs/spec.md): no residual is
+            # added to them, so prev_router_logits is checked and not used. routing= computes
+            # no logits at all.
+            if routing is not None:
+                raise ValueError("prev_router_logits: not with routing= (a call with routing= "
+                                 "computes no logits)")
         if self.router_weight is None and router_logits is None and routing is None:
             raise ValueError("router_logits: required by this layer, built without a router "
                              "weight (from_weights(router_weight=None)), got None")
@@ -548,7 +551,8 @@ class ZeroExpertMoE:
         recomputed from the ids.
 
         ``prev_router_logits`` [T, E+Z] (layers with ``gating_residual``): the previous MoE
-        layer's logits, as it returned them; None adds no residual term.
+        layer's logits, as it returned them; None adds no residual term, and neither do given
+        ``router_logits`` (they stand for the logits after the residual; docs/spec.md).
         ``return_router_logits=True`` returns (y, L): L fp32 [T, E+Z] the logits after the
         gating residual and before the normalization (what the next layer takes as
         ``prev_router_logits``); given ``router_logits`` are returned as L (in fp32).
