@@ -84,6 +84,15 @@ def test_from_weights_needs_constant_parameters(rng):
         zm.ZeroExpertMoE.from_weights(cfg, **w)
 
 
+def test_from_weights_refuses_arrays_its_config_does_not_use(rng):
+    # constant-expert parameters under a config without constant experts would be ignored
+    w = random_layer_weights(rng, CFG)
+    for k, shape in (("const_vec", (2, 16)), ("const_gate", (2, 2, 16))):
+        a = rng.standard_normal(shape).astype(np.float32)
+        with pytest.raises(ValueError, match=f"{k}: the config has no 'constant'"):
+            zm.ZeroExpertMoE.from_weights(CFG, **{**w, k: a})
+
+
 def test_layer_construction_errors():
     with pytest.raises(TypeError, match="config"):
         zm.ZeroExpertMoE({"hidden_size": 4})

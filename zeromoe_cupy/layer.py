@@ -275,6 +275,8 @@ class ZeroExpertMoE:
         config has ``router_hidden_size`` R; None builds a layer without a router (every call
         must then pass ``router_logits=``). ``gate_map`` [E+Z, E+Z]: required by a config
         with ``gating_residual`` (unless the layer has no router), refused otherwise.
+        ``const_vec`` [Z, H] / ``const_gate`` [Z, 2, H]: required by a config with "constant"
+        zero experts, refused otherwise.
         """
         _check_config(config)
         fp8 = config.quantization == "fp8"
@@ -320,6 +322,10 @@ class ZeroExpertMoE:
         lo, hi = _expert_slice(options.get("group"), cfg.num_experts)
         specs = checkpoint.layer_weight_specs(cfg)
         _check_router_arrays(cfg, arrays)
+        for k in ("const_vec", "const_gate"):  # else ignored: the experts would not be constant
+            if arrays[k] is not None and not cfg.has_constant_experts:
+                raise ValueError(f"{k}: the config has no 'constant' zero experts "
+                                 f"(zero_expert_type={cfg.zero_expert_type!r}), got an array")
         out = {}
         for k, a in arrays.items():
             if a is None:
