@@ -677,9 +677,12 @@ def test_load_names_the_file_and_key_of_a_bad_tensor(tmp_path, rng, cfg):
     np.testing.assert_array_equal(zm.ZeroExpertMoE.load(path, device="cpu")(x), layer(x))
 
 
-def test_save_to_a_missing_directory_names_the_path(tmp_path):
+def test_save_to_a_missing_directory_or_onto_a_directory_names_the_path(tmp_path):
     layer = zm.ZeroExpertMoE(SAVE_CASES[0], seed=0, device="cpu")
     path = tmp_path / "no" / "such" / "m.safetensors"
     with pytest.raises(FileNotFoundError, match=f"{path}: no such directory") as info:
         layer.save(path)
     assert ".tmp" not in str(info.value)
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path}: is a directory") as info:
+        layer.save(tmp_path)
+    assert ".tmp" not in str(info.value) and os.listdir(tmp_path) == []

@@ -258,6 +258,8 @@ def write_safetensors(path: str, tensors: dict[str, Any], metadata: dict[str, st
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else the error would name the temporary file
         raise FileNotFoundError(f"{path}: no such directory {folder}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected a file name")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

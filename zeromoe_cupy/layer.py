@@ -815,7 +815,9 @@ class ZeroExpertMoE:
     def save(self, path) -> None:
         """Write the layer to one safetensors file: its arrays under from_weights' argument
         names, ``config.to_dict()`` and ``options()`` as JSON in the metadata. A GPU layer's
-        arrays pass through the host one expert at a time. Read back with ``load``."""
+        arrays pass through the host one expert at a time. Read back with ``load``. Raises
+        FileNotFoundError when the folder does not exist, IsADirectoryError when ``path`` is a
+        directory, both naming the path."""
         self._whole_layer_only("save")
         arrays = {k: getattr(self, k, None) for k in self.WEIGHT_NAMES}
         checkpoint.save_layer(path, arrays, self.config, self.options())
