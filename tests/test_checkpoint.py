@@ -672,6 +672,10 @@ def test_load_names_the_file_and_key_of_a_bad_tensor(tmp_path, rng, cfg):
         with pytest.raises(ValueError, match="bad.safetensors.*format_version"):
             zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
                                            meta={"format_version": version}), device="cpu")
+    for options in ("null", "[]", '{"max_chunk_tokens": 8, "bogus": 1}'):
+        with pytest.raises(ValueError, match="bad.safetensors: metadata 'options'"):
+            zm.ZeroExpertMoE.load(_rewrite(path, tmp_path / "bad.safetensors",
+                                           meta={"options": options}), device="cpu")
     # the untouched file still loads
     x = random_x(rng, 5, H, cfg.dtype)
     np.testing.assert_array_equal(zm.ZeroExpertMoE.load(path, device="cpu")(x), layer(x))

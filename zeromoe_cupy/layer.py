@@ -831,6 +831,9 @@ class ZeroExpertMoE:
         dtype."""
         device = resolve_device(device)
         cfg, options, targets = checkpoint.load_layer(path)
+        if not isinstance(options, dict) or not set(options) <= set(cls.OPTION_NAMES):
+            raise ValueError(f"{os.fspath(path)}: metadata 'options': expected a JSON object "
+                             f"with keys among {list(cls.OPTION_NAMES)}, got {options!r}")
         xp = cupy_module() if device == "cuda" else np
         arrays = {"router_weight": None,  # absent: a layer saved without a router
                   **checkpoint.fill_targets(targets, xp)}
