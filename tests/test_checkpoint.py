@@ -360,6 +360,10 @@ def test_from_pretrained_bad_paths_and_layers(tmp_path, rng):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(longcat_config()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         zm.ZeroExpertMoE.from_pretrained(tmp_path / "empty", layer=0, device="cpu")
+    with pytest.raises(FileNotFoundError, match="config.json: a file, expected the checkpoint "
+                                                "directory"):  # a file that exists: not "no such"
+        zm.ZeroExpertMoE.from_pretrained(tmp_path / "empty" / "config.json", layer=0,
+                                         device="cpu")
     _good_checkpoint(tmp_path / "ok", rng, shards=2)
     for L in (-1, 3, 100):
         with pytest.raises(ValueError, match=rf"layer: expected 0 <= layer < 3.*got {L}"):

@@ -670,6 +670,9 @@ def pretrained_layer(path, layer: int, dtype: str | None = None,
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a checkpoint directory, got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.isfile(path):  # e.g. its config.json: say so rather than "no such directory"
+        raise FileNotFoundError(f"{path}: a file, expected the checkpoint directory (the "
+                                f"folder of config.json and the weights)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     model = parse_hf_config(path)
