@@ -274,6 +274,11 @@ def test_rank_info_from_each_launcher():
     ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR, MASTER_PORT"),
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "rank 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "70000"},
+     r"MASTER_PORT: expected a TCP port in \[1, 65535\].*70000"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "0"}, "MASTER_PORT"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "29500",
+      "ZEROMOE_RENDEZVOUS_PORT": "-1"}, "ZEROMOE_RENDEZVOUS_PORT: expected a TCP port"),
 ])
 def test_rank_info_errors(env, match):
     with pytest.raises(ValueError, match=match):

@@ -80,6 +80,10 @@ def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
         port_n += 1
     if "ZEROMOE_RENDEZVOUS_PORT" in env:
         port_n = _int_var(env, "ZEROMOE_RENDEZVOUS_PORT")
+    if world > 1 and not 0 < port_n < 65536:  # else the socket's own error, far from the cause
+        name = "ZEROMOE_RENDEZVOUS_PORT" if "ZEROMOE_RENDEZVOUS_PORT" in env else "MASTER_PORT"
+        raise ValueError(f"{name}: expected a TCP port in [1, 65535] (the rendezvous port), "
+                         f"got {port_n}")
     return RankInfo(rank, world, local, addr or "127.0.0.1", port_n)
 
 
