@@ -30,6 +30,7 @@ BAD = [
     (["demo", "--tokens", "-3"], "argument --tokens"),
     (["demo", "--tokens", "0"], "argument --tokens"),
     (["demo", "--device", "tpu"], "argument --device"),
+    (["launch", "-n", "2", "/no/such/script.py"], "/no/such/script.py: no such script"),
 ]
 if not gpu_available():
     BAD += [(["bench", "--device", "cuda"], "argument --device: cuda: no usable CUDA GPU"),

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         from .parallel.launch import launch
         try:
             return launch(args.nprocs, [args.script, *args.args], prefix=not args.no_prefix)
-        except ValueError as exc:  # more ranks than GPUs: one line, exit status 2
+        except (ValueError, FileNotFoundError) as exc:  # more ranks than GPUs, no script:
+            # one line, exit status 2
             p_launch.error(str(exc))
     if args.command == "info":
         return info()

@@ -219,6 +219,7 @@ def launch(nprocs: int, argv: Sequence[str], prefix: bool = True,
     CuPy sees here (CUDA_VISIBLE_DEVICES applied) is a ValueError naming both numbers, raised
     before any rank starts; without a usable GPU the ranks start after a note on stderr.
     (Not checked when ``env`` sets another CUDA_VISIBLE_DEVICES than this process's.)
+    A script that does not exist is a FileNotFoundError naming it, also raised before.
 
     Output lines are prefixed with ``[rank r]`` (``prefix=False``: passed through). Returns 0
     when every rank exits with 0; when one fails, the others are terminated and its exit
@@ -231,6 +232,9 @@ def launch(nprocs: int, argv: Sequence[str], prefix: bool = True,
     visible = base.get("CUDA_VISIBLE_DEVICES")
     if visible == os.environ.get("CUDA_VISIBLE_DEVICES"):  # the ranks see what we see
         _check_gpus(nprocs, visible)
+    if not argv[0].startswith("-") and not os.path.exists(argv[0]):  # not -c / -m: a path
+        raise FileNotFoundError(f"{argv[0]}: no such script (checked before starting "
+                                f"{nprocs} ranks that would each fail on it)")
     port = str(free_port())
     procs, pumps = [], []
     for r in range(nprocs):
