@@ -223,6 +223,13 @@ def test_layer_without_router_needs_logits(rng):
     L = rng.standard_normal((9, cfg.num_total_experts)).astype(np.float32)
     y, L_out = layer(x, router_logits=L, return_router_logits=True)
     np.testing.assert_array_equal(L_out, L)
+    for chunk in (16, 4):  # one call and chunks: L comes back as a new array, never the caller's
+        layer.max_chunk_tokens = chunk
+        L_in = L.copy()
+        _, L_out = layer(x, router_logits=L_in, return_router_logits=True)
+        assert not np.shares_memory(L_out, L_in)
+        L_out += 1.0  # the caller threads L on, writing into it
+        np.testing.assert_array_equal(L_in, L)
     ref, _ = layer.reference(x, router_logits=L)
     assert relative_error(y, ref) <= TOL["float32"]
 

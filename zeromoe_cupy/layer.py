@@ -561,7 +561,8 @@ class ZeroExpertMoE:
         ``router_logits`` (they stand for the logits after the residual; docs/spec.md).
         ``return_router_logits=True`` returns (y, L): L fp32 [T, E+Z] the logits after the
         gating residual and before the normalization (what the next layer takes as
-        ``prev_router_logits``); given ``router_logits`` are returned as L (in fp32).
+        ``prev_router_logits``); given ``router_logits`` are returned as L (in fp32, a new
+        array: writing into it leaves the caller's logits alone).
         """
         x = self._input(x)
         T = x.shape[0]
@@ -582,6 +583,8 @@ class ZeroExpertMoE:
         chunk = self.max_chunk_tokens
         if T <= chunk or self.group is not None:  # rank layers: one collective call
             y, logits = self._forward(x, router_logits, routing, prev=prev)
+            if return_router_logits and router_logits is not None:
+                logits = logits.copy()  # fp32 logits given come back as a new array, not theirs
             return (y, logits) if return_router_logits else y
         y = self.xp.empty(x.shape, x.dtype)  # chunks write into it: no concatenation
         logits = self.xp.empty((T, self.config.num_total_experts), np.float32) \
