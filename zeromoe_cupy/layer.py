@@ -95,28 +95,16 @@ class ZeroExpertMoE:
         _check_config(config)
         seed = check_int("seed", seed, 0)
         device = resolve_device(device)
-        max_chunk_tokens = check_int("max_chunk_tokens", max_chunk_tokens, 1)
-        if expert_strategy not in STRATEGIES:
-            raise ValueError(f"expert_strategy: expected one of {STRATEGIES}, "
-                             f"got {expert_strategy!r}")
-        if router_gemm not in ROUTER_GEMMS:
-            raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
-        if deterministic and (expert_strategy not in ("auto", "fixed") or router_gemm != "auto"):
-            raise ValueError(f"deterministic=True picks its own kernels: expected "
-                             f"expert_strategy='auto' or 'fixed' and router_gemm='auto', got "
-                             f"{expert_strategy!r} and {router_gemm!r}")
-        if deterministic:
-            expert_strategy = "fixed"
+        options = _checked_options(expert_strategy, router_gemm, deterministic,
+                                   max_chunk_tokens)
         _check_group(group, config)
         self.group = group
         self.config = config
         self.device = device
-        self.expert_strategy = expert_strategy
-        self.router_gemm = router_gemm
-        self.deterministic = deterministic
-        self.max_chunk_tokens = max_chunk_tokens
+        self.expert_strategy = options["expert_strategy"]
+        self.router_gemm = options["router_gemm"]
+        self.deterministic = options["deterministic"]
+        self.max_chunk_tokens = options["max_chunk_tokens"]
         self.xp = cupy_module() if device == "cuda" else np
         if _weights is None:
             _weights = self._random_weights(int(seed))
@@ -947,6 +935,27 @@ class ZeroExpertMoE:
 def _check_config(config) -> None:
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+
+
+def _checked_options(expert_strategy, router_gemm, deterministic, max_chunk_tokens) -> dict:
+    """The constructor's options checked (ValueError / TypeError naming the option), in
+    OPTION_NAMES' order; deterministic=True makes expert_strategy "fixed"."""
+    max_chunk_tokens = check_int("max_chunk_tokens", max_chunk_tokens, 1)
+    if expert_strategy not in STRATEGIES:
+        raise ValueError(f"expert_strategy: expected one of {STRATEGIES}, "
+                         f"got {expert_strategy!r}")
+    if router_gemm not in ROUTER_GEMMS:
+        raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
+    if deterministic and (expert_strategy not in ("auto", "fixed") or router_gemm != "auto"):
+        raise ValueError(f"deterministic=True picks its own kernels: expected "
+                         f"expert_strategy='auto' or 'fixed' and router_gemm='auto', got "
+                         f"{expert_strategy!r} and {router_gemm!r}")
+    if deterministic:
+        expert_strategy = "fixed"
+    return {"expert_strategy": expert_strategy, "router_gemm": router_gemm,
+            "deterministic": deterministic, "max_chunk_tokens": max_chunk_tokens}
 
 
 def _check_group(group, config) -> None:
