@@ -93,6 +93,35 @@ def test_from_weights_refuses_arrays_its_config_does_not_use(rng):
             zm.ZeroExpertMoE.from_weights(CFG, **{**w, k: a})
 
 
+BAD_OPTIONS = [("max_chunk_tokens", 0, ValueError), ("max_chunk_tokens", -1, ValueError),
+               ("max_chunk_tokens", 2.5, TypeError), ("expert_strategy", "bogus", ValueError),
+               ("router_gemm", "tf32", ValueError), ("deterministic", "yes", TypeError)]
+
+
+@pytest.mark.parametrize("name, bad, exc", BAD_OPTIONS)
+def test_options_assigned_after_construction_are_checked_as_the_constructor_does(
+        layer, x, name, bad, exc):
+    with pytest.raises(exc, match=f"^{name}: expected"):
+        zm.ZeroExpertMoE(CFG, device="cpu", **{name: bad})
+    y = layer(x)
+    held = getattr(layer, name)
+    with pytest.raises(exc, match=f"^{name}: expected"):
+        setattr(layer, name, bad)
+    assert getattr(layer, name) == held
+    np.testing.assert_array_equal(layer(x), y)
+
+
+def test_deterministic_assigned_after_construction_runs_its_kernels(layer, x):
+    layer.expert_strategy = "pairs"
+    with pytest.raises(ValueError, match="deterministic=True picks its own kernels"):
+        layer.deterministic = True
+    layer.expert_strategy = "auto"
+    layer.deterministic = True
+    assert layer.options() == zm.ZeroExpertMoE(CFG, device="cpu", deterministic=True).options()
+    with pytest.raises(ValueError, match="deterministic=True picks its own kernels"):
+        layer.expert_strategy = "grouped"
+
+
 def test_layer_construction_errors():
     with pytest.raises(TypeError, match="config"):
         zm.ZeroExpertMoE({"hidden_size": 4})

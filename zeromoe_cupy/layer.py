@@ -124,7 +124,7 @@ class ZeroExpertMoE:
         self.w13_scale_inv, self.w2_scale_inv = _scales if _scales is not None else (None, None)
         # MoE++ router weights: W1 [R, H] of the two-layer router, gate_map [N, N]
         self.router_hidden_weight, self.gate_map = _router_extra or (None, None)
-        self._weights_ready = True  # from here on, assigned weights are checked (__setattr__)
+        self._weights_ready = True  # from here on, assigned weights and options are checked
 
     def __setattr__(self, name, value):
         if name in ("config", "device", "group") and "_weights_ready" in self.__dict__:
@@ -132,6 +132,12 @@ class ZeroExpertMoE:
             raise AttributeError(f"{name}: fixed when the layer is built; build a new layer "
                                  f"(e.g. ZeroExpertMoE.from_weights(config, "
                                  f"**layer.numpy_weights()))")
+        if name in self.OPTION_NAMES and "_weights_ready" in self.__dict__:
+            # checked as the constructor checks it, against the other options held
+            options = _checked_options(**{**self.options(), name: value})
+            value = options[name]
+            if name == "deterministic":  # deterministic=True runs the "fixed" expert path
+                object.__setattr__(self, "expert_strategy", options["expert_strategy"])
         if name in self.WEIGHT_NAMES and "_weights_ready" in self.__dict__:
             value = self._checked_weight(name, value)
             if name == "router_weight":  # the bf16x3 parts belong to the old array
