@@ -74,6 +74,26 @@ def test_state_dict_errors_name_what_is_missing(rng):
                                              up[:2] + [up[2][:5]] + up[3:], down)
 
 
+@pytest.mark.parametrize("role", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [np.int32, np.int8, np.bool_, np.complex64])
+def test_per_expert_matrices_of_a_non_float_dtype_are_refused(rng, role, dtype):
+    # (from_weights refuses such a w13 / w2; stacked with float matrices they were cast)
+    w = random_layer_weights(rng, CFG)
+    mats = [list(m) for m in _per_expert(w)]
+    mats[role][3] = mats[role][3].astype(dtype)
+    name = ("gate", "up", "down")[role]
+    with pytest.raises(TypeError, match=rf"^{name}\[3\]: expected a floating-point matrix"):
+        zm.ZeroExpertMoE.from_expert_weights(CFG, w["router_weight"], *mats)
+
+
+@pytest.mark.parametrize("bad", [None, 3, iter([])])
+def test_per_expert_matrices_must_come_as_a_sequence(rng, bad):
+    w = random_layer_weights(rng, CFG)
+    gate, up, down = _per_expert(w)
+    with pytest.raises(TypeError, match="^up: expected a sequence of 5 matrices"):
+        zm.ZeroExpertMoE.from_expert_weights(CFG, w["router_weight"], gate, bad, down)
+
+
 def test_package_never_imports_torch_on_its_own():
     code = ("import sys, numpy as np, zeromoe_cupy as zm\n"
             "l = zm.ZeroExpertMoE(zm.MoEConfig.preset('tiny'), device='cpu')\n"

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from . import quant
-from ._arrays import as_array, check_int, cupy_module, is_cupy, np_dtype
+from ._arrays import as_array, check_int, cupy_module, is_cupy, is_float_dtype, np_dtype
 
 # Key names understood by state_dict_weights (after the prefix), the first found is used.
 STATE_DICT_KEYS = {
@@ -48,10 +48,13 @@ def stack_expert_weights(config, gate, up, down):
     """Per-expert matrices stacked into the fused w13 (gate rows first) and w2, one copy.
 
     NumPy, CuPy or DLPack tensors, all on one device. Raises ValueError for a wrong count or
-    shape, TypeError for mixed devices.
+    shape, TypeError for mixed devices, a non-float matrix or a non-sequence.
     """
     E = config.num_experts
     for name, mats in (("gate", gate), ("up", up), ("down", down)):
+        if not hasattr(mats, "__len__") or not hasattr(mats, "__getitem__"):
+            raise TypeError(f"{name}: expected a sequence of {E} matrices (one per real "
+                            f"expert), got {type(mats).__name__}")
         if len(mats) != E:
             raise ValueError(f"{name}: expected {E} matrices (one per real expert), "
                              f"got {len(mats)}")
@@ -67,6 +70,8 @@ def stack_expert_weights(config, gate, up, down):
                 raise ValueError(f"{name}[{e}]: expected shape {shape}, got {tuple(a.shape)}")
             if is_cupy(a) != (xp is not np):
                 raise TypeError(f"{name}[{e}]: expected every matrix on one device")
+            if not (is_float_dtype(a.dtype) or quant.is_e4m3(a)):  # else cast when stacked
+                raise TypeError(f"{name}[{e}]: expected a floating-point matrix, got {a.dtype}")
     w13 = xp.stack([xp.concatenate([g, u], axis=0) for g, u in zip(gate, up)])
     w2 = xp.stack(down)
     return w13, w2
