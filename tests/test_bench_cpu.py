@@ -117,3 +117,24 @@ def test_fp8_floor_by_hand():
     _, bytes_, _ = bench.floor_time(cfg, ids, bandwidth=100.0, rate=1000.0)
     # 1 byte per weight; scales: w13 2*2 x 2 blocks, w2 2 x 2 blocks, 4 bytes each; x and y bf16.
     assert bytes_ == 3 * (3 * 256 * 136 + 4 * (8 + 4)) + 2 * 2 * 256 * 2
+
+
+def test_bench_reports_the_routing_it_times_for_a_gating_residual(tmp_path, monkeypatch):
+    # A layer with a gating residual is timed with previous logits: the real slots (and on
+    # the GPU the floor) must come from that routing, not from one without the residual.
+    from zeromoe_cupy import cli, config
+    small = dict(config._PRESETS["moe++-7b"], hidden_size=64, intermediate_size=32)
+    monkeypatch.setitem(config._PRESETS, "moe++-7b", small)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--preset", "moe++-7b",
+                     "--tokens", "16,64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cfg = zm.MoEConfig.preset("moe++-7b")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    bench.calibrate_zero_bias(layer, cfg.top_k * 2 / 3)
+    for row in rows:
+        T = row["tokens"]
+        x = bench._normal(np, (T, cfg.hidden_size), layer.dtype, 100)
+        prev = bench._normal(np, (T, cfg.num_total_experts), np.float32, 7)
+        ids = layer.route(x, prev_router_logits=prev).topk_ids
+        assert row["real_slots_per_token"] == (ids < cfg.num_experts).sum(axis=1).mean()

@@ -534,16 +534,16 @@ def run(args) -> int:
         n_sets = int(min(16, max(2, (128 << 20) // max(1, T * cfg.hidden_size * 2))))
         xs = [_normal(xp, (T, cfg.hidden_size), np_dtype(cfg.dtype), 100 + i)
               for i in range(n_sets if gpu else 2)]
-        ids0 = layer.route(xs[0]).topk_ids
+        # A layer with a gating residual is timed as a middle layer: with previous logits.
+        prev = _normal(xp, (T, cfg.num_total_experts), np.float32, 7) \
+            if cfg.gating_residual else None
+        ids0 = layer.route(xs[0], prev_router_logits=prev).topk_ids  # the timed routing
         ids_host = ids0.get() if gpu else ids0
         real = float((ids_host < cfg.num_experts).sum(axis=1).mean()) if T else float("nan")
         row = {"tokens": T, "real_slots_per_token": real}
         if gpu:
             cp.get_default_memory_pool().free_all_blocks()
             before = cp.get_default_memory_pool().total_bytes()
-        # A layer with a gating residual is timed as a middle layer: with previous logits.
-        prev = _normal(xp, (T, cfg.num_total_experts), np.float32, 7) \
-            if cfg.gating_residual else None
         forward = layer if prev is None else (lambda x: layer(x, prev_router_logits=prev))
         row["forward_ms"] = timer(forward, xs)
         if gpu:
