@@ -129,6 +129,11 @@ def test_quantization_fields():
     assert c.quantization == "fp8" and c.weight_block_size == (128, 128)
     assert zm.MoEConfig(**BASE).quantization is None
     assert zm.MoEConfig(**BASE, weight_block_size=[128, 128]).weight_block_size == (128, 128)
+    c = zm.MoEConfig(**BASE, weight_block_size=(np.int64(128), np.int32(128)))
+    assert c.weight_block_size == (128, 128) and all(type(b) is int for b in c.weight_block_size)
+    for bad in ((128.0, 128.0), (True, 128)):
+        with pytest.raises(ValueError, match="weight_block_size"):
+            zm.MoEConfig(**BASE, weight_block_size=bad)
     with pytest.raises(ValueError, match="quantization"):
         zm.MoEConfig(**BASE, quantization="int4")
     with pytest.raises(ValueError, match="weight_block_size"):

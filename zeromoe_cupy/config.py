@@ -195,7 +195,8 @@ class MoEConfig:
                              f"got {self.quantization!r}")
         block = self.weight_block_size
         if isinstance(block, (list, tuple)) and len(block) == 2:
-            block = tuple(block)
+            block = tuple(int(b) if isinstance(b, numbers.Integral) and not isinstance(b, bool)
+                          else b for b in block)  # NumPy ints as Python ints, as elsewhere
         if block != (128, 128) or not all(type(b) is int for b in block):
             raise ValueError(f"weight_block_size: expected (128, 128) (the only block size "
                              f"supported), got {self.weight_block_size!r}")
