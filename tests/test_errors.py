@@ -553,3 +553,14 @@ def test_from_state_dict_wants_a_mapping_and_hints_at_the_prefix_dot(layer):
     with pytest.raises(ValueError, match=r"did you mean 'm\.'"):
         zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix="m")
     assert zm.ZeroExpertMoE.from_state_dict(CFG, sd, prefix="m.").w13.shape == layer.w13.shape
+
+
+def test_flags_take_numpy_bools_as_the_config_does(layer, x):
+    # np.bool_ (what comparisons of arrays give) is a bool here, as in MoEConfig's flags
+    y, L = layer(x, return_router_logits=np.bool_(True))
+    np.testing.assert_array_equal(y, layer(x))
+    assert isinstance(layer(x, return_router_logits=np.bool_(False)), np.ndarray)
+    det = zm.ZeroExpertMoE(CFG, device="cpu", deterministic=np.bool_(True))
+    assert det.deterministic is True and det.expert_strategy == "fixed"
+    with pytest.raises(TypeError, match="return_router_logits"):
+        layer(x, return_router_logits=np.int64(1))

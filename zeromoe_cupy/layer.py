@@ -560,8 +560,9 @@ class ZeroExpertMoE:
         """
         x = self._input(x)
         T = x.shape[0]
-        if not isinstance(return_router_logits, bool):
+        if not isinstance(return_router_logits, (bool, np.bool_)):  # as the config's flags
             raise TypeError(f"return_router_logits: expected a bool, got {return_router_logits!r}")
+        return_router_logits = bool(return_router_logits)
         self._check_logit_sources(router_logits, prev_router_logits, routing)
         if routing is not None:
             if router_logits is not None:
@@ -952,8 +953,9 @@ def _checked_options(expert_strategy, router_gemm, deterministic, max_chunk_toke
                          f"got {expert_strategy!r}")
     if router_gemm not in ROUTER_GEMMS:
         raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
-    if not isinstance(deterministic, bool):
+    if not isinstance(deterministic, (bool, np.bool_)):  # as the config's flags
         raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
+    deterministic = bool(deterministic)
     if deterministic and (expert_strategy not in ("auto", "fixed") or router_gemm != "auto"):
         raise ValueError(f"deterministic=True picks its own kernels: expected "
                          f"expert_strategy='auto' or 'fixed' and router_gemm='auto', got "
