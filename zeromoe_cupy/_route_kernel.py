@@ -326,6 +326,23 @@ def make_route_kernel(grouped: bool, n: int):
         return l2 < ll or (l2 == ll and e > li)
 
     @cuda.jit(device=True)
+    def group_score(ks, base, grp, gsize, best):
+        # A group's score: the sum of its `best` (1 or 2) largest selection values, and the
+        # ids of those two.
+        a = b = float32(0)
+        ka = kb = MASKED
+        ea = eb = int32(0)
+        for e in range(grp * gsize, (grp + 1) * gsize):
+            v = ks[base + uint32(e)]
+            kv = key_of(v)
+            if kv > ka:
+                b, kb, eb = a, ka, ea
+                a, ka, ea = v, kv, int32(e)
+            elif kv > kb:
+                b, kb, eb = v, kv, int32(e)
+        return (a + b if best == 2 else a + float32(0)), ea, eb
+
+    @cuda.jit(device=True)
     def tiny_group(gsum, ea, eb, best, bias):
         # A group whose fp32 score underflowed (below the smallest normal float) from
         # experts of bias 0: its exact sum decides (routing._tiny_group_keys).
@@ -462,18 +479,7 @@ def make_route_kernel(grouped: bool, n: int):
                 top_lp = NEG_INF  # the best log-score among this lane's TINY groups
                 for grp in range(lane, groups, 32):
                     if not (kept[w, grp // 32] >> (grp % 32)) & 1:
-                        a = b = float32(0)
-                        ka = kb = MASKED
-                        ea = eb = int32(0)
-                        for e in range(grp * gsize, (grp + 1) * gsize):
-                            v = ks[base + uint32(e)]
-                            kv = key_of(v)
-                            if kv > ka:
-                                b, kb, eb = a, ka, ea
-                                a, ka, ea = v, kv, int32(e)
-                            elif kv > kb:
-                                b, kb, eb = v, kv, int32(e)
-                        gsum = a + b if best == 2 else a + float32(0)
+                        gsum, ea, eb = group_score(ks, base, grp, gsize, best)
                         gkey = key_of(gsum)
                         if has_bias and tiny_group(gsum, ea, eb, best, bias):
                             gkey = TINY
@@ -493,18 +499,7 @@ def make_route_kernel(grouped: bool, n: int):
                     ti = int32(NO_ID)
                     for grp in range(lane, groups, 32):
                         if not (kept[w, grp // 32] >> (grp % 32)) & 1:
-                            a = b = float32(0)
-                            ka = kb = MASKED
-                            ea = eb = int32(0)
-                            for e in range(grp * gsize, (grp + 1) * gsize):
-                                v = ks[base + uint32(e)]
-                                kv = key_of(v)
-                                if kv > ka:
-                                    b, kb, eb = a, ka, ea
-                                    a, ka, ea = v, kv, int32(e)
-                                elif kv > kb:
-                                    b, kb, eb = v, kv, int32(e)
-                            gsum = a + b if best == 2 else a + float32(0)
+                            gsum, ea, eb = group_score(ks, base, grp, gsize, best)
                             if tiny_group(gsum, ea, eb, best, bias):
                                 la, lb = group_log_scores(grp, gsize, bias, logits, row, m,
                                                          big, mul, norm_std, scoring)
