@@ -57,7 +57,8 @@ def test_gpu_block_quantization_equals_numpy(I, H, dtype, rng):
                                   quant.dequantize_weight(q, s, glu=True))
 
 
-SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144)}  # (H, I)
+# (H, I); odd_n: GEMM 1's 132 features end inside the pair tensor-core kernel's 16-feature tile
+SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144), "odd_n": (256, 132)}
 
 
 def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
@@ -96,6 +97,60 @@ def test_gpu_fp8_forward_matches_reference(dtype, shape, strategy, T, rng, monke
           f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED or 'used'})")
     assert err <= FP8_TOL
     np.testing.assert_array_equal(gpu8.w13.get(), w13.get())
+
+
+@pytest.mark.parametrize("kernel,ksplit", [("mma", 1), ("mma", 2), ("gemv", 1)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", ["aligned", "mid", "odd_n"])
+def test_gpu_fp8_pair_kernels_match_reference(kernel, ksplit, dtype, shape, rng, monkeypatch):
+    """The pair path's two kernels: pair_mma_fp8 (e4m3 tensor cores, compute capability 8.9 and
+    up; reduction sizes multiples of 16: a k-group cut short in "mid", 132 features in "odd_n";
+    its k-groups split over 1 or 2 warps) and pair_gemv_fp8 (fp32 FMAs), against the float64
+    reference."""
+    monkeypatch.setattr(fp8_path, "PAIR_MMA", kernel == "mma")
+    monkeypatch.setattr(fp8_path, "PAIR_MMA_KSPLIT", ((None, ksplit),))
+    cpu8, gpu8 = _layers(rng, dtype, shape, "constant" if dtype == "float16" else "identity")
+    H, I = SHAPES[shape]
+    if kernel == "mma" and not fp8_path._pair_mma_ready(H):
+        pytest.skip("no e4m3 tensor cores on this GPU (compute capability < 8.9)")
+    gpu8.expert_strategy = "pairs"
+    T = 40
+    x = random_x(rng, T, H, dtype)
+    r = gpu8.route(cp.asarray(x))
+    y = gpu8(cp.asarray(x), routing=r).get()
+    rows = np.sort(rng.choice(T, 32, replace=False))
+    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
+    err = relative_error(y[rows], ref)
+    print(f"gpu fp8 pairs ({kernel}) {dtype} {shape}: {err:.2e}")
+    assert err <= FP8_TOL
+
+
+@pytest.mark.parametrize("operands,stream_nt", [("e4m3", 0), ("fp16", 0), ("e4m3", 1),
+                                               ("e4m3", 2)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", ["aligned", "mid", "odd_n"])
+def test_gpu_fp8_grouped_kernels_match_reference(operands, stream_nt, dtype, shape, rng,
+                                                 monkeypatch):
+    """The grouped path's tensor-core kernels against the float64 reference: grouped_mma_fp8
+    with the bytes as e4m3 mma operands (compute capability 8.9 and up) and converted to fp16,
+    and grouped_stream_fp8 with 1 or 2 tiles of 8 rows per pass; experts of 1 to 40 rows
+    (tiles cut short, several passes)."""
+    monkeypatch.setattr(fp8_path, "GROUPED_E4M3", operands == "e4m3")
+    monkeypatch.setattr(fp8_path, "STREAM_PAIRS_PER_EXPERT",
+                        ((10**9, stream_nt),) if stream_nt else ())
+    if operands == "e4m3" and not fp8_path._e4m3_tensor_cores():
+        pytest.skip("no e4m3 tensor cores on this GPU (compute capability < 8.9)")
+    cpu8, gpu8 = _layers(rng, dtype, shape, "zero" if dtype == "float32" else "identity")
+    gpu8.expert_strategy = "grouped"
+    T = 80
+    x = random_x(rng, T, SHAPES[shape][0], dtype)
+    r = gpu8.route(cp.asarray(x))
+    y = gpu8(cp.asarray(x), routing=r).get()
+    rows = np.sort(rng.choice(T, 32, replace=False))
+    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
+    err = relative_error(y[rows], ref)
+    print(f"gpu fp8 grouped ({operands}) {dtype} {shape}: {err:.2e}")
+    assert err <= FP8_TOL
 
 
 def test_gpu_fp8_pairs_is_batch_invariant(rng):

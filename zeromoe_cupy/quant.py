@@ -158,7 +158,12 @@ def fp8_kernel_names() -> list[str]:
                       f"pair_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>",
                       f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
                       f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
-        names += [f"grouped_mma_fp8<{ctype},float,true>", f"grouped_mma_fp8<{ctype},{ctype},false>"]
+        names += [*(f"grouped_mma_fp8<{ctype},float,true,{e}>" for e in ("true", "false")),
+                  *(f"grouped_mma_fp8<{ctype},{ctype},false,{e}>" for e in ("true", "false")),
+                  *(f"pair_mma_fp8<{ctype},float,true,{ks}>" for ks in (1, 2)),
+                  *(f"pair_mma_fp8<{ctype},{ctype},false,{ks}>" for ks in (1, 2)),
+                  *(f"grouped_stream_fp8<{ctype},float,true,{nt}>" for nt in (1, 2)),
+                  *(f"grouped_stream_fp8<{ctype},{ctype},false,{nt}>" for nt in (1, 2))]
     return names
 
 

@@ -2,16 +2,22 @@
 scales, activations quantized per row and 128 features.
 
 - Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: x quantized per row by a small
-  kernel, then the pair kernel (kernels/fp8.cu pair_gemv_fp8) reads the weight bytes and their
-  scales straight from the routing ids; h (fp32) is quantized the same way between the passes.
-  No host synchronization; a token's result does not depend on its batch.
+  kernel, then the pair kernel reads the weight bytes and their scales straight from the
+  routing ids; h (fp32) is quantized the same way between the passes. No host
+  synchronization; a token's result does not depend on its batch. The kernel: pair_mma_fp8
+  (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
+  16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8; strategy "grouped",
   or "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
-  experts from syncfree_plan, no host synchronization), activations quantized by a small kernel, and grouped_mma_fp8: a fixed grid
-  of (feature chunk, active expert) blocks streaming each expert's e4m3 weights once per 64 of
-  its rows through the tensor cores (bytes -> fp16 exactly, fp32 accumulation per 128-wide
-  group, then scaled). H or I not a multiple of 16, or a GPU below compute capability 8.0:
-  grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
+  experts from syncfree_plan, no host synchronization), activations quantized by a small
+  kernel, then per GEMM a fixed grid of (feature chunk, active expert) blocks on the tensor
+  cores (H and I multiples of 16, compute capability >= 8.0):
+  - up to STREAM_PAIRS_PER_EXPERT pairs per expert on average (compute capability >= 8.9):
+    grouped_stream_fp8, each warp streaming 16 weight rows from global memory into mma.sync
+    with the expert's rows, 8 (or 16) per pass, as the other operand;
+  - above: grouped_mma_fp8, the weights staged through shared memory once per 64 of the
+    expert's rows (e4m3 operands from compute capability 8.9, else converted to fp16).
+  Otherwise grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
   quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
   cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
@@ -36,7 +42,21 @@ GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which grouped_gemv_fp8 r
 # over the active experts' weights per 64 of their rows, where the padded path pays one
 # cuBLASLt call, tens of microseconds, per active expert and GEMM).
 GROUPED_MMA_MAX = 12 * 4096
-GROUPED_MMA = True  # the tensor-core grouped kernel where it serves (else grouped_gemv_fp8)
+GROUPED_MMA = True  # the tensor-core grouped kernels where they serve (else grouped_gemv_fp8)
+# grouped_mma_fp8's operands: the e4m3 bytes as they are (mma.sync m16n8k32) from compute
+# capability 8.9 on, else converted to fp16 (m16n8k16). Same bits (H200).
+GROUPED_E4M3 = True
+# grouped_stream_fp8 (compute capability >= 8.9) by (token, slot) pairs per expert, P / E:
+# (most, 8-row tiles per pass). LongCat-Flash on the H200 (E = 512; eager ms, grouped_mma_fp8 /
+# stream with 1 tile / 2 tiles): 128 tokens (P / E = 3) 6.50 / 4.47 / 4.87; 256 (6) 7.50 /
+# 5.39 / 5.79; 512 (12) 7.93 / 7.85 / 7.35; 1024 (24) 9.21 / 13.1 / 11.5. Same bits.
+STREAM_PAIRS_PER_EXPERT = ((8, 1), (16, 2))
+# pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
+# tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
+# 0.244 / 0.376, two 0.149 / 0.233 / 0.397, four 0.150 / 0.240 / 0.395).
+PAIR_MMA = True
+PAIR_MMA_KSPLIT = ((24, 2), (None, 1))  # (most pairs, warps per tile); None: any number
+_PM_FEATS = 16  # kernels/fp8.cu PM_FEATS: output features per warp of pair_mma_fp8
 _MMA_FEATURES = {True: 64, False: 128}  # kernels/fp8.cu grouped_mma_fp8: features per block
 LT_REFUSAL: str | None = None
 LT_REFUSED: dict = {}
@@ -63,7 +83,8 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
 
 def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     """Rows by expert (no padding, device offsets), activations quantized per row and 128
-    features (K-major scales), then grouped_mma_fp8 (or grouped_gemv_fp8) for each GEMM. No
+    features (K-major scales), then grouped_stream_fp8, grouped_mma_fp8 or grouped_gemv_fp8
+    (module docstring) for each GEMM. No
     host synchronization: buffers are sized for every (token, slot) pair."""
     cp = cupy_module()
     T, H = x.shape
@@ -75,6 +96,7 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     counts = real_counts(ids, expert_counts, E)
     if _mma_ready(H, I, w13, w2):
         smem = quant.fp8_smem_bytes(pipeline)
+        e4m3 = str(GROUPED_E4M3 and _e4m3_tensor_cores()).lower()
         from .syncfree import syncfree_module
         offsets = cp.empty(E + 1, np.int32)
         cursor = cp.empty(E, np.int32)
@@ -85,8 +107,16 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
         slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
         slots = min(E, P)
 
+        nt = next((n for most, n in STREAM_PAIRS_PER_EXPERT if P <= most * E), 0) \
+            if e4m3 == "true" else 0
+
         def gemm(glu, types, a, asc, W, S, N, Kd, out):
-            qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()}>")(
+            if nt:
+                qmod.get_function(f"grouped_stream_fp8<{types},{str(glu).lower()},{nt}>")(
+                    (-(-N // (PAIR_WARPS * _PM_FEATS)), slots), (32 * PAIR_WARPS,),
+                    (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out))
+                return
+            qmod.get_function(f"grouped_mma_fp8<{types},{str(glu).lower()},{e4m3}>")(
                 (-(-N // _MMA_FEATURES[glu]), slots), (256,),
                 (a, asc, offsets, active, W, S, np.int32(N), np.int32(Kd), out),
                 shared_mem=smem)
@@ -137,6 +167,17 @@ def _mma_ready(H, I, w13, w2) -> bool:
     return int(cupy_module().cuda.Device().compute_capability) >= 80
 
 
+def _e4m3_tensor_cores() -> bool:
+    """Whether the current GPU's mma.sync takes e4m3 operands (compute capability >= 8.9)."""
+    cc = cupy_module().cuda.Device().compute_capability  # "90", "89", "120"
+    return (int(cc[:-1]), int(cc[-1])) >= (8, 9)
+
+
+def _pair_mma_ready(Kd: int) -> bool:
+    """Whether pair_mma_fp8 serves a GEMM of reduction size Kd on the current GPU."""
+    return PAIR_MMA and Kd % 16 == 0 and _e4m3_tensor_cores()
+
+
 def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
     """x quantized per row (a small kernel), the pair kernel for GEMM 1 (h in fp32), h
     quantized per row, the pair kernel for GEMM 2; launches of at most 65535 pairs."""
@@ -169,12 +210,18 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
             mod.get_function("quantize_rows<float>")(
                 (-(-P // 4), ib), (128,),
                 (h, np.int32(P), np.int32(I), _NULL, np.int32(0), np.int32(0), hq, hsc, _NULL))
-        R = PAIR_ROWS[glu]
-        vec = str(Kd % 16 == 0).lower()
-        kernel = mod.get_function(f"pair_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")
+        if _pair_mma_ready(Kd):
+            ksplit = next(n for most, n in PAIR_MMA_KSPLIT if most is None or P <= most)
+            features = _PM_FEATS // ksplit
+            kernel = mod.get_function(f"pair_mma_fp8<{types},{str(glu).lower()},{ksplit}>")
+        else:
+            features = PAIR_ROWS[glu]
+            vec = str(Kd % 16 == 0).lower()
+            kernel = mod.get_function(
+                f"pair_gemv_fp8<{types},{features},{str(glu).lower()},{vec}>")
         for p0 in range(0, P, chunk):
             n = min(chunk, P - p0)
-            kernel((-(-N // (PAIR_WARPS * R)), n), (32 * PAIR_WARPS,),
+            kernel((-(-N // (PAIR_WARPS * features)), n), (32 * PAIR_WARPS,),
                    (aq, asc, np.int32(div), ids, np.int32(E), W, S, np.int32(N), np.int32(Kd),
                     out, slot_rows, np.int64(p0)))
         if glu:

@@ -309,6 +309,241 @@ pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as
   pair_store<TX, TOUT, MATS, ROWS, GLU>(acc, lane, j0, N, out + p * N);
 }
 
+// pair_gemv_fp8's product on the e4m3 tensor cores (compute capability 8.9 and up), straight
+// from the bytes: no conversions, which bound pair_gemv_fp8 near half the memory bandwidth.
+// A warp takes PM_FEATS = 16 output features (of each of MATS matrices) of one pair:
+// mma.sync m16n8k32 with the 16 weight rows as A and the pair's activation as every column of
+// B, so each mma consumes 512 weight bytes. Lane (g, q) = (lane / 4, lane % 4) loads 16 bytes
+// of rows g and g + 8 and of the activation at byte 16 q of each 64-byte step; the first two
+// words feed one mma (A's k = 4q.., 16 + 4q.. and B's alike), the last two the next. Which k a
+// register stands for depends on q only, for A and B alike: a permutation of the step's 64 k's,
+// which leaves every dot product unchanged. Per 128-wide k-group the fp32 tensor-core sums are
+// scaled by sa * scale_inv and added in fp32 (the per-group promotion of DeepSeek-V3).
+// KSPLIT warps of a block share a tile, each summing a consecutive range of its k-groups, the
+// block adding their sums in range order (more warps in flight at very few pairs).
+// Same arguments as pair_gemv_fp8; needs Kd % 16 == 0 and 16-byte aligned rows.
+#define PM_FEATS 16
+__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], unsigned a0, unsigned a1,
+                                               unsigned a2, unsigned a3, unsigned b0,
+                                               unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm volatile("trap;");  // the host launches pair_mma_fp8 from compute capability 8.9 only
+#endif
+}
+
+// 16 read-only bytes with a 256-byte L2 prefetch hint: a warp reads each of its weight rows 64
+// bytes at a time, which DRAM otherwise serves in short bursts. On the H200 this took the pair
+// kernel at 16 tokens from 2.10 to 1.24 ms (graph replay, LongCat-Flash fp8).
+__device__ __forceinline__ uint4 load16_prefetch256(const unsigned char* p) {
+  uint4 v;
+  asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <typename TX, typename TOUT, bool GLU, int KSPLIT>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as, int a_div,
+             const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
+             const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
+             int* __restrict__ slot_rows, long long p0) {
+  static_assert(PAIR_WARPS % KSPLIT == 0, "KSPLIT warps share a tile of 16 features");
+  const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
+  const int e = ids[p];
+  const bool real = e >= 0 && e < E;
+  if (GLU && blockIdx.x == 0 && threadIdx.x == 0) slot_rows[p] = real ? (int)p : -1;
+  if (!real) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  // KSPLIT warps take one tile's k-groups in KSPLIT consecutive ranges; the block sums them
+  const int part = warp % KSPLIT;
+  const int j0 = (blockIdx.x * (PAIR_WARPS / KSPLIT) + warp / KSPLIT) * PM_FEATS;
+  constexpr int MATS = GLU ? 2 : 1;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const int kb0 = part * KB / KSPLIT, kb1 = (part + 1) * KB / KSPLIT;
+  const long long row = p / a_div;
+  const unsigned char* a = aq + row * Kd + 16 * q;
+  const float* sa_row = as + row * KB;
+  // this lane's weight rows j0 + g and j0 + g + 8 (rows past N repeat row 0: never stored);
+  // the warp's 16 rows lie in one 128-row block, so one scale per k-group serves them all
+  const int jl = j0 + g < N ? j0 + g : 0, jh = j0 + g + 8 < N ? j0 + g + 8 : 0;
+  const unsigned char* w[MATS][2];
+  const float* s[MATS];
+#pragma unroll
+  for (int m = 0; m < MATS; ++m) {
+    const unsigned char* base = W + ((long long)e * MATS + m) * N * Kd + 16 * q;
+    w[m][0] = base + (long long)jl * Kd;
+    w[m][1] = base + (long long)jh * Kd;
+    s[m] = S + ((long long)e * MATS * NB + m * NB + (j0 < N ? j0 : 0) / QBLOCK) * KB;
+  }
+  float acc[MATS][2] = {};  // rows g and g + 8 (every column of C holds the same token)
+#pragma unroll 2
+  for (int kb = j0 < N ? kb0 : kb1; kb < kb1; ++kb) {
+    const int k0 = kb * QBLOCK;
+    float d[MATS][4] = {};
+#pragma unroll
+    for (int h = 0; h < QBLOCK; h += 64) {
+      const int c = k0 + h;
+      const bool in = c + 16 * q < Kd;  // past Kd: zeros on both sides, which add nothing
+      const uint4 av = in ? *reinterpret_cast<const uint4*>(a + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int m = 0; m < MATS; ++m) {
+        const uint4 lo = in ? load16_prefetch256(w[m][0] + c) : make_uint4(0, 0, 0, 0);
+        const uint4 hi = in ? load16_prefetch256(w[m][1] + c) : make_uint4(0, 0, 0, 0);
+        mma_e4m3_16832(d[m], lo.x, hi.x, lo.y, hi.y, av.x, av.y);
+        mma_e4m3_16832(d[m], lo.z, hi.z, lo.w, hi.w, av.z, av.w);
+      }
+    }
+    const float sa = sa_row[kb];
+#pragma unroll
+    for (int m = 0; m < MATS; ++m) {
+      const float f = sa * s[m][kb];
+      acc[m][0] = fmaf(d[m][0], f, acc[m][0]);  // row g (column 2q)
+      acc[m][1] = fmaf(d[m][2], f, acc[m][1]);  // row g + 8
+    }
+  }
+  if constexpr (KSPLIT > 1) {  // the later ranges' sums to shared memory, added in range order
+    __shared__ float partial[PAIR_WARPS][MATS][2][8];
+    if (part > 0 && q == 0) {
+#pragma unroll
+      for (int m = 0; m < MATS; ++m) {
+        partial[warp][m][0][g] = acc[m][0];
+        partial[warp][m][1][g] = acc[m][1];
+      }
+    }
+    __syncthreads();
+    if (part > 0) return;
+#pragma unroll
+    for (int k = 1; k < KSPLIT; ++k)
+#pragma unroll
+      for (int m = 0; m < MATS; ++m) {
+        acc[m][0] += partial[warp + k][m][0][g];
+        acc[m][1] += partial[warp + k][m][1][g];
+      }
+  }
+  if (q == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int f = j0 + g + 8 * i;
+      if (f < N) {
+        const float v = GLU ? swiglu_rounded<TX>(acc[0][i], acc[MATS - 1][i]) : acc[0][i];
+        out[p * N + f] = from_f32<TOUT>(v);
+      }
+    }
+  }
+}
+
+// The grouped experts with pair_mma_fp8's weight stream: each warp streams 16 weight rows
+// (of each of MATS matrices) of one active expert straight from global memory into mma.sync
+// m16n8k32 as A, and takes the expert's rows as B's columns, 8 per n-tile and NT tiles per
+// pass (an expert of more rows makes more passes, reading its weights again, mostly from L2).
+// Lane (g, q) loads 16 bytes of weight rows g, g + 8 and of the expert's row 8 t + g per tile
+// t at byte 16 q of each 64-byte step (the k permutation of pair_mma_fp8). Per 128-wide
+// k-group the fp32 sums of C (weight row, expert row) are scaled by sa[row] * scale_inv and
+// added in fp32. No shared memory, no block synchronization: the weights of an expert with a
+// few rows are read once at the rate of the pair kernel. Grid: (ceil(N / (16 PAIR_WARPS)),
+// slots), blocks past the active count (active / offsets from syncfree_plan) exit at once.
+//   aq: (rows, Kd) e4m3 bytes in expert order, as: (rows, ceil(Kd/128)) fp32 (quantize_rows,
+//   K-major); W / S as in pair_gemv_fp8. GLU: out (TOUT = float) = h = silu(g) * u, g and u
+//   rounded to TX; else out in TX. Needs Kd % 16 == 0 and 16-byte aligned rows.
+template <typename TX, typename TOUT, bool GLU, int NT>
+__global__ void __launch_bounds__(PAIR_WARPS * 32)
+grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
+                   const int* __restrict__ offsets, const int* __restrict__ active,
+                   const unsigned char* __restrict__ W, const float* __restrict__ S, int N,
+                   int Kd, TOUT* __restrict__ out) {
+  const int slot = blockIdx.y;
+  if (slot >= active[0]) return;
+  const int e = active[1 + slot];
+  const int row0 = offsets[e], m = offsets[e + 1] - row0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int j0 = (blockIdx.x * PAIR_WARPS + warp) * PM_FEATS;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
+  const int jl = j0 + g < N ? j0 + g : j0, jh = j0 + g + 8 < N ? j0 + g + 8 : j0;
+  const unsigned char* w[MATS][2];
+  const float* s[MATS];
+#pragma unroll
+  for (int mat = 0; mat < MATS; ++mat) {
+    const unsigned char* base = W + ((long long)e * MATS + mat) * N * Kd + 16 * q;
+    w[mat][0] = base + (long long)jl * Kd;
+    w[mat][1] = base + (long long)jh * Kd;
+    s[mat] = S + ((long long)e * MATS * NB + mat * NB + j0 / QBLOCK) * KB;
+  }
+  for (int r0 = 0; r0 < m; r0 += 8 * NT) {
+    const unsigned char* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
+    bool has[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int r = r0 + 8 * t + g;
+      has[t] = r < m;
+      a[t] = aq + (long long)(row0 + (has[t] ? r : 0)) * Kd + 16 * q;
+    }
+    float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
+#pragma unroll 2
+    for (int kb = 0; kb < KB; ++kb) {
+      float d[MATS][NT][4] = {};
+#pragma unroll
+      for (int h = 0; h < QBLOCK; h += 64) {
+        const int c = kb * QBLOCK + h;
+        const bool in = c + 16 * q < Kd;  // past Kd: zeros on both sides, which add nothing
+        uint4 lo[MATS], hi[MATS];
+#pragma unroll
+        for (int mat = 0; mat < MATS; ++mat) {
+          lo[mat] = in ? load16_prefetch256(w[mat][0] + c) : make_uint4(0, 0, 0, 0);
+          hi[mat] = in ? load16_prefetch256(w[mat][1] + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
+          const uint4 av =
+              in && has[t] ? *reinterpret_cast<const uint4*>(a[t] + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+          for (int mat = 0; mat < MATS; ++mat) {
+            mma_e4m3_16832(d[mat][t], lo[mat].x, hi[mat].x, lo[mat].y, hi[mat].y, av.x, av.y);
+            mma_e4m3_16832(d[mat][t], lo[mat].z, hi[mat].z, lo[mat].w, hi[mat].w, av.z, av.w);
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (r0 + 8 * t >= m) break;
+        float sa[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = r0 + 8 * t + 2 * q + i;
+          sa[i] = r < m ? as[(long long)(row0 + r) * KB + kb] : 0.f;
+        }
+#pragma unroll
+        for (int mat = 0; mat < MATS; ++mat) {
+          const float sw = s[mat][kb];
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            acc[mat][t][i] = fmaf(d[mat][t][i], sa[i % 2] * sw, acc[mat][t][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + g + 8 * (i / 2), r = r0 + 8 * t + 2 * q + i % 2;
+        if (j < N && r < m) {
+          const float v =
+              GLU ? swiglu_rounded<TX>(acc[0][t][i], acc[MATS - 1][t][i]) : acc[0][t][i];
+          out[(long long)(row0 + r) * N + j] = from_f32<TOUT>(v);
+        }
+      }
+    }
+  }
+}
+
 // The experts for a moderate number of rows, with no host synchronization: each block takes
 // one expert (blockIdx.y) and PAIR_WARPS * ROWS output features, and runs over the expert's
 // rows [offsets[e], offsets[e+1]) MT at a time, so the weights are read once per expert (then
@@ -394,9 +629,10 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 // ---- Tensor-core experts (sm_80+; the hardware e4m3 convert from sm_89) --------------------
 // cp.async and mma.sync from async_mma.cuh (inline PTX).
 
-// The grouped experts on the tensor cores, exact FP8 math (docs/spec.md): e4m3 weight and
-// activation bytes are converted to fp16 in registers (exact), multiplied with mma.sync
-// m16n8k16 (products exact, fp32 accumulation) over each 128-wide k-group, and the group's
+// The grouped experts on the tensor cores, exact FP8 math (docs/spec.md): E4M3 (compute
+// capability 8.9 and up): the e4m3 weight and activation bytes go to mma.sync m16n8k32 as they
+// are; else they are converted to fp16 in registers (exact) for mma.sync m16n8k16. Either way
+// products are exact, accumulated in fp32 over each 128-wide k-group, and the group's
 // fp32 partial is scaled by sa[row, g] * scale_inv[block, g] and added to the fp32 total.
 // A fixed grid of (feature chunk, active-expert slot) blocks (active / offsets from
 // syncfree_plan); blocks past the active count exit at once. Each block streams its 128 weight
@@ -430,7 +666,7 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 #endif
 #define G8_SUB ((G8_BN + G8_MT) * 64)  // bytes of one 64-byte-wide sub-tile of a stage
 #define G8_LDC (G8_BN + 4)  // pitch of the fp32 result tile
-template <typename TX, typename TOUT, bool GLU>
+template <typename TX, typename TOUT, bool GLU, bool E4M3>
 __global__ void __launch_bounds__(G8_THREADS, 2)
 grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
                 const int* __restrict__ offsets, const int* __restrict__ active,
@@ -502,33 +738,55 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
 #pragma unroll
       for (int sub = 0; sub < G8_BK / 64; ++sub) {  // 64-byte sub-tiles, in k order
         const unsigned char* st = smem + (kt % G8_STAGES) * STAGE + sub * G8_SUB;
-        unsigned b[2][4][2];  // [n][k-step][b0, b1]
+        if constexpr (E4M3) {  // the bytes as they are: two m16n8k32 per 64-byte sub-tile
+          unsigned b[2][4];  // [n][word]
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          const uint4 raw =
-              *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * 64 + q16);
-          const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            b[n][s][0] = e4m3x2_to_f16x2((unsigned short)(words[s] & 0xffffu));
-            b[n][s][1] = e4m3x2_to_f16x2((unsigned short)(words[s] >> 16));
+          for (int n = 0; n < 2; ++n) {
+            const uint4 raw =
+                *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * 64 + q16);
+            b[n][0] = raw.x, b[n][1] = raw.y, b[n][2] = raw.z, b[n][3] = raw.w;
           }
-        }
 #pragma unroll
-        for (int t = 0; t < G8_MT / 16; ++t) {
-          if (t >= tiles) break;
-          const unsigned char* at = st + G8_BN * 64 + (t * 16 + lane / 4) * 64 + q16;
-          const uint4 lo = *reinterpret_cast<const uint4*>(at);
-          const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * 64);
-          const unsigned wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+          for (int t = 0; t < G8_MT / 16; ++t) {
+            if (t >= tiles) break;
+            const unsigned char* at = st + G8_BN * 64 + (t * 16 + lane / 4) * 64 + q16;
+            const uint4 lo = *reinterpret_cast<const uint4*>(at);
+            const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * 64);
 #pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            const unsigned a[4] = {e4m3x2_to_f16x2((unsigned short)(wl[s] & 0xffffu)),
-                                   e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
-                                   e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
-                                   e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
-            mma16816<__half>(part[t][0], a, b[0][s][0], b[0][s][1]);
-            mma16816<__half>(part[t][1], a, b[1][s][0], b[1][s][1]);
+            for (int n = 0; n < 2; ++n) {
+              mma_e4m3_16832(part[t][n], lo.x, hi.x, lo.y, hi.y, b[n][0], b[n][1]);
+              mma_e4m3_16832(part[t][n], lo.z, hi.z, lo.w, hi.w, b[n][2], b[n][3]);
+            }
+          }
+        } else {  // the bytes converted to fp16 (exact): four m16n8k16 per sub-tile
+          unsigned b[2][4][2];  // [n][k-step][b0, b1]
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            const uint4 raw =
+                *reinterpret_cast<const uint4*>(st + (warp * 16 + n * 8 + lane / 4) * 64 + q16);
+            const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              b[n][s][0] = e4m3x2_to_f16x2((unsigned short)(words[s] & 0xffffu));
+              b[n][s][1] = e4m3x2_to_f16x2((unsigned short)(words[s] >> 16));
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < G8_MT / 16; ++t) {
+            if (t >= tiles) break;
+            const unsigned char* at = st + G8_BN * 64 + (t * 16 + lane / 4) * 64 + q16;
+            const uint4 lo = *reinterpret_cast<const uint4*>(at);
+            const uint4 hi = *reinterpret_cast<const uint4*>(at + 8 * 64);
+            const unsigned wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+              const unsigned a[4] = {e4m3x2_to_f16x2((unsigned short)(wl[s] & 0xffffu)),
+                                     e4m3x2_to_f16x2((unsigned short)(wh[s] & 0xffffu)),
+                                     e4m3x2_to_f16x2((unsigned short)(wl[s] >> 16)),
+                                     e4m3x2_to_f16x2((unsigned short)(wh[s] >> 16))};
+              mma16816<__half>(part[t][0], a, b[0][s][0], b[0][s][1]);
+              mma16816<__half>(part[t][1], a, b[1][s][0], b[1][s][1]);
+            }
           }
         }
       }  // sub-tiles
