@@ -66,3 +66,29 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// c (16x8 fp32) += a (16x32, row-major) * b (32x8, column-major), e4m3 operands, four per
+// register (compute capability 8.9 and up; below, the kernels that call it are not launched).
+__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], unsigned a0, unsigned a1,
+                                               unsigned a2, unsigned a3, unsigned b0,
+                                               unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm volatile("trap;");  // the host launches its callers from compute capability 8.9 only
+#endif
+}
+
+// 16 read-only bytes with a 256-byte L2 prefetch hint: a warp reads each of its weight rows 64
+// bytes at a time, which DRAM otherwise serves in short bursts. On the H200 this took the pair
+// kernel at 16 tokens from 2.10 to 1.24 ms (graph replay, LongCat-Flash fp8).
+__device__ __forceinline__ uint4 load16_prefetch256(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}

@@ -323,30 +323,6 @@ pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as
 // block adding their sums in range order (more warps in flight at very few pairs).
 // Same arguments as pair_gemv_fp8; needs Kd % 16 == 0 and 16-byte aligned rows.
 #define PM_FEATS 16
-__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], unsigned a0, unsigned a1,
-                                               unsigned a2, unsigned a3, unsigned b0,
-                                               unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-  asm volatile("trap;");  // the host launches pair_mma_fp8 from compute capability 8.9 only
-#endif
-}
-
-// 16 read-only bytes with a 256-byte L2 prefetch hint: a warp reads each of its weight rows 64
-// bytes at a time, which DRAM otherwise serves in short bursts. On the H200 this took the pair
-// kernel at 16 tokens from 2.10 to 1.24 ms (graph replay, LongCat-Flash fp8).
-__device__ __forceinline__ uint4 load16_prefetch256(const unsigned char* p) {
-  uint4 v;
-  asm("ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 template <typename TX, typename TOUT, bool GLU, int KSPLIT>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
 pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as, int a_div,
