@@ -135,6 +135,28 @@ def test_syncfree_path_matches_reference(case, dtype, strategy, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["syncfree_gemm", "stream2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", ["small", "many_rows", "t1", "skewed"])
+def test_syncfree_kernels_match_reference(case, dtype, kernel, rng, monkeypatch):
+    """Both GEMM kernels of the syncfree path whatever the rows per expert: syncfree_gemm and
+    syncfree_stream with 2 tiles of 8 rows per pass (experts of 1 to 300 rows: tiles cut
+    short, many passes; N not a multiple of 16)."""
+    cp = pytest.importorskip("cupy")
+    from zeromoe_cupy.experts import syncfree
+    tiles = int(kernel[-1]) if kernel.startswith("stream") else 0
+    monkeypatch.setattr(syncfree, "STREAM_PAIRS_PER_EXPERT", ((10**9, tiles),) if tiles else ())
+    cfg0, T = (SYNCFREE_CASES["small"][0], 300) if case == "skewed" else SYNCFREE_CASES[case]
+    cfg = dataclasses.replace(cfg0, dtype=dtype)
+    layer = _gpu_layer(rng, cfg, expert_strategy="syncfree")
+    if case == "skewed":  # one expert takes every token (300 rows)
+        layer.e_score_correction_bias[1] += 10
+    x = cp.asarray(random_x(rng, T, cfg.hidden_size, dtype))
+    ref, _ = layer.reference(x)
+    assert relative_error(layer(x).get(), ref) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["syncfree", "capacity"])
 @pytest.mark.parametrize("force", ["zero", "one", "single_active"])
 def test_syncfree_path_skewed_routing(force, strategy, rng):

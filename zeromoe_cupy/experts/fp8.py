@@ -19,8 +19,8 @@ scales, activations quantized per row and 128 features.
     expert's rows (e4m3 operands from compute capability 8.9, else converted to fp16).
   Otherwise grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
-  quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and GEMM (FP8 tensor
-  cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
+  quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and
+  GEMM (FP8 tensor cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
   cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
   (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
   ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is); ``LT_REFUSED``

@@ -4,10 +4,13 @@ pass makes no host synchronization and can be captured in a CUDA graph (graphs.p
 Device scan of the counts -> offsets and the list of active experts (kernels/syncfree.cu
 syncfree_plan) -> gather (rows in expert order) -> GEMM 1 fused with SiLU * up -> GEMM 2. Each
 GEMM runs on a fixed grid of (feature chunk, active-expert slot) blocks sized for the worst
-case (min(E, T*K) active experts); blocks past the active count exit at once. Each block
-streams its slice of one expert's weights once per SYNCFREE_ROWS rows of that expert, through
-tensor cores (bf16/fp16 in, fp32 accumulate): built for the memory-bound regime of few rows
-per expert (decode, up to a few thousand tokens). fp32 layers, and sizes the 16-byte loads
+case (min(E, T*K) active experts); blocks past the active count exit at once, on the tensor
+cores (bf16/fp16 in, fp32 accumulate): built for the memory-bound regime of few rows per
+expert (decode, up to a few thousand tokens). With few (token, slot) pairs per expert
+(STREAM_PAIRS_PER_EXPERT) syncfree_stream: each warp streams 16 weight rows from global memory
+(no shared memory, no block synchronization) with the expert's rows 16 at a time; above,
+syncfree_gemm: each block streams its slice of one expert's weights through shared memory
+once per SYNCFREE_ROWS rows of that expert. fp32 layers, and sizes the 16-byte loads
 cannot serve (H or I not a multiple of 8, misaligned weights), take the "fixed" path, which
 is also free of host synchronization.
 """
@@ -22,6 +25,13 @@ from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scale
                       real_counts, rows_dtype)
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
+# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) up to 8
+# (token, slot) pairs per expert, P / E, as (most, 8-row tiles per pass); syncfree_gemm above.
+# H200, LongCat-Flash bf16 (E = 512), eager ms with syncfree_gemm / syncfree_stream of 1, 2, 4
+# tiles: 32 tokens (P / E = 0.75) 4.39 / 5.04 / 4.13 / 4.16; 128 (3) 9.29 / 10.4 / 8.52 /
+# 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9.
+STREAM_PAIRS_PER_EXPERT = ((8, 2),)
+_STREAM_FEATURES = 16 * 4  # kernels/syncfree.cu: 16 features per warp, SF_STREAM_WARPS
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
 _BLOCK_ROWS = 128 + SYNCFREE_ROWS  # weight rows + expert rows of one pipeline stage
 # The pipeline of kernels/syncfree.cu (its -D options): reduction elements per stage, stages,
@@ -42,9 +52,19 @@ def _gemm_names() -> list[str]:
     return names
 
 
+def _stream_names() -> list[str]:
+    tiles = sorted({n for _, n in STREAM_PAIRS_PER_EXPERT})
+    names = []
+    for name in ("bfloat16", "float16"):
+        ctype = DTYPES[name][1]
+        names += [f"syncfree_stream<{ctype},{out_ctype(ctype)},{str(glu).lower()},{nt}>"
+                  for glu in (True, False) for nt in tiles]
+    return names
+
+
 def syncfree_kernel_names() -> list[str]:
     """Every instantiation in kernels/syncfree.cu that the path (and graphs.py) may launch."""
-    return ["syncfree_plan", "mask_padding_rows"] + _gemm_names()
+    return ["syncfree_plan", "mask_padding_rows"] + _gemm_names() + _stream_names()
 
 
 def syncfree_smem_bytes(pipeline=PIPELINE) -> int:
@@ -117,11 +137,16 @@ def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=None, out_rows=None)
     slots = min(E, P)
     row_scale = None
     if slots:
+        nt = next((n for most, n in STREAM_PAIRS_PER_EXPERT if P <= most * E), 0)
         for glu, src, W, N, Kd, out in ((True, xs, w13, I, H, act), (False, h, w2, H, I, rows)):
-            grid = (-(-N // _BLOCK_FEATURES[glu]), slots)
-            mod.get_function(f"syncfree_gemm<{ctype},{o},{str(glu).lower()}>")(
-                grid, (256,), (src, W, out, offsets, active, np.int32(N), np.int32(Kd),
-                               row_scale if row_scale is not None else 0), shared_mem=smem)
+            args = (src, W, out, offsets, active, np.int32(N), np.int32(Kd),
+                    row_scale if row_scale is not None else 0)
+            if nt:
+                mod.get_function(f"syncfree_stream<{ctype},{o},{str(glu).lower()},{nt}>")(
+                    (-(-N // _STREAM_FEATURES), slots), (128,), args)
+            else:
+                mod.get_function(f"syncfree_gemm<{ctype},{o},{str(glu).lower()}>")(
+                    (-(-N // _BLOCK_FEATURES[glu]), slots), (256,), args, shared_mem=smem)
             if glu:
                 mark("gemm1")
                 if half:

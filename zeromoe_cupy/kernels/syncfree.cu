@@ -196,3 +196,84 @@ syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__
     __syncthreads();  // the result tile is read before the next pass refills the stages
   }
 }
+
+// syncfree_gemm's product with the weights streamed straight from global memory (no shared
+// memory, no block synchronization), for experts of a few rows: each warp takes 16 weight rows
+// (of each of MATS matrices) of one active expert as mma.sync m16n8k16's A, read 16 bytes per
+// lane with a 256-byte L2 prefetch, and the expert's rows as B's columns, 8 per n-tile and NT
+// tiles per pass (an expert of more rows makes more passes, reading its weights again, mostly
+// from L2). Lane (g, q) = (lane / 4, lane % 4) loads elements [8 q, 8 q + 8) of each 32-element
+// step of weight rows g, g + 8 and of the expert's row 8 t + g: words 0, 1 feed one mma (A's
+// k = 2q.., 8 + 2q.. and B's alike), words 2, 3 the next. Which k a register stands for depends
+// on q only, for A and B alike: a permutation of the step's k's, which leaves every dot product
+// unchanged. fp32 accumulation. Grid: (ceil(N / (16 SF_STREAM_WARPS)), slots); arguments,
+// outputs and needs (Kd % 8 == 0, 16-byte aligned rows) as syncfree_gemm.
+#define SF_STREAM_WARPS 4
+template <typename T, typename O, bool GLU, int NT>
+__global__ void __launch_bounds__(SF_STREAM_WARPS * 32)
+syncfree_stream(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
+                const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd,
+                const float* __restrict__ row_scale) {
+  const int slot = blockIdx.y;
+  if (slot >= active[0]) return;
+  const int e = active[1 + slot];
+  const int row0 = offsets[e], m = offsets[e + 1] - row0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int j0 = (blockIdx.x * SF_STREAM_WARPS + warp) * 16;
+  if (j0 >= N) return;
+  constexpr int MATS = GLU ? 2 : 1;
+  const int jl = j0 + g < N ? j0 + g : j0, jh = j0 + g + 8 < N ? j0 + g + 8 : j0;
+  const T* w[MATS][2];
+#pragma unroll
+  for (int mat = 0; mat < MATS; ++mat) {
+    const T* base = W + ((long long)e * MATS + mat) * N * Kd + 8 * q;
+    w[mat][0] = base + (long long)jl * Kd;
+    w[mat][1] = base + (long long)jh * Kd;
+  }
+  for (int r0 = 0; r0 < m; r0 += 8 * NT) {
+    const T* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
+    bool has[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int r = r0 + 8 * t + g;
+      has[t] = r < m;
+      a[t] = in + (long long)(row0 + (has[t] ? r : 0)) * Kd + 8 * q;
+    }
+    float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
+#pragma unroll 4
+    for (int c = 0; c < Kd; c += 32) {
+      const bool inside = c + 8 * q < Kd;  // past Kd: zeros on both sides, which add nothing
+      uint4 lo[MATS], hi[MATS];
+#pragma unroll
+      for (int mat = 0; mat < MATS; ++mat) {
+        lo[mat] = inside ? load16_prefetch256(w[mat][0] + c) : make_uint4(0, 0, 0, 0);
+        hi[mat] = inside ? load16_prefetch256(w[mat][1] + c) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
+        const uint4 av =
+            inside && has[t] ? *reinterpret_cast<const uint4*>(a[t] + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int mat = 0; mat < MATS; ++mat) {
+          const unsigned a0[4] = {lo[mat].x, hi[mat].x, lo[mat].y, hi[mat].y};
+          const unsigned a1[4] = {lo[mat].z, hi[mat].z, lo[mat].w, hi[mat].w};
+          mma16816<T>(acc[mat][t], a0, av.x, av.y);
+          mma16816<T>(acc[mat][t], a1, av.z, av.w);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + g + 8 * (i / 2), r = r0 + 8 * t + 2 * q + i % 2;
+        if (j < N && r < m) {
+          float v = GLU ? swiglu_rounded<T>(acc[0][t][i], acc[MATS - 1][t][i]) : acc[0][t][i];
+          if (row_scale != nullptr) v *= row_scale[row0 + r];
+          out[(long long)(row0 + r) * N + j] = from_f32<O>(v);
+        }
+      }
+    }
+  }
+}
