@@ -165,13 +165,16 @@ def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
 #   GEMM kernel, whose every output sums over k in one fixed order: a token's result has the
 #   same bits whatever the batch or chunk it comes in. No host synchronization; several times
 #   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
-# - "syncfree" (never picked by "auto"; graphs.py uses it): offsets and the active-expert list
-#   by a device scan, then tensor-core GEMMs on a worst-case grid that read each active
-#   expert's weights once per 32 rows. No host synchronization (syncfree.py).
+# - "syncfree": offsets and the active-expert list by a device scan, then tensor-core GEMMs on
+#   a worst-case grid (syncfree.py). No host synchronization. "auto" (and graphs) pick it
+#   above PAIRS_MAX pairs while its stream kernel serves (under 8 pairs per expert,
+#   syncfree.STREAM_PAIRS_PER_EXPERT; LongCat-Flash: 27 to 341 tokens): each active expert's
+#   weights read once at 97-103% of the floor, where the uniform cuBLAS tile took 104-113%
+#   (H200, bf16, same run).
 # - "capacity": blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched
 #   calls over all experts, overflow spilled to "syncfree". No host synchronization
-#   (capacity.py). "auto" picks it for bf16 from 4 pairs per expert while C <= 64 (LongCat-Flash:
-#   171 to 1742 tokens), graphs from 3 pairs per expert (128 to 1742 tokens).
+#   (capacity.py). "auto" and graphs pick it for bf16 from 8 pairs per expert while C <= 64
+#   (LongCat-Flash: 342 to 1742 tokens).
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):
@@ -184,6 +187,9 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     w2 = cp.ascontiguousarray(w2)
     if strategy == "auto" and T * K <= PAIRS_MAX:
         strategy = "pairs"
+    if (strategy == "auto" and syncfree.stream_tiles(T * K, w13.shape[0])
+            and syncfree.tensor_core_ready(x, w13, w2)):
+        strategy = "syncfree"
     if (strategy == "auto" and capacity.prefers(T, K, w13.shape[0])
             and capacity.capacity_ready(x, w13, w2)):
         strategy = "capacity"

@@ -24,16 +24,17 @@ from . import syncfree
 from ._common import ExpertOutput, experts_module, gather_rows, no_mark, rows_dtype, silu_mul
 
 # Mean (token, slot) pairs per real expert (T*K/E, every slot counted) from which this path
-# runs: in graphs from 3 (the alternative there, syncfree, reads the weights at 80-91% of the
-# copy rate), eagerly from 4 (the alternative there, one uniform cuBLAS tile over the active
-# experts only, reads no inactive expert's weights); both while C <= CAPACITY_MAX_ROWS, the
-# range measured (above it the blocks' memory grows past the other paths' and the batched
-# calls leave the bytes-bound regime). LongCat-Flash on an H200 (benchmarks/graph_replay.py,
-# benchmarks/expert_sweep.py): 171 to 1742 tokens eagerly, 128 to 1742 in graphs.
+# runs, in graphs and eagerly: 8, below which syncfree's stream kernel serves
+# (syncfree.STREAM_PAIRS_PER_EXPERT), which was faster there; while C <= CAPACITY_MAX_ROWS,
+# the range measured (above it the blocks' memory grows past the other paths' and the batched
+# calls leave the bytes-bound regime). LongCat-Flash bf16 on an H200, x the floor (eager
+# capacity / eager syncfree / graph syncfree): 128 tokens (3 pairs per expert) 1.13 / 1.03 /
+# 0.97; 256 (6) 1.08 / 1.04 / 1.02; 384 (9) 1.08 / 1.19 / 1.19 (syncfree_gemm there). So
+# 342 to 1742 tokens.
 # Under expert parallelism the -1 slots of other ranks count too: C is larger than the real
 # pairs need (speed only; the rows stay right).
-CAPACITY_MIN_PAIRS = 3
-EAGER_MIN_PAIRS = 4
+CAPACITY_MIN_PAIRS = 8
+EAGER_MIN_PAIRS = 8
 CAPACITY_MAX_ROWS = 64
 
 

@@ -25,8 +25,9 @@ from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scale
                       real_counts, rows_dtype)
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
-# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) up to 8
-# (token, slot) pairs per expert, P / E, as (most, 8-row tiles per pass); syncfree_gemm above.
+# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) under 8
+# (token, slot) pairs per expert, P / E, as (bound, 8-row tiles per pass); syncfree_gemm from
+# there.
 # H200, LongCat-Flash bf16 (E = 512), eager ms with syncfree_gemm / syncfree_stream of 1, 2, 4
 # tiles: 32 tokens (P / E = 0.75) 4.39 / 5.04 / 4.13 / 4.16; 128 (3) 9.29 / 10.4 / 8.52 /
 # 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9.
@@ -50,6 +51,12 @@ def _gemm_names() -> list[str]:
         names += [f"syncfree_gemm<{ctype},{out_ctype(ctype)},{str(glu).lower()}>"
                   for glu in (True, False)]
     return names
+
+
+def stream_tiles(pairs: int, experts: int) -> int:
+    """8-row tiles per pass of syncfree_stream for ``pairs`` (token, slot) pairs over
+    ``experts`` real experts (STREAM_PAIRS_PER_EXPERT), or 0 where syncfree_gemm serves."""
+    return next((n for bound, n in STREAM_PAIRS_PER_EXPERT if pairs < bound * experts), 0)
 
 
 def _stream_names() -> list[str]:
@@ -137,7 +144,7 @@ def syncfree(x, ids, w13, w2, expert_counts, mark, pipeline=None, out_rows=None)
     slots = min(E, P)
     row_scale = None
     if slots:
-        nt = next((n for most, n in STREAM_PAIRS_PER_EXPERT if P <= most * E), 0)
+        nt = stream_tiles(P, E)
         for glu, src, W, N, Kd, out in ((True, xs, w13, I, H, act), (False, h, w2, H, I, rows)):
             args = (src, W, out, offsets, active, np.int32(N), np.int32(Kd),
                     row_scale if row_scale is not None else 0)
