@@ -43,14 +43,14 @@ def test_capture_size_arguments_rejected(kw, err):
     ("capacity", 1, "capacity")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
-    # 64 real experts, top-4: "capacity" (bf16 only) from 8 pairs per expert, 128 tokens
+    # 64 real experts, top-4: "capacity" (bf16 only) from 4 pairs per expert, 64 tokens
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
-    if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 8 * 64 \
+    if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 4 * 64 \
             and tokens * 4 / 64 + 3 * (tokens * 4 / 64) ** 0.5 + 4 <= 64:
-        # from 8 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
-        # not 81 tokens (5 pairs per expert), 1000 (C = 96) nor 20000
+        # from 4 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
+        # 81 tokens (C = 16); not 1000 (C = 96) nor 20000
         expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
 
@@ -64,9 +64,9 @@ def test_capacity_rows(T, K, E, C):
 
 
 @pytest.mark.parametrize("T,graph,expected", [
-    (341, False, False), (342, False, True), (1742, False, True), (1743, False, False),
-    (341, True, False), (342, True, True), (1742, True, True), (1743, True, False)])
-def test_capacity_from_8_pairs_per_expert_while_c_is_at_most_64(T, graph, expected):
+    (170, False, False), (171, False, True), (1742, False, True), (1743, False, False),
+    (170, True, False), (171, True, True), (1742, True, True), (1743, True, False)])
+def test_capacity_from_4_pairs_per_expert_while_c_is_at_most_64(T, graph, expected):
     from zeromoe_cupy.experts.capacity import capacity_rows, prefers
     assert prefers(T, 12, 512, graph=graph) == expected
     assert capacity_rows(1742, 12, 512) == 64 and capacity_rows(1743, 12, 512) == 72

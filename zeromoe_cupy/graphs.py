@@ -67,7 +67,7 @@ def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
 def graph_strategy(layer, tokens: int) -> str:
     """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
     else "pairs" for up to PAIRS_MAX (token, slot) pairs, "capacity" for unquantized bf16
-    layers where capacity.prefers(graph=True) (from 8 pairs per expert while its blocks stay
+    layers where capacity.prefers(graph=True) (from 4 pairs per expert while its blocks stay
     at most 64 rows), "syncfree" otherwise."""
     strategy = layer.expert_strategy
     K = layer.config.top_k

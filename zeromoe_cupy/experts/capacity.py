@@ -24,17 +24,18 @@ from . import syncfree
 from ._common import ExpertOutput, experts_module, gather_rows, no_mark, rows_dtype, silu_mul
 
 # Mean (token, slot) pairs per real expert (T*K/E, every slot counted) from which this path
-# runs, in graphs and eagerly: 8, below which syncfree's stream kernel serves
-# (syncfree.STREAM_PAIRS_PER_EXPERT), which was faster there; while C <= CAPACITY_MAX_ROWS,
-# the range measured (above it the blocks' memory grows past the other paths' and the batched
-# calls leave the bytes-bound regime). LongCat-Flash bf16 on an H200, x the floor (eager
-# capacity / eager syncfree / graph syncfree): 128 tokens (3 pairs per expert) 1.13 / 1.03 /
-# 0.97; 256 (6) 1.08 / 1.04 / 1.02; 384 (9) 1.08 / 1.19 / 1.19 (syncfree_gemm there). So
-# 342 to 1742 tokens.
+# runs, in graphs and eagerly: 4, below which syncfree's stream kernel serves
+# (syncfree.STREAM_PAIRS_PER_EXPERT); while C <= CAPACITY_MAX_ROWS, the range measured (above
+# it the blocks' memory grows past the other paths' and the batched calls leave the
+# bytes-bound regime). LongCat-Flash bf16, graph replay x the floor, capacity / syncfree, on
+# two H200s (same run on each): 64 tokens (1.5 pairs per expert) 1.29 / 1.10; 128 (3) 1.13 /
+# 1.14 on one, 1.08 / 0.97 on the other; 256 (6) 1.09 / 1.16 on one, 1.05 (eager) / 1.02 on
+# the other; 384 (9) 1.09 / 1.30. The stream kernel's rate differed between the cards (their
+# copy rates did not), so the bound keeps it where it won on both. So 171 to 1742 tokens.
 # Under expert parallelism the -1 slots of other ranks count too: C is larger than the real
 # pairs need (speed only; the rows stay right).
-CAPACITY_MIN_PAIRS = 8
-EAGER_MIN_PAIRS = 8
+CAPACITY_MIN_PAIRS = 4
+EAGER_MIN_PAIRS = 4
 CAPACITY_MAX_ROWS = 64
 
 

@@ -25,13 +25,13 @@ from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scale
                       real_counts, rows_dtype)
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
-# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) under 8
+# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) under 4
 # (token, slot) pairs per expert, P / E, as (bound, 8-row tiles per pass); syncfree_gemm from
-# there.
-# H200, LongCat-Flash bf16 (E = 512), eager ms with syncfree_gemm / syncfree_stream of 1, 2, 4
-# tiles: 32 tokens (P / E = 0.75) 4.39 / 5.04 / 4.13 / 4.16; 128 (3) 9.29 / 10.4 / 8.52 /
-# 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9.
-STREAM_PAIRS_PER_EXPERT = ((8, 2),)
+# there. H200, LongCat-Flash bf16 (E = 512), eager ms with syncfree_gemm / syncfree_stream of
+# 1, 2, 4 tiles: 32 tokens (P / E = 0.75) 4.39 / 5.04 / 4.13 / 4.16; 128 (3) 9.29 / 10.4 /
+# 8.52 / 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9. The
+# bound: where the capacity path takes over (capacity.py).
+STREAM_PAIRS_PER_EXPERT = ((4, 2),)
 _STREAM_FEATURES = 16 * 4  # kernels/syncfree.cu: 16 features per warp, SF_STREAM_WARPS
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
 _BLOCK_ROWS = 128 + SYNCFREE_ROWS  # weight rows + expert rows of one pipeline stage
