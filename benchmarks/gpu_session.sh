@@ -4,7 +4,7 @@
 # `split` runs `ep` first, then the GPU suite on GPU 0 while `bench bench_fp8` run on GPU 1.
 #   tests      the whole GPU suite (4 processes) bench      zeromoe bench --graph --peers torch
 #   sweep      benchmarks/expert_sweep.py (every part)
-#   bench_fp8  zeromoe bench --quantization fp8  load       from_pretrained of a 39 GB layer
+#   bench_fp8  zeromoe bench --quantization fp8 --graph   load  from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
 #   memcheck   compute-sanitizer over tests/test_gpu.py (small shapes)
 export PYTHONUNBUFFERED=1
@@ -38,9 +38,10 @@ part() {
         --plot "$OUT/bench.png" > "$OUT/bench.txt" 2>&1
       tail -16 "$OUT/bench.txt" | tee -a "$log" ;;
     bench_fp8)
-      timeout 150 python3 -m zeromoe_cupy bench --quantization fp8 --tokens 1,16,128,1024,16384 \
-        --json "$OUT/bench_fp8.json" > "$OUT/bench_fp8.txt" 2>&1
-      tail -12 "$OUT/bench_fp8.txt" | tee -a "$log" ;;
+      timeout 240 python3 -m zeromoe_cupy bench --quantization fp8 --graph \
+        --tokens 1,4,16,32,64,128,256,1024,4096,16384 --json "$OUT/bench_fp8.json" \
+        > "$OUT/bench_fp8.txt" 2>&1
+      tail -16 "$OUT/bench_fp8.txt" | tee -a "$log" ;;
     load)
       timeout 200 python3 benchmarks/load_bench.py /tmp/zeromoe_load --json "$OUT/load.json" \
         > "$OUT/load.txt" 2>&1
