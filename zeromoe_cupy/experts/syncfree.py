@@ -32,6 +32,7 @@ SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's 
 # 8.52 / 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9. The
 # bound: where the capacity path takes over (capacity.py).
 STREAM_PAIRS_PER_EXPERT = ((4, 2),)
+STREAM_TILES = (2,)  # the tile counts compiled (STREAM_PAIRS_PER_EXPERT picks among them)
 _STREAM_FEATURES = 16 * 4  # kernels/syncfree.cu: 16 features per warp, SF_STREAM_WARPS
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
 _BLOCK_ROWS = 128 + SYNCFREE_ROWS  # weight rows + expert rows of one pipeline stage
@@ -60,12 +61,11 @@ def stream_tiles(pairs: int, experts: int) -> int:
 
 
 def _stream_names() -> list[str]:
-    tiles = sorted({n for _, n in STREAM_PAIRS_PER_EXPERT})
     names = []
     for name in ("bfloat16", "float16"):
         ctype = DTYPES[name][1]
         names += [f"syncfree_stream<{ctype},{out_ctype(ctype)},{str(glu).lower()},{nt}>"
-                  for glu in (True, False) for nt in tiles]
+                  for glu in (True, False) for nt in STREAM_TILES]
     return names
 
 
