@@ -153,6 +153,26 @@ def test_gpu_fp8_grouped_kernels_match_reference(operands, stream_nt, dtype, sha
     assert err <= FP8_TOL
 
 
+@pytest.mark.parametrize("strategy", ["pairs", "grouped", "padded"])
+def test_gpu_fp8_weights_not_16_byte_aligned(strategy, rng):
+    """Weights given as views that start one byte into a buffer (kept as given, not copied):
+    the kernels' 16-byte loads must not be used on them, and the result stays right."""
+    cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
+    for name in ("w13", "w2"):
+        w = getattr(gpu8, name)
+        buf = cp.zeros(w.size + 1, np.uint8)
+        view = buf[1:].reshape(w.shape)
+        view[...] = w.view(np.uint8)
+        setattr(gpu8, name, view)
+        assert getattr(gpu8, name).data.ptr % 16 == 1
+    gpu8.expert_strategy = strategy
+    x = random_x(rng, 24, cpu8.config.hidden_size, "bfloat16")
+    r = gpu8.route(cp.asarray(x))
+    y = gpu8(cp.asarray(x), routing=r).get()
+    ref, _ = cpu8.reference(x, routing=(r.topk_ids.get(), r.topk_weights.get()))
+    assert relative_error(y, ref) <= FP8_TOL
+
+
 def test_gpu_fp8_pairs_is_batch_invariant(rng):
     cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
     x = cp.asarray(random_x(rng, 40, cpu8.config.hidden_size, "bfloat16"))

@@ -275,6 +275,24 @@ def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, 
     assert out.rows.dtype == np.float32
 
 
+@pytest.mark.parametrize("strategy", ["pairs", "grouped", "padded"])
+@pytest.mark.parametrize("T,H", [(12, 40), (12, 64), (300, 64)])
+def test_gpu_fp8_layer_fp16_expert_outputs_beyond_65504_leave_y_finite_and_right(strategy, T,
+                                                                                 H, rng):
+    # An fp16 FP8 layer: its expert outputs (to about 5e5) are kept in fp32 as the unquantized
+    # layer's are (rows_dtype); H = 64 takes the 16-byte and tensor-core kernels, 40 the others.
+    cfg, w, x, ids, weights, _ = fp16_overflow_case(rng, "output", T=T, H=H)
+    cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
+    gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
+        .quantize("fp8")
+    gpu8.expert_strategy = strategy
+    ref, _ = cpu8.reference(x, routing=(ids, weights))  # the FP8 math in float64
+    y = gpu8(cp.asarray(x), routing=zm.RoutingResult(cp.asarray(ids), cp.asarray(weights),
+                                                     None)).get()
+    assert np.isfinite(y.astype(np.float32)).all()
+    assert relative_error(y, ref) <= 5e-3
+
+
 def test_gpu_fp16_partial_sums_beyond_65504_under_expert_parallelism(rng):
     cfg, w, x, routing, ref = ep_fp16_cancellation_case(rng)
     w = {k: cp.asarray(v) for k, v in w.items()}

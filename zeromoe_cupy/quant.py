@@ -148,22 +148,23 @@ def fake_quantize_activations(a) -> np.ndarray:
 def fp8_kernel_names() -> list[str]:
     """Every instantiation in kernels/fp8.cu that the GPU path may launch."""
     from ._arrays import DTYPES
-    from .experts._common import PAIR_ROWS
+    from .experts._common import PAIR_ROWS, out_ctype
     names = ["e4m3_encode", "e4m3_decode"]
     for _, (_, ctype) in DTYPES.items():
+        o = out_ctype(ctype)  # GEMM 2's rows: fp32 for fp16 layers (rows_dtype)
         names += [f"quantize_blocks<{ctype}>", f"quantize_rows<{ctype}>",
                   f"silu_mul_quantize<{ctype}>"]
         for vec in ("true", "false"):
             names += [f"pair_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
-                      f"pair_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>",
+                      f"pair_gemv_fp8<{ctype},{o},{PAIR_ROWS[False]},false,{vec}>",
                       f"grouped_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
-                      f"grouped_gemv_fp8<{ctype},{ctype},{PAIR_ROWS[False]},false,{vec}>"]
+                      f"grouped_gemv_fp8<{ctype},{o},{PAIR_ROWS[False]},false,{vec}>"]
         names += [*(f"grouped_mma_fp8<{ctype},float,true,{e}>" for e in ("true", "false")),
-                  *(f"grouped_mma_fp8<{ctype},{ctype},false,{e}>" for e in ("true", "false")),
+                  *(f"grouped_mma_fp8<{ctype},{o},false,{e}>" for e in ("true", "false")),
                   *(f"pair_mma_fp8<{ctype},float,true,{ks}>" for ks in (1, 2)),
-                  *(f"pair_mma_fp8<{ctype},{ctype},false,{ks}>" for ks in (1, 2)),
+                  *(f"pair_mma_fp8<{ctype},{o},false,{ks}>" for ks in (1, 2)),
                   *(f"grouped_stream_fp8<{ctype},float,true,{nt}>" for nt in (1, 2)),
-                  *(f"grouped_stream_fp8<{ctype},{ctype},false,{nt}>" for nt in (1, 2))]
+                  *(f"grouped_stream_fp8<{ctype},{o},false,{nt}>" for nt in (1, 2))]
     return names
 
 

@@ -35,7 +35,8 @@ import numpy as np
 from .. import _cublas, quant
 from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
 from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
-                      experts_module, gather, gather_rows, real_counts, tile_plan)
+                      experts_module, gather, gather_rows, out_ctype, real_counts, rows_dtype,
+                      tile_plan)
 
 GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which grouped_gemv_fp8 runs
 # ... and grouped_mma_fp8: 4096 tokens of top-12 (an estimate from bytes and FLOPs: one pass
@@ -126,7 +127,7 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
 
         def gemm(glu, types, a, asc, W, S, N, Kd, out):
             R = PAIR_ROWS[glu]
-            vec = str(Kd % 16 == 0).lower()
+            vec = str(_vec16(Kd, W)).lower()
             qmod.get_function(f"grouped_gemv_fp8<{types},{R},{str(glu).lower()},{vec}>")(
                 (-(-N // (PAIR_WARPS * R)), E), (32 * PAIR_WARPS,),
                 (a, asc, offsets, W, S, np.int32(N), np.int32(Kd), out))
@@ -136,7 +137,7 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
     hq = cp.empty((P, I), np.uint8)
     hsc = cp.empty((P, ib), np.float32)
-    rows = cp.empty((P, H), x.dtype)
+    rows = cp.empty((P, H), rows_dtype(x.dtype))  # fp16 layers: fp32 (rows_dtype)
     grid_rows = max(1, -(-P // 4))
     if slots:
         qmod.get_function(f"quantize_rows<{ctype}>")(
@@ -145,7 +146,7 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     mark("permute")
     for glu, a, asc, W, S, N, Kd, out, types in (
             (True, xq, xsc, w13, s13, I, H, h, f"{ctype},float"),
-            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{ctype}")):
+            (False, hq, hsc, w2, s2, H, I, rows, f"{ctype},{out_ctype(ctype)}")):
         if slots:
             if not glu:
                 qmod.get_function("quantize_rows<float>")(
@@ -173,9 +174,15 @@ def _e4m3_tensor_cores() -> bool:
     return (int(cc[:-1]), int(cc[-1])) >= (8, 9)
 
 
-def _pair_mma_ready(Kd: int) -> bool:
-    """Whether pair_mma_fp8 serves a GEMM of reduction size Kd on the current GPU."""
-    return PAIR_MMA and Kd % 16 == 0 and _e4m3_tensor_cores()
+def _vec16(Kd: int, W) -> bool:
+    """Whether the fp8 kernels may read W's rows of Kd bytes 16 at a time: Kd a multiple of 16
+    and W 16-byte aligned (a caller's view may not be; the activations are our buffers)."""
+    return Kd % 16 == 0 and W.data.ptr % 16 == 0
+
+
+def _pair_mma_ready(Kd: int, W) -> bool:
+    """Whether pair_mma_fp8 serves a GEMM of reduction size Kd over W on the current GPU."""
+    return PAIR_MMA and _vec16(Kd, W) and _e4m3_tensor_cores()
 
 
 def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
@@ -196,7 +203,7 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
     h = cp.empty((P, I), np.float32)  # fp32: h is quantized from fp32 (docs/spec.md)
     hq = cp.empty((P, I), np.uint8)
     hsc = cp.empty((P, ib), np.float32)
-    rows = cp.empty((P, H), x.dtype)
+    rows = cp.empty((P, H), rows_dtype(x.dtype))  # fp16 layers: fp32 (rows_dtype)
     if P:
         mod.get_function(f"quantize_rows<{ctype}>")(
             (-(-T // 4), hb), (128,),
@@ -204,19 +211,19 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
     mark("permute")
     chunk = 65535
     passes = ((True, xq, xsc, K, w13, s13, I, H, h, f"{ctype},float"),
-              (False, hq, hsc, 1, w2, s2, H, I, rows, f"{ctype},{ctype}"))
+              (False, hq, hsc, 1, w2, s2, H, I, rows, f"{ctype},{out_ctype(ctype)}"))
     for glu, aq, asc, div, W, S, N, Kd, out, types in passes:
         if P and not glu:
             mod.get_function("quantize_rows<float>")(
                 (-(-P // 4), ib), (128,),
                 (h, np.int32(P), np.int32(I), _NULL, np.int32(0), np.int32(0), hq, hsc, _NULL))
-        if _pair_mma_ready(Kd):
+        if _pair_mma_ready(Kd, W):
             ksplit = next(n for most, n in PAIR_MMA_KSPLIT if most is None or P <= most)
             features = _PM_FEATS // ksplit
             kernel = mod.get_function(f"pair_mma_fp8<{types},{str(glu).lower()},{ksplit}>")
         else:
             features = PAIR_ROWS[glu]
-            vec = str(Kd % 16 == 0).lower()
+            vec = str(_vec16(Kd, W)).lower()
             kernel = mod.get_function(
                 f"pair_gemv_fp8<{types},{features},{str(glu).lower()},{vec}>")
         for p0 in range(0, P, chunk):
@@ -304,7 +311,7 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     padded = -(-counts_host // PAD_ROWS) * PAD_ROWS
     offsets, slot_rows, xs = gather(mod, ctype, x, ids, counts, E, PAD_ROWS, rows_total)
     gate_up = cp.empty((rows_total, 2 * I), x.dtype)
-    rows = cp.empty((rows_total, H), x.dtype)
+    rows = cp.empty((rows_total, H), rows_dtype(x.dtype))  # fp16 layers: fp32 (rows_dtype)
     mark("permute")
     if rows_total == 0:
         for stage in ("gemm1", "activation", "gemm2"):
@@ -370,6 +377,6 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
         s, n = starts[e], int(counts_host[e])
         W = quant.dequantize_weight(w2[e], s2[e], glu=False)
         _cublas.gemm_nt(W, hd[s:s + n], acc[s:s + n])
-    rows[...] = acc.astype(x.dtype)
+    rows[...] = acc.astype(rows.dtype)
     mark("gemm2")
     return ExpertOutput(rows, slot_rows)

@@ -239,7 +239,8 @@ silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __r
 // row of the token; 1: the pair's own h row). Each lane owns 16 consecutive features per step:
 // it dots the e4m3 values with the weight bytes in fp32 and scales the partial sum by
 // sa * scale_inv of the block.
-//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
+//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;
+//   else: out in TOUT (TX; fp32 for fp16 layers, whose expert outputs may pass 65504).
 // VEC16: Kd and the pointers allow 16-byte loads; the scalar variant gives the same bits.
 #define FP8_CH 16
 
@@ -426,7 +427,8 @@ pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
 // slots), blocks past the active count (active / offsets from syncfree_plan) exit at once.
 //   aq: (rows, Kd) e4m3 bytes in expert order, as: (rows, ceil(Kd/128)) fp32 (quantize_rows,
 //   K-major); W / S as in pair_gemv_fp8. GLU: out (TOUT = float) = h = silu(g) * u, g and u
-//   rounded to TX; else out in TX. Needs Kd % 16 == 0 and 16-byte aligned rows.
+//   rounded to TX; else out in TOUT (TX; fp32 for fp16). Needs Kd % 16 == 0 and 16-byte
+//   aligned rows.
 template <typename TX, typename TOUT, bool GLU, int NT>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
 grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
@@ -525,7 +527,8 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
 // rows [offsets[e], offsets[e+1]) MT at a time, so the weights are read once per expert (then
 // from L2). The inputs are already quantized: aq e4m3 bytes (rows, Kd), as fp32 (rows,
 // ceil(Kd/128)) (quantize_rows, K-major). W / S as in pair_gemv_fp8.
-//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;  else: out in TX.
+//   GLU:  out (TOUT = float) = h = silu(g) * u, g and u rounded to TX;
+//   else: out in TOUT (TX; fp32 for fp16 layers, whose expert outputs may pass 65504).
 #define GROUPED_MT 4
 template <typename TX, typename TOUT, int ROWS, bool GLU, bool VEC16>
 __global__ void __launch_bounds__(PAIR_WARPS * 32)
@@ -619,7 +622,8 @@ grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__
 //   K-major); W: (E, MATS * N, Kd) bytes, S: (E, MATS * ceil(N/128), ceil(Kd/128)) fp32.
 //   GLU: a block takes features [64 x, 64 x + 64) of the gate and the up half and writes
 //   h = silu(g) * u (TOUT = float), g and u rounded to TX first; else features
-//   [128 x, 128 x + 128) in TX. Needs Kd % 16 == 0 and 16-byte aligned aq and W; any N.
+//   [128 x, 128 x + 128) in TOUT (TX; fp32 for fp16). Needs Kd % 16 == 0 and 16-byte
+//   aligned aq and W; any N.
 // Operand order inside a k-step: lane (g, q) = (lane / 4, lane % 4) reads 16 bytes of its row at
 // byte 16 q of the stage, and the word s of them feeds k-step s: bytes 16q+4s, +1 as the
 // fragment's k = 2q, 2q+1 and bytes +2, +3 as k = 2q+8, 2q+9, for A and B alike. This is a
