@@ -97,6 +97,16 @@ def test_combine_rejects_out_of_range_ids(rng):
         ops.combine(x, ids, w, 3, ("identity", "zero"))
 
 
+@pytest.mark.parametrize("num_zero_experts", [None, 0])
+def test_unknown_zero_expert_type_refused_with_no_zero_expert_slot(num_zero_experts, rng):
+    # every id names a real expert (and Z = 0 given or inferred): the name is still checked
+    x, ids, w, _, _ = _zero_case(rng, 4, 8, 2, 3, 2, "float32")
+    ids = ids % 3
+    for op in (ops.zero_expert_output, ops.combine):
+        with pytest.raises(ValueError, match="zero_expert_type"):
+            op(x, ids, w, 3, "copy", num_zero_experts=num_zero_experts)
+
+
 def test_constant_experts_need_their_parameters(rng):
     x, ids, w, cv, _ = _zero_case(rng, 4, 8, 2, 3, 2, "float32")
     with pytest.raises(ValueError, match="const_vec, const_gate"):

@@ -56,7 +56,9 @@ def _type_codes(zero_expert_type, num_zero_experts):
         if len(types) != num_zero_experts:
             raise ValueError(f"zero_expert_type: expected {num_zero_experts} entries, "
                              f"got {len(types)}")
-    bad = [t for t in types if t not in _TYPE_CODES]
+    # a single name is checked even with no zero experts to apply it to
+    named = [zero_expert_type] if isinstance(zero_expert_type, str) else types
+    bad = [t for t in named if t not in _TYPE_CODES]
     if bad:
         raise ValueError(f"zero_expert_type: expected each of {ZERO_EXPERT_TYPES}, got {bad[0]!r}")
     return np.asarray([_TYPE_CODES[t] for t in types], dtype=np.int32)
