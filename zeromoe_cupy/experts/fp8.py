@@ -318,7 +318,10 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
             mark(stage)
         return ExpertOutput(rows, slot_rows)
     grid_rows = -(-rows_total // 4)
-    layout = _lt_layout(H, I, dtype_name(x.dtype))
+    # cuBLASLt wants 16-byte aligned operands (a caller's weight view may not be; the rest are
+    # our buffers, and H, I multiples of 128 keep each expert's slice aligned)
+    aligned = w13.data.ptr % 16 == 0 and w2.data.ptr % 16 == 0
+    layout = _lt_layout(H, I, dtype_name(x.dtype)) if aligned else None
     if layout is not None:
         w_t, x_mm = layout
         if w_t:
