@@ -10,7 +10,10 @@
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
 log="$OUT/log.txt"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
+# the card's identity and limits: kernels that issue many instructions per byte ran 10-17%
+# apart on two H200s whose copy rates were equal (benchmarks/NOTES.md)
+nvidia-smi --query-gpu=name,driver_version,uuid,clocks.max.sm,clocks.max.mem,power.limit \
+  --format=csv,noheader | tee -a "$log"
 
 part() {
   echo "== $1 $(date +%T) (GPU ${CUDA_VISIBLE_DEVICES:-all})" | tee -a "$log"
