@@ -88,11 +88,18 @@ def test_bench_refuses_expert_parallelism_on_the_cpu(capsys):
         assert last.startswith("zeromoe bench: error: argument --ep")
 
 
-def test_bench_header_names_the_quantization(capsys):
-    assert cli.main(["bench", "--device", "cpu", "--quick", "--tokens", "2",
-                     "--quantization", "fp8"]) == 0
-    building = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("building"))
+def test_bench_header_names_the_quantization(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--tokens", "2,9",
+                     "--quantization", "fp8", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    building = next(l for l in lines if l.startswith("building"))
     assert "fp8" in building
+    # the quantization's own error against the unquantized layer: a few percent, never 0
+    import json
+    errs = [r["rel_err_vs_unquantized"] for r in json.loads(out.read_text())["rows"]]
+    assert len(errs) == 2 and all(1e-3 < e < 0.1 for e in errs)
+    assert any("err vs unquant" in l for l in lines)
 
 
 @pytest.mark.parametrize("preset", ["longcat-flash", "moe++-7b"])

@@ -551,6 +551,7 @@ def run(args) -> int:
         row.update(_stage_times(layer, xs, timer, prev))
         if unquantized is not None:
             row["unquantized_forward_ms"] = timer(unquantized, xs)
+            row["rel_err_vs_unquantized"] = _quantization_error(layer, unquantized, xs[0], prev)
         if gpu:
             floor, bytes_, flops = floor_time(cfg, ids_host, bandwidth, rate)
             row.update(floor_ms=floor * 1e3, floor_bytes=bytes_, floor_flops=flops,
@@ -648,6 +649,15 @@ def _make_peers(names, layer):
     return _torch_peers.make(names, layer)
 
 
+def _quantization_error(layer, unquantized, x, prev):
+    """||y - y_unquantized|| / ||y_unquantized|| on x: the quantization's own error (the
+    layers share the router; the same previous logits where the preset has a residual)."""
+    from .reference import relative_error
+    kw = {} if prev is None else {"prev_router_logits": prev}
+    ys = [L(x, **kw) for L in (layer, unquantized)]
+    return relative_error(*(y.get() if hasattr(y, "get") else y for y in ys))
+
+
 def _check_peer(peer, layer, x):
     from .reference import relative_error
     y = layer(x)
@@ -666,6 +676,8 @@ def _print_table(result, peers, graph=False):
             head += f" {'unquant ms':>10} {'speedup':>7}"
         for p in peers:
             head += f" {p + ' ms':>14} {p + '/ours':>12}"
+    if result.get("quantization"):
+        head += f" {'err vs unquant':>14}"
     print(head)
     for r in result["rows"]:
         line = f"{r['tokens']:>6} {r['forward_ms']:>9.3f}" + "".join(
@@ -681,6 +693,8 @@ def _print_table(result, peers, graph=False):
                          f"{r['unquantized_forward_ms'] / r['forward_ms']:>7.2f}")
             for p in peers:
                 line += f" {r[f'peer_{p}_ms']:>14.3f} {r[f'peer_{p}_over_ours']:>12.2f}"
+        if result.get("quantization"):
+            line += f" {r['rel_err_vs_unquantized']:>14.1e}"
         print(line)
 
 
