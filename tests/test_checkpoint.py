@@ -142,6 +142,8 @@ def test_from_hf_config_quantization_and_dense_layers():
 @pytest.mark.parametrize("d, kind, match", [
     ({"model_type": "llama"}, ValueError, "expected one of .*deepseek_v3.*longcat_flash"),
     ({}, ValueError, "model_type"),
+    ({"model_type": ["longcat_flash"]}, ValueError, "model_type"),
+    ({"model_type": {"a": 1}}, ValueError, "model_type"),
     (longcat_config(dtype="float64"), ValueError, "dtype"),
     (longcat_config(zero_expert_type="copy"), ValueError, "zero_expert_type"),
     # no constant-expert tensors in a LongCat checkpoint: refused when the config is read
@@ -502,6 +504,23 @@ def test_load_bad_files(tmp_path):
     (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(ValueError, match="short.safetensors"):
         zm.ZeroExpertMoE.load(tmp_path / "short.safetensors", device="cpu")
+    for meta in ("not a dict", ["a", "list"]):  # __metadata__ must be a JSON object
+        header = json.dumps({"__metadata__": meta}).encode()
+        header += b" " * (-len(header) % 8)
+        path = tmp_path / "meta.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match="meta.safetensors.*__metadata__"):
+            zm.ZeroExpertMoE.load(path, device="cpu")
+
+
+def test_config_and_index_not_utf8_name_their_file(tmp_path, rng):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="config.json"):
+        zm.MoEConfig.from_hf_config(tmp_path)
+    _good_checkpoint(tmp_path, rng, shards=2)
+    (tmp_path / "model.safetensors.index.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=1, device="cpu")
 
 
 def test_save_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -465,3 +465,10 @@ def test_gather_layer_of_fp8_ranks_and_its_bad_inputs(rng):
         zm.parallel.gather_layer([])
     with pytest.raises(TypeError, match="rank_layers"):
         zm.parallel.gather_layer([whole])
+
+
+def test_nccl_group_without_cupy_says_what_to_install(monkeypatch):
+    from zeromoe_cupy.parallel import group
+    monkeypatch.setattr(group, "cupy_module", lambda: None)
+    with pytest.raises(RuntimeError, match="NcclGroup needs CuPy.*local_groups"):
+        group.NcclGroup(0, 1, b"")

@@ -186,6 +186,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):  # safetensors: a JSON object of strings
+        raise ValueError(f"{path}: not a safetensors file (__metadata__ is "
+                         f"{type(meta).__name__}, expected a JSON object)")
     tensors = {}
     for name, e in header.items():
         try:
@@ -412,7 +415,8 @@ def checkpoint_files(path: str) -> _Files:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
                 where = {k: os.path.join(path, v) for k, v in weight_map.items()}
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                    AttributeError) as exc:
                 raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of "
                                  f"tensor name -> shard file ({exc!r})") from exc
             return _Files(where, index)

@@ -491,7 +491,7 @@ def read_hf_config(path_or_dict) -> tuple[dict, str]:
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
@@ -502,7 +502,7 @@ def parse_hf_config(path_or_dict) -> HFModel:
     """``MoEConfig.from_hf_config`` plus what ``from_pretrained`` needs about the model."""
     d, source = read_hf_config(path_or_dict)
     model_type = d.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
         raise ValueError(f"{source}: key 'model_type': expected one of "
                          f"{sorted(HF_MODEL_TYPES)}, got {model_type!r}")
     k = _Keys(d, source)

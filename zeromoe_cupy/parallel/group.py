@@ -100,6 +100,9 @@ class NcclGroup(Group):
     """
 
     def __init__(self, rank: int, world_size: int, unique_id):
+        if cupy_module() is None:
+            raise RuntimeError("NcclGroup needs CuPy (pip install 'zeromoe-cupy[cuda13]'); "
+                               "zm.parallel.local_groups runs expert parallelism without it")
         from cupy.cuda import nccl
         if not nccl.available:
             raise RuntimeError("NCCL is not available to CuPy (install nvidia-nccl-cu13 or "
