@@ -111,7 +111,7 @@ def test_gpu_fp8_pair_kernels_match_reference(kernel, ksplit, dtype, shape, rng,
     monkeypatch.setattr(fp8_path, "PAIR_MMA_KSPLIT", ((None, ksplit),))
     cpu8, gpu8 = _layers(rng, dtype, shape, "constant" if dtype == "float16" else "identity")
     H, I = SHAPES[shape]
-    if kernel == "mma" and not fp8_path._pair_mma_ready(H):
+    if kernel == "mma" and not fp8_path._e4m3_tensor_cores():
         pytest.skip("no e4m3 tensor cores on this GPU (compute capability < 8.9)")
     gpu8.expert_strategy = "pairs"
     T = 40
