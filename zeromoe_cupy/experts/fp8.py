@@ -164,7 +164,7 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
 def _mma_ready(H, I, w13, w2) -> bool:
     """Whether grouped_mma_fp8 serves: 16-byte loads (H, I multiples of 16, aligned weights),
     and mma.sync / cp.async (compute capability >= 8.0)."""
-    if not GROUPED_MMA or H % 16 or I % 16 or w13.data.ptr % 16 or w2.data.ptr % 16:
+    if not GROUPED_MMA or H % 16 or I % 16 or not _aligned16(w13, w2):
         return False
     return int(cupy_module().cuda.Device().compute_capability) >= 80
 
@@ -175,10 +175,16 @@ def _e4m3_tensor_cores() -> bool:
     return (int(cc[:-1]), int(cc[-1])) >= (8, 9)
 
 
+def _aligned16(*arrays) -> bool:
+    """Whether every array starts 16-byte aligned (a caller's weight view may not; our own
+    buffers do)."""
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
 def _vec16(Kd: int, W) -> bool:
     """Whether the fp8 kernels may read W's rows of Kd bytes 16 at a time: Kd a multiple of 16
-    and W 16-byte aligned (a caller's view may not be; the activations are our buffers)."""
-    return Kd % 16 == 0 and W.data.ptr % 16 == 0
+    and W 16-byte aligned (the activations are our buffers)."""
+    return Kd % 16 == 0 and _aligned16(W)
 
 
 def _pair_mma_ready(Kd: int, W) -> bool:
@@ -319,10 +325,9 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
             mark(stage)
         return ExpertOutput(rows, slot_rows)
     grid_rows = -(-rows_total // 4)
-    # cuBLASLt wants 16-byte aligned operands (a caller's weight view may not be; the rest are
-    # our buffers, and H, I multiples of 128 keep each expert's slice aligned)
-    aligned = w13.data.ptr % 16 == 0 and w2.data.ptr % 16 == 0
-    layout = _lt_layout(H, I, dtype_name(x.dtype)) if aligned else None
+    # cuBLASLt wants 16-byte aligned operands (H, I multiples of 128 keep each expert's slice
+    # of aligned weights aligned)
+    layout = _lt_layout(H, I, dtype_name(x.dtype)) if _aligned16(w13, w2) else None
     if layout is not None:
         w_t, x_mm = layout
         if w_t:
