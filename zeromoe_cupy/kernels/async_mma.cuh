@@ -92,3 +92,51 @@ __device__ __forceinline__ uint4 load16_prefetch256(const void* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+
+// ---- Weights streamed from global memory into mma.sync (grouped_stream_fp8 and
+// syncfree_stream; pair_mma_fp8 reads the same way). A warp's tile is 16 weight rows; lane
+// (g, q) = (lane / 4, lane % 4) reads rows g and g + 8 at its 16 bytes (16 / sizeof(T)
+// elements) of each 64-byte step, and the B operand's row (a token, or one of an expert's
+// rows) at the same bytes.
+
+// Lane (g, q)'s two weight rows of the tile at row j0 of each of the MATS matrices [N, Kd] of
+// expert e in W (E, MATS * N, Kd), advanced to its bytes; rows past N read row `spare` instead
+// (computed, never stored).
+template <typename T, int MATS>
+__device__ __forceinline__ void stream_weight_rows(const T* W, int e, int N, int Kd, int j0,
+                                                   int spare, int g, int q,
+                                                   const T* (&w)[MATS][2]) {
+  const int jl = j0 + g < N ? j0 + g : spare, jh = j0 + g + 8 < N ? j0 + g + 8 : spare;
+#pragma unroll
+  for (int mat = 0; mat < MATS; ++mat) {
+    const T* base = W + ((long long)e * MATS + mat) * N * Kd + (16 / sizeof(T)) * q;
+    w[mat][0] = base + (long long)jl * Kd;
+    w[mat][1] = base + (long long)jh * Kd;
+  }
+}
+
+// 16 bytes of each of the lane's weight rows at element c (zeros where not inside: past Kd).
+template <typename T, int MATS>
+__device__ __forceinline__ void stream_weight_words(const T* (&w)[MATS][2], int c, bool inside,
+                                                    uint4 (&lo)[MATS], uint4 (&hi)[MATS]) {
+#pragma unroll
+  for (int mat = 0; mat < MATS; ++mat) {
+    lo[mat] = inside ? load16_prefetch256(w[mat][0] + c) : make_uint4(0, 0, 0, 0);
+    hi[mat] = inside ? load16_prefetch256(w[mat][1] + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Lane (g, q)'s B column in each of the NT 8-row tiles from row r0 of an expert's m rows,
+// which start at row row0 of in (rows of Kd): row r0 + 8 t + g, advanced to the lane's bytes;
+// has[t] is false past the expert's rows (the pointer then names row row0, never read).
+template <typename T, int NT>
+__device__ __forceinline__ void stream_expert_rows(const T* in, int row0, int m, int r0, int Kd,
+                                                   int g, int q, const T* (&a)[NT],
+                                                   bool (&has)[NT]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int r = r0 + 8 * t + g;
+    has[t] = r < m;
+    a[t] = in + (long long)(row0 + (has[t] ? r : 0)) * Kd + (16 / sizeof(T)) * q;
+  }
+}

@@ -347,7 +347,9 @@ pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
   const unsigned char* a = aq + row * Kd + 16 * q;
   const float* sa_row = as + row * KB;
   // this lane's weight rows j0 + g and j0 + g + 8 (rows past N repeat row 0: never stored);
-  // the warp's 16 rows lie in one 128-row block, so one scale per k-group serves them all
+  // the warp's 16 rows lie in one 128-row block, so one scale per k-group serves them all.
+  // Written out, not stream_weight_rows: through it ptxas gave the GLU kernel 98 registers
+  // instead of 95 (sm_90), past the 96 that keep five blocks per SM.
   const int jl = j0 + g < N ? j0 + g : 0, jh = j0 + g + 8 < N ? j0 + g + 8 : 0;
   const unsigned char* w[MATS][2];
   const float* s[MATS];
@@ -444,25 +446,16 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
   if (j0 >= N) return;
   constexpr int MATS = GLU ? 2 : 1;
   const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
-  const int jl = j0 + g < N ? j0 + g : j0, jh = j0 + g + 8 < N ? j0 + g + 8 : j0;
   const unsigned char* w[MATS][2];
+  stream_weight_rows<unsigned char, MATS>(W, e, N, Kd, j0, j0, g, q, w);
   const float* s[MATS];
 #pragma unroll
-  for (int mat = 0; mat < MATS; ++mat) {
-    const unsigned char* base = W + ((long long)e * MATS + mat) * N * Kd + 16 * q;
-    w[mat][0] = base + (long long)jl * Kd;
-    w[mat][1] = base + (long long)jh * Kd;
+  for (int mat = 0; mat < MATS; ++mat)
     s[mat] = S + ((long long)e * MATS * NB + mat * NB + j0 / QBLOCK) * KB;
-  }
   for (int r0 = 0; r0 < m; r0 += 8 * NT) {
     const unsigned char* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
     bool has[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int r = r0 + 8 * t + g;
-      has[t] = r < m;
-      a[t] = aq + (long long)(row0 + (has[t] ? r : 0)) * Kd + 16 * q;
-    }
+    stream_expert_rows<unsigned char, NT>(aq, row0, m, r0, Kd, g, q, a, has);
     float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
 #pragma unroll 2
     for (int kb = 0; kb < KB; ++kb) {
@@ -472,11 +465,7 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
         const int c = kb * QBLOCK + h;
         const bool in = c + 16 * q < Kd;  // past Kd: zeros on both sides, which add nothing
         uint4 lo[MATS], hi[MATS];
-#pragma unroll
-        for (int mat = 0; mat < MATS; ++mat) {
-          lo[mat] = in ? load16_prefetch256(w[mat][0] + c) : make_uint4(0, 0, 0, 0);
-          hi[mat] = in ? load16_prefetch256(w[mat][1] + c) : make_uint4(0, 0, 0, 0);
-        }
+        stream_weight_words<unsigned char, MATS>(w, c, in, lo, hi);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
           if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none

@@ -222,33 +222,18 @@ syncfree_stream(const T* __restrict__ in, const T* __restrict__ W, O* __restrict
   const int j0 = (blockIdx.x * SF_STREAM_WARPS + warp) * 16;
   if (j0 >= N) return;
   constexpr int MATS = GLU ? 2 : 1;
-  const int jl = j0 + g < N ? j0 + g : j0, jh = j0 + g + 8 < N ? j0 + g + 8 : j0;
   const T* w[MATS][2];
-#pragma unroll
-  for (int mat = 0; mat < MATS; ++mat) {
-    const T* base = W + ((long long)e * MATS + mat) * N * Kd + 8 * q;
-    w[mat][0] = base + (long long)jl * Kd;
-    w[mat][1] = base + (long long)jh * Kd;
-  }
+  stream_weight_rows<T, MATS>(W, e, N, Kd, j0, j0, g, q, w);
   for (int r0 = 0; r0 < m; r0 += 8 * NT) {
     const T* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
     bool has[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int r = r0 + 8 * t + g;
-      has[t] = r < m;
-      a[t] = in + (long long)(row0 + (has[t] ? r : 0)) * Kd + 8 * q;
-    }
+    stream_expert_rows<T, NT>(in, row0, m, r0, Kd, g, q, a, has);
     float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
 #pragma unroll 4
     for (int c = 0; c < Kd; c += 32) {
       const bool inside = c + 8 * q < Kd;  // past Kd: zeros on both sides, which add nothing
       uint4 lo[MATS], hi[MATS];
-#pragma unroll
-      for (int mat = 0; mat < MATS; ++mat) {
-        lo[mat] = inside ? load16_prefetch256(w[mat][0] + c) : make_uint4(0, 0, 0, 0);
-        hi[mat] = inside ? load16_prefetch256(w[mat][1] + c) : make_uint4(0, 0, 0, 0);
-      }
+      stream_weight_words<T, MATS>(w, c, inside, lo, hi);
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
