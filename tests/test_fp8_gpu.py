@@ -74,6 +74,16 @@ def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
     return cpu8, gpu8
 
 
+def _sampled_error(cpu8, gpu8, x, n, rng):
+    """gpu8's output on x against the float64 evaluation of the FP8 math (cpu8.reference) on n
+    sampled rows; one routing for both (near-ties may route differently)."""
+    r = gpu8.route(cp.asarray(x))
+    y = gpu8(cp.asarray(x), routing=r).get()
+    rows = np.sort(rng.choice(len(x), n, replace=False))
+    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
+    return relative_error(y[rows], ref)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", ["aligned", "ragged"])
 @pytest.mark.parametrize("strategy,T", [("auto", 3), ("pairs", 40), ("grouped", 40),
@@ -116,11 +126,7 @@ def test_gpu_fp8_pair_kernels_match_reference(kernel, ksplit, dtype, shape, rng,
     gpu8.expert_strategy = "pairs"
     T = 40
     x = random_x(rng, T, H, dtype)
-    r = gpu8.route(cp.asarray(x))
-    y = gpu8(cp.asarray(x), routing=r).get()
-    rows = np.sort(rng.choice(T, 32, replace=False))
-    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
-    err = relative_error(y[rows], ref)
+    err = _sampled_error(cpu8, gpu8, x, 32, rng)
     print(f"gpu fp8 pairs ({kernel}) {dtype} {shape}: {err:.2e}")
     assert err <= FP8_TOL
 
@@ -144,11 +150,7 @@ def test_gpu_fp8_grouped_kernels_match_reference(operands, stream_nt, dtype, sha
     gpu8.expert_strategy = "grouped"
     T = 80
     x = random_x(rng, T, SHAPES[shape][0], dtype)
-    r = gpu8.route(cp.asarray(x))
-    y = gpu8(cp.asarray(x), routing=r).get()
-    rows = np.sort(rng.choice(T, 32, replace=False))
-    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
-    err = relative_error(y[rows], ref)
+    err = _sampled_error(cpu8, gpu8, x, 32, rng)
     print(f"gpu fp8 grouped ({operands}) {dtype} {shape}: {err:.2e}")
     assert err <= FP8_TOL
 
@@ -211,11 +213,7 @@ def test_gpu_fp8_tensor_core_grouped_matches_reference(dtype, shape, rng):
     gpu8.expert_strategy = "grouped"
     T = 300
     x = random_x(rng, T, H, dtype)
-    r = gpu8.route(cp.asarray(x))
-    y = gpu8(cp.asarray(x), routing=r).get()
-    rows = np.sort(rng.choice(T, 48, replace=False))
-    ref, _ = cpu8.reference(x[rows], routing=(r.topk_ids.get()[rows], r.topk_weights.get()[rows]))
-    err = relative_error(y[rows], ref)
+    err = _sampled_error(cpu8, gpu8, x, 48, rng)
     print(f"gpu fp8 tensor-core grouped {dtype} {shape}: {err:.2e}")
     assert err <= FP8_TOL
 
