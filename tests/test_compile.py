@@ -10,7 +10,8 @@ from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
-from zeromoe_cupy.quant import FP8_PIPELINE, SMALL_FP8_PIPELINE, fp8_kernel_names
+from zeromoe_cupy.quant import (FP8_PIPELINE, SMALL_FP8_PIPELINE, fp8_kernel_names,
+                                fp8_wgmma_kernel_names)
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
 
@@ -22,6 +23,7 @@ KERNELS = {
     "exchange.cu": EXCHANGE_KERNELS,
     "experts.cu": experts_kernel_names(),
     "fp8.cu": fp8_kernel_names(),
+    "fp8_wgmma.cu": fp8_wgmma_kernel_names(),
     "router.cu": router_kernel_names(),
     "syncfree.cu": syncfree_kernel_names(),
 }
@@ -70,7 +72,16 @@ def test_fp8_variants_compile(options):
     _compile("fp8.cu", "sm_90", options)
 
 
-def _compile(filename, arch, extra):
+def test_wgmma_kernels_compile_for_sm_90a():
+    """fp8_wgmma.cu's kernels hold their wgmma code only where NVRTC targets sm_90a (what the
+    package asks for); ptxas then checks every wgmma, fence and descriptor. Elsewhere (sm_80,
+    sm_90 above) they compile to a trap."""
+    ptx = _compile("fp8_wgmma.cu", "sm_90a", (), want_ptx=True)
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    assert ptx.count(".entry") == len(KERNELS["fp8_wgmma.cu"])
+
+
+def _compile(filename, arch, extra, want_ptx=False):
     src = kernel_source(filename).encode()
     prog = _check(nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], []))
     for name in KERNELS[filename]:
@@ -92,7 +103,13 @@ def _compile(filename, arch, extra):
         assert lowered
     size = _check(nvrtc.nvrtcGetCUBINSize(prog))
     assert size > 1000
+    ptx = None
+    if want_ptx:
+        ptx = b" " * _check(nvrtc.nvrtcGetPTXSize(prog))
+        nvrtc.nvrtcGetPTX(prog, ptx)
+        ptx = ptx.decode()
     nvrtc.nvrtcDestroyProgram(prog)
+    return ptx
 
 
 # System headers the kernels may include. A newer NVRTC here may compile more (its builtins

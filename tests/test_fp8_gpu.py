@@ -141,6 +141,7 @@ def test_gpu_fp8_grouped_kernels_match_reference(operands, stream_nt, dtype, sha
     with the bytes as e4m3 mma operands (compute capability 8.9 and up) and converted to fp16,
     and grouped_stream_fp8 with 1 or 2 tiles of 8 rows per pass; experts of 1 to 40 rows
     (tiles cut short, several passes)."""
+    monkeypatch.setattr(fp8_path, "GROUPED_WGMMA", False)
     monkeypatch.setattr(fp8_path, "GROUPED_E4M3", operands == "e4m3")
     monkeypatch.setattr(fp8_path, "STREAM_PAIRS_PER_EXPERT",
                         ((10**9, stream_nt),) if stream_nt else ())
@@ -204,9 +205,10 @@ def test_gpu_fp8_uint8_and_torch_weights(rng):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", ["aligned", "mid"])
-def test_gpu_fp8_tensor_core_grouped_matches_reference(dtype, shape, rng):
+def test_gpu_fp8_tensor_core_grouped_matches_reference(dtype, shape, rng, monkeypatch):
     """The tensor-core grouped kernel: 64-row passes (about 150 rows per expert here), k-groups
     cut at 16 and N past the last whole 128-row block (mid), against the float64 reference."""
+    monkeypatch.setattr(fp8_path, "GROUPED_WGMMA", False)
     cpu8, gpu8 = _layers(rng, dtype, shape, "constant" if dtype == "float16" else "identity")
     H, I = SHAPES[shape]
     assert fp8_path._mma_ready(H, I, gpu8.w13, gpu8.w2)
@@ -216,6 +218,63 @@ def test_gpu_fp8_tensor_core_grouped_matches_reference(dtype, shape, rng):
     err = _sampled_error(cpu8, gpu8, x, 48, rng)
     print(f"gpu fp8 tensor-core grouped {dtype} {shape}: {err:.2e}")
     assert err <= FP8_TOL
+
+
+def _wgmma_forced(monkeypatch):
+    """grouped_wgmma_fp8 at any number of pairs; returns the list its launches append to."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("grouped_wgmma_fp8 runs on compute capability 9.0 only (sm_90a)")
+    monkeypatch.setattr(fp8_path, "WGMMA_PAIRS_PER_EXPERT", 0)
+    used, module = [], quant.fp8_wgmma_module
+    monkeypatch.setattr(quant, "fp8_wgmma_module", lambda *a: used.append(1) or module(*a))
+    return used
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", ["aligned", "mid"])
+@pytest.mark.parametrize("T", [20, 300])
+@pytest.mark.parametrize("pipeline", [
+    tuple(zip(("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE"), p))
+    for p in ((1, 4, 0, 32), (2, 4, 1, 64))], ids=str)
+def test_gpu_fp8_wgmma_grouped_matches_reference(pipeline, dtype, shape, T, rng, monkeypatch):
+    """grouped_wgmma_fp8 (Hopper wgmma) against the float64 reference: experts of a few rows
+    (the second warpgroup idle) and of about 150 (a last 128-row tile cut short), k-groups cut
+    at 80 bytes and GEMM 1's features ending inside a 64-feature chunk (mid); the package's
+    pipeline and two warpgroups per block with the other work order and 64-k partials."""
+    used = _wgmma_forced(monkeypatch)
+    monkeypatch.setattr(fp8_path, "WGMMA_PIPELINE", pipeline)
+    cpu8, gpu8 = _layers(rng, dtype, shape, "zero" if dtype == "float32" else "identity")
+    gpu8.expert_strategy = "grouped"
+    x = random_x(rng, T, SHAPES[shape][0], dtype)
+    err = _sampled_error(cpu8, gpu8, x, min(T, 48), rng)
+    print(f"gpu fp8 wgmma grouped {dtype} {shape} T={T}: {err:.2e}")
+    assert used and err <= FP8_TOL
+
+
+def test_gpu_fp8_wgmma_more_than_1024_active_experts(rng, monkeypatch):
+    """The tile plan's scan takes several experts per thread past 1024 active experts (the
+    routing given: the GPU router takes at most 1024 experts)."""
+    used = _wgmma_forced(monkeypatch)
+    E, K, T = 1300, 4, 1500
+    cfg = zm.MoEConfig(hidden_size=128, intermediate_size=128, num_experts=E,
+                       num_zero_experts=2, top_k=K, dtype="bfloat16")
+    w = random_layer_weights(rng, cfg)
+    cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
+    gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
+        .quantize("fp8")
+    gpu8.expert_strategy = "grouped"
+    ids = np.argsort(rng.random((T, E + 2)), axis=1)[:, :K].astype(np.int32)
+    weights = rng.random((T, K)).astype(np.float32)
+    assert len(np.unique(ids[ids < E])) > 1024
+    x = random_x(rng, T, 128, "bfloat16")
+    counts = np.bincount(ids.ravel(), minlength=E + 2).astype(np.int32)
+    y = gpu8(cp.asarray(x), routing=zm.RoutingResult(cp.asarray(ids), cp.asarray(weights),
+                                                      cp.asarray(counts))).get()
+    rows = np.sort(rng.choice(T, 48, replace=False))
+    ref, _ = cpu8.reference(x[rows], routing=(ids[rows], weights[rows]))
+    err = relative_error(y[rows], ref)
+    print(f"gpu fp8 wgmma, {E} experts: {err:.2e}")
+    assert used and err <= FP8_TOL
 
 
 def test_gpu_fp8_graphed_matches_eager(rng):

@@ -205,6 +205,46 @@ def _fp8_module(pipeline):
                       dynamic_smem=(fp8_smem_bytes(pipeline), mma))
 
 
+# kernels/fp8_wgmma.cu: the grouped FP8 GEMM on Hopper's wgmma (sm_90a code: compute
+# capability 9.0 only). Its pipeline as -D options (its defaults there are WGMMA_PIPELINE):
+# warpgroups per block (64 expert rows each), stages, work order (0: an expert's row tiles
+# inner, 1: its feature chunks inner), k's per promoted partial sum of the gate/up GEMM.
+WGMMA_PIPELINE = (("WG_GROUPS", 1), ("WG_STAGES", 4), ("WG_ORDER", 0), ("WG_PROMOTE", 32))
+
+
+def wgmma_threads(pipeline=WGMMA_PIPELINE) -> int:
+    """Threads per block of grouped_wgmma_fp8: a warpgroup (128) per 64 expert rows."""
+    return 128 * dict(pipeline)["WG_GROUPS"]
+
+
+def wgmma_smem_bytes(pipeline=WGMMA_PIPELINE) -> int:
+    """Dynamic shared memory of grouped_wgmma_fp8: its stages of (64 per warpgroup expert rows +
+    128 weight rows) x 128 bytes, and 1024 bytes to align the swizzled tiles."""
+    p = dict(pipeline)
+    return p["WG_STAGES"] * (64 * p["WG_GROUPS"] + 128) * 128 + 1024
+
+
+def fp8_wgmma_kernel_names() -> list[str]:
+    """Every instantiation in kernels/fp8_wgmma.cu that the GPU path may launch."""
+    from ._arrays import DTYPES
+    from .experts._common import out_ctype
+    names = ["wgmma_tile_plan"]
+    for _, (_, ctype) in DTYPES.items():
+        names += [f"grouped_wgmma_fp8<{ctype},float,true>",
+                  f"grouped_wgmma_fp8<{ctype},{out_ctype(ctype)},false>"]
+    return names
+
+
+@memoize_per_device
+def fp8_wgmma_module(pipeline=WGMMA_PIPELINE):
+    """kernels/fp8_wgmma.cu for sm_90a (wgmma is an sm_90a feature: CuPy's own -arch=sm_90,
+    which NVRTC also gets, does not enable it), compiled once per device and pipeline."""
+    names = fp8_wgmma_kernel_names()
+    options = ("-arch=sm_90a",) + tuple(f"-D{k}={v}" for k, v in pipeline)
+    return raw_module("fp8_wgmma.cu", names, options,
+                      dynamic_smem=(wgmma_smem_bytes(pipeline), names[1:]))
+
+
 def _launch_1d(name, n, args):
     blocks_ = int(min(max(1, -(-n // 256)), 132 * 16))
     fp8_module().get_function(name)((blocks_,), (256,), args)

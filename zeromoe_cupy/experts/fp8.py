@@ -7,8 +7,8 @@ scales, activations quantized per row and 128 features.
   synchronization; a token's result does not depend on its batch. The kernel: pair_mma_fp8
   (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
   16), else pair_gemv_fp8 (fp32 FMAs).
-- Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8; strategy "grouped",
-  or "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
+- Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
+  grouped_wgmma_fp8 serves; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
   experts from syncfree_plan, no host synchronization), activations quantized by a small
   kernel, then per GEMM a fixed grid of (feature chunk, active expert) blocks on the tensor
   cores (H and I multiples of 16, compute capability >= 8.0):
@@ -17,6 +17,14 @@ scales, activations quantized per row and 128 features.
     with the expert's rows, 8 (or 16) per pass, as the other operand;
   - above: grouped_mma_fp8, the weights staged through shared memory once per 64 of the
     expert's rows (e4m3 operands from compute capability 8.9, else converted to fp16).
+  - from WGMMA_PAIRS_PER_EXPERT pairs per expert on average (compute capability 9.0, any
+    number of pairs: "auto" takes this path instead of the padded one): grouped_wgmma_fp8
+    (kernels/fp8_wgmma.cu), Hopper's warpgroup FP8 tensor cores over 64-row x 128-feature
+    tiles, a persistent grid over (expert, feature chunk, row tile) items. The FP8 wgmma does
+    not sum in exact fp32: its partial sums are promoted every 32 k's in GEMM 1, whose error
+    h's quantization amplifies, and every 128 in GEMM 2. H200, LongCat-Flash: the layer's
+    output 2.1e-3 from the exact kernels' (promoted every 128 in both: 2.7e-3, and then within
+    1.1e-4 of the padded path's cuBLASLt block-scaled GEMM).
   Otherwise grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
   quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and
@@ -53,6 +61,15 @@ GROUPED_E4M3 = True
 # stream with 1 tile / 2 tiles): 128 tokens (P / E = 3) 6.50 / 4.47 / 4.87; 256 (6) 7.50 /
 # 5.39 / 5.79; 512 (12) 7.93 / 7.85 / 7.35; 1024 (24) 9.21 / 13.1 / 11.5. Same bits.
 STREAM_PAIRS_PER_EXPERT = ((8, 1), (16, 2))
+# grouped_wgmma_fp8 (kernels/fp8_wgmma.cu; compute capability 9.0) from this many (token,
+# slot) pairs per expert on average, P / E, instead of the kernels above; "auto" then never
+# takes the padded path. LongCat-Flash fp8 on the H200, eager ms, wgmma / before (the stream
+# kernel, grouped_mma_fp8, the padded path from 4096 tokens on): 256 tokens (P / E = 6) 6.01 /
+# 5.56; 512 (12) 6.66 / 7.77; 1024 6.47 / 9.63; 2048 7.08 / 12.70; 4096 11.13 / 20.27; 16384
+# 31.79 / 34.37 (benchmarks/fp8_prefill.py).
+GROUPED_WGMMA = True
+WGMMA_PAIRS_PER_EXPERT = 12
+WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
 # tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
 # 0.244 / 0.376, two 0.149 / 0.233 / 0.397, four 0.150 / 0.240 / 0.395).
@@ -74,7 +91,9 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
     w13, w2 = (cp.ascontiguousarray(w).view(np.uint8) for w in (w13, w2))
     s13, s2 = (cp.ascontiguousarray(s, dtype=np.float32) for s in scales)
     if strategy == "auto":
-        limit = GROUPED_MMA_MAX if _mma_ready(H, w13.shape[1] // 2, w13, w2) else GROUPED_MAX
+        I = w13.shape[1] // 2
+        limit = (T * K if _wgmma_ready(H, I, w13, w2) else
+                 GROUPED_MMA_MAX if _mma_ready(H, I, w13, w2) else GROUPED_MAX)
         strategy = "pairs" if T * K <= PAIRS_MAX else "grouped" if T * K <= limit else "padded"
     if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
@@ -111,8 +130,20 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
 
         nt = next((n for most, n in STREAM_PAIRS_PER_EXPERT if P <= most * E), 0) \
             if e4m3 == "true" else 0
+        wgmma = P >= WGMMA_PAIRS_PER_EXPERT * E and _wgmma_ready(H, I, w13, w2)
+        if wgmma:
+            wmod = quant.fp8_wgmma_module(WGMMA_PIPELINE)
+            tile_start = cp.empty(E + 1, np.int32)
+            wmod.get_function("wgmma_tile_plan")((1,), (1024,), (offsets, active, tile_start))
 
         def gemm(glu, types, a, asc, W, S, N, Kd, out):
+            if wgmma:  # a persistent grid: as many blocks as fit on the GPU at once
+                kernel = wmod.get_function(f"grouped_wgmma_fp8<{types},{str(glu).lower()}>")
+                kernel((_resident_blocks(kernel, WGMMA_PIPELINE),),
+                       (quant.wgmma_threads(WGMMA_PIPELINE),),
+                       (a, asc, offsets, active, tile_start, W, S, np.int32(N), np.int32(Kd), out),
+                       shared_mem=quant.wgmma_smem_bytes(WGMMA_PIPELINE))
+                return
             if nt:
                 qmod.get_function(f"grouped_stream_fp8<{types},{str(glu).lower()},{nt}>")(
                     (-(-N // (PAIR_WARPS * _PM_FEATS)), slots), (32 * PAIR_WARPS,),
@@ -167,6 +198,26 @@ def _mma_ready(H, I, w13, w2) -> bool:
     if not GROUPED_MMA or H % 16 or I % 16 or not _aligned16(w13, w2):
         return False
     return int(cupy_module().cuda.Device().compute_capability) >= 80
+
+
+def _wgmma_ready(H, I, w13, w2) -> bool:
+    """Whether grouped_wgmma_fp8 serves: compute capability 9.0 (its sm_90a code runs there
+    only) and what grouped_mma_fp8 needs."""
+    return GROUPED_WGMMA and _mma_ready(H, I, w13, w2) and \
+        cupy_module().cuda.Device().compute_capability == "90"
+
+
+def _resident_blocks(kernel, pipeline) -> int:
+    """Blocks of grouped_wgmma_fp8 that the current GPU runs at once: per SM, as many as its
+    registers, shared memory and threads allow."""
+    cp = cupy_module()
+    attrs = cp.cuda.Device().attributes
+    threads, smem = quant.wgmma_threads(pipeline), quant.wgmma_smem_bytes(pipeline)
+    regs = -(-kernel.num_regs * 32 // 256) * 256 * (threads // 32)  # allocated per warp
+    per_sm = min(attrs["MaxRegistersPerMultiprocessor"] // regs,
+                 attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024),
+                 attrs["MaxThreadsPerMultiProcessor"] // threads)
+    return max(1, per_sm) * attrs["MultiProcessorCount"]
 
 
 def _e4m3_tensor_cores() -> bool:
