@@ -1,6 +1,7 @@
 """Every kernel compiles without a GPU: the CUDA C++ RawKernels through NVRTC (each dtype
 instantiation, sm_80 and sm_90), the Numba routing kernel through compile_ptx."""
 import os
+import re
 import subprocess
 import sys
 
@@ -10,8 +11,8 @@ from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
-from zeromoe_cupy.quant import (FP8_PIPELINE, SMALL_FP8_PIPELINE, fp8_kernel_names,
-                                fp8_wgmma_kernel_names)
+from zeromoe_cupy.quant import (FP8_PIPELINE, SMALL_FP8_PIPELINE, WGMMA_PIPELINE,
+                                fp8_kernel_names, fp8_wgmma_kernel_names)
 from zeromoe_cupy.routing import router_kernel_names
 from zeromoe_cupy.zero_experts import combine_kernel_names
 
@@ -72,13 +73,35 @@ def test_fp8_variants_compile(options):
     _compile("fp8.cu", "sm_90", options)
 
 
-def test_wgmma_kernels_compile_for_sm_90a():
+# fp8_wgmma.cu's pipelines: the package's (WGMMA_PIPELINE, the kernel's defaults) and the
+# variants the GPU tests and benchmarks/fp8_prefill.py run (two warpgroups, six stages, feature
+# chunks inner, 64- and 128-k partial sums).
+WGMMA_VARIANTS = [()] + \
+    [tuple(f"-D{k}={v}" for k, v in dict(WGMMA_PIPELINE, **change).items())
+     for change in (dict(WG_GROUPS=2), dict(WG_STAGES=6), dict(WG_ORDER=1),
+                    dict(WG_PROMOTE=64), dict(WG_PROMOTE=128))]
+
+
+@pytest.mark.parametrize("options", WGMMA_VARIANTS, ids=str)
+def test_wgmma_kernels_compile_for_sm_90a(options):
     """fp8_wgmma.cu's kernels hold their wgmma code only where NVRTC targets sm_90a (what the
     package asks for); ptxas then checks every wgmma, fence and descriptor. Elsewhere (sm_80,
     sm_90 above) they compile to a trap."""
-    ptx = _compile("fp8_wgmma.cu", "sm_90a", (), want_ptx=True)
+    ptx = _compile("fp8_wgmma.cu", "sm_90a", options, want_ptx=True)
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert ptx.count(".entry") == len(KERNELS["fp8_wgmma.cu"])
+
+
+@pytest.mark.parametrize("filename,pipeline", [("fp8.cu", FP8_PIPELINE),
+                                               ("syncfree.cu", PIPELINE),
+                                               ("fp8_wgmma.cu", WGMMA_PIPELINE)])
+def test_kernel_pipeline_defaults_are_the_packages(filename, pipeline):
+    """A kernel's pipeline macros default to the pipeline the package passes (what its comments
+    say, and what a compile without -D options, as above, checks)."""
+    src = kernel_source(filename)
+    for key, value in pipeline:
+        found = re.search(rf"#ifndef {key}\s+#define {key} (\S+)", src)
+        assert found and found.group(1) == str(value), (filename, key, found and found.group(1))
 
 
 def _compile(filename, arch, extra, want_ptx=False):

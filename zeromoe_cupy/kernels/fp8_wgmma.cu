@@ -11,7 +11,7 @@
 // warpgroups per block (each takes 64 of the tile's expert rows), stages, and the order of the
 // work items (0: an expert's row tiles inner, 1: its feature chunks inner).
 #ifndef WG_GROUPS
-#define WG_GROUPS 2
+#define WG_GROUPS 1
 #endif
 #ifndef WG_STAGES
 #define WG_STAGES 4
@@ -39,9 +39,9 @@ static_assert(WG_PROMOTE == 32 || WG_PROMOTE == 64 || WG_PROMOTE == 128, "WG_PRO
 #define WG_COPY_ROWS (WG_THREADS / 8)  // rows one pass of 16-byte copies covers
 #define WG_PREFETCH 128          // the weight copies' L2 prefetch hint (bytes)
 
-// Where each active expert's tiles start: tile_start[s] = the 128-row tiles of the active
+// Where each active expert's tiles start: tile_start[s] = the WG_BM-row tiles of the active
 // experts before slot s (active / offsets from syncfree_plan), tile_start[active[0]] = all of
-// them. One block of 1024 threads.
+// them. One block of 1024 threads; any number of active experts.
 extern "C" __global__ void __launch_bounds__(1024)
 wgmma_tile_plan(const int* __restrict__ offsets, const int* __restrict__ active,
                 int* __restrict__ tile_start) {
@@ -123,10 +123,11 @@ __device__ __forceinline__ void fence_registers(float (&d)[64]) {
 // A persistent grid takes work items round-robin: item i is (active slot s, feature chunk c,
 // row tile t) in that order, so the blocks running side by side share one chunk of weights
 // (read from DRAM once, then from L2) across the expert's row tiles.
-// Each stage holds the 128 rows' and the 128 weight rows' next 128 k-bytes, 128-byte swizzled
-// (16-byte chunk j of row r at chunk j ^ (r % 8): what the descriptor's swizzle mode reads), and
-// comes in by 16-byte cp.async, WG_STAGES deep. Warpgroup w multiplies rows [64 w, 64 w + 64)
-// of the tile with the weight tile (four m64n128k32 per stage), then promotes the partial sum.
+// Each stage holds the tile's WG_BM rows' and the 128 weight rows' next 128 k-bytes, 128-byte
+// swizzled (16-byte chunk j of row r at chunk j ^ (r % 8): what the descriptor's swizzle mode
+// reads), and comes in by 16-byte cp.async, WG_STAGES deep. Warpgroup w multiplies rows
+// [64 w, 64 w + 64) of the tile with the weight tile (four m64n128k32 per stage), promoting the
+// partial sum after every WG_PROMOTE k's (GLU) or 128 (else).
 template <typename TX, typename TOUT, bool GLU>
 __global__ void __launch_bounds__(WG_THREADS)
 grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
@@ -159,9 +160,9 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     }
     const int e = active[1 + lo];
     const int row0 = offsets[e], m = offsets[e + 1] - row0;
-    const int tiles = (m + WG_BM - 1) / WG_BM;
     const int local = (int)(item - (long long)tile_start[lo] * chunks);
 #if WG_ORDER == 0
+    const int tiles = (m + WG_BM - 1) / WG_BM;
     const int f0 = (local / tiles) * FEAT, r0 = (local % tiles) * WG_BM;
 #else
     const int f0 = (local % chunks) * FEAT, r0 = (local / chunks) * WG_BM;
