@@ -71,6 +71,9 @@ BAD = [
     (dict(top_k=np.float64(2.0)), TypeError, "top_k"),
     (dict(num_experts=np.bool_(True)), TypeError, "num_experts"),
     (dict(num_zero_experts=np.int64(-1)), ValueError, "num_zero_experts"),
+    (dict(quantization="int4"), ValueError, "quantization"),
+    (dict(quantization=8), TypeError, "quantization"),
+    (dict(quantization=True), TypeError, "quantization"),
 ]
 
 

@@ -204,6 +204,9 @@ def test_fp8_bad_inputs(rng):
         zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, quantization="int8")
     with pytest.raises(ValueError, match="method"):
         zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("int8")
+    for bad in (None, 8, b"fp8"):  # not a string: the wrong kind
+        with pytest.raises(TypeError, match="method"):
+            zm.ZeroExpertMoE.from_weights(cfg, **w).quantize(bad)
     with pytest.raises(ValueError, match="already quantized"):
         layer8.quantize("fp8")
 

@@ -190,6 +190,9 @@ class MoEConfig:
             if self.top_k > tg * (n // g):
                 raise ValueError(f"top_k: expected <= topk_group * group size = "
                                  f"{tg * (n // g)}, got {self.top_k}")
+        if self.quantization is not None and not isinstance(self.quantization, str):
+            raise TypeError(f"quantization: expected one of {QUANTIZATIONS}, got "
+                            f"{type(self.quantization).__name__} {self.quantization!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, "
                              f"got {self.quantization!r}")

@@ -352,7 +352,10 @@ class ZeroExpertMoE:
         """A new layer with FP8 experts (docs/spec.md "FP8 experts"): w13 / w2 as e4m3 with one
         fp32 scale per 128x128 block (gate and up blocked separately), on this layer's device;
         the router, its biases and the zero experts' parameters are copied unquantized.
-        Raises ValueError for an unknown method or an already quantized layer."""
+        Raises TypeError for a method that is not a string, ValueError for an unknown method
+        or an already quantized layer."""
+        if not isinstance(method, str):
+            raise TypeError(f"method: expected 'fp8', got {type(method).__name__} {method!r}")
         if method != "fp8":
             raise ValueError(f"method: expected 'fp8', got {method!r}")
         if self.config.quantization is not None:
