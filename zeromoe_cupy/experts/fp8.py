@@ -8,7 +8,8 @@ scales, activations quantized per row and 128 features.
   (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
   16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
-  grouped_wgmma_fp8 serves; strategy "grouped", or "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
+  grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT; strategy "grouped", or
+  "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
   experts from syncfree_plan, no host synchronization), activations quantized by a small
   kernel, then per GEMM a fixed grid of (feature chunk, active expert) blocks on the tensor
   cores (H and I multiples of 16, compute capability >= 8.0):
@@ -104,8 +105,8 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
 
 def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     """Rows by expert (no padding, device offsets), activations quantized per row and 128
-    features (K-major scales), then grouped_stream_fp8, grouped_mma_fp8 or grouped_gemv_fp8
-    (module docstring) for each GEMM. No
+    features (K-major scales), then grouped_wgmma_fp8, grouped_stream_fp8, grouped_mma_fp8 or
+    grouped_gemv_fp8 (module docstring) for each GEMM. No
     host synchronization: buffers are sized for every (token, slot) pair."""
     cp = cupy_module()
     T, H = x.shape
