@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import _cublas, quant
 from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
+from .._compile import memoize_per_device
 from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX, ExpertOutput,
                       experts_module, gather, gather_rows, out_ctype, real_counts, rows_dtype,
                       tile_plan)
@@ -211,14 +212,23 @@ def _wgmma_ready(H, I, w13, w2) -> bool:
 def _resident_blocks(kernel, pipeline) -> int:
     """Blocks of grouped_wgmma_fp8 that the current GPU runs at once: per SM, as many as its
     registers, shared memory and threads allow."""
-    cp = cupy_module()
-    attrs = cp.cuda.Device().attributes
+    sm_regs, sm_smem, sm_threads, sms = _sm_limits()
     threads, smem = quant.wgmma_threads(pipeline), quant.wgmma_smem_bytes(pipeline)
     regs = -(-kernel.num_regs * 32 // 256) * 256 * (threads // 32)  # allocated per warp
-    per_sm = min(attrs["MaxRegistersPerMultiprocessor"] // regs,
-                 attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024),
-                 attrs["MaxThreadsPerMultiProcessor"] // threads)
-    return max(1, per_sm) * attrs["MultiProcessorCount"]
+    per_sm = min(sm_regs // regs, sm_smem // (smem + 1024), sm_threads // threads)
+    return max(1, per_sm) * sms
+
+
+@memoize_per_device
+def _sm_limits() -> tuple:
+    """(registers, shared memory bytes, threads) per SM and the SM count of the current GPU,
+    queried once per device (Device().attributes asks for every attribute at each call, and
+    this runs twice per forward)."""
+    rt = cupy_module().cuda.runtime
+    device = rt.getDevice()
+    return tuple(rt.deviceGetAttribute(a, device) for a in (
+        rt.cudaDevAttrMaxRegistersPerMultiprocessor, rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+        rt.cudaDevAttrMaxThreadsPerMultiProcessor, rt.cudaDevAttrMultiProcessorCount))
 
 
 def _e4m3_tensor_cores() -> bool:
