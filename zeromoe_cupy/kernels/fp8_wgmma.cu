@@ -1,8 +1,9 @@
 // The grouped FP8 experts on Hopper's warpgroup tensor cores (wgmma, compute capability 9.0,
-// compiled for sm_90a): prefill, where the experts' GEMMs are compute-bound. Same math as
-// grouped_mma_fp8 (kernels/fp8.cu; docs/spec.md "FP8 experts"): e4m3 products exact, summed
-// in fp32 over each 128-wide k-group, the group's partial sum scaled by
-// sa[row, g] * scale_inv[block, g] and added to the fp32 total.
+// compiled for sm_90a): prefill, where the experts' GEMMs are compute-bound. The math of
+// grouped_mma_fp8 (kernels/fp8.cu; docs/spec.md "FP8 experts"), but for the sums: the wgmma
+// sums a partial of WG_PROMOTE k's (GEMM 1; 128 in GEMM 2) with fewer bits than fp32 (see
+// WG_PROMOTE), and each partial is scaled by sa[row, g] * scale_inv[block, g] of its 128-wide
+// k-group g and added to the fp32 total.
 #include "common.cuh"
 #include "async_mma.cuh"
 
