@@ -61,14 +61,20 @@ def test_gpu_block_quantization_equals_numpy(I, H, dtype, rng):
 SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144), "odd_n": (256, 132)}
 
 
-def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
-    H, I = SHAPES[shape]
-    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=Z,
-                       zero_expert_type=zero_type, top_k=K, dtype=dtype)
+def _quantized_pair(rng, cfg):
+    """The CPU and the GPU layer of cfg from one set of random weights, each quantized."""
     w = random_layer_weights(rng, cfg)
     cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
     gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
         .quantize("fp8")
+    return cpu8, gpu8
+
+
+def _layers(rng, dtype, shape, zero_type="identity", E=8, Z=4, K=4):
+    H, I = SHAPES[shape]
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=Z,
+                       zero_expert_type=zero_type, top_k=K, dtype=dtype)
+    cpu8, gpu8 = _quantized_pair(rng, cfg)
     np.testing.assert_array_equal(gpu8.w13.get(), cpu8.w13.view(np.uint8))
     np.testing.assert_array_equal(gpu8.w2_scale_inv.get(), cpu8.w2_scale_inv)
     return cpu8, gpu8
@@ -261,10 +267,7 @@ def test_gpu_fp8_wgmma_more_than_1024_active_experts(rng, monkeypatch):
     E, K, T = 1300, 4, 1500
     cfg = zm.MoEConfig(hidden_size=128, intermediate_size=128, num_experts=E,
                        num_zero_experts=2, top_k=K, dtype="bfloat16")
-    w = random_layer_weights(rng, cfg)
-    cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
-    gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
-        .quantize("fp8")
+    cpu8, gpu8 = _quantized_pair(rng, cfg)
     gpu8.expert_strategy = "grouped"
     ids = np.argsort(rng.random((T, E + 2)), axis=1)[:, :K].astype(np.int32)
     weights = rng.random((T, K)).astype(np.float32)
@@ -288,10 +291,7 @@ def test_gpu_fp8_padded_path_at_larger_k(dtype, rng):
     H, I, E, K = 1024, 512, 8, 4
     cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=4,
                        top_k=K, dtype=dtype)
-    w = random_layer_weights(rng, cfg)
-    cpu8 = zm.ZeroExpertMoE.from_weights(cfg, **w).quantize("fp8")
-    gpu8 = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()}) \
-        .quantize("fp8")
+    cpu8, gpu8 = _quantized_pair(rng, cfg)
     gpu8.expert_strategy = "padded"
     x = random_x(rng, 300, H, dtype)
     err = _sampled_error(cpu8, gpu8, x, 150, rng)
