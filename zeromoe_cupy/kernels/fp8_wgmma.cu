@@ -37,7 +37,6 @@ static_assert(WG_PROMOTE == 32 || WG_PROMOTE == 64 || WG_PROMOTE == 128, "WG_PRO
 #define WG_BK 128       // k bytes per stage: one scale group
 #define WG_A_TILE (WG_BM * WG_BK)  // bytes of one stage's row tile
 #define WG_STAGE ((WG_BM + WG_BN) * WG_BK)  // bytes of a stage: row tile, then weight tile
-#define WG_COPY_ROWS (WG_THREADS / 8)  // rows one pass of 16-byte copies covers
 #define WG_PREFETCH 128          // the weight copies' L2 prefetch hint (bytes)
 
 // Where each active expert's tiles start: tile_start[s] = the WG_BM-row tiles of the active
@@ -114,6 +113,158 @@ __device__ __forceinline__ void fence_registers(float (&d)[64]) {
 }
 #endif
 
+// A work item of grouped_wgmma_fp8: expert e, whose rows start at row0 of aq / out; the tile's
+// rows [r0, r0 + rows) of the expert's and features [f0, f0 + FEAT).
+struct WgItem {
+  int e, row0, r0, rows, f0;
+};
+
+// Item i of the persistent grid's list: (active slot s, feature chunk c, row tile t) in that
+// order (WG_ORDER 0; 1: c and t swapped), so the blocks running side by side share one chunk
+// of weights (read from DRAM once, then from L2) across the expert's row tiles.
+template <int FEAT>
+__device__ __forceinline__ WgItem wg_item(long long item, int chunks, int slots,
+                                          const int* __restrict__ offsets,
+                                          const int* __restrict__ active,
+                                          const int* __restrict__ tile_start) {
+  // the item's slot: tile_start[s] * chunks <= item < tile_start[s + 1] * chunks
+  const int u = (int)(item / chunks);
+  int lo = 0, hi = slots;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_start[mid] <= u) lo = mid; else hi = mid;
+  }
+  WgItem it;
+  it.e = active[1 + lo];
+  it.row0 = offsets[it.e];
+  const int m = offsets[it.e + 1] - it.row0;
+  const int local = (int)(item - (long long)tile_start[lo] * chunks);
+#if WG_ORDER == 0
+  const int tiles = (m + WG_BM - 1) / WG_BM;
+  it.f0 = (local / tiles) * FEAT;
+  it.r0 = (local % tiles) * WG_BM;
+#else
+  it.f0 = (local % chunks) * FEAT;
+  it.r0 = (local / chunks) * WG_BM;
+#endif
+  it.rows = min(WG_BM, m - it.r0);
+  return it;
+}
+
+// One item's stage copies by THREADS threads (thread t): 16-byte chunk t % 8 of rows t / 8 +
+// THREADS / 8 i of the row tile and of the weight tile, into a stage's 128-byte-swizzled tiles
+// (16-byte chunk j of row r at chunk j ^ (r % 8): what the descriptor's swizzle mode reads).
+template <bool GLU, int THREADS>
+struct WgCopier {
+  // rows one pass of copies covers; passes over the row tile and the weight tile
+  enum { ROWS = THREADS / 8, AC = WG_BM / ROWS, WC = WG_BN / ROWS, FEAT = GLU ? WG_BN / 2 : WG_BN };
+  const unsigned char* a_src[AC];
+  const unsigned char* w_src[WC];
+  bool a_ok[AC], w_ok[WC];
+  int j, r;
+
+  __device__ __forceinline__ WgCopier(int t, const WgItem& it, const unsigned char* aq,
+                                      const unsigned char* W, int N, int Kd) {
+    constexpr int MATS = GLU ? 2 : 1;
+    j = t % 8;
+    r = t / 8;
+    const unsigned char* w_e = W + (long long)it.e * MATS * N * Kd;
+#pragma unroll
+    for (int i = 0; i < AC; ++i) {
+      const int row = r + ROWS * i;
+      a_ok[i] = row < it.rows;
+      a_src[i] = aq + (long long)(it.row0 + it.r0 + (a_ok[i] ? row : 0)) * Kd + 16 * j;
+    }
+#pragma unroll
+    for (int i = 0; i < WC; ++i) {
+      const int row = r + ROWS * i;
+      const int f = it.f0 + (GLU ? row % FEAT : row);
+      w_ok[i] = f < N;
+      w_src[i] = w_e + (long long)((GLU && row >= FEAT ? N : 0) + (w_ok[i] ? f : 0)) * Kd +
+                 16 * j;
+    }
+  }
+
+  // stage kt (k bytes [128 kt, 128 kt + 128)) into st
+  __device__ __forceinline__ void issue(unsigned char* st, int kt, int Kd) const {
+    const bool inside = kt * WG_BK + 16 * j < Kd;  // zeros past Kd, in both operands
+#pragma unroll
+    for (int i = 0; i < AC; ++i) {
+      const int row = r + ROWS * i;
+      // rows past the tile's end are not copied: a row of the product depends on its own
+      // row only, and those are never stored
+      if (a_ok[i])
+        cp_async16<0>(st + row * WG_BK + ((j ^ (row % 8)) * 16), a_src[i] + kt * WG_BK, inside);
+    }
+#pragma unroll
+    for (int i = 0; i < WC; ++i) {
+      const int row = r + ROWS * i;
+      cp_async16<WG_PREFETCH>(st + WG_A_TILE + row * WG_BK + ((j ^ (row % 8)) * 16),
+                              w_src[i] + kt * WG_BK, inside && w_ok[i]);
+    }
+  }
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One stage of a warpgroup's 64 rows: four m64n128k32 from the stage at st (the warpgroup's
+// rows at a_base, the weight tile at b_base), the partial sum promoted into total after every
+// WG_PROMOTE k's (GLU) or 128 (else), scaled by the row's and the weight block's scales (g:
+// gate or the only matrix, u: up; a: row ra, b: row rb). Ends with every wgmma complete.
+template <bool GLU>
+__device__ __forceinline__ void wg_mma_stage(float (&part)[64], float (&total)[64],
+                                             unsigned a_base, unsigned b_base, float ga,
+                                             float gb, float ua, float ub) {
+  constexpr int STEPS = (GLU ? WG_PROMOTE : 128) / 32;  // wgmma k-steps per partial
+#pragma unroll
+  for (int k = 0; k < WG_BK / 32; ++k) {
+    if (k % STEPS == 0) {
+      fence_registers(part);
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    }
+    wgmma_m64n128k32(part, wgmma_desc(a_base + 32 * k), wgmma_desc(b_base + 32 * k),
+                     k % STEPS != 0);
+    if (k % STEPS == STEPS - 1) {
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      fence_registers(part);
+      // accumulator i: row ra (i % 4 < 2) or rb, column 8 (i / 4) + 2 (lane % 4) + i % 2
+      // (GLU: columns 64 and up are the up rows)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) {
+        const bool up = GLU && i >= 32, row_b = (i % 4) >= 2;
+        total[i] = fmaf(part[i], up ? (row_b ? ub : ua) : (row_b ? gb : ga), total[i]);
+      }
+    }
+  }
+}
+
+// A warpgroup's rows ra and rb (if inside the tile) of the item's output from its fp32 totals:
+// h = silu(g) * u with g and u rounded to TX first (GLU), else the sums, as TOUT.
+template <typename TX, typename TOUT, bool GLU>
+__device__ __forceinline__ void wg_store(const float (&total)[64], const WgItem& it, int ra,
+                                         int rb, int N, TOUT* __restrict__ out) {
+  constexpr int FEAT = GLU ? WG_BN / 2 : WG_BN;
+  const int q2 = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = h ? rb : ra;
+    if (r >= it.rows) continue;
+    TOUT* orow = out + (long long)(it.row0 + it.r0 + r) * N + it.f0;
+#pragma unroll
+    for (int c = 0; c < FEAT / 8; ++c) {
+      const int j = 8 * c + q2;
+      float v0 = total[4 * c + 2 * h], v1 = total[4 * c + 2 * h + 1];
+      if (GLU) {
+        v0 = swiglu_rounded<TX>(v0, total[32 + 4 * c + 2 * h]);
+        v1 = swiglu_rounded<TX>(v1, total[32 + 4 * c + 2 * h + 1]);
+      }
+      if (it.f0 + j < N) orow[j] = from_f32<TOUT>(v0);
+      if (it.f0 + j + 1 < N) orow[j + 1] = from_f32<TOUT>(v1);
+    }
+  }
+}
+#endif
+
 // The grouped GEMM of one pass over every active expert, Y_e = A_e W_e^T:
 //   aq: (rows, Kd) e4m3 bytes in expert order (offsets), as: (rows, ceil(Kd/128)) fp32
 //   (quantize_rows, K-major); W: (E, MATS * N, Kd) bytes; S: (E, MATS * ceil(N/128),
@@ -121,14 +272,9 @@ __device__ __forceinline__ void fence_registers(float (&d)[64]) {
 //   GLU: the tile's weight rows are features [64 c, 64 c + 64) of gate and of up, and out gets
 //   h = silu(g) * u (TOUT = float), g and u rounded to TX first; else features
 //   [128 c, 128 c + 128), out in TOUT. Kd % 16 == 0, aq and W 16-byte aligned; any N.
-// A persistent grid takes work items round-robin: item i is (active slot s, feature chunk c,
-// row tile t) in that order, so the blocks running side by side share one chunk of weights
-// (read from DRAM once, then from L2) across the expert's row tiles.
-// Each stage holds the tile's WG_BM rows' and the 128 weight rows' next 128 k-bytes, 128-byte
-// swizzled (16-byte chunk j of row r at chunk j ^ (r % 8): what the descriptor's swizzle mode
-// reads), and comes in by 16-byte cp.async, WG_STAGES deep. Warpgroup w multiplies rows
-// [64 w, 64 w + 64) of the tile with the weight tile (four m64n128k32 per stage), promoting the
-// partial sum after every WG_PROMOTE k's (GLU) or 128 (else).
+// A persistent grid takes work items round-robin (wg_item). Each stage holds the tile's WG_BM
+// rows' and the 128 weight rows' next 128 k-bytes (WgCopier), WG_STAGES deep. Warpgroup w
+// multiplies rows [64 w, 64 w + 64) of the tile with the weight tile (wg_mma_stage).
 template <typename TX, typename TOUT, bool GLU>
 __global__ void __launch_bounds__(WG_THREADS)
 grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
@@ -148,143 +294,47 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
   const int nk = (Kd + WG_BK - 1) / WG_BK;
   const int slots = active[0];
   const long long items = (long long)tile_start[slots] * chunks;
-  // this thread's copies: 16-byte chunk j_copy of rows r_copy + WG_COPY_ROWS i of both tiles
-  const int j_copy = threadIdx.x % 8, r_copy = threadIdx.x / 8;
 
   for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    // the item's slot: tile_start[s] * chunks <= item < tile_start[s + 1] * chunks
-    const int u = (int)(item / chunks);
-    int lo = 0, hi = slots;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (tile_start[mid] <= u) lo = mid; else hi = mid;
-    }
-    const int e = active[1 + lo];
-    const int row0 = offsets[e], m = offsets[e + 1] - row0;
-    const int local = (int)(item - (long long)tile_start[lo] * chunks);
-#if WG_ORDER == 0
-    const int tiles = (m + WG_BM - 1) / WG_BM;
-    const int f0 = (local / tiles) * FEAT, r0 = (local % tiles) * WG_BM;
-#else
-    const int f0 = (local % chunks) * FEAT, r0 = (local / chunks) * WG_BM;
-#endif
-    const int rows = min(WG_BM, m - r0);  // rows of this tile
-    const unsigned char* w_e = W + (long long)e * MATS * N * Kd;
-
-    // the copies' sources: expert rows r0 + r, weight rows
-    constexpr int AC = WG_BM / WG_COPY_ROWS, WC = WG_BN / WG_COPY_ROWS;
-    const unsigned char* a_src[AC];
-    const unsigned char* w_src[WC];
-    bool a_ok[AC], w_ok[WC];
-#pragma unroll
-    for (int i = 0; i < AC; ++i) {
-      const int r = r_copy + WG_COPY_ROWS * i;
-      a_ok[i] = r < rows;
-      a_src[i] = aq + (long long)(row0 + r0 + (a_ok[i] ? r : 0)) * Kd + 16 * j_copy;
-    }
-#pragma unroll
-    for (int i = 0; i < WC; ++i) {
-      const int r = r_copy + WG_COPY_ROWS * i;
-      const int f = f0 + (GLU ? r % FEAT : r);
-      w_ok[i] = f < N;
-      w_src[i] = w_e + (long long)((GLU && r >= FEAT ? N : 0) + (w_ok[i] ? f : 0)) * Kd +
-                 16 * j_copy;
-    }
-    auto issue = [&](int kt) {
-      unsigned char* st = smem + (kt % WG_STAGES) * WG_STAGE;
-      const bool inside = kt * WG_BK + 16 * j_copy < Kd;  // zeros past Kd, in both operands
-#pragma unroll
-      for (int i = 0; i < AC; ++i) {
-        const int r = r_copy + WG_COPY_ROWS * i;
-        // rows past the tile's end are not copied: a row of the product depends on its own
-        // row only, and those are never stored
-        if (a_ok[i])
-          cp_async16<0>(st + r * WG_BK + ((j_copy ^ (r % 8)) * 16), a_src[i] + kt * WG_BK,
-                        inside);
-      }
-#pragma unroll
-      for (int i = 0; i < WC; ++i) {
-        const int r = r_copy + WG_COPY_ROWS * i;
-        cp_async16<WG_PREFETCH>(st + WG_A_TILE + r * WG_BK + ((j_copy ^ (r % 8)) * 16),
-                                w_src[i] + kt * WG_BK, inside && w_ok[i]);
-      }
-    };
+    const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
+    const WgCopier<GLU, WG_THREADS> copier(threadIdx.x, it, aq, W, N, Kd);
     // Rows of this warpgroup's 64 that hold expert rows; a warpgroup with none skips the mma.
-    const bool busy = warpgroup * 64 < rows;
+    const bool busy = warpgroup * 64 < it.rows;
     float total[64], part[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
     // this thread's accumulator rows: 16 warp + lane / 4 (+ 8) of the warpgroup's 64
     const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
-    const float* sa_a = as + (long long)(row0 + r0 + min(ra, rows - 1)) * KB;
-    const float* sa_b = as + (long long)(row0 + r0 + min(rb, rows - 1)) * KB;
-    const float* sw_gate = S + ((long long)e * MATS * NB + f0 / QBLOCK) * KB;
+    const float* sa_a = as + (long long)(it.row0 + it.r0 + min(ra, it.rows - 1)) * KB;
+    const float* sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
+    const float* sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
     const float* sw_up = sw_gate + (long long)NB * KB;  // GLU only
 
 #pragma unroll
     for (int s = 0; s < WG_STAGES - 1; ++s) {
-      if (s < nk) issue(s);
+      if (s < nk) copier.issue(smem + s * WG_STAGE, s, Kd);
       cp_async_commit();
     }
     for (int kt = 0; kt < nk; ++kt) {
       cp_async_wait<WG_STAGES - 2>();
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
       __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
-      if (kt + WG_STAGES - 1 < nk) issue(kt + WG_STAGES - 1);
+      if (kt + WG_STAGES - 1 < nk)
+        copier.issue(smem + ((kt + WG_STAGES - 1) % WG_STAGES) * WG_STAGE, kt + WG_STAGES - 1,
+                     Kd);
       cp_async_commit();
       // the group's scales (loaded while the mma runs)
       const float fa = sa_a[kt], fb = sa_b[kt];
       const float wg_ = sw_gate[kt], wu = GLU ? sw_up[kt] : wg_;
       if (busy) {
         const unsigned st = smem_address(smem + (kt % WG_STAGES) * WG_STAGE);
-        const unsigned a_base = st + warpgroup * 64 * WG_BK, b_base = st + WG_A_TILE;
-        const float ga = fa * wg_, gb = fb * wg_, ua = fa * wu, ub = fb * wu;
-        constexpr int STEPS = (GLU ? WG_PROMOTE : 128) / 32;  // wgmma k-steps per partial
-#pragma unroll
-        for (int k = 0; k < WG_BK / 32; ++k) {
-          if (k % STEPS == 0) {
-            fence_registers(part);
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-          }
-          wgmma_m64n128k32(part, wgmma_desc(a_base + 32 * k), wgmma_desc(b_base + 32 * k),
-                           k % STEPS != 0);
-          if (k % STEPS == STEPS - 1) {
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            fence_registers(part);
-            // accumulator i: row ra (i % 4 < 2) or rb, column 8 (i / 4) + 2 (lane % 4) + i % 2
-            // (GLU: columns 64 and up are the up rows)
-#pragma unroll
-            for (int i = 0; i < 64; ++i) {
-              const bool up = GLU && i >= 32, row_b = (i % 4) >= 2;
-              total[i] = fmaf(part[i], up ? (row_b ? ub : ua) : (row_b ? gb : ga), total[i]);
-            }
-          }
-        }
+        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE, fa * wg_,
+                          fb * wg_, fa * wu, fb * wu);
       }
     }
     cp_async_wait<0>();
     __syncthreads();  // every stage read: the next item's copies may begin
-    if (busy) {
-      const int q2 = 2 * (lane % 4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = h ? rb : ra;
-        if (r >= rows) continue;
-        TOUT* orow = out + (long long)(row0 + r0 + r) * N + f0;
-#pragma unroll
-        for (int c = 0; c < FEAT / 8; ++c) {
-          const int j = 8 * c + q2;
-          float v0 = total[4 * c + 2 * h], v1 = total[4 * c + 2 * h + 1];
-          if (GLU) {
-            v0 = swiglu_rounded<TX>(v0, total[32 + 4 * c + 2 * h]);
-            v1 = swiglu_rounded<TX>(v1, total[32 + 4 * c + 2 * h + 1]);
-          }
-          if (f0 + j < N) orow[j] = from_f32<TOUT>(v0);
-          if (f0 + j + 1 < N) orow[j + 1] = from_f32<TOUT>(v1);
-        }
-      }
-    }
+    if (busy) wg_store<TX, TOUT, GLU>(total, it, ra, rb, N, out);
   }
 #else
   asm volatile("trap;");  // the host launches it on compute capability 9.0 only (sm_90a)
