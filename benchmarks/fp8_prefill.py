@@ -28,12 +28,13 @@ rate = bench.measure_matmul("float8_e4m3fn", True)["best"]
 print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy "
       f"{bandwidth / 1e12:.2f} TB/s, fp8 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 timer = bench._Timer(True, 2, 5)
-# grouped_wgmma_fp8's pipelines: (warpgroups per block, stages, work order, k's per promoted
-# partial sum of the gate/up GEMM), quant.py
-PIPELINES = [(1, 4, 0, 32), (1, 4, 0, 128), (2, 4, 0, 32), (1, 6, 0, 32), (1, 4, 1, 32)]
+# grouped_wgmma_fp8's pipelines: (warpgroups per block that multiply, stages, work order, k's
+# per promoted partial sum of the gate/up GEMM, producer warpgroup), quant.py
+PIPELINES = [(1, 4, 0, 32, 0), (1, 4, 0, 32, 1), (2, 4, 0, 32, 1), (2, 6, 0, 32, 1),
+             (2, 4, 1, 32, 1), (2, 4, 0, 128, 1)]
+KEYS = ("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE", "WG_PRODUCER")
 ways = {"wgmma" + "-".join(map(str, p)): dict(
-    GROUPED_WGMMA=True, WGMMA_PAIRS_PER_EXPERT=0,
-    WGMMA_PIPELINE=tuple(zip(("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE"), p)))
+    GROUPED_WGMMA=True, WGMMA_PAIRS_PER_EXPERT=0, WGMMA_PIPELINE=tuple(zip(KEYS, p)))
     for p in PIPELINES}
 ways["before"] = dict(GROUPED_WGMMA=False)
 

@@ -3,7 +3,7 @@
 # writes its full log under $OUT and a summary to $OUT/log.txt. On a machine of two GPUs,
 # `split` runs `ep` first, then the GPU suite on GPU 0 while `bench bench_fp8` run on GPU 1.
 #   tests      the whole GPU suite (4 processes) bench      zeromoe bench --graph --peers torch
-#   sweep      benchmarks/expert_sweep.py (every part)
+#   sweep      benchmarks/expert_sweep.py (every part)   prefill  benchmarks/fp8_prefill.py
 #   bench_fp8  zeromoe bench --quantization fp8 --graph   load  from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
 #   memcheck   compute-sanitizer over tests/test_gpu.py (small shapes)
@@ -19,20 +19,26 @@ part() {
   echo "== $1 $(date +%T) (GPU ${CUDA_VISIBLE_DEVICES:-all})" | tee -a "$log"
   case $1 in
     tests)
-      # four pytest processes on the GPU at once (the suite alone takes over 450 s); about 190 s
-      # each on an H200
+      # five pytest processes on the GPU at once (the suite alone takes over 600 s); test_gpu.py
+      # alone ran past 290 s on an H200 beside the others, hence in two
       run_tests() {
-        timeout 290 python3 -m pytest -m gpu -p no:cacheprovider -q "${@:2}" > "$OUT/$1.txt" 2>&1
+        timeout 330 python3 -m pytest -m gpu -p no:cacheprovider -q --durations=5 "${@:2}" \
+          > "$OUT/$1.txt" 2>&1
         echo "$1 rc=$?" >> "$OUT/$1.txt"
       }
-      run_tests gpu_tests_a tests/test_gpu.py &
+      run_tests gpu_tests_a tests/test_gpu.py -k "route_kernel or zero_expert" &
+      run_tests gpu_tests_e tests/test_gpu.py -k "not (route_kernel or zero_expert)" &
       run_tests gpu_tests_b tests/test_fp8_gpu.py tests/test_interop_gpu.py tests/test_bench_gpu.py \
         tests/test_checkpoint.py tests/test_parallel_gpu.py &
       # (c took 60-77 s and d 216-278 s on an H200 with test_moepp.py in d: it moved to c)
       run_tests gpu_tests_c tests/test_graphs_gpu.py tests/test_moepp.py &
       run_tests gpu_tests_d tests/test_reliability_gpu.py &
       wait
-      grep -hE "^(FAILED|ERROR)|passed|failed| rc=" "$OUT"/gpu_tests_?.txt | tail -30 | tee -a "$log" ;;
+      grep -hE "^(FAILED|ERROR)|passed|failed| rc=" "$OUT"/gpu_tests_?.txt | tail -30 | tee -a "$log"
+      grep -hE "^[0-9.]+s (call|setup)" "$OUT"/gpu_tests_?.txt | sort -rn | head -12 | tee -a "$log" ;;
+    prefill)
+      timeout 300 python3 benchmarks/fp8_prefill.py ${PREFILL_TOKENS:-} > "$OUT/prefill.txt" 2>&1
+      tail -12 "$OUT/prefill.txt" | tee -a "$log" ;;
     sweep)
       timeout 200 python3 benchmarks/expert_sweep.py "$OUT/sweep.json" syncfree,pairs,capacity,dummy,fp8 \
         > "$OUT/sweep.txt" 2>&1

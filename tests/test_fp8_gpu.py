@@ -240,8 +240,9 @@ def _wgmma_forced(monkeypatch):
 @pytest.mark.parametrize("shape", ["aligned", "mid"])
 @pytest.mark.parametrize("T,sampled", [(64, 64), (300, 150)])
 @pytest.mark.parametrize("pipeline", [
-    tuple(zip(("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE"), p))
-    for p in ((1, 4, 0, 32), (2, 4, 0, 32), (1, 4, 1, 32))], ids=str)
+    tuple(zip(("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE", "WG_PRODUCER"), p))
+    for p in ((1, 4, 0, 32, 0), (2, 4, 0, 32, 0), (1, 4, 1, 32, 0), (1, 4, 0, 32, 1),
+              (2, 4, 0, 32, 1), (2, 3, 1, 32, 1))], ids=str)
 def test_gpu_fp8_wgmma_grouped_matches_reference(pipeline, dtype, shape, T, sampled, rng,
                                                  monkeypatch):
     """grouped_wgmma_fp8 (Hopper wgmma) against the float64 reference: experts of about 32 rows

@@ -9,8 +9,10 @@
 
 #define QBLOCK 128
 // The pipeline, set by quant.py (WGMMA_PIPELINE as -D options; these defaults are its own):
-// warpgroups per block (each takes 64 of the tile's expert rows), stages, and the order of the
-// work items (0: an expert's row tiles inner, 1: its feature chunks inner).
+// warpgroups per block that multiply (each takes 64 of the tile's expert rows), stages, the
+// order of the work items (0: an expert's row tiles inner, 1: its feature chunks inner), and
+// who copies the stages (0: every thread, block-wide barriers between stages; 1: one more
+// warpgroup, the producer, while the others only multiply, each stage handed over by mbarriers).
 #ifndef WG_GROUPS
 #define WG_GROUPS 1
 #endif
@@ -19,6 +21,9 @@
 #endif
 #ifndef WG_ORDER
 #define WG_ORDER 0
+#endif
+#ifndef WG_PRODUCER
+#define WG_PRODUCER 0
 #endif
 // k's per partial sum of the gate/up GEMM, promoted (scaled into the fp32 total) after each:
 // 32, 64 or 128; the down GEMM's are 128 (a scale group). The FP8 wgmma does not sum its
@@ -31,7 +36,13 @@
 #define WG_PROMOTE 32
 #endif
 static_assert(WG_PROMOTE == 32 || WG_PROMOTE == 64 || WG_PROMOTE == 128, "WG_PROMOTE");
-#define WG_THREADS (128 * WG_GROUPS)  // every thread also issues the stage copies
+#define WG_THREADS (128 * (WG_GROUPS + WG_PRODUCER))
+// WG_PRODUCER 1: two blocks per SM with one warpgroup that multiplies, one with two; registers
+// per thread of the producer warpgroup and of the others (the producer's the fewest with which
+// ptxas 13.0 spills nothing; 128 x (72 + 216 WG_GROUPS) <= 64K per SM).
+#define WG_BLOCKS_PER_SM (WG_PRODUCER && WG_GROUPS == 1 ? 2 : 1)
+#define WG_PRODUCER_REGS 72
+#define WG_CONSUMER_REGS (WG_GROUPS == 1 ? 184 : 216)
 #define WG_BM (64 * WG_GROUPS)  // expert rows per tile (wgmma's M: 64 per warpgroup)
 #define WG_BN 128       // weight rows per tile (wgmma's N); GLU: 64 gate rows, then 64 up rows
 #define WG_BK 128       // k bytes per stage: one scale group
@@ -111,6 +122,32 @@ __device__ __forceinline__ void fence_registers(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+
+// mbarriers (PTX ISA "mbarrier"): a stage's hand-over between the producer and the consumers.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)),
+               "r"(arrivals));
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
+                   smem_address(bar))
+               : "memory");
+}
+// waits until the phase of the given parity has completed
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+}
+// an arrival on bar once this thread's cp.async copies so far have landed (counted in the
+// barrier's arrivals: noinc)
+__device__ __forceinline__ void cp_async_mbar_arrive(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar))
+               : "memory");
+}
 #endif
 
 // A work item of grouped_wgmma_fp8: expert e, whose rows start at row0 of aq / out; the tile's
@@ -156,11 +193,17 @@ __device__ __forceinline__ WgItem wg_item(long long item, int chunks, int slots,
 // (16-byte chunk j of row r at chunk j ^ (r % 8): what the descriptor's swizzle mode reads).
 template <bool GLU, int THREADS>
 struct WgCopier {
-  // rows one pass of copies covers; passes over the row tile and the weight tile
+  // rows one pass of copies covers; passes over the row tile and the weight tile (GLU: half of
+  // them over gate rows, half over up rows)
   enum { ROWS = THREADS / 8, AC = WG_BM / ROWS, WC = WG_BN / ROWS, FEAT = GLU ? WG_BN / 2 : WG_BN };
-  const unsigned char* a_src[AC];
-  const unsigned char* w_src[WC];
-  bool a_ok[AC], w_ok[WC];
+  static_assert(FEAT % ROWS == 0, "a pass covers gate rows or up rows, not both");
+  // addresses are formed per copy from these (fewer registers: the producer warpgroup of the
+  // WG_PRODUCER pipeline has few)
+  const unsigned char* a_src;  // chunk j of the tile's row r
+  const unsigned char* w_src;  // chunk j of weight row f0 + r (GLU: of gate)
+  const unsigned char* unread;  // a valid address for the zero-filling copies
+  long long pass, up;  // bytes of ROWS rows; of N rows (gate -> up)
+  int a_left, w_left;  // rows of the tile, features of the matrix from row r / feature f0 + r on
   int j, r;
 
   __device__ __forceinline__ WgCopier(int t, const WgItem& it, const unsigned char* aq,
@@ -168,39 +211,35 @@ struct WgCopier {
     constexpr int MATS = GLU ? 2 : 1;
     j = t % 8;
     r = t / 8;
-    const unsigned char* w_e = W + (long long)it.e * MATS * N * Kd;
-#pragma unroll
-    for (int i = 0; i < AC; ++i) {
-      const int row = r + ROWS * i;
-      a_ok[i] = row < it.rows;
-      a_src[i] = aq + (long long)(it.row0 + it.r0 + (a_ok[i] ? row : 0)) * Kd + 16 * j;
-    }
-#pragma unroll
-    for (int i = 0; i < WC; ++i) {
-      const int row = r + ROWS * i;
-      const int f = it.f0 + (GLU ? row % FEAT : row);
-      w_ok[i] = f < N;
-      w_src[i] = w_e + (long long)((GLU && row >= FEAT ? N : 0) + (w_ok[i] ? f : 0)) * Kd +
-                 16 * j;
-    }
+    pass = (long long)ROWS * Kd;
+    up = (long long)N * Kd;
+    a_left = it.rows - r;
+    w_left = N - it.f0 - r;
+    unread = W;
+    a_src = aq + (long long)(it.row0 + it.r0 + r) * Kd + 16 * j;
+    w_src = W + ((long long)it.e * MATS * N + it.f0 + r) * Kd + 16 * j;
   }
 
   // stage kt (k bytes [128 kt, 128 kt + 128)) into st
   __device__ __forceinline__ void issue(unsigned char* st, int kt, int Kd) const {
     const bool inside = kt * WG_BK + 16 * j < Kd;  // zeros past Kd, in both operands
+    const long long k0 = (long long)kt * WG_BK;
 #pragma unroll
     for (int i = 0; i < AC; ++i) {
       const int row = r + ROWS * i;
       // rows past the tile's end are not copied: a row of the product depends on its own
       // row only, and those are never stored
-      if (a_ok[i])
-        cp_async16<0>(st + row * WG_BK + ((j ^ (row % 8)) * 16), a_src[i] + kt * WG_BK, inside);
+      if (ROWS * i < a_left)
+        cp_async16<0>(st + row * WG_BK + ((j ^ (row % 8)) * 16), a_src + i * pass + k0, inside);
     }
 #pragma unroll
     for (int i = 0; i < WC; ++i) {
       const int row = r + ROWS * i;
+      const int fi = GLU ? i % (FEAT / ROWS) : i;  // the pass's feature offset, in passes
+      const bool ok = inside && ROWS * fi < w_left;
+      const unsigned char* src = w_src + fi * pass + (GLU && row >= FEAT ? up : 0) + k0;
       cp_async16<WG_PREFETCH>(st + WG_A_TILE + row * WG_BK + ((j ^ (row % 8)) * 16),
-                              w_src[i] + kt * WG_BK, inside && w_ok[i]);
+                              ok ? src : unread, ok);
     }
   }
 };
@@ -276,7 +315,7 @@ __device__ __forceinline__ void wg_store(const float (&total)[64], const WgItem&
 // rows' and the 128 weight rows' next 128 k-bytes (WgCopier), WG_STAGES deep. Warpgroup w
 // multiplies rows [64 w, 64 w + 64) of the tile with the weight tile (wg_mma_stage).
 template <typename TX, typename TOUT, bool GLU>
-__global__ void __launch_bounds__(WG_THREADS)
+__global__ void __launch_bounds__(WG_THREADS, WG_BLOCKS_PER_SM)
 grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
                   const int* __restrict__ offsets, const int* __restrict__ active,
                   const int* __restrict__ tile_start, const unsigned char* __restrict__ W,
@@ -295,6 +334,66 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
   const int slots = active[0];
   const long long items = (long long)tile_start[slots] * chunks;
 
+#if WG_PRODUCER
+  // The last warpgroup copies, the others multiply; stage s is handed over by full[s] (the
+  // producer's 128 threads' copies landed) and back by empty[s] (the consumers' 4 WG_GROUPS
+  // warps are done reading it). Both sides walk the same items and count the stages they
+  // pass (use): use u is stage u % WG_STAGES, phase u / WG_STAGES of its barriers.
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + WG_STAGES * WG_STAGE);
+  unsigned long long* empty = full + WG_STAGES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < WG_STAGES; ++s) {
+      mbar_init(full + s, 128);
+      mbar_init(empty + s, 4 * WG_GROUPS);
+    }
+  }
+  __syncthreads();
+  unsigned use = 0;
+  if (warpgroup == WG_GROUPS) {
+    // registers to the consumers (WG_PRODUCER_REGS)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WG_PRODUCER_REGS));
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+      const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
+      const WgCopier<GLU, 128> copier(wthread, it, aq, W, N, Kd);
+      for (int kt = 0; kt < nk; ++kt, ++use) {
+        const int s = use % WG_STAGES;
+        if (use >= WG_STAGES) mbar_wait(empty + s, (use / WG_STAGES - 1) & 1);
+        copier.issue(smem + s * WG_STAGE, kt, Kd);
+        cp_async_mbar_arrive(full + s);
+      }
+    }
+    cp_async_wait<0>();
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WG_CONSUMER_REGS));
+  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+    const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
+    const bool busy = warpgroup * 64 < it.rows;
+    float total[64], part[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
+    const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
+    const float* sa_a = as + (long long)(it.row0 + it.r0 + min(ra, it.rows - 1)) * KB;
+    const float* sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
+    const float* sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
+    const float* sw_up = sw_gate + (long long)NB * KB;  // GLU only
+    for (int kt = 0; kt < nk; ++kt, ++use) {
+      const int s = use % WG_STAGES;
+      const float fa = sa_a[kt], fb = sa_b[kt];
+      const float wg_ = sw_gate[kt], wu = GLU ? sw_up[kt] : wg_;
+      mbar_wait(full + s, (use / WG_STAGES) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
+      if (busy) {
+        const unsigned st = smem_address(smem + s * WG_STAGE);
+        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE, fa * wg_,
+                          fb * wg_, fa * wu, fb * wu);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + s);  // this warp's wgmmas are complete
+    }
+    if (busy) wg_store<TX, TOUT, GLU>(total, it, ra, rb, N, out);
+  }
+#else
   for (long long item = blockIdx.x; item < items; item += gridDim.x) {
     const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
     const WgCopier<GLU, WG_THREADS> copier(threadIdx.x, it, aq, W, N, Kd);
@@ -336,6 +435,7 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     __syncthreads();  // every stage read: the next item's copies may begin
     if (busy) wg_store<TX, TOUT, GLU>(total, it, ra, rb, N, out);
   }
+#endif  // WG_PRODUCER
 #else
   asm volatile("trap;");  // the host launches it on compute capability 9.0 only (sm_90a)
 #endif
