@@ -30,8 +30,8 @@ print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy "
 timer = bench._Timer(True, 2, 5)
 # grouped_wgmma_fp8's pipelines: (warpgroups per block that multiply, stages, work order, k's
 # per promoted partial sum of the gate/up GEMM, producer warpgroup), quant.py
-PIPELINES = [(1, 4, 0, 32, 0), (1, 4, 0, 32, 1), (2, 4, 0, 32, 1), (2, 6, 0, 32, 1),
-             (2, 4, 1, 32, 1), (2, 4, 0, 128, 1)]
+PIPELINES = [(1, 4, 0, 32, 0), (1, 4, 0, 32, 1), (2, 4, 0, 32, 1), (1, 4, 0, 64, 1),
+             (1, 4, 0, 128, 1), (2, 4, 0, 128, 1)]
 KEYS = ("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE", "WG_PRODUCER")
 ways = {"wgmma" + "-".join(map(str, p)): dict(
     GROUPED_WGMMA=True, WGMMA_PAIRS_PER_EXPERT=0, WGMMA_PIPELINE=tuple(zip(KEYS, p)))

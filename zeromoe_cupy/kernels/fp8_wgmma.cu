@@ -244,6 +244,23 @@ struct WgCopier {
   }
 };
 
+// The scales of a stage's k-group kt: rows ra and rb's (a, b) and the weight block's of gate
+// (or the only matrix) and up. Loaded a stage ahead by the kernel: the promotion after a
+// stage's first wgmma needs them, and a load from L2 takes longer than that wgmma.
+struct WgScales {
+  float a, b, gate, up;
+};
+template <bool GLU>
+__device__ __forceinline__ WgScales wg_scales(const float* sa_a, const float* sa_b,
+                                              const float* sw_gate, const float* sw_up, int kt) {
+  WgScales sc;
+  sc.a = sa_a[kt];
+  sc.b = sa_b[kt];
+  sc.gate = sw_gate[kt];
+  sc.up = GLU ? sw_up[kt] : sc.gate;
+  return sc;
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // One stage of a warpgroup's 64 rows: four m64n128k32 from the stage at st (the warpgroup's
 // rows at a_base, the weight tile at b_base), the partial sum promoted into total after every
@@ -377,17 +394,18 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     const float* sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
     const float* sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
     const float* sw_up = sw_gate + (long long)NB * KB;  // GLU only
+    WgScales sc = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, 0);
     for (int kt = 0; kt < nk; ++kt, ++use) {
       const int s = use % WG_STAGES;
-      const float fa = sa_a[kt], fb = sa_b[kt];
-      const float wg_ = sw_gate[kt], wu = GLU ? sw_up[kt] : wg_;
+      const WgScales next = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, min(kt + 1, nk - 1));
       mbar_wait(full + s, (use / WG_STAGES) & 1);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
       if (busy) {
         const unsigned st = smem_address(smem + s * WG_STAGE);
-        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE, fa * wg_,
-                          fb * wg_, fa * wu, fb * wu);
+        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE,
+                          sc.a * sc.gate, sc.b * sc.gate, sc.a * sc.up, sc.b * sc.up);
       }
+      sc = next;
       __syncwarp();
       if (lane == 0) mbar_arrive(empty + s);  // this warp's wgmmas are complete
     }
@@ -414,7 +432,9 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
       if (s < nk) copier.issue(smem + s * WG_STAGE, s, Kd);
       cp_async_commit();
     }
+    WgScales sc = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, 0);
     for (int kt = 0; kt < nk; ++kt) {
+      const WgScales next = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, min(kt + 1, nk - 1));
       cp_async_wait<WG_STAGES - 2>();
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
       __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
@@ -422,14 +442,12 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
         copier.issue(smem + ((kt + WG_STAGES - 1) % WG_STAGES) * WG_STAGE, kt + WG_STAGES - 1,
                      Kd);
       cp_async_commit();
-      // the group's scales (loaded while the mma runs)
-      const float fa = sa_a[kt], fb = sa_b[kt];
-      const float wg_ = sw_gate[kt], wu = GLU ? sw_up[kt] : wg_;
       if (busy) {
         const unsigned st = smem_address(smem + (kt % WG_STAGES) * WG_STAGE);
-        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE, fa * wg_,
-                          fb * wg_, fa * wu, fb * wu);
+        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE,
+                          sc.a * sc.gate, sc.b * sc.gate, sc.a * sc.up, sc.b * sc.up);
       }
+      sc = next;
     }
     cp_async_wait<0>();
     __syncthreads();  // every stage read: the next item's copies may begin
