@@ -75,12 +75,12 @@ def test_fp8_variants_compile(options):
 
 # fp8_wgmma.cu's pipelines: the package's (WGMMA_PIPELINE, the kernel's defaults) and the
 # variants the GPU tests and benchmarks/fp8_prefill.py run (two warpgroups, six stages, feature
-# chunks inner, 64- and 128-k partial sums, a producer warpgroup with one or two others).
+# chunks inner, 64- and 128-k partial sums, every thread copying, with one or two warpgroups).
 WGMMA_VARIANTS = [()] + \
     [tuple(f"-D{k}={v}" for k, v in dict(WGMMA_PIPELINE, **change).items())
      for change in (dict(WG_GROUPS=2), dict(WG_STAGES=6), dict(WG_ORDER=1),
-                    dict(WG_PROMOTE=64), dict(WG_PROMOTE=128), dict(WG_PRODUCER=1),
-                    dict(WG_PRODUCER=1, WG_GROUPS=2), dict(WG_PRODUCER=1, WG_GROUPS=2, WG_STAGES=6))]
+                    dict(WG_PROMOTE=64), dict(WG_PROMOTE=128), dict(WG_PRODUCER=0),
+                    dict(WG_PRODUCER=0, WG_GROUPS=2), dict(WG_GROUPS=2, WG_STAGES=6))]
 
 
 @pytest.mark.parametrize("options", WGMMA_VARIANTS, ids=str)

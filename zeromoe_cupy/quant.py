@@ -212,23 +212,22 @@ def _fp8_module(pipeline):
 # GEMM, and a producer warpgroup (1: it alone copies the stages, handed over by mbarriers; 0:
 # every thread copies, block-wide barriers between stages).
 WGMMA_PIPELINE = (("WG_GROUPS", 1), ("WG_STAGES", 4), ("WG_ORDER", 0), ("WG_PROMOTE", 32),
-                  ("WG_PRODUCER", 0))
+                  ("WG_PRODUCER", 1))
 
 
 def wgmma_threads(pipeline=WGMMA_PIPELINE) -> int:
     """Threads per block of grouped_wgmma_fp8: a warpgroup (128) per 64 expert rows, and one
     more with a producer."""
-    p = dict(pipeline)
-    return 128 * (p["WG_GROUPS"] + p.get("WG_PRODUCER", 0))
+    p = dict(WGMMA_PIPELINE, **dict(pipeline))  # a key left out: the kernel's default
+    return 128 * (p["WG_GROUPS"] + p["WG_PRODUCER"])
 
 
 def wgmma_smem_bytes(pipeline=WGMMA_PIPELINE) -> int:
     """Dynamic shared memory of grouped_wgmma_fp8: its stages of (64 per warpgroup expert rows +
     128 weight rows) x 128 bytes, 1024 bytes to align the swizzled tiles, and with a producer
     two 8-byte mbarriers per stage."""
-    p = dict(pipeline)
-    return p["WG_STAGES"] * ((64 * p["WG_GROUPS"] + 128) * 128 + 16 * p.get("WG_PRODUCER", 0)) \
-        + 1024
+    p = dict(WGMMA_PIPELINE, **dict(pipeline))
+    return p["WG_STAGES"] * ((64 * p["WG_GROUPS"] + 128) * 128 + 16 * p["WG_PRODUCER"]) + 1024
 
 
 def fp8_wgmma_kernel_names() -> list[str]:

@@ -23,7 +23,7 @@
 #define WG_ORDER 0
 #endif
 #ifndef WG_PRODUCER
-#define WG_PRODUCER 0
+#define WG_PRODUCER 1
 #endif
 // k's per partial sum of the gate/up GEMM, promoted (scaled into the fp32 total) after each:
 // 32, 64 or 128; the down GEMM's are 128 (a scale group). The FP8 wgmma does not sum its
