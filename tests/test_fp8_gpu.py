@@ -7,6 +7,7 @@ import pytest
 
 import zeromoe_cupy as zm
 from zeromoe_cupy import quant
+from zeromoe_cupy._arrays import DTYPES
 from zeromoe_cupy.experts import fp8 as fp8_path
 from zeromoe_cupy.reference import relative_error
 
@@ -55,6 +56,38 @@ def test_gpu_block_quantization_equals_numpy(I, H, dtype, rng):
     np.testing.assert_array_equal(sd.get(), s)
     np.testing.assert_array_equal(quant.dequantize_weight(qd, sd, glu=True).get(),
                                   quant.dequantize_weight(q, s, glu=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("K", [130, 200, 1024, 6144])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gpu_activation_quantization_equals_numpy(K, dtype, aligned, rng):
+    """quantize_rows (kernels/fp8.cu) against quant.quantize_activations (the SPEC math): bytes
+    and scales equal, whether a lane loads its 4 features at once (K % 4 == 0, aligned a) or one
+    by one (K = 130; a one element past an aligned address), with the package's grid (a warp
+    over several groups of its row) and with one warp per (row, group); rows past offsets[E]
+    are left as they were."""
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    rows, kept = 37, 34
+    a = (rng.standard_normal((rows, K)) * 3).astype(np.float32)
+    a[5, :128] = 0  # an all-zero group: sa = 1e-10 / 448
+    a[6, 3] = 500.0  # an outlier: its group's other values land on e4m3's smallest steps
+    a = a.astype(dt)
+    flat = cp.zeros(rows * K + 1, dt)
+    start = 0 if aligned else 1
+    flat[start:start + rows * K] = cp.asarray(a.ravel())
+    a_d = flat[start:start + rows * K].reshape(rows, K)
+    want_q, want_s = quant.quantize_activations(a[:kept])
+    offsets = cp.asarray(np.array([0, kept], np.int32))
+    kernel = quant.fp8_module().get_function(f"quantize_rows<{DTYPES[dtype][1]}>")
+    for grid in (fp8_path._quantize_grid(rows, K), (-(-rows // 4), quant.blocks(K))):
+        q = cp.full((rows, K), 0xAB, np.uint8)
+        sc = cp.full((rows, quant.blocks(K)), -1.0, np.float32)
+        kernel(grid, (128,), (a_d, np.int32(rows), np.int32(K), offsets, np.int32(1),
+                              np.int32(0), q, sc, fp8_path._NULL))
+        np.testing.assert_array_equal(q[:kept].get(), want_q.view(np.uint8))
+        np.testing.assert_array_equal(sc[:kept].get(), want_s)
+        assert (q[kept:].get() == 0xAB).all() and (sc[kept:].get() == -1).all()
 
 
 # (H, I); odd_n: GEMM 1's 132 features end inside the pair tensor-core kernel's 16-feature tile

@@ -184,28 +184,48 @@ __device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r
       if (c + i < K) deq[at + i] = v[i] * sa;
     return;
   }
-  for (int i = 0; i < 4; ++i)
-    if (c + i < K) q[at + i] = e4m3_bits(v[i]);
+  if (K % 4 == 0 && reinterpret_cast<unsigned long long>(q) % 4 == 0) {  // one 4-byte store
+    if (c < K)
+      *reinterpret_cast<unsigned*>(q + at) = e4m3_bits(v[0]) | e4m3_bits(v[1]) << 8 |
+                                             e4m3_bits(v[2]) << 16 | (unsigned)e4m3_bits(v[3]) << 24;
+  } else {
+    for (int i = 0; i < 4; ++i)
+      if (c + i < K) q[at + i] = e4m3_bits(v[i]);
+  }
   if (threadIdx.x % 32 == 0)
     scales[act_scale_index(offsets, E, r, g, (K + QBLOCK - 1) / QBLOCK, m_major)] = sa;
 }
 
 // Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
-// One warp per (row, group); grid (ceil(rows / 4), ceil(K/128)), 128 threads. Rows past offsets[E]
-// (the layout's end; offsets may be null: every row) are skipped. The M-major scale layout
-// needs K % 128 == 0 (the cuBLASLt path's rule).
+// One warp per row and groups blockIdx.y, blockIdx.y + gridDim.y, ...; grid (ceil(rows / 4),
+// any y up to ceil(K/128)), 128 threads: a y below the group count makes fewer blocks (one warp
+// per (row, group) made 1.5 million blocks at 16384 tokens of LongCat-Flash, and launching them
+// bounded the kernel: 2.5 ms on an H200 for 2.4 GB). Rows past offsets[E] (the layout's end;
+// offsets may be null: every row) are skipped. The M-major scale layout needs K % 128 == 0 (the
+// cuBLASLt path's rule).
 template <typename T>
 __global__ void __launch_bounds__(128)
 quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
               int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
               float* __restrict__ deq) {
-  const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
+  const int r = blockIdx.x * 4 + threadIdx.x / 32;
   if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
-  const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
-  float v[4];
-  for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(a[(long long)r * K + c + i]) : 0.f;
-  const float sa = quantize_group_warp(v);
-  store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
+  const T* row = a + (long long)r * K;
+  // a lane's 4 features in one load where K and a allow it
+  const bool vec = K % 4 == 0 && reinterpret_cast<unsigned long long>(a) % (4 * sizeof(T)) == 0;
+  for (int g = blockIdx.y; g * QBLOCK < K; g += gridDim.y) {
+    const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+    float v[4];
+    if (vec) {
+      struct alignas(4 * sizeof(T)) Four { T e[4]; } f;
+      if (c < K) f = *reinterpret_cast<const Four*>(row + c);
+      for (int i = 0; i < 4; ++i) v[i] = c < K ? to_f32(f.e[i]) : 0.f;
+    } else {
+      for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(row[c + i]) : 0.f;
+    }
+    const float sa = quantize_group_warp(v);
+    store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
+  }
 }
 
 // gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
