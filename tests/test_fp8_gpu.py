@@ -18,6 +18,11 @@ cp = pytest.importorskip("cupy")
 
 F8 = ml_dtypes.float8_e4m3fn
 FP8_TOL = 5e-3
+# grouped_wgmma_fp8 forced onto small intermediate sizes (I <= 144), where the package does not
+# use it (experts/fp8.py WGMMA_MIN_INTERMEDIATE): its inexact sums land 2e-3 to 7.1e-3 from the
+# float64 evaluation there; a tile, copy or scale fault is far larger. SPEC's 5e-3 is checked
+# where the package uses it (test_gpu_fp8_wgmma_within_the_bound_where_used).
+WGMMA_SMALL_I_TOL = 1e-2
 
 
 def test_e4m3_encode_is_bit_equal_to_ml_dtypes(rng):
@@ -91,7 +96,9 @@ def test_gpu_activation_quantization_equals_numpy(K, dtype, aligned, rng):
 
 
 # (H, I); odd_n: GEMM 1's 132 features end inside the pair tensor-core kernel's 16-feature tile
-SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144), "odd_n": (256, 132)}
+# wide: the smallest intermediate size the package's wgmma path takes
+SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144), "odd_n": (256, 132),
+          "wide": (256, fp8_path.WGMMA_MIN_INTERMEDIATE)}
 
 
 def _quantized_pair(rng, cfg):
@@ -215,7 +222,13 @@ def test_gpu_fp8_weights_not_16_byte_aligned(strategy, rng):
     assert relative_error(y, ref) <= FP8_TOL
 
 
-def test_gpu_fp8_pairs_is_batch_invariant(rng):
+@pytest.mark.parametrize("ksplit", [1, 2])
+def test_gpu_fp8_pairs_is_batch_invariant(ksplit, rng, monkeypatch):
+    """With one kernel variant, a token's output from the pair path has the same bits alone as
+    in a batch. The variant itself follows the pair count (PAIR_MMA_KSPLIT: a tile's k-groups
+    over two warps at few pairs, summed in another order), so across batch sizes the same bits
+    are promised with deterministic=True only (layer docstring)."""
+    monkeypatch.setattr(fp8_path, "PAIR_MMA_KSPLIT", ((None, ksplit),))
     cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
     x = cp.asarray(random_x(rng, 40, cpu8.config.hidden_size, "bfloat16"))
     gpu8.expert_strategy = "pairs"
@@ -264,6 +277,7 @@ def _wgmma_forced(monkeypatch):
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("grouped_wgmma_fp8 runs on compute capability 9.0 only (sm_90a)")
     monkeypatch.setattr(fp8_path, "WGMMA_PAIRS_PER_EXPERT", 0)
+    monkeypatch.setattr(fp8_path, "WGMMA_MIN_INTERMEDIATE", 0)
     used, module = [], quant.fp8_wgmma_module
     monkeypatch.setattr(quant, "fp8_wgmma_module", lambda *a: used.append(1) or module(*a))
     return used
@@ -291,6 +305,21 @@ def test_gpu_fp8_wgmma_grouped_matches_reference(pipeline, dtype, shape, T, samp
     x = random_x(rng, T, SHAPES[shape][0], dtype)
     err = _sampled_error(cpu8, gpu8, x, sampled, rng)
     print(f"gpu fp8 wgmma grouped {dtype} {shape} T={T}: {err:.2e}")
+    assert used and err <= WGMMA_SMALL_I_TOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_gpu_fp8_wgmma_within_the_bound_where_used(dtype, rng, monkeypatch):
+    """From WGMMA_MIN_INTERMEDIATE on, "auto" takes grouped_wgmma_fp8 at enough pairs per
+    expert, and its output stays within SPEC's 5e-3 of the float64 evaluation."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("grouped_wgmma_fp8 runs on compute capability 9.0 only (sm_90a)")
+    used, module = [], quant.fp8_wgmma_module
+    monkeypatch.setattr(quant, "fp8_wgmma_module", lambda *a: used.append(1) or module(*a))
+    cpu8, gpu8 = _layers(rng, dtype, "wide")
+    x = random_x(rng, 600, SHAPES["wide"][0], dtype)  # 300 pairs per expert
+    err = _sampled_error(cpu8, gpu8, x, 96, rng)
+    print(f"gpu fp8 wgmma {dtype} H, I = {SHAPES['wide']}: {err:.2e}")
     assert used and err <= FP8_TOL
 
 
@@ -314,7 +343,7 @@ def test_gpu_fp8_wgmma_more_than_1024_active_experts(rng, monkeypatch):
     ref, _ = cpu8.reference(x[rows], routing=(ids[rows], weights[rows]))
     err = relative_error(y[rows], ref)
     print(f"gpu fp8 wgmma, {E} experts: {err:.2e}")
-    assert used and err <= FP8_TOL
+    assert used and err <= WGMMA_SMALL_I_TOL
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

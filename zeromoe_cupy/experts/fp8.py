@@ -71,6 +71,13 @@ STREAM_PAIRS_PER_EXPERT = ((8, 1), (16, 2))
 # 31.79 / 34.37 (benchmarks/fp8_prefill.py).
 GROUPED_WGMMA = True
 WGMMA_PAIRS_PER_EXPERT = 12
+# ... and only from this intermediate size on. The FP8 wgmma's sums are not exact fp32, and
+# gate/up errors move h's e4m3 quantization by whole steps: with I of 128-144 (GPU tests, H of
+# 200-256) the layer's output landed 2e-3 to 7.1e-3 from the float64 evaluation of SPEC's math
+# (two of about 80 cases past its 5e-3 bound); with many features the moved steps average out
+# (LongCat-Flash, I = 2048: 2.1e-3 from the exact kernels, which are 1.9e-3 from it). Below,
+# the exact mma.sync kernels serve.
+WGMMA_MIN_INTERMEDIATE = 1024
 WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
 # tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
@@ -209,8 +216,8 @@ def _quantize_grid(rows: int, K: int) -> tuple:
 
 def _wgmma_ready(H, I, w13, w2) -> bool:
     """Whether grouped_wgmma_fp8 serves: compute capability 9.0 (its sm_90a code runs there
-    only) and what grouped_mma_fp8 needs."""
-    return GROUPED_WGMMA and _mma_ready(H, I, w13, w2) and \
+    only), I >= WGMMA_MIN_INTERMEDIATE and what grouped_mma_fp8 needs."""
+    return GROUPED_WGMMA and I >= WGMMA_MIN_INTERMEDIATE and _mma_ready(H, I, w13, w2) and \
         cupy_module().cuda.Device().compute_capability == "90"
 
 
