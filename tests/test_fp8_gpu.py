@@ -224,16 +224,20 @@ def test_gpu_fp8_weights_not_16_byte_aligned(strategy, rng):
 
 @pytest.mark.parametrize("ksplit", [1, 2])
 def test_gpu_fp8_pairs_is_batch_invariant(ksplit, rng, monkeypatch):
-    """With one kernel variant, a token's output from the pair path has the same bits alone as
-    in a batch. The variant itself follows the pair count (PAIR_MMA_KSPLIT: a tile's k-groups
-    over two warps at few pairs, summed in another order), so across batch sizes the same bits
-    are promised with deterministic=True only (layer docstring)."""
+    """With one kernel variant and one routing, a token's output from the pair path has the
+    same bits alone as in a batch. Across batch sizes the kernel variant follows the pair count
+    (PAIR_MMA_KSPLIT: a tile's k-groups over two warps at few pairs, summed in another order)
+    and the router's kernel the token count (a matrix-vector kernel to 32 tokens, a GEMM above),
+    so the layer promises the same bits there with deterministic=True only (its docstring)."""
     monkeypatch.setattr(fp8_path, "PAIR_MMA_KSPLIT", ((None, ksplit),))
     cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
     x = cp.asarray(random_x(rng, 40, cpu8.config.hidden_size, "bfloat16"))
     gpu8.expert_strategy = "pairs"
-    full = gpu8(x).get()
-    one = gpu8(x[7:8]).get()
+    r = gpu8.route(x)
+    full = gpu8(x, routing=r).get()
+    ids, w = r.topk_ids[7:8], r.topk_weights[7:8]
+    counts = cp.bincount(ids.ravel(), minlength=r.expert_counts.size).astype(cp.int32)
+    one = gpu8(x[7:8], routing=zm.RoutingResult(ids, w, counts)).get()
     np.testing.assert_array_equal(full[7:8].view(np.uint16), one.view(np.uint16))
 
 
