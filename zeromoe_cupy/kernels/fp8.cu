@@ -196,6 +196,31 @@ __device__ __forceinline__ void store_group(const float (&v)[4], float sa, int r
     scales[act_scale_index(offsets, E, r, g, (K + QBLOCK - 1) / QBLOCK, m_major)] = sa;
 }
 
+// One warp's part of a row's quantization: groups blockIdx.y, blockIdx.y + gridDim.y, ... of
+// row (K features) into row r of q and scales (store_group). vec: a lane's 4 features in one
+// load (K % 4 == 0 and row 4-element aligned).
+template <typename T>
+__device__ __forceinline__ void quantize_row_groups(const T* __restrict__ row, int K, int r,
+                                                    bool vec, const int* __restrict__ offsets,
+                                                    int E, int m_major,
+                                                    unsigned char* __restrict__ q,
+                                                    float* __restrict__ scales,
+                                                    float* __restrict__ deq) {
+  for (int g = blockIdx.y; g * QBLOCK < K; g += gridDim.y) {
+    const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
+    float v[4];
+    if (vec) {
+      struct alignas(4 * sizeof(T)) Four { T e[4]; } f;
+      if (c < K) f = *reinterpret_cast<const Four*>(row + c);
+      for (int i = 0; i < 4; ++i) v[i] = c < K ? to_f32(f.e[i]) : 0.f;
+    } else {
+      for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(row[c + i]) : 0.f;
+    }
+    const float sa = quantize_group_warp(v);
+    store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
+  }
+}
+
 // Activations a (rows, K) -> per row and 128-feature group, q and sa (or dequantized a').
 // One warp per row and groups blockIdx.y, blockIdx.y + gridDim.y, ...; grid (ceil(rows / 4),
 // any y up to ceil(K/128)), 128 threads: a y below the group count makes fewer blocks (one warp
@@ -210,22 +235,8 @@ quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ 
               float* __restrict__ deq) {
   const int r = blockIdx.x * 4 + threadIdx.x / 32;
   if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
-  const T* row = a + (long long)r * K;
-  // a lane's 4 features in one load where K and a allow it
   const bool vec = K % 4 == 0 && reinterpret_cast<unsigned long long>(a) % (4 * sizeof(T)) == 0;
-  for (int g = blockIdx.y; g * QBLOCK < K; g += gridDim.y) {
-    const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
-    float v[4];
-    if (vec) {
-      struct alignas(4 * sizeof(T)) Four { T e[4]; } f;
-      if (c < K) f = *reinterpret_cast<const Four*>(row + c);
-      for (int i = 0; i < 4; ++i) v[i] = c < K ? to_f32(f.e[i]) : 0.f;
-    } else {
-      for (int i = 0; i < 4; ++i) v[i] = c + i < K ? to_f32(row[c + i]) : 0.f;
-    }
-    const float sa = quantize_group_warp(v);
-    store_group(v, sa, r, g, K, c, offsets, E, m_major, q, scales, deq);
-  }
+  quantize_row_groups(a + (long long)r * K, K, r, vec, offsets, E, m_major, q, scales, deq);
 }
 
 // gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
