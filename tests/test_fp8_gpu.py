@@ -95,6 +95,50 @@ def test_gpu_activation_quantization_equals_numpy(K, dtype, aligned, rng):
         assert (q[kept:].get() == 0xAB).all() and (sc[kept:].get() == -1).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("H", [130, 256])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_gpu_quantize_pairs_equals_gather_then_quantize(H, dtype, layout, rng):
+    """quantize_pairs (x's rows read through slot_rows) writes the bytes and scales that
+    gather_rows' copy and then quantize_rows write, and those equal quant.quantize_activations
+    of each pair's token row; slots of zero experts and rows past the real pairs untouched."""
+    from zeromoe_cupy.experts._common import experts_module, gather_rows
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    T, K, E = 29, 4, 6
+    x_h = (rng.standard_normal((T, H)) * 2).astype(np.float32).astype(dt)
+    wide = cp.zeros((T, H + 4), dt)
+    wide[:, :H] = cp.asarray(x_h)
+    x = wide[:, :H] if layout == "strided" else cp.ascontiguousarray(wide[:, :H])
+    ids_h = rng.integers(0, E + 2, (T, K)).astype(np.int32)  # E, E + 1: zero experts
+    ids = cp.asarray(ids_h)
+    counts = np.bincount(ids_h[ids_h < E], minlength=E)
+    offsets = cp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    P, ctype = T * K, DTYPES[dtype][1]
+    slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets,
+                                cp.zeros(E, np.int32), E, P)
+    mod = quant.fp8_module()
+    outs = []
+    for name in ("quantize_rows", "quantize_pairs"):
+        q = cp.full((P, H), 0xAB, np.uint8)
+        sc = cp.full((P, quant.blocks(H)), -1.0, np.float32)
+        args = (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), q, sc,
+                fp8_path._NULL) if name == "quantize_rows" else \
+            (x, np.int64(x.strides[0] // x.itemsize), np.int32(K), slot_rows, np.int64(P),
+             np.int32(H), q, sc)
+        mod.get_function(f"{name}<{ctype}>")(fp8_path._quantize_grid(P, H), (128,), args)
+        outs.append((q.get(), sc.get()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    rows = slot_rows.get()
+    real = rows >= 0
+    assert real.sum() == counts.sum() and (rows[~real] == -1).all() and (ids_h[~real] >= E).all()
+    want_q, want_s = quant.quantize_activations(x_h[np.nonzero(real)[0]])
+    np.testing.assert_array_equal(outs[1][0][rows[real]], want_q.view(np.uint8))
+    np.testing.assert_array_equal(outs[1][1][rows[real]], want_s)
+    n = int(counts.sum())
+    assert (outs[1][0][n:] == 0xAB).all() and (outs[1][1][n:] == -1).all()
+
+
 # (H, I); odd_n: GEMM 1's 132 features end inside the pair tensor-core kernel's 16-feature tile
 # wide: the smallest intermediate size the package's wgmma path takes
 SHAPES = {"aligned": (256, 128), "ragged": (200, 136), "mid": (208, 144), "odd_n": (256, 132),

@@ -153,7 +153,7 @@ def fp8_kernel_names() -> list[str]:
     for _, (_, ctype) in DTYPES.items():
         o = out_ctype(ctype)  # GEMM 2's rows: fp32 for fp16 layers (rows_dtype)
         names += [f"quantize_blocks<{ctype}>", f"quantize_rows<{ctype}>",
-                  f"silu_mul_quantize<{ctype}>"]
+                  f"quantize_pairs<{ctype}>", f"silu_mul_quantize<{ctype}>"]
         for vec in ("true", "false"):
             names += [f"pair_gemv_fp8<{ctype},float,{PAIR_ROWS[True]},true,{vec}>",
                       f"pair_gemv_fp8<{ctype},{o},{PAIR_ROWS[False]},false,{vec}>",

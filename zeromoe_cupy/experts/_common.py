@@ -115,23 +115,26 @@ def gather(mod, ctype, x, ids, counts, E, pad, rows_total):
     return offsets, slot_rows, xs
 
 
-def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total, capacity=0, spill=None):
+def gather_rows(mod, ctype, x, ids, offsets, cursor, E, rows_total, capacity=0, spill=None,
+                copy=True):
     """x's row copied to row offsets[e] + (a claim on cursor[e]) of xs for every real
     (token, slot) pair; ``cursor`` (E,) must be zero. Returns (slot_rows (T, K), xs).
     With ``capacity`` > 0, claims from ``capacity`` on get no row: their slot_rows are -1 and
-    ``spill`` (T, K) int32 gets their expert (-1 for every other slot)."""
+    ``spill`` (T, K) int32 gets their expert (-1 for every other slot). ``copy=False``: the
+    claims only, xs is None (a caller that reads x through slot_rows itself)."""
     cp = cupy_module()
     T, H = x.shape
     K = ids.shape[1]
     slot_rows = cp.empty((T, K), np.int32)
-    xs = cp.empty((rows_total, H), x.dtype)
+    xs = cp.empty((rows_total, H), x.dtype) if copy else None
     if T * K:
         x_stride = x.strides[0] // x.itemsize
-        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride)
-        threads = min(256, max(32, -(-(H // vec) // 32) * 32))
+        vec = vector_width(x.itemsize, H, x, xs, row_stride=x_stride) if copy else 1
+        threads = min(256, max(32, -(-(H // vec) // 32) * 32)) if copy else 32
         mod.get_function(f"gather_rows<{ctype},{vec}>")(
             (T * K,), (threads,), (x, np.int64(x_stride), ids, np.int32(K), np.int32(E),
-                                   offsets, cursor, slot_rows, xs, np.int32(H),
+                                   offsets, cursor, slot_rows,
+                                   xs if copy else np.uint64(0), np.int32(H),
                                    np.int32(capacity), spill if capacity else 0))
     return slot_rows, xs
 

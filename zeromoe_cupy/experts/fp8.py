@@ -134,7 +134,9 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
         syncfree_module().get_function("syncfree_plan")(
             (1,), (1024,), (counts, np.int32(E), offsets, cursor, active))
         # P rows bound the real pairs: rows past offsets[E] stay unwritten and nothing reads them.
-        slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P)
+        # No copy of x's rows: quantize_pairs reads them through slot_rows.
+        slot_rows, xs = gather_rows(experts_module(), ctype, x, ids, offsets, cursor, E, P,
+                                    copy=False)
         slots = min(E, P)
 
         nt = next((n for most, n in STREAM_PAIRS_PER_EXPERT if P <= most * E), 0) \
@@ -179,7 +181,13 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     hq = cp.empty((P, I), np.uint8)
     hsc = cp.empty((P, ib), np.float32)
     rows = cp.empty((P, H), rows_dtype(x.dtype))  # fp16 layers: fp32 (rows_dtype)
-    if slots:
+    if slots and xs is None:  # x's rows through slot_rows
+        pairs = ids.size
+        qmod.get_function(f"quantize_pairs<{ctype}>")(
+            _quantize_grid(pairs, H), (128,),
+            (x, np.int64(x.strides[0] // x.itemsize), np.int32(ids.shape[1]), slot_rows,
+             np.int64(pairs), np.int32(H), xq, xsc))
+    elif slots:
         qmod.get_function(f"quantize_rows<{ctype}>")(
             _quantize_grid(P, H), (128,),
             (xs, np.int32(P), np.int32(H), offsets, np.int32(E), np.int32(0), xq, xsc, _NULL))

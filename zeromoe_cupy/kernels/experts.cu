@@ -52,7 +52,7 @@ __global__ void gather_rows(const T* __restrict__ x, long long x_stride,
     if (capacity > 0) spill[pair] = claim >= 0 && !fits ? e : -1;
   }
   __syncthreads();
-  if (row < 0) return;
+  if (row < 0 || xs == nullptr) return;  // xs null: the rows only (slot_rows), no copy
   const T* src = x + (pair / K) * x_stride;
   T* dst = xs + (long long)row * H;
   for (int h = threadIdx.x * VEC; h < H; h += blockDim.x * VEC) {

@@ -239,6 +239,25 @@ quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ 
   quantize_row_groups(a + (long long)r * K, K, r, vec, offsets, E, m_major, q, scales, deq);
 }
 
+// The grouped path's activations straight from x, without a gathered copy: for each real
+// (token, slot) pair p (slot_rows[p] >= 0, from gather_rows without its copy), x's row p / K
+// quantized into row slot_rows[p] of q and scales (K-major). One warp per pair, grid
+// (ceil(pairs / 4), any y up to ceil(H/128)), 128 threads. The same bytes as gather_rows'
+// copy and then quantize_rows, without writing and reading the copy (2 of 4.4 GB moved at
+// 16384 tokens of LongCat-Flash).
+template <typename T>
+__global__ void __launch_bounds__(128)
+quantize_pairs(const T* __restrict__ x, long long x_stride, int K, const int* __restrict__ slot_rows,
+               long long pairs, int H, unsigned char* __restrict__ q, float* __restrict__ scales) {
+  const long long p = (long long)blockIdx.x * 4 + threadIdx.x / 32;
+  if (p >= pairs) return;
+  const int r = slot_rows[p];
+  if (r < 0) return;
+  const bool vec = H % 4 == 0 && x_stride % 4 == 0 &&
+                   reinterpret_cast<unsigned long long>(x) % (4 * sizeof(T)) == 0;
+  quantize_row_groups(x + (p / K) * x_stride, H, r, vec, nullptr, 0, 0, q, scales, nullptr);
+}
+
 // gate_up (rows, 2I) in T -> h = silu(gate) * up in fp32, quantized per 128 features straight
 // from fp32 (docs/spec.md: h is not rounded to T first). Launch as quantize_rows over (rows, I).
 template <typename T>
