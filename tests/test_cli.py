@@ -82,6 +82,27 @@ def test_bench_checks_its_output_paths_before_running(option, tmp_path, capsys):
         assert str(path) in last
 
 
+def test_bench_writes_its_json_and_plot_by_default(tmp_path, monkeypatch, capsys):
+    """Without --json / --plot: bench-<preset>-<dtype>-<device>.json and .png in the current
+    directory (the plot where matplotlib imports, else a line that says so); --no-save: the
+    table only."""
+    import importlib.util
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--device", "cpu", "--quick", "--tokens", "3"]
+    assert cli.main(argv + ["--no-save"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench-tiny-float32-cpu.json").read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [3]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "bench-tiny-float32-cpu.png").stat().st_size > 0
+    else:
+        assert "no plot" in out
+    assert _refused(argv + ["--no-save", "--json", "b.json"], capsys).startswith(
+        "zeromoe bench: error: argument --no-save")
+
+
 def test_bench_refuses_expert_parallelism_on_the_cpu(capsys):
     for argv in (["--device", "cpu", "--ep", "2"], ["--ep", "0"]):
         last = _refused(["bench", "--tokens", "4", *argv], capsys)

@@ -69,3 +69,11 @@ def test_forward_identity_zero_constant_by_hand():
 def test_relative_error():
     assert reference.relative_error([3.0, 4.0], [3.0, 4.0]) == 0.0
     assert reference.relative_error([0.0, 0.0], [3.0, 4.0]) == pytest.approx(1.0)
+    # an all-zero ref: the absolute error
+    assert reference.relative_error([[3.0, 4.0]], [[0.0, 0.0]]) == pytest.approx(5.0)
+    # axes of length 1 may differ; other shapes are refused, never broadcast
+    assert reference.relative_error(np.ones((1, 3)), np.ones(3)) == 0.0
+    ref = np.ones((4, 3))
+    for bad in (np.ones((1, 3)), np.ones(3), 1.0, np.ones((3, 4))):
+        with pytest.raises(ValueError, match="shape"):
+            reference.relative_error(bad, ref)

@@ -81,8 +81,13 @@ def add_arguments(p) -> None:
     p.add_argument("--graph", action="store_true",
                    help=f"also time replayed CUDA graphs (layer.graphed) up to "
                         f"{GRAPH_MAX_TOKENS} tokens")
-    p.add_argument("--json", default=None, help="write every figure to this JSON file")
-    p.add_argument("--plot", default=None, help="write a log-log PNG plot (needs matplotlib)")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file "
+                   "(default, with neither --json nor --plot: bench-<preset>-<dtype>-<device>"
+                   ".json in the current directory)")
+    p.add_argument("--plot", default=None, help="write a log-log PNG plot (needs matplotlib; "
+                   "default as --json, .png)")
+    p.add_argument("--no-save", action="store_true",
+                   help="the table only: no JSON file, no plot")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when a GPU is usable, else cpu")
@@ -111,6 +116,12 @@ def check_arguments(parser, args) -> None:
     if args.device == "cuda" and not gpu_available():
         parser.error(f"argument --device: cuda: no usable CUDA GPU ({gpu_unavailable_reason()})")
     args.device = args.device or ("cuda" if gpu_available() else "cpu")
+    if args.no_save and (args.json or args.plot):
+        parser.error("argument --no-save: not with --json or --plot")
+    if args.json is None and args.plot is None and not args.no_save and not args.ep_worker:
+        name = default_output_name(args)
+        args.json = name + ".json"
+        args.plot = None if args.ep else name + ".png"  # the EP table has no plot
     for option in ("json", "plot"):
         path = getattr(args, option)
         if path is None:
@@ -155,6 +166,19 @@ def check_arguments(parser, args) -> None:
                                or args.router_gemm != "auto"):
         parser.error("argument --deterministic: picks its own kernels; leave --strategy and "
                      "--router-gemm at auto")
+
+
+def default_output_name(args) -> str:
+    """bench-<preset>-<dtype>-<device>[-fp8][-ep<N>] in the current directory: the files a
+    run without --json, --plot or --no-save writes (.json, .png)."""
+    preset = args.preset or ("longcat-flash" if args.device == "cuda" else "tiny")
+    dtype = args.dtype or MoEConfig.preset(preset).dtype
+    parts = ["bench", preset, dtype, args.device]
+    if args.quantization:
+        parts.append(args.quantization)
+    if args.ep:
+        parts.append(f"ep{args.ep}")
+    return "-".join(parts)
 
 
 def weight_bytes(cfg) -> int:

@@ -254,8 +254,10 @@ class ZeroExpertMoE:
 
         ``device``: None (default) takes the arrays' device (all on one device, else
         TypeError); "cuda", "cpu" or "auto" put the layer there, copying the arrays that
-        live elsewhere (NumPy <-> CuPy). GPU tensors are wrapped without a copy when they
-        already have the layer's dtype and a contiguous layout, so the layer shares their memory.
+        live elsewhere (NumPy <-> CuPy). Arrays on the layer's device (NumPy arrays on the
+        CPU, CuPy arrays or DLPack tensors on the GPU) are taken without a copy when they
+        already have the layer's dtype and a contiguous layout, so the layer shares their
+        memory: writing into them changes the layer.
 
         FP8 experts (``config.quantization == "fp8"``): w13 / w2 are e4m3 (ml_dtypes
         float8_e4m3fn or uint8 bits on the host, uint8 bits as CuPy arrays, or DLPack float8

@@ -257,9 +257,16 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
 
 
 def relative_error(y, ref) -> float:
-    """||y - ref|| / ||ref|| in float64 (0 when both are empty)."""
+    """||y - ref|| / ||ref|| (Frobenius norms, in float64); ||y - ref|| itself where ref is all
+    zeros (0 when both are empty or equal). y and ref: arrays of one shape, or shapes that
+    differ only by axes of length 1; anything else raises ValueError (NumPy would broadcast a
+    (1, H) row against (T, H) and hide the other rows' errors)."""
     y = np.asarray(y, np.float64)
     ref = np.asarray(ref, np.float64)
+    if y.shape != ref.shape:
+        if y.squeeze().shape != ref.squeeze().shape:
+            raise ValueError(f"y: expected ref's shape {ref.shape}, got {y.shape}")
+        y, ref = y.squeeze(), ref.squeeze()
     den = np.linalg.norm(ref)
     num = np.linalg.norm(y - ref)
     if den == 0:
