@@ -46,6 +46,9 @@ BAD = [
     (dict(zero_expert_type=("identity", "one")), ValueError, "zero_expert_type"),
     (dict(scoring_func="relu"), ValueError, "scoring_func"),
     (dict(dtype="float64"), TypeError, "dtype"),
+    (dict(dtype="bf16"), TypeError, "dtype"),
+    (dict(dtype=np.float64), TypeError, "dtype"),
+    (dict(dtype=None), TypeError, "dtype"),
     (dict(num_expert_group=4, topk_group=1), ValueError, "num_expert_group"),
     (dict(num_expert_group=2), ValueError, "topk_group"),
     (dict(num_expert_group=2, topk_group=3), ValueError, "topk_group"),
@@ -99,6 +102,16 @@ def test_valid_configs_are_accepted(override):
     c = zm.MoEConfig(**{**BASE, **override})
     assert len(c.zero_types) == c.num_zero_experts
     assert c.num_total_experts == c.num_experts + c.num_zero_experts
+
+
+@pytest.mark.parametrize("given,name", [(np.float32, "float32"), (np.dtype("float16"), "float16"),
+                                        ("bfloat16", "bfloat16")])
+def test_numpy_dtypes_are_stored_by_name(given, name):
+    import ml_dtypes
+    c = zm.MoEConfig(**BASE, dtype=given)
+    assert c.dtype == name and type(c.dtype) is str
+    assert zm.MoEConfig(**BASE, dtype=ml_dtypes.bfloat16).dtype == "bfloat16"
+    assert c == zm.MoEConfig(**BASE, dtype=name)
 
 
 NUMERIC_FIELDS = ("hidden_size", "intermediate_size", "num_experts", "num_zero_experts",

@@ -75,6 +75,16 @@ def test_from_weights_errors(name, bad, exc, rng):
         zm.ZeroExpertMoE.from_weights(CFG, **w)
 
 
+def test_unknown_keywords_name_the_method_called(rng, tmp_path):
+    w = random_layer_weights(rng, CFG)
+    with pytest.raises(TypeError, match=r"from_weights: unexpected keyword argument\(s\) "
+                                        r"\['wgate'\]"):
+        zm.ZeroExpertMoE.from_weights(CFG, wgate=1, **w)
+    with pytest.raises(TypeError, match=r"from_pretrained: unexpected keyword argument\(s\) "
+                                        r"\['foo'\]"):
+        zm.ZeroExpertMoE.from_pretrained(tmp_path, layer=0, device="cpu", foo=1)
+
+
 def test_from_weights_needs_constant_parameters(rng):
     cfg = zm.MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, num_zero_experts=2,
                        top_k=2, zero_expert_type="constant", dtype="float32")

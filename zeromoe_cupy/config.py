@@ -164,7 +164,16 @@ class MoEConfig:
         if self.scoring_func not in SCORING_FUNCS:
             raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, "
                              f"got {self.scoring_func!r}")
-        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str):  # a NumPy dtype or scalar type: its name
+            try:
+                name = None if self.dtype is None else np.dtype(self.dtype).name
+            except TypeError:
+                name = None
+            if name not in DTYPES:
+                raise TypeError(f"dtype: expected one of {DTYPES} (or their NumPy / ml_dtypes "
+                                f"dtypes), got {self.dtype!r}")
+            object.__setattr__(self, "dtype", name)
+        if self.dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
         object.__setattr__(self, "expert_input_scale",
                            _positive_float("expert_input_scale", self.expert_input_scale))

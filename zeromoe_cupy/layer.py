@@ -274,6 +274,7 @@ class ZeroExpertMoE:
         ``const_vec`` [Z, H] / ``const_gate`` [Z, 2, H]: required by a config with "constant"
         zero experts, refused otherwise.
         """
+        _check_option_names("from_weights", options, _LAYER_OPTIONS)
         _check_config(config)
         fp8 = config.quantization == "fp8"
         w13, w2 = _float8_as_uint8(w13, "w13"), _float8_as_uint8(w2, "w2")
@@ -796,6 +797,7 @@ class ZeroExpertMoE:
         file and key for a missing tensor, a wrong shape or dtype, all before any weight
         memory is allocated.
         """
+        _check_option_names("from_pretrained", options, _LAYER_OPTIONS + ("max_chunk_tokens",))
         device = resolve_device(device)
         group = options.get("group")
         if group is not None:  # a rank reads only its experts: check the group first
@@ -947,6 +949,18 @@ class ZeroExpertMoE:
 def _check_config(config) -> None:
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+
+
+# the constructor's keyword options that from_weights and from_pretrained pass through
+_LAYER_OPTIONS = ("expert_strategy", "router_gemm", "deterministic", "group")
+
+
+def _check_option_names(method: str, options: dict, allowed) -> None:
+    """TypeError naming ``method`` (not the constructor it forwards to) for unknown keywords."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{method}: unexpected keyword argument(s) {unknown}; its options "
+                        f"are {list(allowed)}")
 
 
 def _checked_options(expert_strategy, router_gemm, deterministic, max_chunk_tokens) -> dict:
