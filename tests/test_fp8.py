@@ -150,6 +150,20 @@ def test_fp8_layer_from_given_bytes_and_scales(rng):
     assert relative_error(y, ref) <= FP8_TOL
     np.testing.assert_array_equal(bits(x).view(np.uint16), y.view(np.uint16))
     assert layer.w13.dtype == F8 and bits.w13.dtype == F8
+    # scales no quantization makes (NaN, infinite, negative) are refused, naming the scale and
+    # its block, in from_weights and when assigned; zero (an all-zero block) is a scale
+    for bad in (np.nan, np.inf, -1e-5):
+        s = s13.copy()
+        s[2, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"w13_scale_inv: expected finite block scales "
+                                             r">= 0, got .* at block \(2, 1, 0\)"):
+            zm.ZeroExpertMoE.from_weights(cfg, w13=q13, w2=q2, w13_scale_inv=s,
+                                          w2_scale_inv=s2, **kw)
+        with pytest.raises(ValueError, match="w13_scale_inv: expected finite block scales"):
+            layer.w13_scale_inv = s
+    s = s2.copy()
+    s[0] = 0
+    layer.w2_scale_inv = s
 
 
 def test_fp8_random_init_and_no_input_modified(rng):

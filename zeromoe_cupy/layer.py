@@ -182,6 +182,8 @@ class ZeroExpertMoE:
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}: expected a C-contiguous array, got strides "
                              f"{a.strides}; pass ascontiguousarray({name})")
+        if name.endswith("_scale_inv"):
+            _check_block_scales(name, a)
         return a
 
     @property
@@ -340,6 +342,8 @@ class ZeroExpertMoE:
             if not is_float_dtype(a.dtype):
                 raise TypeError(f"{k}: expected a floating-point array, got {a.dtype}")
             out[k] = xp.ascontiguousarray(a.astype(want, copy=False))
+            if k.endswith("_scale_inv"):
+                _check_block_scales(k, out[k])
         if cfg.has_constant_experts and (out["const_vec"] is None or out["const_gate"] is None):
             raise ValueError("const_vec, const_gate: required by the config's 'constant' experts")
         if cfg.use_correction_bias and out["e_score_correction_bias"] is None:
@@ -949,6 +953,19 @@ class ZeroExpertMoE:
 def _check_config(config) -> None:
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+
+
+def _check_block_scales(name: str, scales) -> None:
+    """FP8 block scales (scale_inv = max|W_block| / 448: finite, >= 0; docs/spec.md) or
+    ValueError naming the first bad block: a NaN or infinite scale would turn its block's
+    outputs into NaN or Inf, a negative one flip their sign, and no quantization makes
+    either (a damaged checkpoint). One device synchronization on the GPU."""
+    xp = cupy_module() if is_cupy(scales) else np
+    bad = ~(xp.isfinite(scales) & (scales >= 0))
+    if bool(bad.any()):
+        at = tuple(int(i) for i in np.unravel_index(int(xp.argmax(bad)), scales.shape))
+        raise ValueError(f"{name}: expected finite block scales >= 0, got "
+                         f"{float(scales[at])} at block {at}")
 
 
 # the constructor's keyword options that from_weights and from_pretrained pass through
