@@ -14,6 +14,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 parser.add_argument("--tokens", type=int, default=256)
 args = parser.parse_args()
+if args.tokens < 1:
+    parser.error(f"argument --tokens: expected an int >= 1, got {args.tokens}")
 
 cfg = zm.MoEConfig.preset("tiny")                 # H=256, I=512, 8 real + 4 identity experts
 layer = zm.ZeroExpertMoE(cfg, seed=0, device=args.device)

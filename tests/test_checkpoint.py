@@ -495,6 +495,8 @@ def test_numpy_weights_round_trip_into_from_weights(rng):
 def test_load_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         zm.ZeroExpertMoE.load(tmp_path / "missing.safetensors", device="cpu")
+    with pytest.raises(FileNotFoundError, match="a directory, expected a safetensors file"):
+        zm.ZeroExpertMoE.load(tmp_path, device="cpu")
     save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a layer saved by ZeroExpertMoE.save"):
         zm.ZeroExpertMoE.load(tmp_path / "other.safetensors", device="cpu")

@@ -166,6 +166,8 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     Reads only the header. Raises FileNotFoundError naming the path, ValueError naming the
     path for a file that is not safetensors (bad length, JSON, or offsets past the end).
     """
+    if os.path.isdir(path):  # still FileNotFoundError: no file at that path
+        raise FileNotFoundError(f"{path}: a directory, expected a safetensors file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such safetensors file")
     size = os.path.getsize(path)
