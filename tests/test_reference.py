@@ -77,3 +77,18 @@ def test_relative_error():
     for bad in (np.ones((1, 3)), np.ones(3), 1.0, np.ones((3, 4))):
         with pytest.raises(ValueError, match="shape"):
             reference.relative_error(bad, ref)
+
+
+def test_forward_names_a_misshapen_argument():
+    x = np.ones((3, 8))
+    good = dict(router_weight=np.ones((6, 8)), w13=np.ones((4, 4, 8)), w2=np.ones((4, 8, 2)))
+    for name, bad, want in [("router_weight", np.ones((6, 7)), r"\[E\+Z, 8\]"),
+                            ("w13", np.ones((3, 4, 8)), r"\[4, 2I, 8\]"),
+                            ("w2", np.ones((4, 8, 3)), r"\[4, 8, 2\]")]:
+        args = dict(good, **{name: bad})
+        with pytest.raises(ValueError, match=rf"{name}: expected shape {want}"):
+            reference.forward(x, args["router_weight"], args["w13"], args["w2"], top_k=2,
+                              num_experts=4)
+    with pytest.raises(ValueError, match=r"x: expected shape \[T, H\]"):
+        reference.forward(x[0], good["router_weight"], good["w13"], good["w2"], top_k=2,
+                          num_experts=4)

@@ -34,6 +34,7 @@ class _ExpertsOnHost:
 
     def __init__(self, a):
         self.a = a
+        self.shape = a.shape
 
     def __getitem__(self, e):
         return self.a[e].get()

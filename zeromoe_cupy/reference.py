@@ -169,6 +169,18 @@ def fp8_activation(a) -> np.ndarray:
     return out
 
 
+def _expect_shape(name: str, a, shape: tuple) -> None:
+    """ValueError naming ``name`` unless ``a`` has ``shape`` (a str entry: any length). An
+    object without a shape that is not a list (a per-expert accessor: ``a[e]`` only) passes."""
+    if not hasattr(a, "shape") and not isinstance(a, (list, tuple)):
+        return
+    got = tuple(np.shape(a))
+    if len(got) != len(shape) or any(not isinstance(s, str) and g != s
+                                     for g, s in zip(got, shape)):
+        want = "[" + ", ".join(str(s) for s in shape) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {got}")
+
+
 def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
             zero_expert_type: str | Sequence[str] = "identity", scoring_func: str = "softmax",
             correction_bias=None, router_bias=None, renormalize=False,
@@ -193,7 +205,18 @@ def forward(x, router_weight, w13, w2, *, top_k: int, num_experts: int,
     fp8 = w13_scale_inv is not None
     x_dtype = np.asarray(x).dtype
     x64 = np.asarray(x, dtype=np.float64)
+    _expect_shape("x", x64, ("T", "H"))
     T, H = x64.shape
+    _expect_shape("w13", w13, (num_experts, "2I", H))
+    if hasattr(w13, "shape") or isinstance(w13, (list, tuple)):
+        _expect_shape("w2", w2, (num_experts, H, np.shape(w13)[1] // 2))
+    if routing is None and router_logits is None:
+        if router_hidden_weight is not None:
+            _expect_shape("router_hidden_weight", router_hidden_weight, ("R", H))
+            H_router = np.shape(router_hidden_weight)[0]
+        else:
+            H_router = H
+        _expect_shape("router_weight", router_weight, ("E+Z", H_router))
     types = zero_expert_type
     L = None
     if routing is None:
