@@ -329,8 +329,10 @@ __device__ __forceinline__ void wg_store(const float (&total)[64], const WgItem&
 //   h = silu(g) * u (TOUT = float), g and u rounded to TX first; else features
 //   [128 c, 128 c + 128), out in TOUT. Kd % 16 == 0, aq and W 16-byte aligned; any N.
 // A persistent grid takes work items round-robin (wg_item). Each stage holds the tile's WG_BM
-// rows' and the 128 weight rows' next 128 k-bytes (WgCopier), WG_STAGES deep. Warpgroup w
-// multiplies rows [64 w, 64 w + 64) of the tile with the weight tile (wg_mma_stage).
+// rows' and the 128 weight rows' next 128 k-bytes (WgCopier), WG_STAGES deep, copied by every
+// thread between block barriers or, with WG_PRODUCER, by the last warpgroup alone and handed
+// over by mbarriers. Warpgroup w < WG_GROUPS multiplies rows [64 w, 64 w + 64) of the tile with
+// the weight tile (wg_mma_stage).
 template <typename TX, typename TOUT, bool GLU>
 __global__ void __launch_bounds__(WG_THREADS, WG_BLOCKS_PER_SM)
 grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
