@@ -9,19 +9,21 @@ scales, activations quantized per row and 128 features.
   16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
   grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT; strategy "grouped", or
-  "syncfree" as graphs ask): rows gathered by expert (device offsets and the active
-  experts from syncfree_plan, no host synchronization), activations quantized by a small
-  kernel, then per GEMM a fixed grid of (feature chunk, active expert) blocks on the tensor
-  cores (H and I multiples of 16, compute capability >= 8.0):
+  "syncfree" as graphs ask): rows placed by expert (device offsets and the active
+  experts from syncfree_plan, no host synchronization), x's rows quantized straight into
+  their places (quantize_pairs: no gathered copy of x; grouped_gemv_fp8 below reads a
+  gathered copy), then per GEMM a fixed grid of (feature chunk, active expert) blocks on the
+  tensor cores (H and I multiples of 16, compute capability >= 8.0):
   - up to STREAM_PAIRS_PER_EXPERT pairs per expert on average (compute capability >= 8.9):
     grouped_stream_fp8, each warp streaming 16 weight rows from global memory into mma.sync
     with the expert's rows, 8 (or 16) per pass, as the other operand;
   - above: grouped_mma_fp8, the weights staged through shared memory once per 64 of the
     expert's rows (e4m3 operands from compute capability 8.9, else converted to fp16).
-  - from WGMMA_PAIRS_PER_EXPERT pairs per expert on average (compute capability 9.0, any
-    number of pairs: "auto" takes this path instead of the padded one): grouped_wgmma_fp8
-    (kernels/fp8_wgmma.cu), Hopper's warpgroup FP8 tensor cores over 64-row x 128-feature
-    tiles, a persistent grid over (expert, feature chunk, row tile) items. The FP8 wgmma does
+  - from WGMMA_PAIRS_PER_EXPERT pairs per expert on average (compute capability 9.0, I >=
+    WGMMA_MIN_INTERMEDIATE, any number of pairs: "auto" takes this path instead of the padded
+    one): grouped_wgmma_fp8 (kernels/fp8_wgmma.cu), Hopper's warpgroup FP8 tensor cores over
+    64-row x 128-feature tiles, a persistent grid over (expert, feature chunk, row tile) items,
+    a producer warpgroup copying the stages. The FP8 wgmma does
     not sum in exact fp32: its partial sums are promoted every 32 k's in GEMM 1, whose error
     h's quantization amplifies, and every 128 in GEMM 2. H200, LongCat-Flash: the layer's
     output 2.1e-3 from the exact kernels' (promoted every 128 in both: 2.7e-3, and then within
