@@ -13,8 +13,10 @@ FP16_MAX = 65504.0
 
 
 def _silu(v):
-    with np.errstate(over="ignore"):
-        return v / (np.float32(1) + np.exp(-v))
+    """silu in v's dtype; silu(-inf) is its limit 0 (not -inf / inf = NaN: a gate past -65504
+    in an fp16 layer's gate/up rows), as kernels/common.cuh's swiglu."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(v == -np.inf, np.float32(0), v / (np.float32(1) + np.exp(-v)))
 
 
 def fp16_scaled(a):

@@ -15,8 +15,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-// SwiGLU's activation silu(g) * u, in fp32 (docs/spec.md step 8).
-__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+// SwiGLU's activation silu(g) * u, in fp32 (docs/spec.md step 8). silu(-inf) is its limit 0,
+// not -inf / inf = NaN (a gate past -65504 in an fp16 layer's gate/up rows).
+__device__ __forceinline__ float swiglu(float g, float u) {
+  return (g == __int_as_float(0xff800000) ? 0.f : g / (1.f + __expf(-g))) * u;
+}
 
 // The same of fp32 GEMM results g and u first rounded to T, as the GEMM paths store gate and up
 // before their activation pass: the fused paths give those paths' values.
