@@ -179,6 +179,22 @@ def fp16_overflow_case(rng, kind, T=12, H=40, I=48, E=4, Z=2):
     return cfg, w, x, ids, weights, y
 
 
+def fp16_negative_gate_case(rng, T=3, H=8, I=4):
+    """An fp16 layer (two real experts, one "zero" one) whose expert 0 has a gate row far past
+    -65504 for x = 100 everywhere: in fp16 that gate is -inf, and silu's limit 0 keeps y right.
+    Returns (config, NumPy weights, x, ids, weights)."""
+    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=2, num_zero_experts=1,
+                       top_k=2, dtype="float16")
+    w13 = (rng.standard_normal((2, 2 * I, H)) * 0.1).astype(np.float16)
+    w13[0, 1] = -250.0  # gate 1 of expert 0: -250 * 100 * H
+    w2 = (rng.standard_normal((2, H, I)) * 0.1).astype(np.float16)
+    w = dict(router_weight=np.zeros((3, H), np.float32), w13=w13, w2=w2)
+    x = np.full((T, H), 100, np.float16)
+    ids = np.array([[0, 1]] * T, np.int32)
+    weights = np.full((T, 2), 0.5, np.float32)
+    return cfg, w, x, ids, weights
+
+
 def ep_fp16_cancellation_case(rng, T=10, H=32, I=24):
     """An fp16 layer of two real experts (one per rank when split over two ranks) whose
     outputs are exact negatives (same w13, w2 negated), each about 2e5 in places, chosen by

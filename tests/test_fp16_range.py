@@ -11,7 +11,8 @@ from zeromoe_cupy._arrays import np_dtype
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
-from helpers import ep_fp16_cancellation_case, fp16_overflow_case, random_x
+from helpers import (ep_fp16_cancellation_case, fp16_negative_gate_case, fp16_overflow_case,
+                     random_x)
 
 
 @pytest.mark.parametrize("kind", ["output", "activation"])
@@ -27,18 +28,9 @@ def test_fp16_intermediates_beyond_65504_leave_y_finite_and_right(kind, determin
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_fp16_gate_below_minus_65504_gives_silus_limit(deterministic, rng):
     """A gate past -65504 rounds to -inf in an fp16 layer's gate/up rows; silu(-inf) is its
-    limit 0 (not -inf / inf = NaN), so the expert adds nothing, as in float64."""
-    H, I = 8, 4
-    cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=2, num_zero_experts=1,
-                       top_k=2, dtype="float16")
-    w13 = (rng.standard_normal((2, 2 * I, H)) * 0.1).astype(np.float16)
-    w13[0, 1] = -250.0  # gate 1 of expert 0: -250 * 8 * 100 = -2e5
-    w2 = (rng.standard_normal((2, H, I)) * 0.1).astype(np.float16)
-    layer = zm.ZeroExpertMoE.from_weights(cfg, router_weight=np.zeros((3, H), np.float32),
-                                          w13=w13, w2=w2, deterministic=deterministic)
-    x = np.full((3, H), 100, np.float16)
-    ids = np.array([[0, 1]] * 3, np.int32)
-    weights = np.full((3, 2), 0.5, np.float32)
+    limit 0 (not -inf / inf = NaN), so the expert adds nothing there, as in float64."""
+    cfg, w, x, ids, weights = fp16_negative_gate_case(rng)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **w, deterministic=deterministic)
     y = layer(x, routing=zm.RoutingResult(ids, weights, None))
     ref, _ = layer.reference(x, routing=(ids, weights))
     assert np.isfinite(y.astype(np.float32)).all()

@@ -10,7 +10,7 @@ from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
 from helpers import (biased_tie_case, ep_fp16_cancellation_case, extreme_routing_case,
-                     fp16_overflow_case, random_layer_weights, random_x,
+                     fp16_negative_gate_case, fp16_overflow_case, random_layer_weights, random_x,
                      underflow_routing_case)
 
 pytestmark = pytest.mark.gpu
@@ -273,6 +273,21 @@ def test_gpu_fp16_intermediates_beyond_65504_leave_y_finite_and_right(strategy, 
     out = zm.ops.expert_mlp(cp.asarray(x), cp.asarray(ids), layer.w13, layer.w2,
                             strategy=strategy)
     assert out.rows.dtype == np.float32
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pairs", "grouped", "padded", "fixed", "syncfree",
+                                      "capacity"])
+@pytest.mark.parametrize("T,H", [(3, 8), (300, 64)])
+def test_gpu_fp16_gate_below_minus_65504_gives_silus_limit(strategy, T, H, rng):
+    # every kernel's silu goes through kernels/common.cuh swiglu: silu(-inf) = 0, not NaN
+    cfg, w, x, ids, weights = fp16_negative_gate_case(rng, T=T, H=H)
+    layer = zm.ZeroExpertMoE.from_weights(cfg, **{k: cp.asarray(v) for k, v in w.items()})
+    layer.expert_strategy = strategy
+    ref, _ = layer.reference(cp.asarray(x), routing=(ids, weights))
+    y = layer(cp.asarray(x), routing=zm.RoutingResult(cp.asarray(ids), cp.asarray(weights),
+                                                      None)).get()
+    assert np.isfinite(y.astype(np.float32)).all()
+    assert relative_error(y, ref) <= TOL["float16"]
 
 
 @pytest.mark.parametrize("strategy", ["pairs", "grouped", "padded"])
