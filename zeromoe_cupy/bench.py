@@ -157,7 +157,7 @@ def check_arguments(parser, args) -> None:
     if args.seed < 0:
         parser.error(f"argument --seed: expected an int >= 0, got {args.seed}")
     if args.real_per_token is not None:
-        preset = args.preset or ("longcat-flash" if args.device == "cuda" else "tiny")
+        preset = preset_name(args.preset, args.device)
         K = MoEConfig.preset(preset).top_k
         if args.real_per_token > K:
             parser.error(f"argument --real-per-token: expected at most top_k = {K} of the "
@@ -168,10 +168,16 @@ def check_arguments(parser, args) -> None:
                      "--router-gemm at auto")
 
 
+def preset_name(preset: str | None, device: str) -> str:
+    """The preset a run times: the one asked for, else longcat-flash on the GPU and tiny on
+    the CPU."""
+    return preset or ("longcat-flash" if device == "cuda" else "tiny")
+
+
 def default_output_name(args) -> str:
     """bench-<preset>-<dtype>-<device>[-fp8][-ep<N>] in the current directory: the files a
     run without --json, --plot or --no-save writes (.json, .png)."""
-    preset = args.preset or ("longcat-flash" if args.device == "cuda" else "tiny")
+    preset = preset_name(args.preset, args.device)
     dtype = args.dtype or MoEConfig.preset(preset).dtype
     parts = ["bench", preset, dtype, args.device]
     if args.quantization:
@@ -491,7 +497,7 @@ def run(args) -> int:
 
     device = args.device or ("cuda" if gpu_available() else "cpu")
     gpu = device == "cuda"
-    preset = args.preset or ("longcat-flash" if gpu else "tiny")
+    preset = preset_name(args.preset, device)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = zm.MoEConfig.preset(preset, **overrides)
     tokens = args.tokens or list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)

@@ -250,16 +250,31 @@ struct WgCopier {
 struct WgScales {
   float a, b, gate, up;
 };
+
+// Where an item's scales lie for this thread's accumulator rows ra and rb (clamped into the
+// tile: rows past it are computed, never stored), as (rows, KB) and (E, MATS * NB, KB) fp32.
 template <bool GLU>
-__device__ __forceinline__ WgScales wg_scales(const float* sa_a, const float* sa_b,
-                                              const float* sw_gate, const float* sw_up, int kt) {
-  WgScales sc;
-  sc.a = sa_a[kt];
-  sc.b = sa_b[kt];
-  sc.gate = sw_gate[kt];
-  sc.up = GLU ? sw_up[kt] : sc.gate;
-  return sc;
-}
+struct WgScaleRows {
+  const float *sa_a, *sa_b, *sw_gate, *sw_up;
+
+  __device__ __forceinline__ WgScaleRows(const WgItem& it, int ra, int rb, const float* as,
+                                         const float* S, int NB, int KB) {
+    constexpr int MATS = GLU ? 2 : 1;
+    sa_a = as + (long long)(it.row0 + it.r0 + min(ra, it.rows - 1)) * KB;
+    sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
+    sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
+    sw_up = sw_gate + (long long)NB * KB;  // GLU only
+  }
+
+  __device__ __forceinline__ WgScales at(int kt) const {
+    WgScales sc;
+    sc.a = sa_a[kt];
+    sc.b = sa_b[kt];
+    sc.gate = sw_gate[kt];
+    sc.up = GLU ? sw_up[kt] : sc.gate;
+    return sc;
+  }
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // One stage of a warpgroup's 64 rows: four m64n128k32 from the stage at st (the warpgroup's
@@ -343,7 +358,6 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
   extern __shared__ unsigned char wg_smem_raw[];
   // the swizzle pattern repeats every 1024 bytes from a 1024-byte aligned address
   unsigned char* smem = wg_smem_raw + ((1024 - smem_address(wg_smem_raw) % 1024) % 1024);
-  constexpr int MATS = GLU ? 2 : 1;
   constexpr int FEAT = GLU ? WG_BN / 2 : WG_BN;
   const int warpgroup = threadIdx.x / 128, wthread = threadIdx.x % 128;
   const int lane = threadIdx.x % 32, warp_in_group = wthread / 32;
@@ -392,14 +406,11 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
 #pragma unroll
     for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
     const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
-    const float* sa_a = as + (long long)(it.row0 + it.r0 + min(ra, it.rows - 1)) * KB;
-    const float* sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
-    const float* sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
-    const float* sw_up = sw_gate + (long long)NB * KB;  // GLU only
-    WgScales sc = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, 0);
+    const WgScaleRows<GLU> scales(it, ra, rb, as, S, NB, KB);
+    WgScales sc = scales.at(0);
     for (int kt = 0; kt < nk; ++kt, ++use) {
       const int s = use % WG_STAGES;
-      const WgScales next = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, min(kt + 1, nk - 1));
+      const WgScales next = scales.at(min(kt + 1, nk - 1));
       mbar_wait(full + s, (use / WG_STAGES) & 1);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
       if (busy) {
@@ -424,19 +435,16 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
     // this thread's accumulator rows: 16 warp + lane / 4 (+ 8) of the warpgroup's 64
     const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
-    const float* sa_a = as + (long long)(it.row0 + it.r0 + min(ra, it.rows - 1)) * KB;
-    const float* sa_b = as + (long long)(it.row0 + it.r0 + min(rb, it.rows - 1)) * KB;
-    const float* sw_gate = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
-    const float* sw_up = sw_gate + (long long)NB * KB;  // GLU only
+    const WgScaleRows<GLU> scales(it, ra, rb, as, S, NB, KB);
 
 #pragma unroll
     for (int s = 0; s < WG_STAGES - 1; ++s) {
       if (s < nk) copier.issue(smem + s * WG_STAGE, s, Kd);
       cp_async_commit();
     }
-    WgScales sc = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, 0);
+    WgScales sc = scales.at(0);
     for (int kt = 0; kt < nk; ++kt) {
-      const WgScales next = wg_scales<GLU>(sa_a, sa_b, sw_gate, sw_up, min(kt + 1, nk - 1));
+      const WgScales next = scales.at(min(kt + 1, nk - 1));
       cp_async_wait<WG_STAGES - 2>();
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
       __syncthreads();  // stage kt landed for all; stage kt - 1 is free to refill
