@@ -7,6 +7,7 @@
 #   bench_fp8  zeromoe bench --quantization fp8 --graph   load  from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
 #   memcheck   compute-sanitizer over tests/test_gpu.py (small shapes)
+#   replay     graph tests, then benchmarks/graph_replay.py (bf16, fp8) and graph_profile.py
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
 log="$OUT/log.txt"
@@ -36,6 +37,19 @@ part() {
       wait
       grep -hE "^(FAILED|ERROR)|passed|failed| rc=" "$OUT"/gpu_tests_?.txt | tail -30 | tee -a "$log"
       grep -hE "^[0-9.]+s (call|setup)" "$OUT"/gpu_tests_?.txt | sort -rn | head -12 | tee -a "$log" ;;
+    replay)
+      timeout 150 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphs_gpu.py \
+        tests/test_fp8_gpu.py -k "graph or programmatic or replay" > "$OUT/graph_tests.txt" 2>&1
+      echo "graph tests rc=$?" | tee -a "$log"
+      grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/graph_tests.txt" | tail -12 | tee -a "$log"
+      for q in bf16 fp8; do
+        timeout 150 python3 benchmarks/graph_replay.py --tokens ${REPLAY_TOKENS:-1,2,4,8,16,32,64,128,256,1024} \
+          $([ $q = fp8 ] && echo --quantization fp8) --json "$OUT/replay_$q.json" \
+          > "$OUT/replay_$q.txt" 2>&1
+        tail -14 "$OUT/replay_$q.txt" | tee -a "$log"
+      done
+      timeout 120 python3 benchmarks/graph_profile.py 1,4,16,64 > "$OUT/graph_profile.txt" 2>&1
+      tail -40 "$OUT/graph_profile.txt" | tee -a "$log" ;;
     prefill)
       timeout 300 python3 benchmarks/fp8_prefill.py ${PREFILL_TOKENS:-} > "$OUT/prefill.txt" 2>&1
       tail -12 "$OUT/prefill.txt" | tee -a "$log" ;;

@@ -4,8 +4,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import zeromoe_cupy
 
 from zeromoe_cupy._compile import NVRTC_OPTIONS, kernel_source
 from zeromoe_cupy.experts import experts_kernel_names
@@ -103,6 +106,66 @@ def test_kernel_pipeline_defaults_are_the_packages(filename, pipeline):
     for key, value in pipeline:
         found = re.search(rf"#ifndef {key}\s+#define {key} (\S+)", src)
         assert found and found.group(1) == str(value), (filename, key, found and found.group(1))
+
+
+def _kernel_first_statements(src: str):
+    """(the text before the parameter list, the first statement) of each __global__ function."""
+    def close(i):
+        depth = 0
+        for j in range(i, len(src)):
+            depth += src[j] == "("
+            depth -= src[j] == ")"
+            if depth == 0:
+                return j
+    for m in re.finditer(r"__global__", src):
+        i = src.index("(", m.end())
+        if "__launch_bounds__" in src[m.end():i]:
+            i = src.index("(", close(i) + 1)
+        body = src.index("{", close(i)) + 1
+        yield src[m.end():i].split()[-1], src[body:src.index(";", body) + 1].strip()
+
+
+@pytest.mark.parametrize("filename", sorted(KERNELS))
+def test_every_kernel_first_waits_for_the_prior_grid(filename):
+    """Inside graph capture the kernels launch with programmatic dependent launch (_compile.py):
+    one that touched memory before wait_for_prior_grid() could read its inputs before the kernel
+    writing them has finished."""
+    src = (Path(zeromoe_cupy.__file__).parent / "kernels" / filename).read_text()
+    found = list(_kernel_first_statements(src))
+    assert found, filename
+    for name, first in found:
+        assert first == "wait_for_prior_grid();", (filename, name, first)
+
+
+@pytest.mark.parametrize("arch,waits", [("sm_80", False), ("sm_90", True)])
+def test_grid_dependency_instructions_only_from_sm_90(arch, waits):
+    """Every kernel entry waits on sm_90 code (griddepcontrol is sm_90 PTX); sm_80 code has none."""
+    ptx = _compile("syncfree.cu", arch, (), want_ptx=True)
+    entries = ptx.count(".entry")
+    assert entries == len(KERNELS["syncfree.cu"])
+    assert ptx.count("griddepcontrol.wait") == (entries if waits else 0)
+    assert ptx.count("griddepcontrol.launch_dependents") == (entries if waits else 0)
+
+
+def test_kernel_params_convert_as_cupy_does():
+    """The programmatic launch's argument block: NumPy scalars keep their type, Python bool /
+    int / float become bool / long long / double (CuPy's rule), anything else is refused."""
+    import ctypes
+    import numpy as np
+    from zeromoe_cupy._compile import kernel_params
+
+    args = [np.int32(-5), np.float32(1.5), np.uint64(2**63 + 7), True, -(2**40), 0.1,
+            np.int64(3), np.float64(-2.25)]
+    pointers, values = kernel_params(args)
+    assert len(values) == len(args)
+    want = [(ctypes.c_int32, -5), (ctypes.c_float, 1.5), (ctypes.c_uint64, 2**63 + 7),
+            (ctypes.c_bool, True), (ctypes.c_longlong, -(2**40)), (ctypes.c_double, 0.1),
+            (ctypes.c_int64, 3), (ctypes.c_double, -2.25)]
+    for i, (ctype, value) in enumerate(want):
+        assert ctypes.sizeof(values[i]) == ctypes.sizeof(ctype), i
+        assert ctypes.cast(pointers[i], ctypes.POINTER(ctype)).contents.value == value, i
+    with pytest.raises(TypeError, match=r"args\[1\]: .*str"):
+        kernel_params([np.int32(1), "x"])
 
 
 def _compile(filename, arch, extra, want_ptx=False):

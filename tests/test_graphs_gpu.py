@@ -350,3 +350,66 @@ def test_expert_paths_with_no_real_experts(strategy, rng):
     out = zm.ops.expert_mlp(x, ids, w13, w2, strategy=strategy)
     assert out.rows.shape[1] == H
     assert (out.slot_rows.get() == -1).all()
+
+
+# --- programmatic dependent launch (_compile.py) -----------------------------------------------
+@pytest.mark.gpu
+def test_programmatic_launch_where_the_gpu_has_it():
+    cp = pytest.importorskip("cupy")
+    from zeromoe_cupy._compile import programmatic_launches
+    cc = int(cp.cuda.Device().compute_capability)
+    with programmatic_launches() as on:
+        assert on == (cc >= 90)
+    with programmatic_launches(False) as on:
+        assert not on
+
+
+PDL_CFG = zm.MoEConfig(hidden_size=256, intermediate_size=1024, num_experts=16,
+                       num_zero_experts=3, top_k=4, use_correction_bias=True,
+                       zero_expert_type=("identity", "zero", "constant"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+@pytest.mark.parametrize("strategy,T", [("auto", 1), ("auto", 40), ("auto", 700),
+                                        ("syncfree", 64), ("capacity", 64), ("fixed", 24),
+                                        ("grouped", 64), ("padded", 300), ("pairs", 9)])
+def test_eager_forward_with_programmatic_launches_equals_plain(strategy, T, quantization, rng):
+    """Every kernel of every path launched through cuLaunchKernelEx (each waits for the one
+    before it first, so eagerly too the stream's order holds) gives the plain launch's bits:
+    its arguments reach it as CuPy passes them."""
+    cp = pytest.importorskip("cupy")
+    from zeromoe_cupy._compile import programmatic_launches
+    layer = _gpu_layer(rng, PDL_CFG, expert_strategy=strategy)
+    if quantization:
+        layer = layer.quantize(quantization)
+        layer.expert_strategy = strategy
+    x = cp.asarray(random_x(rng, T, PDL_CFG.hidden_size, "bfloat16"))
+    plain = layer(x)
+    with programmatic_launches():
+        y = layer(x)
+    cp.testing.assert_array_equal(y, plain)
+    ref, _ = layer.reference(x, routing=layer.route(x))  # one routing: no near-tie flips
+    assert relative_error(y.get().astype(np.float32), ref) <= \
+        (5e-3 if quantization else TOL["bfloat16"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_replay_with_and_without_programmatic_launch_agree_bitwise(quantization, rng,
+                                                                   monkeypatch):
+    """The graphs captured with programmatic dependent launch (the default) and with plain
+    launches give the same bits at every size, with new x (new routing) each call."""
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, PDL_CFG)
+    if quantization:
+        layer = layer.quantize(quantization)
+    sizes = (1, 4, 16, 64, 200)
+    g = layer.graphed(capture_sizes=sizes)
+    monkeypatch.setattr(graphs, "PROGRAMMATIC_LAUNCH", False)
+    g_plain = layer.graphed(capture_sizes=sizes)
+    for size in sizes:
+        for T in sorted({size, max(1, size - 3)}):
+            for _ in range(3):
+                x = cp.asarray(random_x(rng, T, PDL_CFG.hidden_size, "bfloat16"))
+                cp.testing.assert_array_equal(g(x), g_plain(x))

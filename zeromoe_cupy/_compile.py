@@ -1,17 +1,28 @@
-"""Kernel loading: CUDA C++ RawModules from package data, and Numba kernels as CuPy functions.
+"""Kernel loading and launching: CUDA C++ RawModules from package data, and Numba kernels as
+CuPy functions.
 
 Everything compiles lazily, once per device; CuPy's own disk cache keeps RawModules across runs.
+Inside ``programmatic_launches()`` (CUDA-graph capture, graphs.py) the RawModules' kernels launch
+with programmatic dependent launch (CUDA's cudaLaunchKernelEx attribute
+"programmatic stream serialization", through cuda-bindings): each may start while the kernel
+before it in the stream finishes, and waits for it in its first statement (kernels/common.cuh
+``wait_for_prior_grid``). Outside it, and on GPUs before sm_90, they launch plainly.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import importlib.resources
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from ._arrays import cupy_module
 
 NVRTC_OPTIONS = ("-std=c++17",)
 _loaded_modules: list = []
+_programmatic = False  # set by programmatic_launches()
 
 
 def kernel_source(filename: str) -> str:
@@ -33,12 +44,127 @@ def raw_module(filename: str, name_expressions: Sequence[str], options: Sequence
     memoized per device by the caller. ``dynamic_smem``: (bytes, kernel names) of kernels
     launched with that much dynamic shared memory; beyond the default 48 KB they opt in."""
     cp = cupy_module()
-    mod = cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS + tuple(options),
-                       name_expressions=list(name_expressions))
+    mod = KernelModule(cp.RawModule(code=kernel_source(filename),
+                                    options=NVRTC_OPTIONS + tuple(options),
+                                    name_expressions=list(name_expressions)))
     if dynamic_smem is not None and dynamic_smem[0] > 48 * 1024:
         for name in dynamic_smem[1]:
-            mod.get_function(name).max_dynamic_shared_size_bytes = dynamic_smem[0]
+            mod.get_function(name).raw.max_dynamic_shared_size_bytes = dynamic_smem[0]
     return mod
+
+
+class KernelModule:
+    """A cupy.RawModule whose kernels launch as ``Kernel``s."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self._kernels: dict[str, Kernel] = {}
+
+    def get_function(self, name: str) -> "Kernel":
+        kernel = self._kernels.get(name)
+        if kernel is None:
+            kernel = self._kernels[name] = Kernel(self.module.get_function(name))
+        return kernel
+
+
+class Kernel:
+    """A cupy.RawKernel, called like one: ``kernel(grid, block, args, shared_mem=0)``.
+
+    Inside ``programmatic_launches()`` on sm_90 and later it launches with programmatic
+    dependent launch (the kernel's source must begin with ``wait_for_prior_grid()``, as every
+    kernel under kernels/ does; tests/test_kernels_compile.py checks it).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+
+    def __call__(self, grid, block, args, *, shared_mem: int = 0) -> None:
+        if _programmatic:
+            _launch_programmatic(self.raw, grid, block, args, shared_mem)
+        else:
+            self.raw(grid, block, args, shared_mem=shared_mem)
+
+    def __getattr__(self, name: str):  # read-only attributes of the RawKernel (num_regs, ...)
+        return getattr(self.raw, name)
+
+
+@contextlib.contextmanager
+def programmatic_launches(enabled: bool = True):
+    """Within the block, RawModule kernels launch with programmatic dependent launch if
+    ``enabled``, the GPU supports it (compute capability >= 9.0) and cuda-bindings imports;
+    else plainly. Yields whether they do."""
+    global _programmatic
+    before = _programmatic
+    _programmatic = enabled and _programmatic_supported()
+    try:
+        yield _programmatic
+    finally:
+        _programmatic = before
+
+
+def _programmatic_supported() -> bool:
+    cp = cupy_module()
+    major = cp.cuda.Device().compute_capability[:-1]
+    try:
+        from cuda.bindings import driver  # noqa: F401  (installed with CuPy 14)
+    except ImportError:
+        return False
+    return int(major) >= 9
+
+
+def _dim3(dims) -> tuple[int, int, int]:
+    dims = (dims,) if isinstance(dims, (int, np.integer)) else tuple(dims)
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]
+
+
+def kernel_params(args: Sequence[Any]) -> tuple[Any, list]:
+    """``args`` as a CUDA launch's ``void** kernelParams``: (ctypes array of pointers, the
+    ctypes values it points at, to keep alive until the launch returns). Arguments convert as
+    CuPy converts them: device arrays to their pointer, NumPy scalars to their own type,
+    Python bool / int / float to bool / long long / double (cupy._core._scalar)."""
+    cp = cupy_module()
+    device_array = cp.ndarray if cp is not None else ()
+    values = []
+    for i, a in enumerate(args):
+        if isinstance(a, device_array):
+            values.append(ctypes.c_void_p(a.data.ptr))
+        elif isinstance(a, np.generic):
+            values.append(np.ctypeslib.as_ctypes_type(a.dtype)(a.item()))
+        elif isinstance(a, bool):
+            values.append(ctypes.c_bool(a))
+        elif isinstance(a, int):
+            values.append(ctypes.c_longlong(a))
+        elif isinstance(a, float):
+            values.append(ctypes.c_double(a))
+        else:
+            raise TypeError(f"args[{i}]: expected a CuPy array or a scalar, got "
+                            f"{type(a).__name__}")
+    pointers = (ctypes.c_void_p * max(1, len(values)))(
+        *[ctypes.addressof(v) for v in values])
+    return pointers, values
+
+
+def _launch_programmatic(raw, grid, block, args, shared_mem: int) -> None:
+    from cuda.bindings import driver
+
+    cp = cupy_module()
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = _dim3(grid)
+    config.blockDimX, config.blockDimY, config.blockDimZ = _dim3(block)
+    config.sharedMemBytes = int(shared_mem)
+    config.hStream = driver.CUstream(cp.cuda.get_current_stream().ptr)
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config.attrs = [attr]
+    config.numAttrs = 1
+    pointers, values = kernel_params(args)
+    err, = driver.cuLaunchKernelEx(config, driver.CUfunction(raw.kernel.ptr),
+                                   ctypes.addressof(pointers), 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx: {err.name} (kernel {raw.name})")
 
 
 def optin_shared_bytes() -> int:

@@ -12,6 +12,9 @@ path (T*K <= PAIRS_MAX), the "syncfree" path above it, whose per-expert counts s
 device, and for unquantized bf16 layers the "capacity" path (blocks of a fixed number of rows
 for every expert) where experts.capacity.prefers it; "fixed" for deterministic layers. Padding rows (T < size) are zero-filled and then
 masked after routing: their slots go to no expert, so they cost no weight reads.
+The package's kernels are captured with programmatic dependent launch (_compile.py) on GPUs
+of compute capability 9.0 and later: a node's blocks start during the previous node's last
+wave and wait there, instead of after a launch gap of a few microseconds.
 """
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._arrays import check_int, cupy_module, np_dtype
+from ._compile import programmatic_launches
 from .experts import PAIRS_MAX
 from .experts import capacity
 
 # vLLM's decode batch sizes up to 512, then steps of SIZE_STEP; max_tokens is always included.
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 SIZE_STEP = 256
+# Capture with programmatic dependent launch where the GPU has it (False: plain launches, e.g.
+# to measure what it gains; read at construction).
+PROGRAMMATIC_LAUNCH = True
 # Layer strategies a graph can run as they are (no host synchronization).
 _SYNC_FREE = ("pairs", "fixed", "syncfree", "capacity")
 
@@ -159,7 +166,8 @@ class GraphedMoE:
                 self._forward(size)  # warm-up: compiles this size's kernels, fills the pool
                 self._stream.begin_capture()
                 try:
-                    y = self._forward(size)
+                    with programmatic_launches(PROGRAMMATIC_LAUNCH):
+                        y = self._forward(size)
                 finally:
                     graph = self._stream.end_capture()
                 self._graphs[size] = (graph, y)

@@ -25,6 +25,7 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
                                const int* __restrict__ zero_types,
                                const T* __restrict__ const_vec, const T* __restrict__ const_gate,
                                T* __restrict__ out, long long T_, int H, int K, int E, int Z, int slice) {
+  wait_for_prior_grid();
   // Per warp: the token's slots, classified, then compacted in slot order (so the fp32 sums
   // run in the same order every time).
   __shared__ int slot_kind[COMBINE_WARPS][MAX_SLOTS];  // -1 nothing, zero type, or SLOT_REAL
@@ -134,6 +135,7 @@ __global__ void combine_kernel(const T* __restrict__ x, long long x_stride,
 template <typename T>
 __global__ void scale_rows_kernel(const T* __restrict__ x, long long x_stride,
                                   T* __restrict__ out, long long n, int H, float s) {
+  wait_for_prior_grid();
   const long long step = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
     const long long t = i / H;

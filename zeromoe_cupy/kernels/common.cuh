@@ -4,6 +4,20 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Programmatic dependent launch (sm_90 on): inside a CUDA-graph capture (graphs.py) a kernel is
+// launched to overlap the one before it in the stream, so that its launch latency hides behind
+// that kernel's last wave. Every kernel calls this first: it waits until the kernel before it
+// has finished and its writes are visible, so nothing is read or written early, then lets the
+// kernel after it start its blocks, which wait here in turn. Launched plainly, both return at once.
+// (PTX ISA "griddepcontrol"; CUDA's cudaGridDependencySynchronize and
+// cudaTriggerProgrammaticLaunchCompletion.)
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -2,8 +2,11 @@
 // Each thread issues four loads before their stores, so that a grid of a few blocks per SM
 // keeps enough bytes in flight to saturate the memory bus.
 // src, dst: n 16-byte vectors each, 16-byte aligned, not overlapping.
+#include "common.cuh"
+
 __global__ void copy_16byte(const uint4* __restrict__ src, uint4* __restrict__ dst,
                             long long n) {
+  wait_for_prior_grid();
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   for (; i + 3 * stride < n; i += 4 * stride) {

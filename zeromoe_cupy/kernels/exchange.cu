@@ -3,10 +3,13 @@
 // decode step. Rank p holds the real experts [p El, (p + 1) El); a slot is real when
 // 0 <= id < E; ids outside that range (zero experts, -1) never leave the rank.
 
+#include "common.cuh"
+
 // need: (R, T) int32, need[p, t] = 1 if token t has a real slot on rank p, else 0;
 // counts: (R,) int32, zeroed by the caller, gets the tokens per rank. One thread per token.
 extern "C" __global__ void ep_need(const int* __restrict__ ids, int T, int K, int E, int El,
                                    int R, int* __restrict__ need, int* __restrict__ counts) {
+  wait_for_prior_grid();
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   for (int p = 0; p < R; ++p) {
@@ -31,6 +34,7 @@ extern "C" __global__ void ep_pack(const unsigned char* __restrict__ x, long lon
                                    int T, int K, int E, int El, unsigned char* __restrict__ send_x,
                                    int* __restrict__ send_ids, float* __restrict__ send_w,
                                    long long* __restrict__ tok, long long* __restrict__ to) {
+  wait_for_prior_grid();
   const long long i = blockIdx.x;
   if (!need[i]) return;
   const int p = (int)(i / T), t = (int)(i % T);
@@ -66,6 +70,7 @@ extern "C" __global__ void ep_combine_slots(const int* __restrict__ ids,
                                             int R, int* __restrict__ all_ids,
                                             float* __restrict__ all_w,
                                             int* __restrict__ slot_rows) {
+  wait_for_prior_grid();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int W = K + R;
   if (i >= (long long)T * W) return;

@@ -9,6 +9,7 @@ __device__ __forceinline__ int padded_count(int c, int pad) { return (c + pad - 
 
 extern "C" __global__ void expert_offsets(const int* __restrict__ counts, int E, int pad,
                                           int* __restrict__ offsets, int* __restrict__ cursor) {
+  wait_for_prior_grid();
   __shared__ int partial[1024];
   const int chunk = (E + blockDim.x - 1) / blockDim.x;
   const int begin = min(E, (int)threadIdx.x * chunk), end = min(E, begin + chunk);
@@ -41,6 +42,7 @@ __global__ void gather_rows(const T* __restrict__ x, long long x_stride,
                             const int* __restrict__ offsets, int* __restrict__ cursor,
                             int* __restrict__ slot_rows, T* __restrict__ xs, int H,
                             int capacity, int* __restrict__ spill) {
+  wait_for_prior_grid();
   __shared__ int row;
   const long long pair = blockIdx.x;
   if (threadIdx.x == 0) {
@@ -73,6 +75,7 @@ extern "C" __global__ void capacity_pointers(
     unsigned long long w2_bytes, unsigned long long h, unsigned long long h_row,
     unsigned long long rows, unsigned long long rows_row, unsigned long long rows_scratch,
     unsigned long long* __restrict__ ptrs) {
+  wait_for_prior_grid();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= E) return;
   const bool real = i < active[0];
@@ -90,6 +93,7 @@ extern "C" __global__ void capacity_pointers(
 // and stored as O (T, or fp32 for an fp16 layer's fixed path, where it cannot overflow).
 template <typename T, typename O, int VEC>
 __global__ void silu_mul(const T* __restrict__ gate_up, O* __restrict__ h, long long M, int I) {
+  wait_for_prior_grid();
   const long long per_row = I / VEC;
   const long long n = M * per_row;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -128,6 +132,7 @@ __device__ __forceinline__ void activation_chunk(const void* src, long long r, i
 template <bool ACT, int VEC>
 __global__ void half_rows_scaled(const void* __restrict__ src, __half* __restrict__ h,
                                  float* __restrict__ row_scale, long long M, int I) {
+  wait_for_prior_grid();
   const int lane = threadIdx.x % 32;
   for (long long r = blockIdx.x * (long long)SILU_WARPS + threadIdx.x / 32; r < M;
        r += (long long)gridDim.x * SILU_WARPS) {
@@ -163,6 +168,7 @@ __global__ void half_rows_scaled(const void* __restrict__ src, __half* __restric
 // scaled rows). One warp a row; rows with scale 1 cost one load.
 extern "C" __global__ void scale_rows(float* __restrict__ rows, const float* __restrict__ row_scale,
                                       long long M, int H) {
+  wait_for_prior_grid();
   const int lane = threadIdx.x % 32;
   for (long long r = blockIdx.x * (long long)SILU_WARPS + threadIdx.x / 32; r < M;
        r += (long long)gridDim.x * SILU_WARPS) {
@@ -189,6 +195,7 @@ __global__ void __launch_bounds__(PAIR_WARPS * 32)
 pair_gemv(const X* __restrict__ in, long long in_stride, int in_div,
           const int* __restrict__ ids, int E, const T* __restrict__ W, int N, int Kd,
           O* __restrict__ out, int* __restrict__ slot_rows) {
+  wait_for_prior_grid();
   const long long p = blockIdx.y;
   const int e = ids[p];
   const bool real = e >= 0 && e < E;
@@ -245,6 +252,7 @@ template <typename T, typename X, typename O>
 __global__ void __launch_bounds__(256)
 fixed_gemm_nt(const X* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
               const int* __restrict__ offsets, int E, int N, int Kd) {
+  wait_for_prior_grid();
   const int row0 = blockIdx.y * FIXED_TILE;
   if (row0 >= offsets[E]) return;
   int lo = 0, hi = E;  // offsets[lo] <= row0 < offsets[hi]: the expert is lo when hi = lo + 1

@@ -89,6 +89,7 @@ __device__ __forceinline__ void e4m3_values_n(const unsigned char (&b)[N], float
 
 extern "C" __global__ void e4m3_encode(const float* __restrict__ in, unsigned char* __restrict__ out,
                                        long long n) {
+  wait_for_prior_grid();
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x)
     out[i] = e4m3_bits(in[i]);
@@ -96,6 +97,7 @@ extern "C" __global__ void e4m3_encode(const float* __restrict__ in, unsigned ch
 
 extern "C" __global__ void e4m3_decode(const unsigned char* __restrict__ in, float* __restrict__ out,
                                        long long n) {
+  wait_for_prior_grid();
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x)
     out[i] = e4m3_value(in[i]);
@@ -113,6 +115,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
 quantize_blocks(const T* __restrict__ w, unsigned char* __restrict__ q, float* __restrict__ s,
                 int n, int k) {
+  wait_for_prior_grid();
   const int r0 = blockIdx.y * QBLOCK, c0 = blockIdx.x * QBLOCK;
   const int rows = min(QBLOCK, n - r0), cols = min(QBLOCK, k - c0);
   const long long base = (long long)blockIdx.z * n * k;
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(128)
 quantize_rows(const T* __restrict__ a, int rows, int K, const int* __restrict__ offsets, int E,
               int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
               float* __restrict__ deq) {
+  wait_for_prior_grid();
   const int r = blockIdx.x * 4 + threadIdx.x / 32;
   if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
   const bool vec = K % 4 == 0 && reinterpret_cast<unsigned long long>(a) % (4 * sizeof(T)) == 0;
@@ -249,6 +253,7 @@ template <typename T>
 __global__ void __launch_bounds__(128)
 quantize_pairs(const T* __restrict__ x, long long x_stride, int K, const int* __restrict__ slot_rows,
                long long pairs, int H, unsigned char* __restrict__ q, float* __restrict__ scales) {
+  wait_for_prior_grid();
   const long long p = (long long)blockIdx.x * 4 + threadIdx.x / 32;
   if (p >= pairs) return;
   const int r = slot_rows[p];
@@ -265,6 +270,7 @@ __global__ void __launch_bounds__(128)
 silu_mul_quantize(const T* __restrict__ gate_up, int rows, int I, const int* __restrict__ offsets,
                   int E, int m_major, unsigned char* __restrict__ q, float* __restrict__ scales,
                   float* __restrict__ deq) {
+  wait_for_prior_grid();
   const int r = blockIdx.x * 4 + threadIdx.x / 32, g = blockIdx.y;
   if (r >= rows || (offsets != nullptr && r >= offsets[E])) return;
   const int c = g * QBLOCK + (threadIdx.x % 32) * 4;
@@ -315,6 +321,7 @@ pair_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as
               const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
               const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
               int* __restrict__ slot_rows, long long p0) {
+  wait_for_prior_grid();
   const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
   const int e = ids[p];
   const bool real = e >= 0 && e < E;
@@ -380,6 +387,7 @@ pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
              const int* __restrict__ ids, int E, const unsigned char* __restrict__ W,
              const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out,
              int* __restrict__ slot_rows, long long p0) {
+  wait_for_prior_grid();
   static_assert(PAIR_WARPS % KSPLIT == 0, "KSPLIT warps share a tile of 16 features");
   const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
   const int e = ids[p];
@@ -487,6 +495,7 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
                    const int* __restrict__ offsets, const int* __restrict__ active,
                    const unsigned char* __restrict__ W, const float* __restrict__ S, int N,
                    int Kd, TOUT* __restrict__ out) {
+  wait_for_prior_grid();
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
@@ -574,6 +583,7 @@ __global__ void __launch_bounds__(PAIR_WARPS * 32)
 grouped_gemv_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
                  const int* __restrict__ offsets, const unsigned char* __restrict__ W,
                  const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out) {
+  wait_for_prior_grid();
   const int e = blockIdx.y;
   const int r0 = offsets[e], r1 = offsets[e + 1];
   if (r0 >= r1) return;
@@ -691,6 +701,7 @@ grouped_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ 
                 const int* __restrict__ offsets, const int* __restrict__ active,
                 const unsigned char* __restrict__ W, const float* __restrict__ S, int N, int Kd,
                 TOUT* __restrict__ out) {
+  wait_for_prior_grid();
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];

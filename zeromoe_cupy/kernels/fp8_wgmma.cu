@@ -56,6 +56,7 @@ static_assert(WG_PROMOTE == 32 || WG_PROMOTE == 64 || WG_PROMOTE == 128, "WG_PRO
 extern "C" __global__ void __launch_bounds__(1024)
 wgmma_tile_plan(const int* __restrict__ offsets, const int* __restrict__ active,
                 int* __restrict__ tile_start) {
+  wait_for_prior_grid();
   __shared__ int sums[1024];
   const int n = active[0], per = (n + 1023) / 1024, t = threadIdx.x;
   const int s0 = min(n, t * per), s1 = min(n, s0 + per);
@@ -354,6 +355,7 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
                   const int* __restrict__ offsets, const int* __restrict__ active,
                   const int* __restrict__ tile_start, const unsigned char* __restrict__ W,
                   const float* __restrict__ S, int N, int Kd, TOUT* __restrict__ out) {
+  wait_for_prior_grid();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char wg_smem_raw[];
   // the swizzle pattern repeats every 1024 bytes from a 1024-byte aligned address

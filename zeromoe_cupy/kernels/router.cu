@@ -16,6 +16,7 @@ template <typename T, int VEC, int MAXT>
 __global__ void router_gemv(const T* __restrict__ x, long long x_stride, int tokens,
                             const float* __restrict__ W, int H, int N,
                             const float* __restrict__ bias, float* __restrict__ out) {
+  wait_for_prior_grid();
   constexpr int CH = 4, STEP = 32 * RG_SPLIT * CH;
   static_assert(CH % VEC == 0, "VEC must divide the chunk");
   __shared__ float partial[RG_ROWS][RG_SPLIT][MAXT];

@@ -16,6 +16,7 @@
 extern "C" __global__ void syncfree_plan(const int* __restrict__ counts, int E,
                                          int* __restrict__ offsets, int* __restrict__ cursor,
                                          int* __restrict__ active) {
+  wait_for_prior_grid();
   __shared__ int rows[1024], used[1024];
   const int chunk = (E + blockDim.x - 1) / blockDim.x;
   const int begin = min(E, (int)threadIdx.x * chunk), end = min(E, begin + chunk);
@@ -54,6 +55,7 @@ extern "C" __global__ void syncfree_plan(const int* __restrict__ counts, int E,
 extern "C" __global__ void mask_padding_rows(int* __restrict__ ids, float* __restrict__ weights,
                                              int* __restrict__ counts, int n_counts,
                                              const int* __restrict__ n_valid, int T, int K) {
+  wait_for_prior_grid();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= T * K || i / K < n_valid[0]) return;
   const int e = ids[i];
@@ -98,6 +100,7 @@ __global__ void __launch_bounds__(SF_THREADS, SF_MIN_BLOCKS)
 syncfree_gemm(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
               const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd,
               const float* __restrict__ row_scale) {
+  wait_for_prior_grid();
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
@@ -214,6 +217,7 @@ __global__ void __launch_bounds__(SF_STREAM_WARPS * 32)
 syncfree_stream(const T* __restrict__ in, const T* __restrict__ W, O* __restrict__ out,
                 const int* __restrict__ offsets, const int* __restrict__ active, int N, int Kd,
                 const float* __restrict__ row_scale) {
+  wait_for_prior_grid();
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
