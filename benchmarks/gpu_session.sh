@@ -39,7 +39,7 @@ part() {
       grep -hE "^[0-9.]+s (call|setup)" "$OUT"/gpu_tests_?.txt | sort -rn | head -12 | tee -a "$log" ;;
     replay)
       timeout 150 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphs_gpu.py \
-        tests/test_fp8_gpu.py -k "graph or programmatic or replay" > "$OUT/graph_tests.txt" 2>&1
+        tests/test_fp8_gpu.py -k "graph or programmatic or replay or padded" > "$OUT/graph_tests.txt" 2>&1
       echo "graph tests rc=$?" | tee -a "$log"
       grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/graph_tests.txt" | tail -12 | tee -a "$log"
       for q in bf16 fp8; do

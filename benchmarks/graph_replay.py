@@ -19,8 +19,8 @@ import numpy as np
 import zeromoe_cupy as zm
 from zeromoe_cupy import graphs
 from zeromoe_cupy._arrays import np_dtype
-from zeromoe_cupy.bench import _normal, _Timer, calibrate_zero_bias, floor_time,
-                            measure_ceilings, measure_matmul
+from zeromoe_cupy.bench import (_normal, _Timer, calibrate_zero_bias, floor_time,
+                                measure_ceilings, measure_matmul)
 from zeromoe_cupy.reference import relative_error
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

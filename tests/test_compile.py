@@ -155,12 +155,12 @@ def test_kernel_params_convert_as_cupy_does():
     from zeromoe_cupy._compile import kernel_params
 
     args = [np.int32(-5), np.float32(1.5), np.uint64(2**63 + 7), True, -(2**40), 0.1,
-            np.int64(3), np.float64(-2.25)]
+            np.int64(3), np.float64(-2.25), None]
     pointers, values = kernel_params(args)
     assert len(values) == len(args)
     want = [(ctypes.c_int32, -5), (ctypes.c_float, 1.5), (ctypes.c_uint64, 2**63 + 7),
             (ctypes.c_bool, True), (ctypes.c_longlong, -(2**40)), (ctypes.c_double, 0.1),
-            (ctypes.c_int64, 3), (ctypes.c_double, -2.25)]
+            (ctypes.c_int64, 3), (ctypes.c_double, -2.25), (ctypes.c_void_p, None)]
     for i, (ctype, value) in enumerate(want):
         assert ctypes.sizeof(values[i]) == ctypes.sizeof(ctype), i
         assert ctypes.cast(pointers[i], ctypes.POINTER(ctype)).contents.value == value, i

@@ -122,7 +122,7 @@ def _dim3(dims) -> tuple[int, int, int]:
 def kernel_params(args: Sequence[Any]) -> tuple[Any, list]:
     """``args`` as a CUDA launch's ``void** kernelParams``: (ctypes array of pointers, the
     ctypes values it points at, to keep alive until the launch returns). Arguments convert as
-    CuPy converts them: device arrays to their pointer, NumPy scalars to their own type,
+    CuPy converts them: device arrays to their pointer, None to a null pointer, NumPy scalars to their own type,
     Python bool / int / float to bool / long long / double (cupy._core._scalar)."""
     cp = cupy_module()
     device_array = cp.ndarray if cp is not None else ()
@@ -130,6 +130,8 @@ def kernel_params(args: Sequence[Any]) -> tuple[Any, list]:
     for i, a in enumerate(args):
         if isinstance(a, device_array):
             values.append(ctypes.c_void_p(a.data.ptr))
+        elif a is None:  # a null pointer
+            values.append(ctypes.c_void_p(None))
         elif isinstance(a, np.generic):
             values.append(np.ctypeslib.as_ctypes_type(a.dtype)(a.item()))
         elif isinstance(a, bool):

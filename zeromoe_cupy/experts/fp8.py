@@ -34,10 +34,12 @@ scales, activations quantized per row and 128 features.
   GEMM (FP8 tensor cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
   cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
   (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
-  ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is); ``LT_REFUSED``
-  maps (x's dtype, H, I) of layers whose GEMMs cuBLASLt refused to the reason (measured on
-  the H200: the heuristic offers an algorithm for K = 128 or 256 that cublasLtMatmul then
-  refuses with NOT_SUPPORTED; LongCat-Flash's shapes run).
+  Before its first use at a layer shape (H, I), the GEMM runs once at that shape on random
+  operands against their product (_lt_self_check): cuBLASLt's results are trusted only where
+  they were checked. ``LT_REFUSAL`` keeps why cuBLASLt is not used at all (None while it is);
+  ``LT_REFUSED`` maps (x's dtype, H, I) of layers whose GEMMs cuBLASLt refused or got wrong
+  to the reason (measured on the H200: the heuristic offers an algorithm for K = 128 or 256
+  that cublasLtMatmul then refuses with NOT_SUPPORTED; LongCat-Flash's shapes run).
 """
 from __future__ import annotations
 
@@ -331,8 +333,8 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
 
 def _lt_layout(H: int, I: int, dtype: str):
     """How to call cuBLASLt's block-scaled FP8 GEMM here: (weight scales transposed, activation
-    scales M-major), or None where it cannot serve (LT_REFUSAL says why, but for H or I not
-    multiples of 128, which only this layer's shapes rule out)."""
+    scales M-major), or None where it cannot serve (LT_REFUSAL or LT_REFUSED says why, but for
+    H or I not multiples of 128, which only this layer's shapes rule out)."""
     global LT_REFUSAL
     cp = cupy_module()
     if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128:
@@ -341,49 +343,67 @@ def _lt_layout(H: int, I: int, dtype: str):
     if (int(cc[:-1]), int(cc[-1])) < (8, 9):
         LT_REFUSAL = f"compute capability {cc[:-1]}.{cc[-1]} has no FP8 tensor cores (>= 8.9)"
         return None
-    device = cp.cuda.runtime.getDevice()
-    if device not in _LT_LAYOUTS:
-        _LT_LAYOUTS[device] = _lt_self_check()
-    return _LT_LAYOUTS[device]
+    key = (cp.cuda.runtime.getDevice(), H, I)
+    if key not in _LT_LAYOUTS:
+        _LT_LAYOUTS[key], notes = _lt_self_check(((2 * I, H), (H, I)))
+        if _LT_LAYOUTS[key] is None:
+            for d in DTYPES:
+                LT_REFUSED[d, H, I] = "cuBLASLt block-scaled FP8 GEMM unusable: " + \
+                    "; ".join(notes)
+    return _LT_LAYOUTS[key]
 
 
 _LT_LAYOUTS: dict = {}
 
 
-def _lt_self_check():
-    """Run the GEMM once on a small random problem against the dequantized product, with the
-    documented scale layouts first (weights [N/128, K/128], activations M-major) and the
-    transposed ones after: the first layout that gives the product is used; if none does,
-    cuBLASLt is not used (LT_REFUSAL records each attempt). One-time cost: a few calls."""
-    global LT_REFUSAL
+def _lt_self_check(shapes):
+    """Run the GEMM on random e4m3 operands and scales of each (n, k) in ``shapes`` (the
+    layer's own: a layout that gave the product at K = 512 read the weight scales wrongly at
+    K = 256, relative error 0.17, H200, cuBLAS 13.1) against their dequantized product, with
+    the documented scale layouts first (weights [N/128, K/128], activations M-major) and the
+    transposed ones after: (the first layout that gives every product, notes), or (None, why
+    each failed). One-time cost per layer shape: a few GEMMs of 64 rows."""
+    import ml_dtypes
+
     from ..reference import relative_error
     cp = cupy_module()
-    m, n, k = 64, 256, 512
-    rng = np.random.default_rng(0)
-    qw, sw = quant.quantize_weight(rng.standard_normal((n, k), dtype=np.float32) * 0.05)
-    qx, sx = quant.quantize_activations(rng.standard_normal((m, k), dtype=np.float32))
-    ref = (qx.astype(np.float64) * np.repeat(sx, 128, 1)) @ \
-        quant.dequantize_weight(qw, sw).astype(np.float64).T
+    m = 64
+    e4m3 = cp.asarray(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+                      .astype(np.float32))
+    rs = cp.random.RandomState(0)
+
+    def random_e4m3(rows, cols):  # every finite code but 0x7f / 0xff (NaN)
+        codes = rs.randint(0, 254, (rows, cols), dtype=np.int32)
+        return (codes + (codes >= 127)).astype(np.uint8)
+
+    cases = []
+    for n, k in shapes:
+        qw, qx = random_e4m3(n, k), random_e4m3(m, k)
+        sw = rs.uniform(0.5, 2.0, (n // 128, k // 128)).astype(np.float32)
+        sx = rs.uniform(0.5, 2.0, (m, k // 128)).astype(np.float32)
+        w = e4m3[qw] * cp.repeat(cp.repeat(sw, 128, 0), 128, 1)
+        x = e4m3[qx] * cp.repeat(sx, 128, 1)
+        cases.append((qw, sw, qx, sx, (x.astype(np.float64) @ w.astype(np.float64).T).get()))
     notes = []
     for w_t, x_mm in ((False, True), (True, True), (False, False), (True, False)):
         name = f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128]'}, activation " \
                f"scales {'M' if x_mm else 'K'}-major"
-        out = cp.empty((m, n), DTYPES["bfloat16"][0])
-        try:
-            _cublas.fp8_gemm_nt(cp.asarray(qw.view(np.uint8)),
-                                cp.asarray(np.ascontiguousarray(sw.T if w_t else sw)),
-                                cp.asarray(qx.view(np.uint8)),
-                                cp.asarray(np.ascontiguousarray(sx.T if x_mm else sx)).ravel(),
-                                out, m)
-            err = relative_error(out.get().astype(np.float32), ref)
-        except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
-            notes.append(f"{name}: {exc}")
-            continue
-        if err < 2e-2:
-            return (w_t, x_mm)
-        notes.append(f"{name}: wrong product (rel. error {err:.1e})")
-    LT_REFUSAL = "cuBLASLt block-scaled FP8 GEMM unusable: " + "; ".join(notes)
-    return None
+        for qw, sw, qx, sx, ref in cases:
+            out = cp.empty((m, qw.shape[0]), DTYPES["bfloat16"][0])
+            try:
+                _cublas.fp8_gemm_nt(qw, cp.ascontiguousarray(sw.T if w_t else sw), qx,
+                                    cp.ascontiguousarray(sx.T if x_mm else sx).ravel(), out, m)
+                err = relative_error(out.get().astype(np.float32), ref)
+            except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
+                notes.append(f"{name}: {exc}")
+                break
+            if err >= 2e-2:
+                notes.append(f"{name}: wrong product at n={qw.shape[0]} k={qw.shape[1]} "
+                             f"(rel. error {err:.1e})")
+                break
+        else:
+            return (w_t, x_mm), notes
+    return None, notes
 
 
 def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
