@@ -38,7 +38,8 @@ part() {
       grep -hE "^(FAILED|ERROR)|passed|failed| rc=" "$OUT"/gpu_tests_?.txt | tail -30 | tee -a "$log"
       grep -hE "^[0-9.]+s (call|setup)" "$OUT"/gpu_tests_?.txt | sort -rn | head -12 | tee -a "$log" ;;
     replay)
-      timeout 150 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphs_gpu.py \
+      timeout 60 python3 benchmarks/pdl_chain.py 2>&1 | tail -6 | tee -a "$log"
+      timeout ${GRAPH_TESTS_S:-280} python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphs_gpu.py \
         tests/test_fp8_gpu.py -k "graph or programmatic or replay or padded" > "$OUT/graph_tests.txt" 2>&1
       echo "graph tests rc=$?" | tee -a "$log"
       grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/graph_tests.txt" | tail -12 | tee -a "$log"
