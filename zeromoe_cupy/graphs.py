@@ -14,7 +14,8 @@ for every expert) where experts.capacity.prefers it; "fixed" for deterministic l
 masked after routing: their slots go to no expert, so they cost no weight reads.
 The package's kernels are captured with programmatic dependent launch (_compile.py) on GPUs
 of compute capability 9.0 and later: a node's blocks start during the previous node's last
-wave and wait there, instead of after a launch gap of a few microseconds.
+wave and wait there. It saves little: a graph's kernel-to-kernel step measured 1.41 us plain
+and 1.26 us so (H200, benchmarks/pdl_chain.py).
 """
 from __future__ import annotations
 
