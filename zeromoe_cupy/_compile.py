@@ -93,7 +93,7 @@ class Kernel:
 @contextlib.contextmanager
 def programmatic_launches(enabled: bool = True):
     """Within the block, RawModule kernels launch with programmatic dependent launch if
-    ``enabled``, the GPU supports it (compute capability >= 9.0) and cuda-bindings imports;
+    ``enabled`` and the GPU, driver and install support it (``_programmatic_supported``);
     else plainly. Yields whether they do."""
     global _programmatic
     before = _programmatic
@@ -105,13 +105,16 @@ def programmatic_launches(enabled: bool = True):
 
 
 def _programmatic_supported() -> bool:
+    """sm_90 or later (griddepcontrol), a driver of CUDA 12.3 or later (typed graph edges,
+    cudaGraphEdgeData, which capture records the launches as) and cuda-bindings (installed
+    with CuPy 14)."""
     cp = cupy_module()
     major = cp.cuda.Device().compute_capability[:-1]
     try:
-        from cuda.bindings import driver  # noqa: F401  (installed with CuPy 14)
+        from cuda.bindings import driver  # noqa: F401
     except ImportError:
         return False
-    return int(major) >= 9
+    return int(major) >= 9 and cp.cuda.runtime.driverGetVersion() >= 12030
 
 
 def _dim3(dims) -> tuple[int, int, int]:
