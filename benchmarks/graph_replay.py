@@ -51,8 +51,10 @@ t0 = time.perf_counter()
 g = layer.graphed(capture_sizes=tokens)
 t1 = time.perf_counter()
 graphs.PROGRAMMATIC_LAUNCH = False
-g_plain = layer.graphed(capture_sizes=tokens)
-graphs.PROGRAMMATIC_LAUNCH = True
+try:
+    g_plain = layer.graphed(capture_sizes=tokens)
+finally:
+    graphs.PROGRAMMATIC_LAUNCH = True
 print(f"captured {len(tokens)} sizes in {t1 - t0:.2f} s (plain launches: "
       f"{time.perf_counter() - t1:.2f} s)", flush=True)
 timer = _Timer(True, 3, 20)

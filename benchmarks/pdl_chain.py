@@ -2,16 +2,18 @@
 small kernels (copy_16byte, one block, ping-pong between two buffers) captured as a graph with
 plain launches and with programmatic_launches(); per-kernel replay time (median of CUDA-event
 timings), and the captured graph's edges by type (cuGraphGetEdges through cuda-bindings).
-Usage: pdl_chain.py [kernels per graph]
+Usage: pdl_chain.py [--kernels 64]
 """
-import sys
+import argparse
 
 import cupy as cp
 import numpy as np
 
 from zeromoe_cupy._compile import programmatic_launches, raw_module
 
-n_kernels = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--kernels", type=int, default=64, help="kernels per graph (%(default)s)")
+n_kernels = parser.parse_args().kernels
 kernel = raw_module("copy.cu", ["copy_16byte"]).get_function("copy_16byte")
 a, b = cp.zeros(4096, np.float32), cp.zeros(4096, np.float32)
 n = np.int64(a.nbytes // 16)
@@ -28,6 +30,8 @@ def edge_types(graph):
         result = driver.cuGraphGetEdges(driver.CUgraph(handle), count)
     except Exception as exc:  # noqa: BLE001 - a diagnostic
         return f"cuGraphGetEdges failed: {exc!r}"
+    if result[0] != driver.CUresult.CUDA_SUCCESS:
+        return f"cuGraphGetEdges failed: {result[0]!r}"
     if len(result) < 5:
         return f"{count} edges (no edge data in this binding)"
     types = {}

@@ -148,24 +148,74 @@ def test_grid_dependency_instructions_only_from_sm_90(arch, waits):
 
 
 def test_kernel_params_convert_as_cupy_does():
-    """The programmatic launch's argument block: NumPy scalars keep their type, Python bool /
-    int / float become bool / long long / double (CuPy's rule), anything else is refused."""
+    """The programmatic launch's argument block: NumPy scalars and 0-d arrays keep their type's
+    bytes (float16 and bfloat16 too), Python bool / int / float become bool / long long (unsigned
+    from 2**63) / double, None a null pointer (CuPy's rules); anything else is refused by name."""
     import ctypes
+
+    import ml_dtypes
     import numpy as np
     from zeromoe_cupy._compile import kernel_params
 
-    args = [np.int32(-5), np.float32(1.5), np.uint64(2**63 + 7), True, -(2**40), 0.1,
-            np.int64(3), np.float64(-2.25), None]
-    pointers, values = kernel_params(args)
-    assert len(values) == len(args)
-    want = [(ctypes.c_int32, -5), (ctypes.c_float, 1.5), (ctypes.c_uint64, 2**63 + 7),
-            (ctypes.c_bool, True), (ctypes.c_longlong, -(2**40)), (ctypes.c_double, 0.1),
-            (ctypes.c_int64, 3), (ctypes.c_double, -2.25), (ctypes.c_void_p, None)]
-    for i, (ctype, value) in enumerate(want):
+    want = [(np.int32(-5), ctypes.c_int32, -5), (np.float32(1.5), ctypes.c_float, 1.5),
+            (np.uint64(2**63 + 7), ctypes.c_uint64, 2**63 + 7), (True, ctypes.c_bool, True),
+            (-(2**40), ctypes.c_longlong, -(2**40)), (0.1, ctypes.c_double, 0.1),
+            (np.int64(3), ctypes.c_int64, 3), (np.float64(-2.25), ctypes.c_double, -2.25),
+            (None, ctypes.c_void_p, None), (2**64 - 1, ctypes.c_uint64, 2**64 - 1),
+            (np.array(7, np.int16), ctypes.c_int16, 7), (np.bool_(True), ctypes.c_bool, True)]
+    pointers, values = kernel_params([a for a, _, _ in want])
+    assert len(values) == len(want)
+    for i, (_, ctype, value) in enumerate(want):
         assert ctypes.sizeof(values[i]) == ctypes.sizeof(ctype), i
         assert ctypes.cast(pointers[i], ctypes.POINTER(ctype)).contents.value == value, i
+    # 2-byte floats: their bits, as CuPy passes them
+    for x in (np.float16(-1.75), np.array(3.5, ml_dtypes.bfloat16)[()]):
+        pointers, values = kernel_params([x])
+        got = ctypes.string_at(pointers[0], 2)
+        assert got == np.asarray(x).tobytes() and ctypes.sizeof(values[0]) == 2
     with pytest.raises(TypeError, match=r"args\[1\]: .*str"):
         kernel_params([np.int32(1), "x"])
+    with pytest.raises(TypeError, match=r"args\[0\]: .*list"):
+        kernel_params([[1, 2]])
+    for big in (2**64, -(2**63) - 1):
+        with pytest.raises(OverflowError, match=r"args\[2\]"):
+            kernel_params([1, 2, big])
+
+
+@pytest.mark.parametrize("dims,expected", [(4, (4, 1, 1)), ((2, 3), (2, 3, 1)),
+                                           ((0, 5, 6), (1, 5, 6))])
+def test_launch_dims_as_cupy_reads_them(dims, expected):
+    from zeromoe_cupy._compile import _dim3
+    assert _dim3("grid", dims) == expected
+
+
+@pytest.mark.parametrize("dims", [2.5, (1, 2, 3, 4), (), (1, "2")])
+def test_launch_dims_refused_by_name(dims):
+    from zeromoe_cupy._compile import _dim3
+    with pytest.raises(TypeError, match="block"):
+        _dim3("block", dims)
+
+
+def test_programmatic_launches_are_per_thread_and_restored():
+    """The switch is the calling thread's (another thread keeps launching plainly) and is
+    restored on exit, an exception's included; without a GPU it is never in effect."""
+    import threading
+
+    from zeromoe_cupy import _compile
+    seen = []
+    with _compile.programmatic_launches() as on:
+        assert on is False or on is True
+        t = threading.Thread(target=lambda: seen.append(
+            getattr(_compile._launch_mode, "programmatic", False)))
+        t.start()
+        t.join()
+        with pytest.raises(RuntimeError):
+            with _compile.programmatic_launches(False) as inner:
+                assert inner is False
+                raise RuntimeError
+        assert getattr(_compile._launch_mode, "programmatic", False) == on
+    assert seen == [False]
+    assert getattr(_compile._launch_mode, "programmatic", False) is False
 
 
 def _compile(filename, arch, extra, want_ptx=False):

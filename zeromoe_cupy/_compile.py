@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import importlib.resources
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from ._arrays import cupy_module
 
 NVRTC_OPTIONS = ("-std=c++17",)
 _loaded_modules: list = []
-_programmatic = False  # set by programmatic_launches()
+_launch_mode = threading.local()  # .programmatic: set by programmatic_launches(), per thread
 
 
 def kernel_source(filename: str) -> str:
@@ -72,7 +73,7 @@ class Kernel:
 
     Inside ``programmatic_launches()`` on sm_90 and later it launches with programmatic
     dependent launch (the kernel's source must begin with ``wait_for_prior_grid()``, as every
-    kernel under kernels/ does; tests/test_kernels_compile.py checks it).
+    kernel under kernels/ does; tests/test_compile.py checks it).
     """
 
     __slots__ = ("raw",)
@@ -81,12 +82,14 @@ class Kernel:
         self.raw = raw
 
     def __call__(self, grid, block, args, *, shared_mem: int = 0) -> None:
-        if _programmatic:
+        if getattr(_launch_mode, "programmatic", False):
             _launch_programmatic(self.raw, grid, block, args, shared_mem)
         else:
             self.raw(grid, block, args, shared_mem=shared_mem)
 
     def __getattr__(self, name: str):  # read-only attributes of the RawKernel (num_regs, ...)
+        if name == "raw":  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.raw, name)
 
 
@@ -94,57 +97,70 @@ class Kernel:
 def programmatic_launches(enabled: bool = True):
     """Within the block, RawModule kernels launch with programmatic dependent launch if
     ``enabled`` and the GPU, driver and install support it (``_programmatic_supported``);
-    else plainly. Yields whether they do."""
-    global _programmatic
-    before = _programmatic
-    _programmatic = enabled and _programmatic_supported()
+    else plainly. Yields whether they do. The setting is the calling thread's: another
+    thread's launches meanwhile stay plain."""
+    before = getattr(_launch_mode, "programmatic", False)
+    _launch_mode.programmatic = enabled and _programmatic_supported()
     try:
-        yield _programmatic
+        yield _launch_mode.programmatic
     finally:
-        _programmatic = before
+        _launch_mode.programmatic = before
 
 
 def _programmatic_supported() -> bool:
     """sm_90 or later (griddepcontrol), a driver of CUDA 12.3 or later (typed graph edges,
     cudaGraphEdgeData, which capture records the launches as) and cuda-bindings (installed
-    with CuPy 14)."""
+    by the cuda12 / cuda13 extras, through numba-cuda[cu12 / cu13]); False without a GPU."""
     cp = cupy_module()
-    major = cp.cuda.Device().compute_capability[:-1]
     try:
         from cuda.bindings import driver  # noqa: F401
-    except ImportError:
+        major = cp.cuda.Device().compute_capability[:-1]
+        return int(major) >= 9 and cp.cuda.runtime.driverGetVersion() >= 12030
+    except (ImportError, AttributeError, cp.cuda.runtime.CUDARuntimeError):
         return False
-    return int(major) >= 9 and cp.cuda.runtime.driverGetVersion() >= 12030
 
 
-def _dim3(dims) -> tuple[int, int, int]:
-    dims = (dims,) if isinstance(dims, (int, np.integer)) else tuple(dims)
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]
+def _dim3(name: str, dims) -> tuple[int, int, int]:
+    """A grid or block as CuPy reads it: an int or a tuple of 1 to 3 ints, 0 taken as 1."""
+    if isinstance(dims, (int, np.integer)):
+        dims = (dims,)
+    if not (isinstance(dims, (tuple, list)) and 1 <= len(dims) <= 3 and
+            all(isinstance(d, (int, np.integer)) for d in dims)):
+        raise TypeError(f"{name}: expected an int or a tuple of 1 to 3 ints, got {dims!r}")
+    return tuple(max(1, int(d)) for d in dims) + (1,) * (3 - len(dims))  # type: ignore
 
 
 def kernel_params(args: Sequence[Any]) -> tuple[Any, list]:
     """``args`` as a CUDA launch's ``void** kernelParams``: (ctypes array of pointers, the
     ctypes values it points at, to keep alive until the launch returns). Arguments convert as
-    CuPy converts them: device arrays to their pointer, None to a null pointer, NumPy scalars to their own type,
-    Python bool / int / float to bool / long long / double (cupy._core._scalar)."""
+    CuPy converts them (cupy._core._scalar): device arrays to their pointer, None to a null
+    pointer, NumPy scalars and 0-d arrays to their own bytes, Python bool / int / float to
+    bool / long long (unsigned long long from 2**63) / double. Raises TypeError for other
+    kinds and OverflowError for ints beyond 64 bits, naming the argument."""
     cp = cupy_module()
     device_array = cp.ndarray if cp is not None else ()
-    values = []
+    values: list = []
     for i, a in enumerate(args):
         if isinstance(a, device_array):
             values.append(ctypes.c_void_p(a.data.ptr))
         elif a is None:  # a null pointer
             values.append(ctypes.c_void_p(None))
-        elif isinstance(a, np.generic):
-            values.append(np.ctypeslib.as_ctypes_type(a.dtype)(a.item()))
+        elif isinstance(a, np.generic) or (isinstance(a, np.ndarray) and a.ndim == 0):
+            data = np.asarray(a).tobytes()  # float16, bfloat16, complex: bytes as CuPy passes
+            values.append((ctypes.c_char * len(data)).from_buffer_copy(data))
         elif isinstance(a, bool):
             values.append(ctypes.c_bool(a))
-        elif isinstance(a, int):
-            values.append(ctypes.c_longlong(a))
-        elif isinstance(a, float):
+        elif type(a) is int:
+            if -2**63 <= a < 2**63:
+                values.append(ctypes.c_longlong(a))
+            elif 2**63 <= a < 2**64:
+                values.append(ctypes.c_ulonglong(a))
+            else:
+                raise OverflowError(f"args[{i}]: {a} does not fit in 64 bits")
+        elif type(a) is float:
             values.append(ctypes.c_double(a))
         else:
-            raise TypeError(f"args[{i}]: expected a CuPy array or a scalar, got "
+            raise TypeError(f"args[{i}]: expected a CuPy array, None or a scalar, got "
                             f"{type(a).__name__}")
     pointers = (ctypes.c_void_p * max(1, len(values)))(
         *[ctypes.addressof(v) for v in values])
@@ -156,8 +172,8 @@ def _launch_programmatic(raw, grid, block, args, shared_mem: int) -> None:
 
     cp = cupy_module()
     config = driver.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = _dim3(grid)
-    config.blockDimX, config.blockDimY, config.blockDimZ = _dim3(block)
+    config.gridDimX, config.gridDimY, config.gridDimZ = _dim3("grid", grid)
+    config.blockDimX, config.blockDimY, config.blockDimZ = _dim3("block", block)
     config.sharedMemBytes = int(shared_mem)
     config.hStream = driver.CUstream(cp.cuda.get_current_stream().ptr)
     attr = driver.CUlaunchAttribute()
