@@ -332,9 +332,10 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
 
 
 def _lt_layout(H: int, I: int, dtype: str):
-    """How to call cuBLASLt's block-scaled FP8 GEMM here: (weight scales transposed, activation
-    scales M-major), or None where it cannot serve (LT_REFUSAL or LT_REFUSED says why, but for
-    H or I not multiples of 128, which only this layer's shapes rule out)."""
+    """How to call cuBLASLt's block-scaled FP8 GEMM for a layer of x's ``dtype`` and shape
+    (H, I): (weight scales transposed, activation scales M-major), or None where it cannot
+    serve (LT_REFUSAL or LT_REFUSED says why, but for H or I not multiples of 128, which only
+    this layer's shapes rule out)."""
     global LT_REFUSAL
     cp = cupy_module()
     if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128:
@@ -343,38 +344,39 @@ def _lt_layout(H: int, I: int, dtype: str):
     if (int(cc[:-1]), int(cc[-1])) < (8, 9):
         LT_REFUSAL = f"compute capability {cc[:-1]}.{cc[-1]} has no FP8 tensor cores (>= 8.9)"
         return None
-    key = (cp.cuda.runtime.getDevice(), H, I)
+    key = (cp.cuda.runtime.getDevice(), dtype, H, I)
     if key not in _LT_LAYOUTS:
+        # the two GEMMs as gemm_fp8 calls them: gate/up into x's dtype, down into rows_dtype
+        gemms = ((2 * I, H, DTYPES[dtype][0]), (H, I, rows_dtype(DTYPES[dtype][0])))
         try:
-            _LT_LAYOUTS[key], notes = _lt_self_check(((2 * I, H), (H, I)))
+            _LT_LAYOUTS[key], notes = _lt_self_check(gemms)
         except Exception as exc:  # e.g. out of memory: decided once, not at every call
             _LT_LAYOUTS[key], notes = None, [f"the self-check failed: {exc!r}"]
         if _LT_LAYOUTS[key] is None:
-            for d in DTYPES:
-                LT_REFUSED[d, H, I] = "cuBLASLt block-scaled FP8 GEMM unusable: " + \
-                    "; ".join(notes)
+            LT_REFUSED[dtype, H, I] = "cuBLASLt block-scaled FP8 GEMM unusable: " + \
+                "; ".join(notes)
     return _LT_LAYOUTS[key]
 
 
 _LT_LAYOUTS: dict = {}
+# Row counts the self-check runs: the padded path's smallest (PAD_ROWS) and a large one (each
+# row count is a plan of cuBLASLt's own, which may pick another kernel).
+LT_CHECK_ROWS = (PAD_ROWS, 1024)
 
 
-def _lt_self_check(shapes):
-    """Run the GEMM on random e4m3 operands and scales of each (n, k) in ``shapes`` (the
-    layer's own: a layout that gave the product at K = 512 read the weight scales wrongly at
-    K = 256, relative error 0.17, H200, cuBLAS 13.1) against their dequantized product, with
-    the documented scale layouts first (weights [N/128, K/128], activations M-major) and the
-    transposed ones after: (the first layout that gives every product, notes), or (None, why
-    each failed). It checks 64 rows and a bf16 output; the layer's other row counts and
-    output dtypes use the layout found (each is a plan of cuBLASLt's own; the GPU tests
-    check fp32 layers and hundreds of rows against the float64 evaluation). One-time cost per
-    layer shape: a few GEMMs of 64 rows and their fp32 products (about 0.3 GB of temporaries
-    at LongCat-Flash's shapes)."""
+def _lt_self_check(gemms):
+    """Run the GEMM on random e4m3 operands and scales of each (n, k, output dtype) in
+    ``gemms`` (the layer's own: a layout that gave the product at K = 512 read the weight
+    scales wrongly at K = 256, relative error 0.17, H200, cuBLAS 13.1), for LT_CHECK_ROWS rows,
+    against their dequantized product, with the documented scale layouts first (weights
+    [N/128, K/128], activations M-major) and the transposed ones after: (the first layout
+    that gives every product, notes), or (None, why each failed). Other row counts use the
+    layout found. One-time cost per layer dtype and shape: a few GEMMs and their fp32 products
+    (about 0.5 GB of temporaries at LongCat-Flash's shapes)."""
     import ml_dtypes
 
     from ..reference import relative_error
     cp = cupy_module()
-    m = 64
     e4m3 = cp.asarray(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
                       .astype(np.float32))
     rs = cp.random.RandomState(0)
@@ -383,21 +385,26 @@ def _lt_self_check(shapes):
         codes = rs.randint(0, 254, (rows, cols), dtype=np.int32)
         return (codes + (codes >= 127)).astype(np.uint8)
 
+    def random_scales(shape):  # small enough that an fp16 output holds the sums
+        return (rs.uniform(0.5, 2.0, shape) / 64).astype(np.float32)
+
     cases = []
-    for n, k in shapes:
-        qw, qx = random_e4m3(n, k), random_e4m3(m, k)
-        sw = rs.uniform(0.5, 2.0, (n // 128, k // 128)).astype(np.float32)
-        sx = rs.uniform(0.5, 2.0, (m, k // 128)).astype(np.float32)
-        w = e4m3[qw] * cp.repeat(cp.repeat(sw, 128, 0), 128, 1)
-        x = e4m3[qx] * cp.repeat(sx, 128, 1)
-        cases.append((qw, sw, qx, sx, (x @ w.T).get()))  # fp32 sums: ~1e-6, bound 2e-2
-        del w, x
+    for n, k, out_dtype in gemms:
+        for m in LT_CHECK_ROWS:
+            qw, qx = random_e4m3(n, k), random_e4m3(m, k)
+            sw, sx = random_scales((n // 128, k // 128)), random_scales((m, k // 128))
+            w = e4m3[qw] * cp.repeat(cp.repeat(sw, 128, 0), 128, 1)
+            x = e4m3[qx] * cp.repeat(sx, 128, 1)
+            ref = (x @ w.T).get()  # fp32 sums: ~1e-6, against a bound of 2e-2
+            del w, x
+            cases.append((qw, sw, qx, sx, out_dtype, ref))
     notes = []
     for w_t, x_mm in ((False, True), (True, True), (False, False), (True, False)):
         name = f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128]'}, activation " \
                f"scales {'M' if x_mm else 'K'}-major"
-        for qw, sw, qx, sx, ref in cases:
-            out = cp.empty((m, qw.shape[0]), DTYPES["bfloat16"][0])
+        for qw, sw, qx, sx, out_dtype, ref in cases:
+            m, (n, k) = qx.shape[0], qw.shape
+            out = cp.empty((m, n), out_dtype)
             try:
                 _cublas.fp8_gemm_nt(qw, cp.ascontiguousarray(sw.T if w_t else sw), qx,
                                     cp.ascontiguousarray(sx.T if x_mm else sx).ravel(), out, m)
@@ -405,9 +412,9 @@ def _lt_self_check(shapes):
             except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
                 notes.append(f"{name}: {exc}")
                 break
-            if err >= 2e-2:
-                notes.append(f"{name}: wrong product at n={qw.shape[0]} k={qw.shape[1]} "
-                             f"(rel. error {err:.1e})")
+            if not err < 2e-2:  # NaN included
+                notes.append(f"{name}: wrong product at m={m} n={n} k={k} "
+                             f"{np.dtype(out_dtype).name} out (rel. error {err:.1e})")
                 break
         else:
             return (w_t, x_mm), notes
