@@ -251,3 +251,21 @@ def test_fp8_layer_save_load_and_pickle(tmp_path, rng):
         assert again.config.quantization == "fp8" and again.w13.dtype == F8
         np.testing.assert_array_equal(again.w13_scale_inv, l8.w13_scale_inv)
         np.testing.assert_array_equal(again(x).view(np.uint16), y.view(np.uint16))
+
+
+@pytest.mark.parametrize("kb", [1, 2, 3, 4, 5, 8])
+def test_lt_weight_scales_layouts(kb):
+    """The weight scales as the padded FP8 path hands them to cuBLASLt (the GPU self-check
+    takes them from the same function): rows padded with zeros to a multiple of 4 scales, the
+    values in place; or transposed."""
+    from zeromoe_cupy.experts.fp8 import _lt_weight_scales
+    s = np.random.default_rng(kb).uniform(0.5, 2.0, (3, 5, kb)).astype(np.float32)
+    padded = _lt_weight_scales(s, False)
+    assert padded.flags.c_contiguous and padded.dtype == np.float32
+    assert padded.shape == (3, 5, -(-kb // 4) * 4)
+    np.testing.assert_array_equal(padded[..., :kb], s)
+    assert not padded[..., kb:].any()
+    transposed = _lt_weight_scales(s, True)
+    assert transposed.flags.c_contiguous and transposed.shape == (3, kb, 5)
+    np.testing.assert_array_equal(transposed, s.transpose(0, 2, 1))
+    np.testing.assert_array_equal(_lt_weight_scales(s[0], False)[:, :kb], s[0])  # 2-d too

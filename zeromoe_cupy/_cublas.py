@@ -303,8 +303,9 @@ def _lt_state(device: int):
 def fp8_gemm_nt(weight, weight_scale, x, x_scale, out, m: int) -> None:
     """out[m, n] = dequant(x)[m, k] @ dequant(weight)[n, k]^T with cuBLASLt's block-scaled FP8.
 
-    weight: e4m3 bytes [n, k] (CuPy uint8 view, C-contiguous), weight_scale fp32
-    [n/128, k/128] (one per 128x128 block); x: e4m3 bytes, m rows of k starting at x's pointer;
+    weight: e4m3 bytes [n, k] (CuPy uint8 view, C-contiguous), weight_scale fp32, one per
+    128x128 block, in the layout experts.fp8._lt_self_check found on this GPU (documented:
+    [n/128, k/128] with rows padded to a multiple of 4); x: e4m3 bytes, m rows of k at x's pointer;
     x_scale: fp32 [k/128, m] (M-major: one per row and 128 features); out: m rows of n in
     bf16/fp16/fp32 at out's pointer. n, k multiples of 128, m a multiple of 4, pointers 16-byte
     aligned. Raises CublasLtError with the status where cuBLASLt refuses.

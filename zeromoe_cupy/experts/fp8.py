@@ -359,6 +359,24 @@ def _lt_layout(H: int, I: int, dtype: str):
 
 
 _LT_LAYOUTS: dict = {}
+
+
+def _lt_weight_scales(s, w_t: bool):
+    """Weight scales [..., N/128, K/128] as layout ``w_t`` hands them to cuBLASLt: transposed
+    to [..., K/128, N/128]; or as they are, each row padded with zeros to a multiple of 4
+    scales (the leading dimension of 128x128 block scales: round_up(K/128, 4) in PyTorch's
+    checks of its blockwise scaled GEMMs), which needs no copy where K/128 is a multiple of
+    4 (LongCat-Flash, DeepSeek-V3). The self-check and the path both take them from here.
+    ``s``: a CuPy or NumPy fp32 array; the result is of the same kind."""
+    xp = np if isinstance(s, np.ndarray) else cupy_module()
+    if w_t:
+        return xp.ascontiguousarray(xp.swapaxes(s, -1, -2))
+    kb = s.shape[-1]
+    if kb % 4 == 0:
+        return xp.ascontiguousarray(s)
+    padded = xp.zeros(s.shape[:-1] + (kb + (-kb) % 4,), np.float32)
+    padded[..., :kb] = s
+    return padded
 # Row counts the self-check runs: the padded path's smallest (PAD_ROWS) and a large one (each
 # row count is a plan of cuBLASLt's own, which may pick another kernel).
 LT_CHECK_ROWS = (PAD_ROWS, 1024)
@@ -369,10 +387,11 @@ def _lt_self_check(gemms):
     ``gemms`` (the layer's own: a layout that gave the product at K = 512 read the weight
     scales wrongly at K = 256, relative error 0.17, H200, cuBLAS 13.1), for LT_CHECK_ROWS rows,
     against their dequantized product, with the documented scale layouts first (weights
-    [N/128, K/128], activations M-major) and the transposed ones after: (the first layout
-    that gives every product, notes), or (None, why each failed). Other row counts use the
-    layout found. One-time cost per layer dtype and shape: a few GEMMs and their fp32 products
-    (about 0.5 GB of temporaries at LongCat-Flash's shapes)."""
+    [N/128, K/128] with rows padded to 4 scales, activations M-major) and the transposed
+    ones after: (the first layout that gives every product, notes), or (None, why each
+    failed). Other row counts use the layout found. One-time cost per layer dtype and shape:
+    a few GEMMs and their fp32 products (about 0.5 GB of temporaries at LongCat-Flash's
+    shapes)."""
     import ml_dtypes
 
     from ..reference import relative_error
@@ -400,13 +419,13 @@ def _lt_self_check(gemms):
             cases.append((qw, sw, qx, sx, out_dtype, ref))
     notes = []
     for w_t, x_mm in ((False, True), (True, True), (False, False), (True, False)):
-        name = f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128]'}, activation " \
-               f"scales {'M' if x_mm else 'K'}-major"
+        name = (f"weight scales {'[K/128, N/128]' if w_t else '[N/128, K/128 padded to 4]'}, "
+                f"activation scales {'M' if x_mm else 'K'}-major")
         for qw, sw, qx, sx, out_dtype, ref in cases:
             m, (n, k) = qx.shape[0], qw.shape
             out = cp.empty((m, n), out_dtype)
             try:
-                _cublas.fp8_gemm_nt(qw, cp.ascontiguousarray(sw.T if w_t else sw), qx,
+                _cublas.fp8_gemm_nt(qw, _lt_weight_scales(sw, w_t), qx,
                                     cp.ascontiguousarray(sx.T if x_mm else sx).ravel(), out, m)
                 err = relative_error(out.get().astype(np.float32), ref)
             except (_cublas.CublasLtError, RuntimeError, OSError) as exc:
@@ -449,8 +468,7 @@ def gemm_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
     layout = _lt_layout(H, I, dtype_name(x.dtype)) if _aligned16(w13, w2) else None
     if layout is not None:
         w_t, x_mm = layout
-        if w_t:
-            s13, s2 = (cp.ascontiguousarray(s.transpose(0, 2, 1)) for s in (s13, s2))
+        s13, s2 = (_lt_weight_scales(s, w_t) for s in (s13, s2))
         xq = cp.empty((rows_total, H), np.uint8)
         xsc = cp.empty(rows_total * (H // 128), np.float32)
         qmod.get_function(f"quantize_rows<{ctype}>")(
