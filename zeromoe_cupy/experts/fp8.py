@@ -377,6 +377,8 @@ def _lt_weight_scales(s, w_t: bool):
     padded = xp.zeros(s.shape[:-1] + (kb + (-kb) % 4,), np.float32)
     padded[..., :kb] = s
     return padded
+
+
 # Row counts the self-check runs: the padded path's smallest (PAD_ROWS) and a large one (each
 # row count is a plan of cuBLASLt's own, which may pick another kernel).
 LT_CHECK_ROWS = (PAD_ROWS, 1024)
