@@ -3,14 +3,11 @@
 Columns: the eager layer ("auto"), the graph as graphed() builds it (programmatic dependent
 launch between its kernels on sm_90 and later), the same graph captured with plain launches
 (graphs.PROGRAMMATIC_LAUNCH = False), each as x the floor of the same run; replay vs eager
-agreement; then the host time of T=1 calls (and with --profile-host, where an eager call
-spends it, by cProfile).
-Usage: graph_replay.py [--tokens 1,4,16] [--quantization fp8] [--json out.json] [--profile-host]
+agreement; then the host time of T=1 calls (where an eager call spends it: profile_host.py).
+Usage: graph_replay.py [--tokens 1,4,16] [--quantization fp8] [--json out.json]
 """
 import argparse
-import cProfile
 import json
-import pstats
 import time
 
 import cupy as cp
@@ -29,8 +26,6 @@ parser.add_argument("--tokens", default="1,4,16,32,64,128,256,512,1024",
 parser.add_argument("--quantization", choices=["fp8"], default=None,
                     help="block-scaled FP8 experts (floor from their e4m3 bytes)")
 parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-parser.add_argument("--profile-host", action="store_true",
-                    help="print cProfile's view of 200 eager T=1 calls")
 args = parser.parse_args()
 tokens = [int(t) for t in args.tokens.split(",")]
 cfg = zm.MoEConfig.preset("longcat-flash")
@@ -94,11 +89,3 @@ for fn, name in ((layer, "eager"), (g, "replay")):
     host = (time.perf_counter() - t0) / 50 * 1e3
     cp.cuda.Device().synchronize()
     print(f"T=1 {name}: {host:.3f} ms host time per call (50 calls queued)")
-if args.profile_host:
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        layer(x)
-    cp.cuda.Device().synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
