@@ -394,24 +394,52 @@ def test_gpu_fp8_wgmma_more_than_1024_active_experts(rng, monkeypatch):
     assert used and err <= WGMMA_SMALL_I_TOL
 
 
-@pytest.mark.parametrize("H,I", [(1024, 512), (256, 1024), (384, 640), (640, 384)])
+def _counting_lt_calls(monkeypatch):
+    """A list that grows by one at each cuBLASLt block-scaled FP8 GEMM call."""
+    calls, gemm = [], fp8_path._cublas.fp8_gemm_nt
+    monkeypatch.setattr(fp8_path._cublas, "fp8_gemm_nt",
+                        lambda *a, **k: (calls.append(1), gemm(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("H,I", [(256, 1024), (384, 1024), (640, 1152), (1024, 1024)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_gpu_fp8_padded_path_at_larger_k(dtype, H, I, rng):
+def test_gpu_fp8_padded_path_at_larger_k(dtype, H, I, rng, monkeypatch):
     """The padded path's cuBLASLt block-scaled FP8 GEMMs, whose sums (like wgmma's) are not
-    exact fp32, at reduction sizes of 2 to 8 scale groups (cuBLASLt once read the weight
-    scales of K = 256 wrongly: 0.17 from the reference), on 150 sampled rows: within the
-    float64 evaluation's 5e-3 (a float32 x feeds gate / up to h's quantization unrounded),
-    whether cuBLASLt or the fp32 fallback serves."""
+    exact fp32, at reduction sizes of 2 to 9 scale groups (cuBLASLt once read the weight
+    scales of K = 256 wrongly: 0.17 from the reference; 9 groups pad the weight scales' rows
+    to 12), on 150 sampled rows: within the float64 evaluation's 5e-3 (a float32 x feeds
+    gate / up to h's quantization unrounded), served by cuBLASLt on compute capability 9.0
+    unless its self-check refused the shape (then by the exact fallback)."""
     E, K = 8, 4
     cfg = zm.MoEConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_zero_experts=4,
                        top_k=K, dtype=dtype)
     cpu8, gpu8 = _quantized_pair(rng, cfg)
     gpu8.expert_strategy = "padded"
+    calls = _counting_lt_calls(monkeypatch)
     x = random_x(rng, 300, H, dtype)
     err = _sampled_error(cpu8, gpu8, x, 150, rng)
-    print(f"gpu fp8 padded {dtype} H={H} I={I}: {err:.2e} (cuBLASLt: "
-          f"{fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED or 'used'})")
+    refused = fp8_path.LT_REFUSAL or fp8_path.LT_REFUSED.get((dtype, H, I))
+    print(f"gpu fp8 padded {dtype} H={H} I={I}: {err:.2e} (cuBLASLt: {refused or 'used'})")
     assert err <= FP8_TOL
+    if cp.cuda.Device().compute_capability == "90" and not refused:
+        assert calls
+
+
+@pytest.mark.parametrize("I", [128, 512])
+def test_gpu_fp8_padded_path_below_wgmma_min_intermediate_is_exact(I, rng, monkeypatch):
+    """Below WGMMA_MIN_INTERMEDIATE the padded path does not call cuBLASLt (its inexact sums,
+    amplified by h's e4m3 quantization, took bf16 layers of I = 128 past 5e-3): the fp32
+    fallback serves, within the bound on every draw."""
+    assert I < fp8_path.WGMMA_MIN_INTERMEDIATE
+    cfg = zm.MoEConfig(hidden_size=256, intermediate_size=I, num_experts=8, num_zero_experts=4,
+                       top_k=4, dtype="bfloat16")
+    cpu8, gpu8 = _quantized_pair(rng, cfg)
+    gpu8.expert_strategy = "padded"
+    calls = _counting_lt_calls(monkeypatch)
+    err = _sampled_error(cpu8, gpu8, random_x(rng, 200, 256, "bfloat16"), 100, rng)
+    print(f"gpu fp8 padded bfloat16 H=256 I={I}: {err:.2e}")
+    assert not calls and err <= FP8_TOL
 
 
 def test_gpu_fp8_graphed_matches_eager(rng):

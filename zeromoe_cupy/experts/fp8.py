@@ -31,7 +31,8 @@ scales, activations quantized per row and 128 features.
   Otherwise grouped_gemv_fp8, fp32 FMAs over the expert's rows a few at a time.
 - More (strategy "padded"): the padded layout (experts/_common.gather), the activations
   quantized by a small kernel, and one cuBLASLt block-scaled FP8 GEMM per active expert and
-  GEMM (FP8 tensor cores; H and I multiples of 128, compute capability >= 8.9). Where that is not available, or
+  GEMM (FP8 tensor cores; H and I multiples of 128, I >= WGMMA_MIN_INTERMEDIATE for the
+  reason given there, compute capability >= 8.9). Where that is not available, or
   cuBLASLt refuses, the same layout with each expert's weights and the quantized activations
   (a' = q * sa) dequantized to fp32, through fp32 cuBLAS GEMMs (exact products; slow).
   Before its first use at a layer shape (H, I), the GEMM runs once at that shape on random
@@ -80,7 +81,8 @@ WGMMA_PAIRS_PER_EXPERT = 12
 # 200-256) the layer's output landed 2e-3 to 7.1e-3 from the float64 evaluation of SPEC's math
 # (two of about 80 cases past its 5e-3 bound); with many features the moved steps average out
 # (LongCat-Flash, I = 2048: 2.1e-3 from the exact kernels, which are 1.9e-3 from it). Below,
-# the exact mma.sync kernels serve.
+# the exact mma.sync kernels serve. cuBLASLt's block-scaled GEMM (the padded path) sums the
+# same way and follows the same rule (H = 256, I = 128, bf16: 3.1e-3 to over 5e-3).
 WGMMA_MIN_INTERMEDIATE = 1024
 WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
@@ -334,11 +336,14 @@ def pairs_fp8(x, ids, w13, s13, w2, s2, mark):
 def _lt_layout(H: int, I: int, dtype: str):
     """How to call cuBLASLt's block-scaled FP8 GEMM for a layer of x's ``dtype`` and shape
     (H, I): (weight scales transposed, activation scales M-major), or None where it cannot
-    serve (LT_REFUSAL or LT_REFUSED says why, but for H or I not multiples of 128, which only
-    this layer's shapes rule out)."""
+    serve (LT_REFUSAL or LT_REFUSED says why, but for H or I not multiples of 128, or I below
+    WGMMA_MIN_INTERMEDIATE, which only this layer's shapes rule out: cuBLASLt's FP8 sums are
+    inexact like grouped_wgmma_fp8's, and at I = 128 its layers landed 2.3e-3 to over 5e-3
+    from the float64 evaluation, bf16 and fp16, H200; the exact fp32 fallback serves there)."""
     global LT_REFUSAL
     cp = cupy_module()
-    if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128:
+    if LT_REFUSAL is not None or (dtype, H, I) in LT_REFUSED or H % 128 or I % 128 or \
+            I < WGMMA_MIN_INTERMEDIATE:
         return None
     cc = cp.cuda.Device().compute_capability  # "90", "89", "120"
     if (int(cc[:-1]), int(cc[-1])) < (8, 9):
