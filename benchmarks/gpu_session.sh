@@ -7,7 +7,9 @@
 #   bench_fp8  zeromoe bench --quantization fp8 --graph   load  from_pretrained of a 39 GB layer
 #   ep         2 ranks: equality check (zeromoe launch, torchrun) and bench --ep 2
 #   memcheck   compute-sanitizer over tests/test_gpu.py (small shapes)
-#   replay     graph tests, then benchmarks/graph_replay.py (bf16, fp8) and graph_profile.py
+#   replay     graph tests, then benchmarks/graph_replay.py (bf16, fp8), then profile
+#   profile    benchmarks/graph_profile.py (bf16, fp8): the kernel timeline of graph replays
+#   router     benchmarks/router_variants.py: router_gemv's split and unroll at 1-32 tokens
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
 log="$OUT/log.txt"
@@ -51,8 +53,17 @@ part() {
           > "$OUT/replay_$q.txt" 2>&1
         tail -14 "$OUT/replay_$q.txt" | tee -a "$log"
       done
-      timeout 120 python3 benchmarks/graph_profile.py 1,4,16,64 > "$OUT/graph_profile.txt" 2>&1
-      tail -40 "$OUT/graph_profile.txt" | tee -a "$log" ;;
+      part profile ;;
+    profile)
+      for q in bf16 fp8; do
+        timeout 120 python3 benchmarks/graph_profile.py --tokens ${PROFILE_TOKENS:-1,4,16,64} \
+          $([ $q = fp8 ] && echo --quantization fp8) --json "$OUT/profile_$q.json" \
+          > "$OUT/profile_$q.txt" 2>&1
+        tail -60 "$OUT/profile_$q.txt" | tee -a "$log"
+      done ;;
+    router)
+      timeout 120 python3 benchmarks/router_variants.py --json "$OUT/router.json" > "$OUT/router.txt" 2>&1
+      tail -50 "$OUT/router.txt" | tee -a "$log" ;;
     prefill)
       timeout 300 python3 benchmarks/fp8_prefill.py ${PREFILL_TOKENS:-} > "$OUT/prefill.txt" 2>&1
       tail -12 "$OUT/prefill.txt" | tee -a "$log" ;;

@@ -1,12 +1,13 @@
 """Where a replayed graph's time goes: the kernel timeline of graph replays (CUPTI through
-torch.profiler, which records every kernel of the process, CuPy's included), LongCat-Flash bf16,
-8 of 12 slots real. Per size: the floor, the replay's span (first kernel start to last kernel
-end, median over replays), each kernel's median duration, and the idle time between kernels.
-Usage: graph_profile.py [tokens,comma,separated] [out.json]. Needs torch (profiler only).
+torch.profiler, which records every kernel of the process, CuPy's included), LongCat-Flash,
+8 of 12 slots real, bf16 or block-scaled FP8 experts. Per size: the floor, the replay's span
+(first kernel start to last kernel end, median over replays), each kernel's median duration,
+and the idle time between kernels. Needs torch (profiler only).
+Usage: graph_profile.py [--tokens 1,4,16] [--quantization fp8] [--json out.json]
 """
+import argparse
 import json
 import os
-import sys
 import tempfile
 from collections import defaultdict
 
@@ -16,11 +17,18 @@ import torch
 
 import zeromoe_cupy as zm
 from zeromoe_cupy._arrays import np_dtype
-from zeromoe_cupy.bench import _normal, calibrate_zero_bias, floor_time, measure_ceilings
+from zeromoe_cupy.bench import (_normal, calibrate_zero_bias, floor_time, measure_ceilings,
+                                measure_matmul)
 
-tokens = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 else
-                           "1,4,16,64,128,256,1024").split(",")]
-out = sys.argv[2] if len(sys.argv) > 2 else None
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--tokens", default="1,4,16,64,128,256,1024",
+                    help="comma-separated token counts (default: %(default)s)")
+parser.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="block-scaled FP8 experts (floor from their e4m3 bytes)")
+parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+args = parser.parse_args()
+tokens = [int(t) for t in args.tokens.split(",")]
+out = args.json
 REPLAYS = 12
 cfg = zm.MoEConfig.preset("longcat-flash")
 dt = np_dtype(cfg.dtype)
@@ -28,6 +36,9 @@ layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
 calibrate_zero_bias(layer, 8.0)
 ceilings = measure_ceilings(cfg.dtype, quick=True)
 bandwidth, rate = ceilings["copy"]["best"], ceilings["matmul"]["best"]
+if args.quantization:  # the zero experts' offset and the router are copied unquantized
+    layer = layer.quantize(args.quantization)
+    rate = measure_matmul("float8_e4m3fn", True)["best"]
 layer.warmup()
 g = layer.graphed(capture_sizes=tokens)
 torch.cuda.init()
@@ -37,7 +48,7 @@ for T in tokens:
     for x in xs[:3]:
         g(x)
     cp.cuda.Device().synchronize()
-    floor = floor_time(cfg, layer.route(xs[0]).topk_ids.get(), bandwidth, rate)[0] * 1e3
+    floor = floor_time(layer.config, layer.route(xs[0]).topk_ids.get(), bandwidth, rate)[0] * 1e3
     replays = []
     for x in xs:  # one replay per profiler session: its kernels are that replay's
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -69,5 +80,6 @@ for T in tokens:
 if out:
     with open(out, "w") as f:
         json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                   "copy_bandwidth_Bps": bandwidth, "matmul_flops": rate, "rows": results},
+                   "quantization": args.quantization, "copy_bandwidth_Bps": bandwidth,
+                   "matmul_flops": rate, "rows": results},
                   f, indent=1)

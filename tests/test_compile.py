@@ -16,7 +16,8 @@ from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
 from zeromoe_cupy.quant import (FP8_PIPELINE, SMALL_FP8_PIPELINE, WGMMA_PIPELINE,
                                 fp8_kernel_names, fp8_wgmma_kernel_names)
-from zeromoe_cupy.routing import router_kernel_names
+from zeromoe_cupy.routing import (_ROUTER_GEMV_ROWS, _ROUTER_GEMV_SPLIT,
+                                  router_kernel_names)
 from zeromoe_cupy.zero_experts import combine_kernel_names
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (cuda13 extra)")
@@ -69,6 +70,14 @@ def test_syncfree_pipeline_variants_compile(variant):
     _compile("syncfree.cu", "sm_90", tuple(f"-D{k}={v}" for k, v in variant.items()))
 
 
+@pytest.mark.parametrize("split,rows,unroll", [(8, 1, 4), (16, 1, 2), (2, 4, 8)])
+def test_router_variants_compile(split, rows, unroll):
+    """router_gemv with other warps per row, rows per block and loads ahead (what
+    benchmarks/router_variants.py times)."""
+    _compile("router.cu", "sm_90", (f"-DRG_SPLIT={split}", f"-DRG_ROWS={rows}",
+                                    f"-DRG_UNROLL={unroll}"))
+
+
 @pytest.mark.parametrize("options", [("-DG8_PREFETCH=0",), ("-DG8_PREFETCH=256",),
                                      tuple(f"-D{k}={v}" for k, v in FP8_PIPELINE),
                                      tuple(f"-D{k}={v}" for k, v in SMALL_FP8_PIPELINE)])
@@ -95,10 +104,13 @@ def test_wgmma_kernels_compile_for_sm_90a(options):
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     assert ptx.count(".entry") == len(KERNELS["fp8_wgmma.cu"])
 
+ROUTER_PIPELINE = (("RG_SPLIT", _ROUTER_GEMV_SPLIT), ("RG_ROWS", _ROUTER_GEMV_ROWS))
+
 
 @pytest.mark.parametrize("filename,pipeline", [("fp8.cu", FP8_PIPELINE),
                                                ("syncfree.cu", PIPELINE),
-                                               ("fp8_wgmma.cu", WGMMA_PIPELINE)])
+                                               ("fp8_wgmma.cu", WGMMA_PIPELINE),
+                                               ("router.cu", ROUTER_PIPELINE)])
 def test_kernel_pipeline_defaults_are_the_packages(filename, pipeline):
     """A kernel's pipeline macros default to the pipeline the package passes (what its comments
     say, and what a compile without -D options, as above, checks)."""

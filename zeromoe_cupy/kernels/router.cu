@@ -9,8 +9,16 @@
 // memory latency (18.9 MB of LongCat-Flash weights in 20-27 us).
 #include "common.cuh"
 
+// (-D options may set them: benchmarks/router_variants.py; routing.py launches the defaults)
+#ifndef RG_SPLIT
 #define RG_SPLIT 4  // warps per row
+#endif
+#ifndef RG_ROWS
 #define RG_ROWS 2   // rows per block: blockDim.x = 32 * RG_SPLIT * RG_ROWS
+#endif
+#ifndef RG_UNROLL
+#define RG_UNROLL 4  // chunks whose weights a thread loads before it uses any
+#endif
 
 template <typename T, int VEC, int MAXT>
 __global__ void router_gemv(const T* __restrict__ x, long long x_stride, int tokens,
@@ -31,7 +39,7 @@ __global__ void router_gemv(const T* __restrict__ x, long long x_stride, int tok
     const float* w = W + (long long)n * H;
     // UNROLL chunks' weights are loaded before any is used: more loads in flight per thread.
     // The FMAs run in the same order as chunk by chunk.
-    constexpr int UNROLL = 4;
+    constexpr int UNROLL = RG_UNROLL;
     for (int c0 = (q * 32 + lane) * CH; c0 < H; c0 += STEP * UNROLL) {
       float wv[UNROLL][CH];
 #pragma unroll
