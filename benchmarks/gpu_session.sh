@@ -55,10 +55,11 @@ part() {
       done
       part profile ;;
     profile)
+      # plain launches (PROFILE_PLAIN=0: programmatic ones, whose kernel durations overlap)
       for q in bf16 fp8; do
         timeout 120 python3 benchmarks/graph_profile.py --tokens ${PROFILE_TOKENS:-1,4,16,64} \
-          $([ $q = fp8 ] && echo --quantization fp8) --json "$OUT/profile_$q.json" \
-          > "$OUT/profile_$q.txt" 2>&1
+          $([ $q = fp8 ] && echo --quantization fp8) $([ "${PROFILE_PLAIN:-1}" = 1 ] && echo --plain) \
+          --json "$OUT/profile_$q.json" > "$OUT/profile_$q.txt" 2>&1
         tail -60 "$OUT/profile_$q.txt" | tee -a "$log"
       done ;;
     router)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import zeromoe_cupy as zm
+from zeromoe_cupy import graphs
 from zeromoe_cupy._arrays import np_dtype
 from zeromoe_cupy.bench import (_normal, calibrate_zero_bias, floor_time, measure_ceilings,
                                 measure_matmul)
@@ -25,6 +26,10 @@ parser.add_argument("--tokens", default="1,4,16,64,128,256,1024",
                     help="comma-separated token counts (default: %(default)s)")
 parser.add_argument("--quantization", choices=["fp8"], default=None,
                     help="block-scaled FP8 experts (floor from their e4m3 bytes)")
+parser.add_argument("--plain", action="store_true",
+                    help="capture with plain launches (graphs.PROGRAMMATIC_LAUNCH = False): with "
+                         "programmatic ones a kernel starts before the one it waits for ends, "
+                         "and its duration includes the wait")
 parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
 args = parser.parse_args()
 tokens = [int(t) for t in args.tokens.split(",")]
@@ -40,6 +45,7 @@ if args.quantization:  # the zero experts' offset and the router are copied unqu
     layer = layer.quantize(args.quantization)
     rate = measure_matmul("float8_e4m3fn", True)["best"]
 layer.warmup()
+graphs.PROGRAMMATIC_LAUNCH = not args.plain
 g = layer.graphed(capture_sizes=tokens)
 torch.cuda.init()
 results = []
@@ -80,6 +86,7 @@ for T in tokens:
 if out:
     with open(out, "w") as f:
         json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                   "quantization": args.quantization, "copy_bandwidth_Bps": bandwidth,
+                   "quantization": args.quantization, "plain_launches": args.plain,
+                   "copy_bandwidth_Bps": bandwidth,
                    "matmul_flops": rate, "rows": results},
                   f, indent=1)

@@ -269,3 +269,19 @@ def test_lt_weight_scales_layouts(kb):
     assert transposed.flags.c_contiguous and transposed.shape == (3, kb, 5)
     np.testing.assert_array_equal(transposed, s.transpose(0, 2, 1))
     np.testing.assert_array_equal(_lt_weight_scales(s[0], False)[:, :kb], s[0])  # 2-d too
+
+
+@pytest.mark.parametrize("rows,K", [(1, 6144), (12, 2048), (768, 2048), (12288, 6144),
+                                    (196608, 6144), (3, 130)])
+def test_quantize_grid_covers_every_group_within_the_block_cap(rows, K):
+    """quantize_rows' grid: 4 rows per block, every 128-feature group reached (y between
+    ceil(groups / 8) and groups: a warp takes groups y apart), one warp per group while that
+    stays within QUANTIZE_MAX_BLOCKS blocks (few rows: no chain of groups per warp)."""
+    from zeromoe_cupy.experts import fp8 as fp8_path
+    x, y = fp8_path._quantize_grid(rows, K)
+    groups = -(-K // 128)
+    assert x == -(-rows // 4) and -(-groups // 8) <= y <= groups
+    if x * groups <= fp8_path.QUANTIZE_MAX_BLOCKS:
+        assert y == groups
+    else:
+        assert x * y <= fp8_path.QUANTIZE_MAX_BLOCKS or y == -(-groups // 8)

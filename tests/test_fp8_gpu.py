@@ -69,8 +69,8 @@ def test_gpu_block_quantization_equals_numpy(I, H, dtype, rng):
 def test_gpu_activation_quantization_equals_numpy(K, dtype, aligned, rng):
     """quantize_rows (kernels/fp8.cu) against quant.quantize_activations (the SPEC math): bytes
     and scales equal, whether a lane loads its 4 features at once (K % 4 == 0, aligned a) or one
-    by one (K = 130; a one element past an aligned address), with the package's grid (a warp
-    over several groups of its row) and with one warp per (row, group); rows past offsets[E]
+    by one (K = 130; a one element past an aligned address), with the package's grid, with one
+    warp per (row, group) and with one warp over all groups of its row; rows past offsets[E]
     are left as they were."""
     dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
     rows, kept = 37, 34
@@ -85,7 +85,8 @@ def test_gpu_activation_quantization_equals_numpy(K, dtype, aligned, rng):
     want_q, want_s = quant.quantize_activations(a[:kept])
     offsets = cp.asarray(np.array([0, kept], np.int32))
     kernel = quant.fp8_module().get_function(f"quantize_rows<{DTYPES[dtype][1]}>")
-    for grid in (fp8_path._quantize_grid(rows, K), (-(-rows // 4), quant.blocks(K))):
+    for grid in (fp8_path._quantize_grid(rows, K), (-(-rows // 4), quant.blocks(K)),
+                 (-(-rows // 4), 1)):
         q = cp.full((rows, K), 0xAB, np.uint8)
         sc = cp.full((rows, quant.blocks(K)), -1.0, np.float32)
         kernel(grid, (128,), (a_d, np.int32(rows), np.int32(K), offsets, np.int32(1),

@@ -6,18 +6,22 @@
 // order. So each logit's sum runs in one order whatever T, the token block or the alignment:
 // the same bits for a token alone or in any batch. One launch, no fp32 copy of x.
 // Several warps per row: one warp streaming a 24 KB row alone left a one-token call waiting on
-// memory latency (18.9 MB of LongCat-Flash weights in 20-27 us).
+// memory latency (18.9 MB of LongCat-Flash weights in 20-27 us). Eight warps of one row per
+// block, two chunks ahead, against four warps of two rows, four ahead (H200, weights not in
+// L2, us per call at 1 / 4 / 8 / 16 / 32 tokens): 12.1 / 15.1 / 21.7 / 30.8 / 59.5 against
+// 11.8 / 17.0 / 24.1 / 41.3 / 73.2 (benchmarks/router_variants.py). One choice for every T:
+// the split sets each logit's summation order.
 #include "common.cuh"
 
 // (-D options may set them: benchmarks/router_variants.py; routing.py launches the defaults)
 #ifndef RG_SPLIT
-#define RG_SPLIT 4  // warps per row
+#define RG_SPLIT 8  // warps per row
 #endif
 #ifndef RG_ROWS
-#define RG_ROWS 2   // rows per block: blockDim.x = 32 * RG_SPLIT * RG_ROWS
+#define RG_ROWS 1   // rows per block: blockDim.x = 32 * RG_SPLIT * RG_ROWS
 #endif
 #ifndef RG_UNROLL
-#define RG_UNROLL 4  // chunks whose weights a thread loads before it uses any
+#define RG_UNROLL 2  // chunks whose weights a thread loads before it uses any
 #endif
 
 template <typename T, int VEC, int MAXT>
