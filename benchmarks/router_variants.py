@@ -20,8 +20,8 @@ parser.add_argument("--tokens", default="1,4,8,16,32")
 parser.add_argument("--json", metavar="PATH")
 args = parser.parse_args()
 N, H, MAXT = 768, 6144, routing.ROUTER_GEMV_BLOCK_T
-VARIANTS = [(8, 1, 2), (4, 2, 4), (4, 1, 4), (8, 1, 4), (8, 2, 4), (4, 2, 8), (16, 1, 2),
-            (16, 1, 4), (8, 1, 1)]  # (split, rows, unroll); the first is the package's
+VARIANTS = [(8, 1, 1), (4, 2, 4), (4, 2, 1), (4, 1, 1), (8, 1, 2), (8, 2, 1), (16, 1, 1),
+            (16, 1, 2)]  # (split, rows, unroll); the first is the package's
 assert VARIANTS[0][:2] == (routing._ROUTER_GEMV_SPLIT, routing._ROUTER_GEMV_ROWS)
 COPIES = 8  # 8 x 18.9 MB, past the H200's 50 MB L2
 rng = np.random.default_rng(0)

@@ -70,7 +70,7 @@ def test_syncfree_pipeline_variants_compile(variant):
     _compile("syncfree.cu", "sm_90", tuple(f"-D{k}={v}" for k, v in variant.items()))
 
 
-@pytest.mark.parametrize("split,rows,unroll", [(8, 1, 4), (16, 1, 2), (2, 4, 8)])
+@pytest.mark.parametrize("split,rows,unroll", [(4, 2, 4), (8, 1, 2), (16, 1, 2), (2, 4, 8)])
 def test_router_variants_compile(split, rows, unroll):
     """router_gemv with other warps per row, rows per block and loads ahead (what
     benchmarks/router_variants.py times)."""

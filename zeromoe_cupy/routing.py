@@ -123,7 +123,7 @@ def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_ord
 # per 8 tokens, the repeats from L2): per call, device time on an H200 at LongCat-Flash shapes
 # (benchmarks/router_precision.py), T = 8 / 16 / 32 / 64: 0.030 / 0.041 / 0.061 / 0.115 ms,
 # the fp32 GEMM with x's fp32 copy 0.068 / 0.071 / 0.070 / 0.072 ms (router.cu's split since
-# then: 0.022 / 0.031 / 0.060 at 8 / 16 / 32).
+# then: 0.015 / 0.022 / 0.042 at 8 / 16 / 32, benchmarks/router_variants.py).
 ROUTER_GEMV_MAX_T = 32
 ROUTER_GEMV_BLOCK_T = 8  # kernels/router.cu MAXT: tokens per block (each block reads W once)
 _ROUTER_GEMV_SPLIT, _ROUTER_GEMV_ROWS = 8, 1  # kernels/router.cu RG_SPLIT (warps per row), RG_ROWS

@@ -7,10 +7,11 @@
 // the same bits for a token alone or in any batch. One launch, no fp32 copy of x.
 // Several warps per row: one warp streaming a 24 KB row alone left a one-token call waiting on
 // memory latency (18.9 MB of LongCat-Flash weights in 20-27 us). Eight warps of one row per
-// block, two chunks ahead, against four warps of two rows, four ahead (H200, weights not in
-// L2, us per call at 1 / 4 / 8 / 16 / 32 tokens): 12.1 / 15.1 / 21.7 / 30.8 / 59.5 against
-// 11.8 / 17.0 / 24.1 / 41.3 / 73.2 (benchmarks/router_variants.py). One choice for every T:
-// the split sets each logit's summation order.
+// block, one chunk at a time (fewer registers, more warps per SM), against four warps of two
+// rows, four chunks ahead (H200, weights not in L2, us per call at 1 / 4 / 8 / 16 / 32
+// tokens, one run): 12.5 / 13.3 / 15.3 / 22.2 / 41.8 against 11.1 / 16.9 / 24.0 / 41.6 / 73.0
+// (benchmarks/router_variants.py). One choice for every T: the split sets each logit's
+// summation order (RG_UNROLL does not).
 #include "common.cuh"
 
 // (-D options may set them: benchmarks/router_variants.py; routing.py launches the defaults)
@@ -21,7 +22,7 @@
 #define RG_ROWS 1   // rows per block: blockDim.x = 32 * RG_SPLIT * RG_ROWS
 #endif
 #ifndef RG_UNROLL
-#define RG_UNROLL 2  // chunks whose weights a thread loads before it uses any
+#define RG_UNROLL 1  // chunks whose weights a thread loads before it uses any
 #endif
 
 template <typename T, int VEC, int MAXT>
