@@ -143,6 +143,7 @@ def lt_lib():
 def timing(tokens):
     import zeromoe_cupy as zm
     from zeromoe_cupy.experts import fp8 as fp8_path
+    fp8_path.LT_INEXACT_SUMS = True  # "padded" through cuBLASLt (inexact sums on 9.x)
     cfg = zm.MoEConfig.preset("longcat-flash")
     t0 = time.time()
     layer = zm.ZeroExpertMoE(cfg, seed=0)
@@ -194,6 +195,7 @@ def compare(tokens):
     at small T, and each alternative's relative difference from "auto" (same FP8 math)."""
     import zeromoe_cupy as zm
     from zeromoe_cupy.experts import fp8 as fp8_path
+    fp8_path.LT_INEXACT_SUMS = True  # "padded" through cuBLASLt (inexact sums on 9.x)
     cfg = zm.MoEConfig.preset("longcat-flash")
     t0 = time.time()
     layer = zm.ZeroExpertMoE(cfg, seed=0)
