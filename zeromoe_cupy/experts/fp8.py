@@ -8,7 +8,8 @@ scales, activations quantized per row and 128 features.
   (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
   16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
-  grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT; strategy "grouped", or
+  grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT, or where the tensor-core
+  kernels serve and cuBLASLt may not (_lt_may_serve); strategy "grouped", or
   "syncfree" as graphs ask): rows placed by expert (device offsets and the active
   experts from syncfree_plan, no host synchronization), x's rows quantized straight into
   their places (quantize_pairs: no gathered copy of x; grouped_gemv_fp8 below reads a
