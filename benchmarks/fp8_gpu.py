@@ -6,8 +6,8 @@ fp8 floor, and the fp8 error against the float64 evaluation on sampled tokens).
     python benchmarks/fp8_gpu.py timing [T,T,...]
     python benchmarks/fp8_gpu.py compare T,T,...   (short: the fp8 kernels side by side)
 """
+import argparse
 import ctypes
-import sys
 import time
 
 import cupy as cp
@@ -146,7 +146,7 @@ def timing(tokens):
     fp8_path.LT_INEXACT_SUMS = True  # "padded" through cuBLASLt (inexact sums on 9.x)
     cfg = zm.MoEConfig.preset("longcat-flash")
     t0 = time.time()
-    layer = zm.ZeroExpertMoE(cfg, seed=0)
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
     bench.calibrate_zero_bias(layer, 8.0)
     layer8 = layer.quantize("fp8")
     cp.cuda.runtime.deviceSynchronize()
@@ -198,7 +198,7 @@ def compare(tokens):
     fp8_path.LT_INEXACT_SUMS = True  # "padded" through cuBLASLt (inexact sums on 9.x)
     cfg = zm.MoEConfig.preset("longcat-flash")
     t0 = time.time()
-    layer = zm.ZeroExpertMoE(cfg, seed=0)
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
     bench.calibrate_zero_bias(layer, 8.0)
     layer8 = layer.quantize("fp8")
     bandwidth = bench.measure_copy(True)["best"]
@@ -273,11 +273,27 @@ def _sampled_errors(layer, layer8, x, r, samples=3):
     return relative_error(y8[rows], ref8), err_unq
 
 
+def _tokens(text):
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+    if min(tokens) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
+    return tokens
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "probe":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["probe", "timing", "compare"])
+    parser.add_argument("tokens", nargs="?", type=_tokens,
+                        help="comma-separated token counts (timing: default 1,16,128,1024,16384)")
+    args = parser.parse_args()
+    if args.mode == "probe":
         probe()
-    elif sys.argv[1] == "compare":
-        compare([int(t) for t in sys.argv[2].split(",")])
+    elif args.mode == "compare":
+        if args.tokens is None:
+            parser.error("compare needs token counts")
+        compare(args.tokens)
     else:
-        timing([int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2
-               else [1, 16, 128, 1024, 16384])
+        timing(args.tokens or [1, 16, 128, 1024, 16384])

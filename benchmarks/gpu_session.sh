@@ -12,6 +12,12 @@
 #   router     benchmarks/router_variants.py: router_gemv's split and unroll at 1-32 tokens
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
+# $OUT: the device tool's output folder (its files come back); refuse to write elsewhere
+[ -n "${OUT:-}" ] && [ -d "$OUT" ] || { echo "gpu_session.sh: set OUT to an existing folder" >&2; exit 2; }
+known=" tests replay profile router prefill sweep bench bench_fp8 load ep memcheck split "
+for p in $parts; do
+  [[ $known == *" $p "* ]] || { echo "gpu_session.sh: unknown part '$p' (parts:$known)" >&2; exit 2; }
+done
 log="$OUT/log.txt"
 # the card's identity and limits: kernels that issue many instructions per byte ran 10-17%
 # apart on two H200s whose copy rates were equal (benchmarks/NOTES.md)

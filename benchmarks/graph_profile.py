@@ -3,7 +3,7 @@ torch.profiler, which records every kernel of the process, CuPy's included), Lon
 8 of 12 slots real, bf16 or block-scaled FP8 experts. Per size: the floor, the replay's span
 (first kernel start to last kernel end, median over replays), each kernel's median duration,
 and the idle time between kernels. Needs torch (profiler only).
-Usage: graph_profile.py [--tokens 1,4,16] [--quantization fp8] [--json out.json]
+Usage: graph_profile.py [--tokens 1,4,16] [--quantization fp8] [--plain] [--json out.json]
 """
 import argparse
 import json
@@ -13,7 +13,6 @@ from collections import defaultdict
 
 import cupy as cp
 import numpy as np
-import torch
 
 import zeromoe_cupy as zm
 from zeromoe_cupy import graphs
@@ -33,6 +32,7 @@ parser.add_argument("--plain", action="store_true",
 parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
 args = parser.parse_args()
 tokens = [int(t) for t in args.tokens.split(",")]
+import torch  # noqa: E402  (after the arguments: --help works without it)
 out = args.json
 REPLAYS = 12
 cfg = zm.MoEConfig.preset("longcat-flash")

@@ -140,3 +140,17 @@ def test_bench_out_of_memory_says_what_the_preset_needs(preset, monkeypatch, cap
         f"zeromoe bench: out of host memory building the {preset!r} preset: its weights alone "
         f"take {need / 1e9:.1f} GB (bfloat16); try --preset tiny")
     assert "Traceback" not in err
+
+
+def test_bench_plot_asked_without_matplotlib_is_refused_before_running(tmp_path, capsys,
+                                                                       monkeypatch):
+    """--plot given where matplotlib is missing: refused at once (not after the whole run,
+    with nothing written)."""
+    import importlib.util as util
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    last = _refused(["bench", "--device", "cpu", "--tokens", "4", "--plot",
+                     str(tmp_path / "b.png")], capsys)
+    assert last.startswith("zeromoe bench: error: argument --plot: needs matplotlib")
+    assert not (tmp_path / "b.png").exists()

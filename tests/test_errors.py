@@ -159,8 +159,11 @@ def test_cuda_layer_without_gpu_says_so():
 
 def test_route_op_errors(rng):
     L = rng.standard_normal((3, 6)).astype(np.float32)
-    with pytest.raises(TypeError, match="router_logits: expected float32"):
-        ops.route(L.astype(np.float64), 2)
+    with pytest.raises(TypeError, match="router_logits: expected a floating-point array"):
+        ops.route(L.astype(np.int32), 2)
+    # any float dtype is used as fp32 (docs/spec.md step 1)
+    np.testing.assert_array_equal(ops.route(L.astype(np.float64), 2).topk_ids,
+                                  ops.route(L.astype(np.float64).astype(np.float32), 2).topk_ids)
     with pytest.raises(ValueError, match="router_logits: expected a 2-D"):
         ops.route(L[0], 2)
     with pytest.raises(ValueError, match="top_k"):
@@ -289,7 +292,7 @@ def test_route_op_scalar_errors(rng):
         ops.route(L, 2, num_expert_group=2.0, topk_group=1)
     with pytest.raises(TypeError, match="e_score_correction_bias: expected a floating-point"):
         ops.route(L, 2, e_score_correction_bias=np.zeros(6, np.int32))
-    with pytest.raises(TypeError, match="router_logits: expected float32"):
+    with pytest.raises(TypeError, match="router_logits: expected a floating-point"):
         ops.route(L.astype(np.int32), 2)
 
 

@@ -9,6 +9,7 @@ timings after warm-up, with inputs rotated so that the L2 cache does not flatter
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -118,6 +119,7 @@ def check_arguments(parser, args) -> None:
     args.device = args.device or ("cuda" if gpu_available() else "cpu")
     if args.no_save and (args.json or args.plot):
         parser.error("argument --no-save: not with --json or --plot")
+    plot_asked = args.plot is not None  # a default plot is skipped without matplotlib
     if args.json is None and args.plot is None and not args.no_save and not args.ep_worker:
         name = default_output_name(args)
         args.json = name + ".json"
@@ -130,6 +132,8 @@ def check_arguments(parser, args) -> None:
         if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             parser.error(f"argument --{option}: cannot write {path!r} (expected a file name in "
                          f"an existing, writable directory)")
+    if plot_asked and importlib.util.find_spec("matplotlib") is None:
+        parser.error("argument --plot: needs matplotlib (pip install 'zeromoe-cupy[bench]')")
     if args.ep is not None and args.ep < 1:
         parser.error(f"argument --ep: expected an int >= 1, got {args.ep}")
     if args.ep is not None and args.device == "cpu":

@@ -204,8 +204,7 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
     if logits.ndim != 2:
         raise ValueError(f"router_logits: expected a 2-D array [T, E+Z], got shape {logits.shape}")
     if logits.dtype != np.float32:
-        raise TypeError(f"router_logits: expected float32, bfloat16 or float16, "
-                        f"got {logits.dtype}")
+        raise TypeError(f"router_logits: expected a floating-point array, got {logits.dtype}")
     n = logits.shape[1]
     check_int("top_k", top_k)
     if not 0 < top_k <= n:
@@ -234,9 +233,6 @@ def check_route_args(logits, top_k, scoring_func, correction_bias, num_expert_gr
                              f"{topk_group * (n // num_expert_group)}, got {top_k}")
 
 
-# Logit dtypes route() takes as they come from a router in the layer's dtypes; used in fp32.
-_LOGIT_DTYPES = tuple(dt for dt, _ in DTYPES.values())
-
 
 def _renorm_code(renormalize) -> int:
     """0 (off), 1 (renormalize) or 2 ("drop_zero"); TypeError for anything else."""
@@ -256,7 +252,7 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     """Choose K experts per token: ids = topk(score + bias), w = score[ids] (renormalized) * rsf.
 
     Args:
-        router_logits: [T, E+Z] float32, bfloat16 or float16 (used in fp32).
+        router_logits: [T, E+Z], any float dtype (used in fp32).
         top_k: K, an int in [1, E+Z] (Python or NumPy integer).
         scoring_func: "softmax" or "sigmoid".
         e_score_correction_bias: optional fp32 [E+Z] (other float dtypes are converted):
@@ -296,7 +292,7 @@ def route(router_logits, top_k: int, *, scoring_func: str = "softmax",
     when every chosen score underflows.
     """
     logits = as_array(router_logits, "router_logits")
-    if logits.dtype != np.float32 and logits.dtype in _LOGIT_DTYPES:
+    if logits.dtype != np.float32 and is_float_dtype(logits.dtype):  # any float, used as fp32
         logits = logits.astype(np.float32)
     bias = as_array(e_score_correction_bias, "e_score_correction_bias", allow_none=True)
     if bias is not None:
