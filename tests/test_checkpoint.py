@@ -150,7 +150,8 @@ def test_from_hf_config_quantization_and_dense_layers():
     (longcat_config(zero_expert_type="constant"), ValueError, "zero_expert_type"),
     (deepseek_config(moe_layer_freq=0), ValueError, "moe_layer_freq"),
     (deepseek_config(topk_method="greedy"), ValueError, "topk_method"),
-    (longcat_config(moe_topk=2.5), ValueError, "moe_topk"),
+    (longcat_config(moe_topk=2.5), TypeError, "moe_topk"),  # a float where an int belongs
+    (longcat_config(hidden_size="6144"), TypeError, "hidden_size"),
     (longcat_config(moe_topk=E + Z + 1), ValueError, "top_k"),
     (deepseek_config(num_experts_per_tok=None), ValueError, "num_experts_per_tok"),
     (deepseek_config(scoring_func="relu"), ValueError, "scoring_func"),

@@ -171,7 +171,7 @@ def test_from_hf_config_published_and_default_moepp():
     (dict(moe_2layer_gate="yes"), ValueError, "moe_2layer_gate.*bool"),
     (dict(moe_expert_interval=0), ValueError, "moe_expert_interval"),
     (dict(moe_use_logits_norm=True, moe_gate_norm_std=-1.0), ValueError, "moe_gate_norm_std"),
-    (dict(hidden_size="16"), ValueError, "hidden_size"),
+    (dict(hidden_size="16"), TypeError, "hidden_size"),  # a string where an int belongs
 ])
 def test_from_hf_config_bad_moepp_values(over, kind, match):
     with pytest.raises(kind, match=match):

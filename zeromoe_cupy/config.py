@@ -293,7 +293,8 @@ class MoEConfig:
 
         Raises FileNotFoundError naming the path when there is no config file; ValueError for
         an unknown model type (listing the supported ones) or an unsupported value, naming
-        the key; TypeError for a wrong kind of argument.
+        the key; TypeError for a wrong kind of argument or a key's value of the wrong type
+        (e.g. a string where an int belongs).
         """
         return parse_hf_config(path_or_dict).config
 
@@ -331,8 +332,8 @@ class _Keys:
 
     def int(self, key: str, default: Any) -> int:
         v = self.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{self.source}: key {key!r}: expected an int, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int):  # a wrong type: TypeError (README)
+            raise TypeError(f"{self.source}: key {key!r}: expected an int, got {v!r}")
         return v
 
     def error(self, key: str, expected: str) -> ValueError:
