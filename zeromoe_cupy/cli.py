@@ -64,12 +64,13 @@ def demo(device: str | None = None, tokens: int = 64) -> int:
     for preset, dtype in (("tiny", "float32"), ("tiny", "bfloat16"), ("moe++-7b", "bfloat16")):
         overrides = {"dtype": dtype}
         if preset == "moe++-7b":
-            overrides.update(hidden_size=256, intermediate_size=128)  # small enough for the CPU
+            overrides.update(hidden_size=256, intermediate_size=128)  # its routing, small sizes
         cfg = zm.MoEConfig.preset(preset, **overrides)
         layer = zm.ZeroExpertMoE(cfg, seed=0, device=device)
         err, real, passed = _check_layer(layer, tokens)
         ok &= passed
-        print(f"{preset:10s} {dtype:9s} T={tokens} H={cfg.hidden_size} E={cfg.num_experts} "
+        label = f"{preset} (H, I shrunk)" if preset == "moe++-7b" else preset
+        print(f"{label:22s} {dtype:9s} T={tokens} H={cfg.hidden_size} E={cfg.num_experts} "
               f"Z={cfg.num_zero_experts} K={cfg.top_k}: real experts/token {real:.2f}, "
               f"rel. error vs float64 {err:.2e} (<= {TOLERANCE[dtype]:.0e}) "
               f"{'ok' if passed else 'FAIL'}")
