@@ -285,3 +285,25 @@ def test_quantize_grid_covers_every_group_within_the_block_cap(rows, K):
         assert y == groups
     else:
         assert x * y <= fp8_path.QUANTIZE_MAX_BLOCKS or y == -(-groups // 8)
+
+
+@pytest.mark.parametrize("cc,inexact_ok,serves", [("90", False, False), ("90", True, True),
+                                                  ("89", False, True), ("120", False, True),
+                                                  ("100", False, True), ("80", True, False)])
+def test_cublaslt_policy_by_compute_capability(cc, inexact_ok, serves, monkeypatch):
+    """Whether cuBLASLt's block-scaled FP8 GEMM may serve (before its per-shape self-check):
+    never on 9.x unless LT_INEXACT_SUMS (its sums there took layers past SPEC's 5e-3), never
+    without FP8 tensor cores (< 8.9: LT_REFUSAL says so), never for H or I not multiples
+    of 128. A stand-in for CuPy gives the compute capability."""
+    from types import SimpleNamespace
+
+    from zeromoe_cupy.experts import fp8 as fp8_path
+    fake = SimpleNamespace(cuda=SimpleNamespace(Device=lambda: SimpleNamespace(
+        compute_capability=cc)))
+    monkeypatch.setattr(fp8_path, "cupy_module", lambda: fake)
+    monkeypatch.setattr(fp8_path, "LT_REFUSAL", None)
+    monkeypatch.setattr(fp8_path, "LT_INEXACT_SUMS", inexact_ok)
+    assert fp8_path._lt_may_serve(256, 1024) is serves
+    assert (fp8_path.LT_REFUSAL is not None) == (cc == "80")
+    monkeypatch.setattr(fp8_path, "LT_REFUSAL", None)
+    assert not fp8_path._lt_may_serve(200, 1024) and not fp8_path._lt_may_serve(256, 1000)
