@@ -310,3 +310,19 @@ def test_reference_takes_given_logits_as_fp32_like_the_layer(rng):
                                   routing.topk_ids[:2])
     assert relative_error(y[:2], ref[:2]) <= TOL["float32"]
     assert np.isnan(y[2]).all() and np.isnan(ref[2]).all()  # +-inf logits: a NaN row
+
+
+def test_big_endian_x_gives_the_native_result(rng):
+    """x in the config's dtype but the other byte order (e.g. read from a big-endian file):
+    used as its values, the same bits as the native array; x itself is not modified."""
+    cfg = zm.MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="float32")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    x = random_x(rng, 5, 64, "float32")
+    xb = x.astype(">f4")
+    before = xb.copy()
+    np.testing.assert_array_equal(layer(xb), layer(x))
+    np.testing.assert_array_equal(xb, before)
+    assert xb.dtype == np.dtype(">f4")
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        layer(x.astype(">f8"))
