@@ -10,11 +10,12 @@
 #   replay     graph tests, then benchmarks/graph_replay.py (bf16, fp8), then profile
 #   profile    benchmarks/graph_profile.py (bf16, fp8): the kernel timeline of graph replays
 #   router     benchmarks/router_variants.py: router_gemv's split and unroll at 1-32 tokens
+#   fp8_small  bench fp8 at 4-32 tokens, the pair kernels against the grouped ones
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
 # $OUT: the device tool's output folder (its files come back); refuse to write elsewhere
 [ -n "${OUT:-}" ] && [ -d "$OUT" ] || { echo "gpu_session.sh: set OUT to an existing folder" >&2; exit 2; }
-known=" tests replay profile router prefill sweep bench bench_fp8 load ep memcheck split "
+known=" tests replay profile router prefill sweep bench bench_fp8 fp8_small load ep memcheck split "
 for p in $parts; do
   [[ $known == *" $p "* ]] || { echo "gpu_session.sh: unknown part '$p' (parts:$known)" >&2; exit 2; }
 done
@@ -88,6 +89,14 @@ part() {
         --tokens 1,4,16,32,64,128,256,1024,4096,16384 --json "$OUT/bench_fp8.json" \
         > "$OUT/bench_fp8.txt" 2>&1
       tail -16 "$OUT/bench_fp8.txt" | tee -a "$log" ;;
+    fp8_small)
+      # the fp8 layer at few tokens through the grouped kernels ("syncfree": one weight read per
+      # pass over an expert's rows) against the default pair kernels (one read per pair)
+      for st in auto syncfree; do
+        timeout 150 python3 -m zeromoe_cupy bench --quantization fp8 --graph --strategy $st \
+          --tokens 4,8,16,24,32 --json "$OUT/fp8_small_$st.json" > "$OUT/fp8_small_$st.txt" 2>&1
+        tail -8 "$OUT/fp8_small_$st.txt" | tee -a "$log"
+      done ;;
     load)
       timeout 200 python3 benchmarks/load_bench.py /tmp/zeromoe_load --json "$OUT/load.json" \
         > "$OUT/load.txt" 2>&1
