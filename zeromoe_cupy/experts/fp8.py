@@ -241,7 +241,7 @@ QUANTIZE_MAX_BLOCKS = 16384
 
 
 def _quantize_grid(rows: int, K: int) -> tuple:
-    """quantize_rows' grid (kernels/fp8.cu; also quantize_pairs, silu_mul_quantize): 4 rows per
+    """quantize_rows' grid (kernels/fp8.cu; also quantize_pairs'): 4 rows (or pairs) per
     block of 128 threads; y = K's 128-feature groups (one per warp) where that makes at most
     QUANTIZE_MAX_BLOCKS blocks, else fewer, down to each warp over up to 8 groups. Any y
     gives the same bytes."""
