@@ -273,20 +273,10 @@ def _sampled_errors(layer, layer8, x, r, samples=3):
     return relative_error(y8[rows], ref8), err_unq
 
 
-def _tokens(text):
-    try:
-        tokens = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
-    if min(tokens) < 1:
-        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
-    return tokens
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["probe", "timing", "compare"])
-    parser.add_argument("tokens", nargs="?", type=_tokens,
+    parser.add_argument("tokens", nargs="?", type=bench.token_list,
                         help="comma-separated token counts (timing: default 1,16,128,1024,16384)")
     args = parser.parse_args()
     if args.mode == "probe":
