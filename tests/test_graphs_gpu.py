@@ -10,6 +10,7 @@ import pytest
 import zeromoe_cupy as zm
 from zeromoe_cupy import graphs
 from zeromoe_cupy.experts import PAIRS_MAX
+from zeromoe_cupy.experts import fp8 as fp8_path
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
@@ -53,6 +54,21 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
         # 81 tokens (C = 16); not 1000 (C = 96) nor 20000
         expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "padded"])
+def test_graph_strategy_of_fp8_layers(strategy):
+    # the pair kernels to GRAPH_PAIRS_MAX (token, slot) pairs, then the sync-free grouped ones
+    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
+                              quantization="fp8")
+    layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+    most = fp8_path.GRAPH_PAIRS_MAX // 4
+    assert PAIRS_MAX // 4 > most + 1
+    assert graphs.graph_strategy(layer, 1) == "pairs"
+    assert graphs.graph_strategy(layer, most) == "pairs"
+    assert graphs.graph_strategy(layer, most + 1) == "syncfree"
+    assert graphs.graph_strategy(layer, PAIRS_MAX // 4) == "syncfree"
+    assert graphs.graph_strategy(layer, 5000) == "syncfree"
 
 
 @pytest.mark.parametrize("T,K,E,C", [(1024, 12, 512, 48), (256, 12, 512, 24), (1, 1, 512, 8),
