@@ -1,28 +1,44 @@
-"""Where the host time of one small forward goes: cProfile over many T=1 calls on the GPU."""
+"""Where the host time of small eager forwards goes: cProfile over many calls on the GPU.
+
+For each token count: the device-side median (cupyx.profiler.benchmark: its CPU column is the
+host time of a call), then cProfile's functions by their own time over `--calls` calls."""
+import argparse
 import cProfile
 import pstats
-import sys
 
 import cupy as cp
 from cupyx.profiler import benchmark
 
 import zeromoe_cupy as zm
+from zeromoe_cupy.bench import token_list
 
-cfg = zm.MoEConfig.preset(sys.argv[1] if len(sys.argv) > 1 else "longcat-flash")
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--preset", default="longcat-flash")
+parser.add_argument("--quantization", choices=["fp8"], default=None)
+parser.add_argument("--tokens", type=token_list, default=[1], help="comma-separated (default 1)")
+parser.add_argument("--calls", type=int, default=200)
+parser.add_argument("--top", type=int, default=25, help="functions listed per token count")
+args = parser.parse_args()
+
+cfg = zm.MoEConfig.preset(args.preset)
 layer = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
-x = cp.random.default_rng(0).standard_normal((1, cfg.hidden_size), dtype=cp.float32).astype(
-    layer.w13.dtype)
+if args.quantization:
+    layer = layer.quantize(args.quantization)
 layer.warmup()
-r = layer.route(x)
-print(benchmark(layer.__call__, (x,), n_repeat=100, n_warmup=10))
-print(benchmark(layer.route, (x,), n_repeat=100, n_warmup=10))
-out = zm.ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2, expert_counts=r.expert_counts)
-print(benchmark(zm.ops.expert_mlp, (x, r.topk_ids, layer.w13, layer.w2), n_repeat=100,
-                n_warmup=10))
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(200):
-    layer(x)
-cp.cuda.Device().synchronize()
-prof.disable()
-pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+for T in args.tokens:
+    x = cp.random.default_rng(T).standard_normal((T, cfg.hidden_size), dtype=cp.float32).astype(
+        cfg.dtype)
+    print(f"== T={T} {args.quantization or cfg.dtype}")
+    print(benchmark(layer.__call__, (x,), n_repeat=100, n_warmup=10))
+    r = layer.route(x)
+    print(benchmark(layer.route, (x,), n_repeat=100, n_warmup=10))
+    print(benchmark(layer.__call__, (x,), kwargs=dict(routing=r), n_repeat=100, n_warmup=10,
+                    name="layer(x, routing=r)"))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.calls):
+        layer(x)
+    cp.cuda.Device().synchronize()
+    prof.disable()
+    print(f"cProfile, {args.calls} calls (per call: divide by {args.calls}):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
