@@ -1,7 +1,7 @@
 """FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
 scales, activations quantized per row and 128 features.
 
-- Few pairs (T*K <= PAIRS_MAX), and the deterministic mode: x quantized per row by a small
+- Few pairs (T*K <= PAIRS_MAX; in CUDA graphs GRAPH_PAIRS_MAX), and the deterministic mode: x quantized per row by a small
   kernel, then the pair kernel reads the weight bytes and their scales straight from the
   routing ids; h (fp32) is quantized the same way between the passes. No host
   synchronization; a token's result does not depend on its batch. The kernel: pair_mma_fp8
