@@ -228,6 +228,22 @@ def test_replay_equals_eager_of_padded_input_bitwise(strategy, rng):
 
 
 @pytest.mark.gpu
+def test_replay_masks_the_padding_rows_of_each_call(rng):
+    # n_valid (the rows that are not padding) is copied only when it changes: after any
+    # sequence of token counts the graph's count is this call's, and each call's result is the
+    # eager one of its padded input
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG, expert_strategy="syncfree")
+    g = layer.graphed(capture_sizes=(1, 8))
+    for T in (5, 5, 8, 1, 5, 3, 3, 8, 2):
+        x = cp.asarray(random_x(rng, T, GRAPH_CFG.hidden_size, "bfloat16"))
+        y = g(x)
+        cp.testing.assert_array_equal(y, layer(_padded(x, 8 if T > 1 else 1))[:T])
+        if T > 1:
+            assert int(g._n_valid.get()[0]) == T
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_replay_matches_reference_with_auto_strategy(dtype, rng):
     # "auto" takes the cuBLAS paths eagerly above PAIRS_MAX pairs; the graph the sync-free

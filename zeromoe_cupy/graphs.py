@@ -165,6 +165,7 @@ class GraphedMoE:
             self._logits = cp.zeros((self.max_tokens, N), np.float32) if router_logits else None
             self._tokens = cp.arange(self.max_tokens + 1, dtype=np.int32)  # n_valid sources
             self._n_valid = cp.empty(1, np.int32)
+            self._valid = None  # the value n_valid holds (None: unset)
             for size in reversed(self.capture_sizes):
                 self._set_valid(size)
                 self._forward(size)  # warm-up: compiles this size's kernels, fills the pool
@@ -178,9 +179,14 @@ class GraphedMoE:
         self._stream.synchronize()
 
     def _set_valid(self, tokens: int) -> None:
+        """n_valid = tokens on the private stream; skipped when it holds that already (only
+        this stream writes it): a decode loop of one batch size copies nothing."""
+        if tokens == self._valid:
+            return
         cp = cupy_module()
         cp.cuda.runtime.memcpyAsync(self._n_valid.data.ptr, self._tokens.data.ptr + 4 * tokens,
                                     4, cp.cuda.runtime.memcpyDeviceToDevice, self._stream.ptr)
+        self._valid = tokens
 
     def _forward(self, size: int):
         """The captured forward: static inputs' first ``size`` rows -> y [size, H]."""
