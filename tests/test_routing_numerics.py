@@ -79,3 +79,27 @@ def test_exact_ties_of_unequal_biases_go_to_the_lower_id(scoring, mixed, rng):
     r = ops.route(logits, K, scoring_func=scoring, e_score_correction_bias=bias,
                   num_expert_group=4, topk_group=3)
     check_against_reference(r, logits, K, scoring, bias, False, 4, 3)
+
+
+def saturated_group_case(rng, T, N):
+    """Sigmoid logits of 30 to 120: every score is 1.0 in fp32 and nearly all in float64, so
+    only the logits order the experts and (without a bias) the groups."""
+    return rng.uniform(30, 120, (T, N)).astype(np.float32)
+
+
+@pytest.mark.parametrize("groups,tg,K", [(4, 1, 1), (8, 3, 5), (6, 2, 4)])
+def test_groups_without_a_bias_rank_by_their_largest_logit(groups, tg, K, rng):
+    # The group score without a bias is the group's largest logit (exact): the float64 oracle
+    # too, where the groups' float64 scores all round to 1.0
+    L = saturated_group_case(rng, 40, 48)
+    r = ops.route(L, K, scoring_func="sigmoid", num_expert_group=groups, topk_group=tg)
+    check_against_reference(r, L, K, "sigmoid", None, False, groups, tg)
+    G = L.reshape(40, groups, -1).max(axis=2)
+    best = np.argsort(-G, axis=1, kind="stable")[:, :tg]
+    chosen_groups = np.asarray(r.topk_ids) // (48 // groups)
+    assert all(set(c) <= set(b) for c, b in zip(chosen_groups, best))
+    # the example: logits 40, -40, 120, 80 in four groups, one kept: 120's group
+    one = np.array([[40., -40., 120., 80.]], np.float32)
+    for route in (ops.route, reference.route):
+        assert np.asarray(route(one, 1, scoring_func="sigmoid", num_expert_group=4,
+                                topk_group=1).topk_ids).tolist() == [[2]]

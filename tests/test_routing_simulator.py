@@ -277,3 +277,11 @@ def test_simulated_kernel_groups_whose_scores_underflow(scoring, norm, N, groups
     np.testing.assert_array_equal(numpy_path.topk_ids, ref.topk_ids)
     if norm is None:
         check_against_reference(r, logits, K, scoring, bias, False, groups, tg)
+
+
+def test_simulated_kernel_groups_without_a_bias_rank_by_their_largest_logit(rng):
+    # sigmoid scores of 1.0 (fp32 and nearly all float64): the groups' largest logits decide
+    from test_routing_numerics import check_against_reference, saturated_group_case
+    L = saturated_group_case(rng, 6, 48)
+    r = run_kernel(L, 4, "sigmoid", None, False, 1.0, 6, 2)
+    check_against_reference(r, L, 4, "sigmoid", None, False, 6, 2)

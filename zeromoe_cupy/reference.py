@@ -98,10 +98,16 @@ def route(logits, top_k: int, scoring_func: str = "softmax", correction_bias=Non
             G = num_expert_group
             gs = N // G
             best = min(2 if correction_bias is not None else 1, gs)
-            gscore = np.array([np.sum(s[t, g * gs + np.asarray(
+            tops = [g * gs + np.asarray(
                 _rank(s[t, g * gs:(g + 1) * gs], L[t, g * gs:(g + 1) * gs], everyone[:gs],
-                      None if bias is None else bias[g * gs:(g + 1) * gs])[:best])])
-                for g in range(G)])
+                      None if bias is None else bias[g * gs:(g + 1) * gs])[:best])
+                for g in range(G)]
+            if bias is None:  # the group's largest logit, exact where its score rounds to 1
+                # or underflows (docs/spec.md); NaN where the score is (0 * s)
+                with np.errstate(invalid="ignore"):
+                    gscore = np.array([L[t, i[0]] + 0.0 * s[t, i[0]] for i in tops])
+            else:
+                gscore = np.array([np.sum(s[t, i]) for i in tops])
             keep = _rank(gscore, np.zeros(G), np.ones(G, bool))[:topk_group]
             allowed = np.zeros(G, bool)
             allowed[keep] = True
