@@ -26,6 +26,9 @@ def test_preset_overrides_and_unknowns():
     assert c.dtype == "bfloat16" and c.top_k == 3
     with pytest.raises(ValueError, match="preset"):
         zm.MoEConfig.preset("nope")
+    for bad in (["tiny"], None, 3):
+        with pytest.raises(TypeError, match="preset: expected a name"):
+            zm.MoEConfig.preset(bad)
     with pytest.raises(TypeError, match="unknown field"):
         zm.MoEConfig.preset("tiny", hiden_size=3)
 

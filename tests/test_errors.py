@@ -276,6 +276,9 @@ def test_router_logits_op_errors(rng):
         ops.router_logits(x, wr.tolist())
     with pytest.raises(TypeError, match="fixed_order: expected a bool"):
         ops.router_logits(x, wr, fixed_order="yes")
+    for bad in (5, np.zeros((3, 6, 16), np.float32)):
+        with pytest.raises(TypeError, match="weight_parts: expected a tuple of three"):
+            ops.router_logits(x, wr, weight_parts=bad)
 
 
 def test_route_op_scalar_errors(rng):
@@ -319,6 +322,11 @@ def test_combine_op_argument_errors(layer, x):
         ops.combine(x, ids.tolist(), w, 4, "identity")
     with pytest.raises(ValueError, match=r"topk_ids: expected ids in \[0, 6\)"):
         ops.combine(x, ids - 1, w, 4, "identity", num_zero_experts=2)
+    for bad in (0, None, "no", 1):  # falsy values must not switch the check off quietly
+        with pytest.raises(TypeError, match="check_ids: expected a bool"):
+            ops.combine(x, ids, w, 4, "identity", check_ids=bad)
+        with pytest.raises(TypeError, match="check_ids: expected a bool"):
+            ops.zero_expert_output(x, ids, w, 4, "identity", check_ids=bad)
 
 
 def test_expert_mlp_op_argument_errors(layer, x):

@@ -238,6 +238,9 @@ class MoEConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "MoEConfig":
         """A named configuration ("tiny", "longcat-flash", "moe++-7b"), fields overridable."""
+        if not isinstance(name, str):
+            raise TypeError(f"preset: expected a name (str) among {sorted(_PRESETS)}, got "
+                            f"{type(name).__name__}")
         if name not in _PRESETS:
             raise ValueError(f"preset: expected one of {sorted(_PRESETS)}, got {name!r}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

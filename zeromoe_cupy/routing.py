@@ -88,6 +88,9 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
             raise TypeError(f"{name}: expected the same array kind as x "
                             f"({'CuPy' if is_cupy(x) else 'NumPy'}), got {type(a).__module__}")
     if weight_parts is not None:
+        if not isinstance(weight_parts, (tuple, list)):
+            raise TypeError(f"weight_parts: expected a tuple of three bfloat16 arrays (hi, mid, "
+                            f"lo), got {type(weight_parts).__name__}")
         if len(weight_parts) != 3 or any(
                 tuple(p.shape) != (N, H) or p.dtype != np_dtype("bfloat16")
                 or is_cupy(p) != is_cupy(x) for p in weight_parts):

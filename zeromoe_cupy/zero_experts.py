@@ -193,7 +193,7 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     Raises:
         ValueError: shapes, ids outside [0, E+Z), expert_output.rows of another dtype than
             x's or float32, or (check_ids) num_experts and expert_output.slot_rows that
-            disagree. TypeError: other dtypes, array kinds.
+            disagree. TypeError: other dtypes, array kinds, a check_ids that is not a bool.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -202,6 +202,8 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     const_gate = as_array(const_gate, "const_gate", allow_none=True)
     _check_routing_arrays(x, topk_ids, topk_weights)
     E = check_int("num_experts", num_experts, 0)
+    if not isinstance(check_ids, (bool, np.bool_)):  # 0, None or "no" must not pass for False
+        raise TypeError(f"check_ids: expected a bool, got {check_ids!r}")
     _check_type_kind(zero_expert_type)
     if num_zero_experts is not None:
         num_zero_experts = check_int("num_zero_experts", num_zero_experts, 0)
