@@ -152,6 +152,11 @@ def test_from_hf_config_quantization_and_dense_layers():
     (deepseek_config(topk_method="greedy"), ValueError, "topk_method"),
     (longcat_config(moe_topk=2.5), TypeError, "moe_topk"),  # a float where an int belongs
     (longcat_config(hidden_size="6144"), TypeError, "hidden_size"),
+    (longcat_config(router_bias="false"), TypeError, "router_bias"),  # a str where a bool belongs
+    (deepseek_config(norm_topk_prob=1), TypeError, "norm_topk_prob"),
+    ({"model_type": "MoE++", "moe_2layer_gate": 0}, TypeError, "moe_2layer_gate"),
+    (longcat_config(dtype=5), TypeError, "dtype"),
+    (deepseek_config(torch_dtype=5), TypeError, "torch_dtype"),
     (longcat_config(moe_topk=E + Z + 1), ValueError, "top_k"),
     (deepseek_config(num_experts_per_tok=None), ValueError, "num_experts_per_tok"),
     (deepseek_config(scoring_func="relu"), ValueError, "scoring_func"),

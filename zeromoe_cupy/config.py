@@ -339,6 +339,12 @@ class _Keys:
             raise TypeError(f"{self.source}: key {key!r}: expected an int, got {v!r}")
         return v
 
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool):  # a wrong type ("false", 0): TypeError (README)
+            raise TypeError(f"{self.source}: key {key!r}: expected a bool, got {v!r}")
+        return v
+
     def error(self, key: str, expected: str) -> ValueError:
         return ValueError(f"{self.source}: key {key!r}: expected {expected}, "
                           f"got {self.d.get(key)!r}")
@@ -350,7 +356,12 @@ def _hf_dtype(k: _Keys) -> str:
         v = k.d.get("torch_dtype")
     if v is None:
         return "bfloat16"
-    v = str(v).removeprefix("torch.")
+    if type(v).__module__ == "torch":  # a torch.dtype, as a config object's __dict__ holds it
+        v = str(v)
+    if not isinstance(v, str):  # a wrong type: TypeError (README)
+        raise TypeError(f"{k.source}: key {'dtype' if 'dtype' in k.d else 'torch_dtype'!r}: "
+                        f"expected a dtype name (str), got {v!r}")
+    v = v.removeprefix("torch.")
     if v not in DTYPES:
         raise k.error("dtype" if "dtype" in k.d else "torch_dtype", f"one of {DTYPES}")
     return v
@@ -379,9 +390,7 @@ def _parse_longcat_flash(k: _Keys) -> dict[str, Any]:
     if zero_type not in ("identity", "zero"):  # a LongCat checkpoint holds no constant experts
         raise k.error("zero_expert_type", "'identity' or 'zero' (LongCat-Flash checkpoints name "
                       "no constant-expert tensors)")
-    router_bias = k.get("router_bias", False)
-    if not isinstance(router_bias, bool):
-        raise k.error("router_bias", "a bool")
+    router_bias = k.bool("router_bias", False)
     fields = dict(
         hidden_size=k.int("hidden_size", 6144),
         intermediate_size=k.int("expert_ffn_hidden_size", 2048),
@@ -406,9 +415,7 @@ def _parse_deepseek_v3(k: _Keys) -> dict[str, Any]:
     scoring = k.get("scoring_func", "sigmoid")
     if scoring not in SCORING_FUNCS:
         raise k.error("scoring_func", f"one of {SCORING_FUNCS}")
-    norm = k.get("norm_topk_prob", True)
-    if not isinstance(norm, bool):
-        raise k.error("norm_topk_prob", "a bool")
+    norm = k.bool("norm_topk_prob", True)
     n_layers = k.int("num_hidden_layers", 61)
     first_dense = k.int("first_k_dense_replace", 3)
     freq = k.int("moe_layer_freq", 1)
@@ -454,9 +461,7 @@ def _parse_moe_plus_plus(k: _Keys) -> dict[str, Any]:
     flags = {}
     for key, default in (("moe_use_mixtral_gating", False), ("moe_2layer_gate", True),
                          ("moe_use_logits_norm", False), ("moe_feature_no_mul_topk", False)):
-        flags[key] = k.get(key, default)
-        if not isinstance(flags[key], bool):
-            raise k.error(key, "a bool")
+        flags[key] = k.bool(key, default)
     mixtral = flags["moe_use_mixtral_gating"]
     interval = k.int("moe_expert_interval", 1)
     if interval < 1:
