@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import zeromoe_cupy as zm
+from zeromoe_cupy import ops
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
@@ -326,3 +327,34 @@ def test_big_endian_x_gives_the_native_result(rng):
     assert xb.dtype == np.dtype(">f4")
     with pytest.raises(TypeError, match="x: expected dtype float32"):
         layer(x.astype(">f8"))
+
+
+def test_arrays_of_the_other_byte_order_work_everywhere(rng):
+    """Every array argument, not only the layer's x: the ops, the routing and the weights of
+    from_weights take ">f4" / ">i4" arrays as their values (the other byte order on this
+    little-endian machine), with the native arrays' results; the arrays are not modified."""
+    cfg = zm.MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, num_zero_experts=2,
+                       top_k=2, dtype="float32")
+    layer = zm.ZeroExpertMoE(cfg, seed=0, device="cpu")
+    x = random_x(rng, 5, 64, "float32")
+    big = lambda a: a.astype(a.dtype.newbyteorder(">"))  # noqa: E731
+    xb = big(x)
+    before = xb.copy()
+    L = ops.router_logits(x, layer.router_weight)
+    np.testing.assert_array_equal(ops.router_logits(xb, big(layer.router_weight)), L)
+    r = ops.route(L, 2)
+    rb = ops.route(big(L), 2)
+    np.testing.assert_array_equal(rb.topk_ids, r.topk_ids)
+    np.testing.assert_array_equal(rb.topk_weights, r.topk_weights)
+    out = ops.expert_mlp(x, r.topk_ids, layer.w13, layer.w2)
+    outb = ops.expert_mlp(xb, big(r.topk_ids), big(layer.w13), big(layer.w2))
+    np.testing.assert_array_equal(outb.rows, out.rows)
+    y = ops.combine(x, r.topk_ids, r.topk_weights, 4, "identity", out)
+    np.testing.assert_array_equal(
+        ops.combine(xb, big(r.topk_ids), big(r.topk_weights), 4, "identity", outb), y)
+    weights = dict(router_weight=layer.router_weight, w13=layer.w13, w2=layer.w2,
+                   e_score_correction_bias=layer.e_score_correction_bias)
+    again = zm.ZeroExpertMoE.from_weights(
+        cfg, **{k: None if v is None else big(v) for k, v in weights.items()})
+    np.testing.assert_array_equal(again(x), layer(x))
+    np.testing.assert_array_equal(xb, before)

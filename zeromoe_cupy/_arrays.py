@@ -111,7 +111,9 @@ def as_array(a: Any, name: str, allow_none: bool = False):
     is imported zero-copy: CUDA memory as CuPy, host memory as NumPy. NumPy subclasses
     (np.memmap, ...) become plain ndarray views of the same memory, except np.matrix and
     masked arrays, refused with a TypeError: their operators and reductions differ from
-    ndarray's, and a mask would be silently ignored.
+    ndarray's, and a mask would be silently ignored. The one copy: a NumPy array of the
+    other byte order (">f4" on this machine) becomes a native one of the same values, which
+    every dtype check and kernel here expects.
     """
     if a is None:
         if allow_none:
@@ -124,6 +126,8 @@ def as_array(a: Any, name: str, allow_none: bool = False):
         if isinstance(a, np.ma.MaskedArray):
             raise TypeError(f"{name}: expected a plain ndarray, got a masked array (the layer "
                             f"has no notion of a mask); pass {name}.filled(value)")
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
         return a if type(a) is np.ndarray else a.view(np.ndarray)
     if is_cupy(a):
         return a

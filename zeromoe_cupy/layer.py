@@ -423,10 +423,7 @@ class ZeroExpertMoE:
                             "use x.get() or build the layer with device='cuda'")
         if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
             raise ValueError(f"x: expected shape [T, {cfg.hidden_size}], got {tuple(x.shape)}")
-        want = np_dtype(cfg.dtype)
-        if x.dtype != want and not is_cupy(x) and x.dtype.newbyteorder("=") == want:
-            x = x.astype(want)  # the config's dtype in the other byte order: a native copy
-        if x.dtype != want:
+        if x.dtype != np_dtype(cfg.dtype):  # (the other byte order: as_array made it native)
             raise TypeError(f"x: expected dtype {cfg.dtype} (the config's), got {x.dtype}")
         return x
 
