@@ -48,6 +48,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert "Traceback" not in err
 
 
+def test_launch_of_a_missing_script_says_only_that(capsys):
+    # checked before the GPU count, whose note (without a GPU) would come first
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "-n", "2", "/no/such/script.py"])
+    err = capsys.readouterr().err
+    assert "no such script" in err and "GPU" not in err, err
+
+
 def test_zero_tokens_bench_warns_nothing(tmp_path, capsys):
     out = tmp_path / "b.json"
     with warnings.catch_warnings():

@@ -228,13 +228,13 @@ def launch(nprocs: int, argv: Sequence[str], prefix: bool = True,
     nprocs = check_int("nprocs", nprocs, 1)
     if not argv:
         raise ValueError("argv: expected a script (and its arguments), got nothing")
+    if not argv[0].startswith("-") and not os.path.exists(argv[0]):  # not -c / -m: a path
+        raise FileNotFoundError(f"{argv[0]}: no such script (checked before starting "
+                                f"{nprocs} ranks that would each fail on it)")
     base = dict(os.environ if env is None else env)
     visible = base.get("CUDA_VISIBLE_DEVICES")
     if visible == os.environ.get("CUDA_VISIBLE_DEVICES"):  # the ranks see what we see
         _check_gpus(nprocs, visible)
-    if not argv[0].startswith("-") and not os.path.exists(argv[0]):  # not -c / -m: a path
-        raise FileNotFoundError(f"{argv[0]}: no such script (checked before starting "
-                                f"{nprocs} ranks that would each fail on it)")
     port = str(free_port())
     procs, pumps = [], []
     for r in range(nprocs):
