@@ -168,7 +168,7 @@ def test_from_hf_config_published_and_default_moepp():
     (dict(num_experts=20), ValueError, "num_experts.*list"),
     (dict(num_experts=[4]), ValueError, "num_experts"),
     (dict(num_experts=[8, 8]), ValueError, "num_experts"),
-    (dict(moe_2layer_gate="yes"), ValueError, "moe_2layer_gate.*bool"),
+    (dict(moe_2layer_gate="yes"), TypeError, "moe_2layer_gate.*bool"),  # a str for a bool
     (dict(moe_expert_interval=0), ValueError, "moe_expert_interval"),
     (dict(moe_use_logits_norm=True, moe_gate_norm_std=-1.0), ValueError, "moe_gate_norm_std"),
     (dict(hidden_size="16"), TypeError, "hidden_size"),  # a string where an int belongs

@@ -357,9 +357,12 @@ def test_launch_refuses_more_ranks_than_gpus_before_starting_any(gpus, monkeypat
     assert len(started) == gpus
 
 
-def test_launch_names_cuda_visible_devices_and_the_cli_says_it_in_one_line(monkeypatch, capsys):
+def test_launch_names_cuda_visible_devices_and_the_cli_says_it_in_one_line(monkeypatch, capsys,
+                                                                          tmp_path):
     monkeypatch.setattr(launch_mod, "_gpus_seen", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "script.py").write_text("")  # (a missing script is reported first)
     with pytest.raises(SystemExit) as exc:
         cli.main(["launch", "-n", "4", "script.py"])
     err = capsys.readouterr().err
