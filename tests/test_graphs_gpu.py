@@ -10,7 +10,7 @@ import pytest
 import zeromoe_cupy as zm
 from zeromoe_cupy import graphs
 from zeromoe_cupy.experts import PAIRS_MAX
-from zeromoe_cupy.experts import fp8 as fp8_path
+from zeromoe_cupy.experts._common import GRAPH_PAIRS_MAX
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
@@ -62,7 +62,7 @@ def test_graph_strategy_of_fp8_layers(strategy):
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               quantization="fp8")
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
-    most = fp8_path.GRAPH_PAIRS_MAX // 4
+    most = GRAPH_PAIRS_MAX // 4
     assert PAIRS_MAX // 4 > most + 1
     assert graphs.graph_strategy(layer, 1) == "pairs"
     assert graphs.graph_strategy(layer, most) == "pairs"

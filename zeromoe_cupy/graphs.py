@@ -26,9 +26,8 @@ import numpy as np
 
 from ._arrays import check_int, cupy_module, np_dtype
 from ._compile import programmatic_launches
-from .experts import PAIRS_MAX
 from .experts import capacity
-from .experts import fp8 as fp8_path
+from .experts._common import GRAPH_PAIRS_MAX, PAIRS_MAX
 
 # vLLM's decode batch sizes up to 512, then steps of SIZE_STEP; max_tokens is always included.
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -75,8 +74,8 @@ def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
 
 def graph_strategy(layer, tokens: int) -> str:
     """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
-    else "pairs" for up to PAIRS_MAX (token, slot) pairs (fp8 layers: experts.fp8.
-    GRAPH_PAIRS_MAX), "capacity" for unquantized bf16
+    else "pairs" for up to PAIRS_MAX (token, slot) pairs (fp8 layers: GRAPH_PAIRS_MAX),
+    "capacity" for unquantized bf16
     layers where capacity.prefers(graph=True) (from 4 pairs per expert while its blocks stay
     at most 64 rows), "syncfree" otherwise."""
     strategy = layer.expert_strategy
@@ -84,7 +83,7 @@ def graph_strategy(layer, tokens: int) -> str:
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):
         return strategy
     fp8 = layer.config.quantization == "fp8"
-    if tokens * K <= (fp8_path.GRAPH_PAIRS_MAX if fp8 else PAIRS_MAX):
+    if tokens * K <= (GRAPH_PAIRS_MAX if fp8 else PAIRS_MAX):
         return "pairs"
     if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
             and capacity.prefers(tokens, K, layer.config.num_experts, graph=True)):

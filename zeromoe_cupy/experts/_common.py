@@ -26,6 +26,13 @@ def rows_dtype(dtype):
 
 STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree", "capacity")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
+# Graphs of fp8 layers take the pair kernels only up to this many (token, slot) pairs, then the
+# sync-free grouped ones, which read each active expert once (the pair kernels once per pair
+# of it). LongCat-Flash on the H200, graph replay ms pairs / grouped at 4 / 8 / 16 / 24 / 32
+# tokens: 0.359 / 0.387, 0.618 / 0.636, 1.237 / 1.150, 1.790 / 1.583, (grouped) 1.925.
+# Eager calls keep the pair kernels to PAIRS_MAX pairs: there the grouped path's extra
+# launches cost more (1.326 / 1.417 ms at 16 tokens, 1.871 / 1.877 at 24).
+GRAPH_PAIRS_MAX = 128
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
 UNIFORM_MAX_ROWS = 64   # "auto": most rows of one expert up to which one uniform tile wins

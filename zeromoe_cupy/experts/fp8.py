@@ -1,7 +1,7 @@
 """FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
 scales, activations quantized per row and 128 features.
 
-- Few pairs (T*K <= PAIRS_MAX; in CUDA graphs GRAPH_PAIRS_MAX), and the deterministic mode: x quantized per row by a small
+- Few pairs (T*K <= PAIRS_MAX; in CUDA graphs _common.GRAPH_PAIRS_MAX), and the deterministic mode: x quantized per row by a small
   kernel, then the pair kernel reads the weight bytes and their scales straight from the
   routing ids; h (fp32) is quantized the same way between the passes. No host
   synchronization; a token's result does not depend on its batch. The kernel: pair_mma_fp8
@@ -89,13 +89,6 @@ WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
 # tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
 # 0.244 / 0.376, two 0.149 / 0.233 / 0.397, four 0.150 / 0.240 / 0.395).
-# Graphs of fp8 layers take the pair kernels only up to this many (token, slot) pairs, then the
-# sync-free grouped ones, which read each active expert once (the pair kernels once per pair
-# of it). LongCat-Flash on the H200, graph replay ms pairs / grouped at 4 / 8 / 16 / 24 / 32
-# tokens: 0.359 / 0.387, 0.618 / 0.636, 1.237 / 1.150, 1.790 / 1.583, (grouped) 1.925.
-# Eager calls keep the pair kernels to PAIRS_MAX pairs: there the grouped path's extra
-# launches cost more (1.326 / 1.417 ms at 16 tokens, 1.871 / 1.877 at 24).
-GRAPH_PAIRS_MAX = 128
 PAIR_MMA = True
 PAIR_MMA_KSPLIT = ((24, 2), (None, 1))  # (most pairs, warps per tile); None: any number
 _PM_FEATS = 16  # kernels/fp8.cu PM_FEATS: output features per warp of pair_mma_fp8
