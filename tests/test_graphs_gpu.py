@@ -3,6 +3,7 @@
 GPU tests carry the gpu marker (deselected without a GPU); the size rules and the errors that
 need no GPU run everywhere."""
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ def test_capture_size_arguments_rejected(kw, err):
 
 
 @pytest.mark.parametrize("strategy,tokens,expected", [
-    ("auto", PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
+    ("auto", GRAPH_PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4, "pairs"),
+    ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
     ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
     ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree"),
     ("capacity", 1, "capacity")])
@@ -48,6 +50,9 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+    if dtype == "bfloat16" and expected == "pairs" and strategy != "pairs" \
+            and tokens * 4 > GRAPH_PAIRS_MAX:  # bf16: the pair kernels to GRAPH_PAIRS_MAX pairs
+        expected = "syncfree"
     if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 4 * 64 \
             and tokens * 4 / 64 + 3 * (tokens * 4 / 64) ** 0.5 + 4 <= 64:
         # from 4 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
@@ -57,18 +62,28 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
 
 
 @pytest.mark.parametrize("strategy", ["auto", "grouped", "padded"])
-def test_graph_strategy_of_fp8_layers(strategy):
-    # the pair kernels to GRAPH_PAIRS_MAX (token, slot) pairs, then the sync-free grouped ones
-    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
-                              quantization="fp8")
-    layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", "fp8"), ("float16", "fp8"),
+                                                ("float32", "fp8"), ("bfloat16", None)])
+def test_graph_strategy_of_bf16_and_fp8_layers(strategy, dtype, quantization):
+    # the pair kernels to GRAPH_PAIRS_MAX (token, slot) pairs, then the sync-free ones (512
+    # experts: "capacity", bf16 without quantization, only from 512 tokens); fp16 and fp32
+    # layers without quantization keep the pair kernels to PAIRS_MAX
+    cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=512,
+                              dtype=dtype, quantization=quantization)
+    # (the rule reads the config and the strategy alone: no 512 experts' weights built)
+    layer = types.SimpleNamespace(config=cfg, expert_strategy=strategy)
     most = GRAPH_PAIRS_MAX // 4
     assert PAIRS_MAX // 4 > most + 1
     assert graphs.graph_strategy(layer, 1) == "pairs"
     assert graphs.graph_strategy(layer, most) == "pairs"
     assert graphs.graph_strategy(layer, most + 1) == "syncfree"
     assert graphs.graph_strategy(layer, PAIRS_MAX // 4) == "syncfree"
-    assert graphs.graph_strategy(layer, 5000) == "syncfree"
+    for dtype in ("float16", "float32"):
+        other = types.SimpleNamespace(
+            config=dataclasses.replace(cfg, dtype=dtype, quantization=None),
+            expert_strategy=strategy)
+        assert graphs.graph_strategy(other, PAIRS_MAX // 4) == "pairs"
+        assert graphs.graph_strategy(other, PAIRS_MAX // 4 + 1) == "syncfree"
 
 
 @pytest.mark.parametrize("T,K,E,C", [(1024, 12, 512, 48), (256, 12, 512, 24), (1, 1, 512, 8),

@@ -8,7 +8,7 @@ most of a decode step's time.
 
 The captured forward makes no host synchronization: the router GEMM runs through our cuBLAS
 shim (CuPy refuses its own cuBLAS wrappers during capture), the experts through the "pairs"
-path (T*K <= PAIRS_MAX; fewer for fp8 layers), the "syncfree" path above it, whose per-expert counts stay on the
+path (T*K <= PAIRS_MAX; fewer for bf16 and fp8 layers), the "syncfree" path above it, whose per-expert counts stay on the
 device, and for unquantized bf16 layers the "capacity" path (blocks of a fixed number of rows
 for every expert) where experts.capacity.prefers it; "fixed" for deterministic layers. Padding rows (T < size) are zero-filled and then
 masked after routing: their slots go to no expert, so they cost no weight reads.
@@ -74,16 +74,16 @@ def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
 
 def graph_strategy(layer, tokens: int) -> str:
     """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
-    else "pairs" for up to PAIRS_MAX (token, slot) pairs (fp8 layers: GRAPH_PAIRS_MAX),
-    "capacity" for unquantized bf16
+    else "pairs" for up to PAIRS_MAX (token, slot) pairs (bf16 and fp8 layers:
+    GRAPH_PAIRS_MAX), "capacity" for unquantized bf16
     layers where capacity.prefers(graph=True) (from 4 pairs per expert while its blocks stay
     at most 64 rows), "syncfree" otherwise."""
     strategy = layer.expert_strategy
     K = layer.config.top_k
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):
         return strategy
-    fp8 = layer.config.quantization == "fp8"
-    if tokens * K <= (GRAPH_PAIRS_MAX if fp8 else PAIRS_MAX):
+    measured = layer.config.quantization == "fp8" or layer.config.dtype == "bfloat16"
+    if tokens * K <= (GRAPH_PAIRS_MAX if measured else PAIRS_MAX):
         return "pairs"
     if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
             and capacity.prefers(tokens, K, layer.config.num_experts, graph=True)):

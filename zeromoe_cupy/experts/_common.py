@@ -26,12 +26,13 @@ def rows_dtype(dtype):
 
 STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree", "capacity")
 PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
-# Graphs of fp8 layers take the pair kernels only up to this many (token, slot) pairs, then the
-# sync-free grouped ones, which read each active expert once (the pair kernels once per pair
-# of it). LongCat-Flash on the H200, graph replay ms pairs / grouped at 4 / 8 / 16 / 24 / 32
-# tokens: 0.359 / 0.387, 0.618 / 0.636, 1.237 / 1.150, 1.790 / 1.583, (grouped) 1.925.
-# Eager calls keep the pair kernels to PAIRS_MAX pairs: there the grouped path's extra
-# launches cost more (1.326 / 1.417 ms at 16 tokens, 1.871 / 1.877 at 24).
+# Graphs of bf16 and fp8 layers take the pair kernels only up to this many (token, slot) pairs,
+# then the sync-free ones, which read each active expert once (the pair kernels once per pair
+# of it). LongCat-Flash on the H200, graph replay ms pairs / sync-free at 4 / 8 / 16 / 24
+# tokens, each line one run: fp8 0.359 / 0.387, 0.618 / 0.636, 1.237 / 1.150, 1.790 / 1.583;
+# bf16 0.563 / 0.663, 1.055 / 1.115, 2.143 / 2.074, 3.162 / 2.864. (fp16 and fp32 layers,
+# not measured, keep PAIRS_MAX.) Eager fp8 calls keep the pair kernels to PAIRS_MAX: there the
+# grouped path's extra launches cost more (1.326 / 1.417 ms at 16 tokens, 1.871 / 1.877 at 24).
 GRAPH_PAIRS_MAX = 128
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
