@@ -8,10 +8,11 @@ most of a decode step's time.
 
 The captured forward makes no host synchronization: the router GEMM runs through our cuBLAS
 shim (CuPy refuses its own cuBLAS wrappers during capture), the experts through the "pairs"
-path (T*K <= PAIRS_MAX; fewer for bf16 and fp8 layers), the "syncfree" path above it, whose per-expert counts stay on the
-device, and for unquantized bf16 layers the "capacity" path (blocks of a fixed number of rows
-for every expert) where experts.capacity.prefers it; "fixed" for deterministic layers. Padding rows (T < size) are zero-filled and then
-masked after routing: their slots go to no expert, so they cost no weight reads.
+path (T*K <= PAIRS_MAX; GRAPH_PAIRS_MAX for bf16 and fp8 layers), the "syncfree" path above it,
+whose per-expert counts stay on the device, and for unquantized bf16 layers the "capacity" path
+(blocks of a fixed number of rows for every expert) where experts.capacity.prefers it; "fixed"
+for deterministic layers. Padding rows (T < size) are zero-filled and then masked after
+routing: their slots go to no expert, so they cost no weight reads.
 The package's kernels are captured with programmatic dependent launch (_compile.py) on GPUs
 of compute capability 9.0 and later: a node's blocks start during the previous node's last
 wave and wait there. It saves little: a graph's kernel-to-kernel step measured 1.41 us plain
@@ -82,8 +83,10 @@ def graph_strategy(layer, tokens: int) -> str:
     K = layer.config.top_k
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):
         return strategy
-    measured = layer.config.quantization == "fp8" or layer.config.dtype == "bfloat16"
-    if tokens * K <= (GRAPH_PAIRS_MAX if measured else PAIRS_MAX):
+    cfg = layer.config
+    # (fp16 and fp32 layers, not measured against the sync-free path, keep PAIRS_MAX)
+    most = GRAPH_PAIRS_MAX if cfg.quantization == "fp8" or cfg.dtype == "bfloat16" else PAIRS_MAX
+    if tokens * K <= most:
         return "pairs"
     if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
             and capacity.prefers(tokens, K, layer.config.num_experts, graph=True)):
