@@ -156,6 +156,10 @@ def test_from_hf_config_quantization_and_dense_layers():
     (deepseek_config(norm_topk_prob=1), TypeError, "norm_topk_prob"),
     ({"model_type": "MoE++", "moe_2layer_gate": 0}, TypeError, "moe_2layer_gate"),
     (longcat_config(dtype=5), TypeError, "dtype"),
+    (longcat_config(dtype=None, torch_dtype=5), TypeError, "'torch_dtype'"),  # dtype null
+    (longcat_config(dtype=None, torch_dtype="float64"), ValueError, "'torch_dtype'.*float64"),
+    (longcat_config(quantization_config={"quant_method": "fp8", "weight_block_size": 128}),
+     ValueError, "quantization_config"),
     (deepseek_config(torch_dtype=5), TypeError, "torch_dtype"),
     (longcat_config(moe_topk=E + Z + 1), ValueError, "top_k"),
     (deepseek_config(num_experts_per_tok=None), ValueError, "num_experts_per_tok"),

@@ -10,6 +10,7 @@ import zeromoe_cupy as zm
 from zeromoe_cupy import graphs, ops
 from zeromoe_cupy.parallel import launch
 from zeromoe_cupy._arrays import gpu_available
+from zeromoe_cupy.routing import split_bf16
 
 from helpers import random_layer_weights, random_x
 
@@ -279,6 +280,17 @@ def test_router_logits_op_errors(rng):
     for bad in (5, np.zeros((3, 6, 16), np.float32)):
         with pytest.raises(TypeError, match="weight_parts: expected a tuple of three"):
             ops.router_logits(x, wr, weight_parts=bad)
+    parts = split_bf16(wr)
+    with pytest.raises(ValueError, match="weight_parts: expected three arrays"):
+        ops.router_logits(x, wr, weight_parts=parts[:2])
+    with pytest.raises(TypeError, match=r"weight_parts\[0\]: expected an array"):
+        ops.router_logits(x, wr, weight_parts=(None, None, None))
+    with pytest.raises(TypeError, match=r"weight_parts\[1\]: expected a NumPy/CuPy array"):
+        ops.router_logits(x, wr, weight_parts=(parts[0], [[1.0]], parts[2]))
+    with pytest.raises(TypeError, match=r"weight_parts\[2\]: expected a bfloat16 array"):
+        ops.router_logits(x, wr, weight_parts=parts[:2] + (wr,))
+    with pytest.raises(ValueError, match=r"weight_parts\[0\]: expected shape \(6, 16\)"):
+        ops.router_logits(x, wr, weight_parts=(parts[0][:5],) + parts[1:])
 
 
 def test_route_op_scalar_errors(rng):

@@ -296,8 +296,10 @@ class MoEConfig:
 
         Raises FileNotFoundError naming the path when there is no config file; ValueError for
         an unknown model type (listing the supported ones) or an unsupported value, naming
-        the key; TypeError for a wrong kind of argument or a key's value of the wrong type
-        (e.g. a string where an int belongs).
+        the key; TypeError for a wrong kind of argument or for an int, bool or dtype key whose
+        value has the wrong type (e.g. a string where an int belongs). Keys of other kinds
+        (names such as scoring_func, lists, quantization_config) raise ValueError for any
+        value they do not take, of whatever type.
         """
         return parse_hf_config(path_or_dict).config
 
@@ -351,20 +353,18 @@ class _Keys:
 
 
 def _hf_dtype(k: _Keys) -> str:
-    v = k.d.get("dtype")
-    if v is None:  # absent or null: transformers reads torch_dtype then
-        v = k.d.get("torch_dtype")
+    # dtype absent or null: transformers reads torch_dtype
+    key = "dtype" if k.d.get("dtype") is not None else "torch_dtype"
+    v = k.d.get(key)
     if v is None:
         return "bfloat16"
     if type(v).__module__ == "torch":  # a torch.dtype, as a config object's __dict__ holds it
         v = str(v)
     if not isinstance(v, str):  # a wrong type: TypeError (README)
-        raise TypeError(f"{k.source}: key {'dtype' if 'dtype' in k.d else 'torch_dtype'!r}: "
-                        f"expected a dtype name (str), got {v!r}")
-    v = v.removeprefix("torch.")
-    if v not in DTYPES:
-        raise k.error("dtype" if "dtype" in k.d else "torch_dtype", f"one of {DTYPES}")
-    return v
+        raise TypeError(f"{k.source}: key {key!r}: expected a dtype name (str), got {v!r}")
+    if v.removeprefix("torch.") not in DTYPES:
+        raise k.error(key, f"one of {DTYPES}")
+    return v.removeprefix("torch.")
 
 
 def _hf_quantization(k: _Keys) -> dict[str, Any]:
@@ -376,7 +376,8 @@ def _hf_quantization(k: _Keys) -> dict[str, Any]:
                          f"(the only quantization supported), got {q!r}")
     fmt, act = q.get("fmt", "e4m3"), q.get("activation_scheme", "dynamic")
     block = q.get("weight_block_size", [128, 128])
-    if fmt != "e4m3" or act != "dynamic" or list(block or []) != [128, 128]:
+    if fmt != "e4m3" or act != "dynamic" or not isinstance(block, (list, tuple)) \
+            or list(block) != [128, 128]:
         raise ValueError(f"{k.source}: key 'quantization_config': expected fmt 'e4m3', "
                          f"activation_scheme 'dynamic', weight_block_size [128, 128], got "
                          f"fmt={fmt!r}, activation_scheme={act!r}, weight_block_size={block!r}")

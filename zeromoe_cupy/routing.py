@@ -91,11 +91,19 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
         if not isinstance(weight_parts, (tuple, list)):
             raise TypeError(f"weight_parts: expected a tuple of three bfloat16 arrays (hi, mid, "
                             f"lo), got {type(weight_parts).__name__}")
-        if len(weight_parts) != 3 or any(
-                tuple(p.shape) != (N, H) or p.dtype != np_dtype("bfloat16")
-                or is_cupy(p) != is_cupy(x) for p in weight_parts):
-            raise ValueError(f"weight_parts: expected three bfloat16 arrays of shape ({N}, {H}) "
-                             f"of x's array kind")
+        if len(weight_parts) != 3:
+            raise ValueError(f"weight_parts: expected three arrays (hi, mid, lo), got "
+                             f"{len(weight_parts)}")
+        weight_parts = tuple(as_array(p, f"weight_parts[{i}]")
+                             for i, p in enumerate(weight_parts))
+        for i, p in enumerate(weight_parts):
+            if p.dtype != np_dtype("bfloat16") or is_cupy(p) != is_cupy(x):
+                raise TypeError(f"weight_parts[{i}]: expected a bfloat16 array of x's kind "
+                                f"({'CuPy' if is_cupy(x) else 'NumPy'}), got {p.dtype} "
+                                f"({type(p).__module__})")
+            if tuple(p.shape) != (N, H):
+                raise ValueError(f"weight_parts[{i}]: expected shape ({N}, {H}), got "
+                                 f"{tuple(p.shape)}")
     if not isinstance(fixed_order, (bool, np.bool_)):
         raise TypeError(f"fixed_order: expected a bool, got {fixed_order!r}")
     return compute_router_logits(x, router_weight, router_bias, weight_parts, bool(fixed_order))
