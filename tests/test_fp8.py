@@ -74,6 +74,19 @@ def test_quantize_weight_equals_spec_block_math(I, H, dtype, rng):
             np.testing.assert_array_equal(d[e, rows], q[e, rows].astype(np.float32) * full)
 
 
+def test_e4m3_decoding_of_every_byte_and_dequantized_dtypes(rng):
+    # every one of the 256 e4m3 bytes (NaN's included) decodes as ml_dtypes casts it
+    b = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(quant.e4m3_to_f32(b), b.view(F8).astype(np.float32))
+    # the dequantized weight in another dtype is the fp32 product rounded once
+    q, s = quant.quantize_weight((rng.standard_normal((3, 200, 300)) * 0.1).astype(np.float32))
+    d32 = quant.dequantize_weight(q, s)
+    for dt in (ml_dtypes.bfloat16, np.float16):
+        d = quant.dequantize_weight(q.view(np.uint8), s, dtype=dt)
+        assert d.dtype == dt and d.shape == q.shape
+        np.testing.assert_array_equal(d.astype(np.float32), d32.astype(dt).astype(np.float32))
+
+
 def test_quantize_refuses_non_finite_weights():
     w = np.ones((1, 4, 8), np.float32)
     w[0, 1, 2] = np.nan

@@ -24,6 +24,10 @@ ACT_EPS = 1e-10
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
+# Every e4m3 byte's value in fp32 (exact): a lookup is several times faster than ml_dtypes' cast
+_E4M3_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+
+
 def blocks(n: int) -> int:
     """ceil(n / 128): the number of 128-wide blocks that cover n."""
     return -(-n // BLOCK)
@@ -117,9 +121,11 @@ def dequantize_weight(q, scale_inv, glu: bool = False, dtype=np.float32):
             out[i] = (w * full).astype(dtype)
         return out.reshape(q.shape)
     q = np.asarray(q)
-    vals = (q.view(E4M3) if q.dtype == np.uint8 else q).astype(np.float32)
-    full = np.repeat(np.repeat(np.asarray(s, np.float32), BLOCK, 1), BLOCK, 2)[:, :n, :k]
-    return (vals.reshape(count, n, k) * full).astype(dtype).reshape(q.shape)
+    vals = _E4M3_F32[q.view(np.uint8)].reshape(count, n, k)  # a new fp32 array
+    s = np.asarray(s, np.float32)
+    for b in range(blocks(n)):  # one 128-row slab at a time: no full-size scale array
+        vals[:, b * BLOCK:(b + 1) * BLOCK] *= np.repeat(s[:, b], BLOCK, 1)[:, None, :k]
+    return vals.astype(dtype, copy=False).reshape(q.shape)
 
 
 def quantize_activations(a):
@@ -269,7 +275,7 @@ def e4m3_from_f32_gpu(v):
 def e4m3_to_f32(q):
     """uint8 e4m3 bits -> float32 (NumPy or CuPy)."""
     if not is_cupy(q):
-        return np.asarray(q).view(E4M3).astype(np.float32)
+        return _E4M3_F32[np.asarray(q)]
     cp = cupy_module()
     q = cp.ascontiguousarray(q)
     out = cp.empty(q.shape, np.float32)
