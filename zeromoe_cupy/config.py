@@ -362,9 +362,10 @@ def _hf_dtype(k: _Keys) -> str:
         v = str(v)
     if not isinstance(v, str):  # a wrong type: TypeError (README)
         raise TypeError(f"{k.source}: key {key!r}: expected a dtype name (str), got {v!r}")
-    if v.removeprefix("torch.") not in DTYPES:
+    name = v.removeprefix("torch.")
+    if name not in DTYPES:
         raise k.error(key, f"one of {DTYPES}")
-    return v.removeprefix("torch.")
+    return name
 
 
 def _hf_quantization(k: _Keys) -> dict[str, Any]:
