@@ -121,7 +121,7 @@ def dequantize_weight(q, scale_inv, glu: bool = False, dtype=np.float32):
             out[i] = (w * full).astype(dtype)
         return out.reshape(q.shape)
     q = np.asarray(q)
-    vals = _E4M3_F32[q.view(np.uint8)].reshape(count, n, k)  # a new fp32 array
+    vals = e4m3_to_f32(q).reshape(count, n, k)  # a new fp32 array
     s = np.asarray(s, np.float32)
     for b in range(blocks(n)):  # one 128-row slab at a time: no full-size scale array
         vals[:, b * BLOCK:(b + 1) * BLOCK] *= np.repeat(s[:, b], BLOCK, 1)[:, None, :k]

@@ -5,9 +5,8 @@ scales, activations quantized per row and 128 features.
   mode: x quantized per row by a small kernel, then the pair kernel reads the weight bytes and
   their scales straight from the routing ids; h (fp32) is quantized the same way between the
   passes. No host synchronization; a token's result does not depend on its batch. The
-  kernel: pair_mma_fp8
-  (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
-  16), else pair_gemv_fp8 (fp32 FMAs).
+  kernel: pair_mma_fp8 (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9,
+  reduction sizes multiples of 16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
   grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT, or where the tensor-core
   kernels serve and cuBLASLt may not (_lt_may_serve); strategy "grouped", or
