@@ -273,7 +273,7 @@ def e4m3_from_f32_gpu(v):
 
 
 def e4m3_to_f32(q):
-    """uint8 e4m3 bits -> float32 (NumPy or CuPy)."""
+    """uint8 e4m3 bits (NumPy: or float8_e4m3fn) -> float32 (NumPy or CuPy)."""
     if not is_cupy(q):
         return _E4M3_F32[np.asarray(q).view(np.uint8)]
     cp = cupy_module()
