@@ -140,3 +140,31 @@ __device__ __forceinline__ void stream_expert_rows(const T* in, int row0, int m,
     a[t] = in + (long long)(row0 + (has[t] ? r : 0)) * Kd + (16 / sizeof(T)) * q;
   }
 }
+
+// ---- The operands of one 64-byte step, held in registers STREAM_DEPTH steps ahead. Without
+// this the compiler issued one step's loads, waited for them and ran its mma before issuing
+// the next (the tile loop's early exit splits the unrolled body into branches it does not
+// schedule across): about 4 x 16 bytes in flight per lane, so the kernels ran at the memory
+// latency's pace and lost 10-20% of the copy rate on some cards.
+#ifndef STREAM_DEPTH
+#define STREAM_DEPTH 4  // steps in flight per lane (even: pair_mma_fp8 and grouped_stream_fp8
+                        // consume a 128-wide k-group, two steps, at a time)
+#endif
+template <int MATS, int NT>
+struct StreamStep {
+  uint4 lo[MATS], hi[MATS];  // weight rows g and g + 8 of each matrix
+  uint4 b[NT];               // the B column of each tile
+};
+
+// Step c (elements) of the lane's operands; zeros where c + the lane's offset is not below end
+// (Kd, or the end of a warp's k-range): those loads are not issued.
+template <typename T, int MATS, int NT>
+__device__ __forceinline__ void stream_load(StreamStep<MATS, NT>& st, const T* (&w)[MATS][2],
+                                            const T* (&a)[NT], const bool (&has)[NT], int c,
+                                            int end, int q) {
+  const bool inside = c + (16 / (int)sizeof(T)) * q < end;
+  stream_weight_words<T, MATS>(w, c, inside, st.lo, st.hi);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+    st.b[t] = inside && has[t] ? *reinterpret_cast<const uint4*>(a[t] + c) : make_uint4(0, 0, 0, 0);
+}

@@ -389,6 +389,7 @@ pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
              int* __restrict__ slot_rows, long long p0) {
   wait_for_prior_grid();
   static_assert(PAIR_WARPS % KSPLIT == 0, "KSPLIT warps share a tile of 16 features");
+  static_assert(STREAM_DEPTH % 2 == 0, "STREAM_DEPTH: whole 128-wide k-groups");
   const long long p = p0 + blockIdx.y;  // launches cover at most 65535 pairs each
   const int e = ids[p];
   const bool real = e >= 0 && e < E;
@@ -402,46 +403,54 @@ pair_mma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
   const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
   const int kb0 = part * KB / KSPLIT, kb1 = (part + 1) * KB / KSPLIT;
   const long long row = p / a_div;
-  const unsigned char* a = aq + row * Kd + 16 * q;
+  const unsigned char* a[1] = {aq + row * Kd + 16 * q};
+  const bool has[1] = {true};
   const float* sa_row = as + row * KB;
-  // this lane's weight rows j0 + g and j0 + g + 8 (rows past N repeat row 0: never stored);
-  // the warp's 16 rows lie in one 128-row block, so one scale per k-group serves them all.
-  // Written out, not stream_weight_rows: through it ptxas gave the GLU kernel 98 registers
-  // instead of 95 (sm_90), past the 96 that keep five blocks per SM.
-  const int jl = j0 + g < N ? j0 + g : 0, jh = j0 + g + 8 < N ? j0 + g + 8 : 0;
+  // this lane's weight rows j0 + g and j0 + g + 8 (rows past N read row 0: never stored); the
+  // warp's 16 rows lie in one 128-row block, so one scale per k-group serves them all.
   const unsigned char* w[MATS][2];
+  stream_weight_rows<unsigned char, MATS>(W, e, N, Kd, j0, 0, g, q, w);
   const float* s[MATS];
 #pragma unroll
-  for (int m = 0; m < MATS; ++m) {
-    const unsigned char* base = W + ((long long)e * MATS + m) * N * Kd + 16 * q;
-    w[m][0] = base + (long long)jl * Kd;
-    w[m][1] = base + (long long)jh * Kd;
+  for (int m = 0; m < MATS; ++m)
     s[m] = S + ((long long)e * MATS * NB + m * NB + (j0 < N ? j0 : 0) / QBLOCK) * KB;
-  }
   float acc[MATS][2] = {};  // rows g and g + 8 (every column of C holds the same token)
-#pragma unroll 2
-  for (int kb = j0 < N ? kb0 : kb1; kb < kb1; ++kb) {
-    const int k0 = kb * QBLOCK;
-    float d[MATS][4] = {};
+  // bytes [k0, k1) of the rows: this warp's k-groups (none for a tile past N)
+  const int k0 = (j0 < N ? kb0 : kb1) * QBLOCK, k1 = min(Kd, kb1 * QBLOCK);
+  StreamStep<MATS, 1> ring[STREAM_DEPTH];  // 64-byte steps in flight (async_mma.cuh)
 #pragma unroll
-    for (int h = 0; h < QBLOCK; h += 64) {
-      const int c = k0 + h;
-      const bool in = c + 16 * q < Kd;  // past Kd: zeros on both sides, which add nothing
-      const uint4 av = in ? *reinterpret_cast<const uint4*>(a + c) : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < STREAM_DEPTH; ++i)
+    stream_load<unsigned char, MATS, 1>(ring[i], w, a, has, k0 + 64 * i, k1, q);
+  for (int c0 = k0; c0 < k1; c0 += 64 * STREAM_DEPTH) {
 #pragma unroll
-      for (int m = 0; m < MATS; ++m) {
-        const uint4 lo = in ? load16_prefetch256(w[m][0] + c) : make_uint4(0, 0, 0, 0);
-        const uint4 hi = in ? load16_prefetch256(w[m][1] + c) : make_uint4(0, 0, 0, 0);
-        mma_e4m3_16832(d[m], lo.x, hi.x, lo.y, hi.y, av.x, av.y);
-        mma_e4m3_16832(d[m], lo.z, hi.z, lo.w, hi.w, av.z, av.w);
+    for (int i = 0; i < STREAM_DEPTH; i += 2) {  // one 128-wide k-group: steps i, i + 1
+      const int c = c0 + 64 * i;
+      if (c < k1) {  // (warp-uniform)
+        float d[MATS][4] = {};
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const StreamStep<MATS, 1>& st = ring[i + u];
+#pragma unroll
+          for (int m = 0; m < MATS; ++m) {
+            mma_e4m3_16832(d[m], st.lo[m].x, st.hi[m].x, st.lo[m].y, st.hi[m].y, st.b[0].x,
+                           st.b[0].y);
+            mma_e4m3_16832(d[m], st.lo[m].z, st.hi[m].z, st.lo[m].w, st.hi[m].w, st.b[0].z,
+                           st.b[0].w);
+          }
+        }
+        const int kb = c / QBLOCK;
+        const float sa = sa_row[kb];
+#pragma unroll
+        for (int m = 0; m < MATS; ++m) {
+          const float f = sa * s[m][kb];
+          acc[m][0] = fmaf(d[m][0], f, acc[m][0]);  // row g (column 2q)
+          acc[m][1] = fmaf(d[m][2], f, acc[m][1]);  // row g + 8
+        }
       }
-    }
-    const float sa = sa_row[kb];
 #pragma unroll
-    for (int m = 0; m < MATS; ++m) {
-      const float f = sa * s[m][kb];
-      acc[m][0] = fmaf(d[m][0], f, acc[m][0]);  // row g (column 2q)
-      acc[m][1] = fmaf(d[m][2], f, acc[m][1]);  // row g + 8
+      for (int u = 0; u < 2; ++u)
+        stream_load<unsigned char, MATS, 1>(ring[i + u], w, a, has,
+                                            c0 + 64 * (i + u + STREAM_DEPTH), k1, q);
     }
   }
   if constexpr (KSPLIT > 1) {  // the later ranges' sums to shared memory, added in range order
@@ -496,6 +505,7 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
                    const unsigned char* __restrict__ W, const float* __restrict__ S, int N,
                    int Kd, TOUT* __restrict__ out) {
   wait_for_prior_grid();
+  static_assert(STREAM_DEPTH % 2 == 0, "STREAM_DEPTH: whole 128-wide k-groups");
   const int slot = blockIdx.y;
   if (slot >= active[0]) return;
   const int e = active[1 + slot];
@@ -507,52 +517,62 @@ grouped_stream_fp8(const unsigned char* __restrict__ aq, const float* __restrict
   const int NB = (N + QBLOCK - 1) / QBLOCK, KB = (Kd + QBLOCK - 1) / QBLOCK;
   const unsigned char* w[MATS][2];
   stream_weight_rows<unsigned char, MATS>(W, e, N, Kd, j0, j0, g, q, w);
-  const float* s[MATS];
+  const float* s_[MATS];  // the scale_inv row of this tile's 128-row block in each matrix
 #pragma unroll
   for (int mat = 0; mat < MATS; ++mat)
-    s[mat] = S + ((long long)e * MATS * NB + mat * NB + j0 / QBLOCK) * KB;
+    s_[mat] = S + ((long long)e * MATS * NB + mat * NB + j0 / QBLOCK) * KB;
   for (int r0 = 0; r0 < m; r0 += 8 * NT) {
     const unsigned char* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
     bool has[NT];
     stream_expert_rows<unsigned char, NT>(aq, row0, m, r0, Kd, g, q, a, has);
     float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
-#pragma unroll 2
-    for (int kb = 0; kb < KB; ++kb) {
-      float d[MATS][NT][4] = {};
+    StreamStep<MATS, NT> ring[STREAM_DEPTH];  // 64-byte steps in flight (async_mma.cuh)
 #pragma unroll
-      for (int h = 0; h < QBLOCK; h += 64) {
-        const int c = kb * QBLOCK + h;
-        const bool in = c + 16 * q < Kd;  // past Kd: zeros on both sides, which add nothing
-        uint4 lo[MATS], hi[MATS];
-        stream_weight_words<unsigned char, MATS>(w, c, in, lo, hi);
+    for (int s = 0; s < STREAM_DEPTH; ++s)
+      stream_load<unsigned char, MATS, NT>(ring[s], w, a, has, 64 * s, Kd, q);
+    for (int c0 = 0; c0 < Kd; c0 += 64 * STREAM_DEPTH) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
-          const uint4 av =
-              in && has[t] ? *reinterpret_cast<const uint4*>(a[t] + c) : make_uint4(0, 0, 0, 0);
+      for (int s = 0; s < STREAM_DEPTH; s += 2) {  // one 128-wide k-group: steps s, s + 1
+        const int kb = (c0 + 64 * s) / QBLOCK;
+        if (kb < KB) {  // (warp-uniform)
+          float d[MATS][NT][4] = {};
 #pragma unroll
-          for (int mat = 0; mat < MATS; ++mat) {
-            mma_e4m3_16832(d[mat][t], lo[mat].x, hi[mat].x, lo[mat].y, hi[mat].y, av.x, av.y);
-            mma_e4m3_16832(d[mat][t], lo[mat].z, hi[mat].z, lo[mat].w, hi[mat].w, av.z, av.w);
+          for (int u = 0; u < 2; ++u) {
+            const StreamStep<MATS, NT>& st = ring[s + u];
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
+#pragma unroll
+              for (int mat = 0; mat < MATS; ++mat) {
+                mma_e4m3_16832(d[mat][t], st.lo[mat].x, st.hi[mat].x, st.lo[mat].y,
+                               st.hi[mat].y, st.b[t].x, st.b[t].y);
+                mma_e4m3_16832(d[mat][t], st.lo[mat].z, st.hi[mat].z, st.lo[mat].w,
+                               st.hi[mat].w, st.b[t].z, st.b[t].w);
+              }
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if (r0 + 8 * t >= m) break;
+            float sa[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int r = r0 + 8 * t + 2 * q + i;
+              sa[i] = r < m ? as[(long long)(row0 + r) * KB + kb] : 0.f;
+            }
+#pragma unroll
+            for (int mat = 0; mat < MATS; ++mat) {
+              const float sw = s_[mat][kb];
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                acc[mat][t][i] = fmaf(d[mat][t][i], sa[i % 2] * sw, acc[mat][t][i]);
+            }
           }
         }
-      }
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        if (r0 + 8 * t >= m) break;
-        float sa[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = r0 + 8 * t + 2 * q + i;
-          sa[i] = r < m ? as[(long long)(row0 + r) * KB + kb] : 0.f;
-        }
-#pragma unroll
-        for (int mat = 0; mat < MATS; ++mat) {
-          const float sw = s[mat][kb];
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            acc[mat][t][i] = fmaf(d[mat][t][i], sa[i % 2] * sw, acc[mat][t][i]);
-        }
+        for (int u = 0; u < 2; ++u)
+          stream_load<unsigned char, MATS, NT>(ring[s + u], w, a, has,
+                                               c0 + 64 * (s + u + STREAM_DEPTH), Kd, q);
       }
     }
 #pragma unroll

@@ -228,28 +228,33 @@ syncfree_stream(const T* __restrict__ in, const T* __restrict__ W, O* __restrict
   constexpr int MATS = GLU ? 2 : 1;
   const T* w[MATS][2];
   stream_weight_rows<T, MATS>(W, e, N, Kd, j0, j0, g, q, w);
+  constexpr int STEP = 32;  // elements per 64-byte step
   for (int r0 = 0; r0 < m; r0 += 8 * NT) {
     const T* a[NT];  // this lane's B column of tile t: the expert's row r0 + 8 t + g
     bool has[NT];
     stream_expert_rows<T, NT>(in, row0, m, r0, Kd, g, q, a, has);
     float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
-#pragma unroll 4
-    for (int c = 0; c < Kd; c += 32) {
-      const bool inside = c + 8 * q < Kd;  // past Kd: zeros on both sides, which add nothing
-      uint4 lo[MATS], hi[MATS];
-      stream_weight_words<T, MATS>(w, c, inside, lo, hi);
+    StreamStep<MATS, NT> ring[STREAM_DEPTH];  // steps c .. c + STREAM_DEPTH - 1 in flight
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
-        const uint4 av =
-            inside && has[t] ? *reinterpret_cast<const uint4*>(a[t] + c) : make_uint4(0, 0, 0, 0);
+    for (int s = 0; s < STREAM_DEPTH; ++s) stream_load<T, MATS, NT>(ring[s], w, a, has, s * STEP, Kd, q);
+    for (int c = 0; c < Kd; c += STREAM_DEPTH * STEP) {
 #pragma unroll
-        for (int mat = 0; mat < MATS; ++mat) {
-          const unsigned a0[4] = {lo[mat].x, hi[mat].x, lo[mat].y, hi[mat].y};
-          const unsigned a1[4] = {lo[mat].z, hi[mat].z, lo[mat].w, hi[mat].w};
-          mma16816<T>(acc[mat][t], a0, av.x, av.y);
-          mma16816<T>(acc[mat][t], a1, av.z, av.w);
+      for (int s = 0; s < STREAM_DEPTH; ++s) {
+        const StreamStep<MATS, NT>& st = ring[s];
+        if (c + s * STEP < Kd) {  // (warp-uniform) past Kd: nothing to add
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if (r0 + 8 * t >= m) break;  // tiles past the expert's rows: none
+#pragma unroll
+            for (int mat = 0; mat < MATS; ++mat) {
+              const unsigned a0[4] = {st.lo[mat].x, st.hi[mat].x, st.lo[mat].y, st.hi[mat].y};
+              const unsigned a1[4] = {st.lo[mat].z, st.hi[mat].z, st.lo[mat].w, st.hi[mat].w};
+              mma16816<T>(acc[mat][t], a0, st.b[t].x, st.b[t].y);
+              mma16816<T>(acc[mat][t], a1, st.b[t].z, st.b[t].w);
+            }
+          }
         }
+        stream_load<T, MATS, NT>(ring[s], w, a, has, c + (s + STREAM_DEPTH) * STEP, Kd, q);
       }
     }
 #pragma unroll
