@@ -456,8 +456,7 @@ def test_gpu_fp8_padded_and_auto_are_exact_by_default_on_hopper(strategy, I, rng
 def test_gpu_fp8_graphed_matches_eager(rng):
     """Graphs of an fp8 layer take x in the config's dtype (its weights are uint8) and replay
     the eager kernels: pairs at 2 tokens, the sync-free tensor-core kernels at 40 (above
-    GRAPH_PAIRS_MAX pairs, where the eager call takes the pair kernels) and 100 (in a graph of
-    128)."""
+    PAIRS_MAX_BF16_FP8 pairs, as the eager call) and 100 (in a graph of 128)."""
     cpu8, gpu8 = _layers(rng, "bfloat16", "aligned")
     g = gpu8.graphed(128, capture_sizes=(2, 48, 128))
     for T in (2, 40, 100):

@@ -10,8 +10,7 @@ import pytest
 
 import zeromoe_cupy as zm
 from zeromoe_cupy import graphs
-from zeromoe_cupy.experts import PAIRS_MAX
-from zeromoe_cupy.experts._common import GRAPH_PAIRS_MAX
+from zeromoe_cupy.experts import PAIRS_MAX, PAIRS_MAX_BF16_FP8
 from zeromoe_cupy.reference import relative_error
 
 from conftest import TOL
@@ -39,7 +38,7 @@ def test_capture_size_arguments_rejected(kw, err):
 
 
 @pytest.mark.parametrize("strategy,tokens,expected", [
-    ("auto", GRAPH_PAIRS_MAX // 4, "pairs"), ("auto", PAIRS_MAX // 4, "pairs"),
+    ("auto", PAIRS_MAX_BF16_FP8 // 4, "pairs"), ("auto", PAIRS_MAX // 4, "pairs"),
     ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
     ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
     ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree"),
@@ -51,7 +50,7 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
     if dtype == "bfloat16" and expected == "pairs" and strategy != "pairs" \
-            and tokens * 4 > GRAPH_PAIRS_MAX:  # bf16: the pair kernels to GRAPH_PAIRS_MAX pairs
+            and tokens * 4 > PAIRS_MAX_BF16_FP8:  # bf16: the pair kernels to 128 pairs
         expected = "syncfree"
     if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 4 * 64 \
             and tokens * 4 / 64 + 3 * (tokens * 4 / 64) ** 0.5 + 4 <= 64:
@@ -65,14 +64,14 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
 @pytest.mark.parametrize("dtype,quantization", [("bfloat16", "fp8"), ("float16", "fp8"),
                                                 ("float32", "fp8"), ("bfloat16", None)])
 def test_graph_strategy_of_bf16_and_fp8_layers(strategy, dtype, quantization):
-    # the pair kernels to GRAPH_PAIRS_MAX (token, slot) pairs, then the sync-free ones (512
+    # the pair kernels to PAIRS_MAX_BF16_FP8 (token, slot) pairs, then the sync-free ones (512
     # experts: "capacity", bf16 without quantization, only from 512 tokens); fp16 and fp32
     # layers without quantization keep the pair kernels to PAIRS_MAX
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=512,
                               dtype=dtype, quantization=quantization)
     # (the rule reads the config and the strategy alone: no 512 experts' weights built)
     layer = types.SimpleNamespace(config=cfg, expert_strategy=strategy)
-    most = GRAPH_PAIRS_MAX // 4
+    most = PAIRS_MAX_BF16_FP8 // 4
     assert PAIRS_MAX // 4 > most + 1
     assert graphs.graph_strategy(layer, 1) == "pairs"
     assert graphs.graph_strategy(layer, most) == "pairs"
@@ -240,6 +239,25 @@ def test_replay_equals_eager_of_padded_input_bitwise(strategy, rng):
     kept = y.copy()
     g(cp.asarray(random_x(rng, 5, H, "bfloat16")))
     cp.testing.assert_array_equal(y, kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_eager_auto_takes_the_graph_path(quantization, rng):
+    # bf16 and fp8 layers take the pair kernels up to PAIRS_MAX_BF16_FP8 (token, slot) pairs
+    # eagerly as in a graph, then the sync-free ones: on both sides of the bound the replay
+    # equals the eager call bit for bit (the two paths' sums differ in order)
+    cp = pytest.importorskip("cupy")
+    layer = _gpu_layer(rng, GRAPH_CFG)
+    if quantization is not None:
+        layer = layer.quantize(quantization)
+    most = PAIRS_MAX_BF16_FP8 // GRAPH_CFG.top_k
+    sizes = (most, most + 3)  # 126 and 144 pairs (40 experts: 144 < 4 per expert, no capacity)
+    assert [graphs.graph_strategy(layer, T) for T in sizes] == ["pairs", "syncfree"]
+    g = layer.graphed(capture_sizes=sizes)
+    for T in sizes:
+        x = cp.asarray(random_x(rng, T, GRAPH_CFG.hidden_size, "bfloat16"))
+        cp.testing.assert_array_equal(g(x), layer(x))
 
 
 @pytest.mark.gpu

@@ -8,8 +8,8 @@ most of a decode step's time.
 
 The captured forward makes no host synchronization: the router GEMM runs through our cuBLAS
 shim (CuPy refuses its own cuBLAS wrappers during capture), the experts through the "pairs"
-path (T*K <= PAIRS_MAX; GRAPH_PAIRS_MAX for bf16 and fp8 layers), the "syncfree" path above it,
-whose per-expert counts stay on the device, and for unquantized bf16 layers the "capacity" path
+path (T*K up to experts.pairs_max, as eagerly), the "syncfree" path above it, whose
+per-expert counts stay on the device, and for unquantized bf16 layers the "capacity" path
 (blocks of a fixed number of rows for every expert) where experts.capacity.prefers it; "fixed"
 for deterministic layers. Padding rows (T < size) are zero-filled and then masked after
 routing: their slots go to no expert, so they cost no weight reads.
@@ -28,7 +28,7 @@ import numpy as np
 from ._arrays import check_int, cupy_module, np_dtype
 from ._compile import programmatic_launches
 from .experts import capacity
-from .experts._common import GRAPH_PAIRS_MAX, PAIRS_MAX
+from .experts._common import pairs_max
 
 # vLLM's decode batch sizes up to 512, then steps of SIZE_STEP; max_tokens is always included.
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -75,8 +75,8 @@ def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
 
 def graph_strategy(layer, tokens: int) -> str:
     """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
-    else "pairs" for up to PAIRS_MAX (token, slot) pairs (bf16 and fp8 layers:
-    GRAPH_PAIRS_MAX), "capacity" for unquantized bf16
+    else "pairs" for up to pairs_max (token, slot) pairs (the eager "auto" rule: 128 for
+    bf16 and fp8 layers, 320 else), "capacity" for unquantized bf16
     layers where capacity.prefers(graph=True) (from 4 pairs per expert while its blocks stay
     at most 64 rows), "syncfree" otherwise."""
     strategy = layer.expert_strategy
@@ -84,9 +84,7 @@ def graph_strategy(layer, tokens: int) -> str:
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):
         return strategy
     cfg = layer.config
-    # (fp16 and fp32 layers, not measured against the sync-free path, keep PAIRS_MAX)
-    most = GRAPH_PAIRS_MAX if cfg.quantization == "fp8" or cfg.dtype == "bfloat16" else PAIRS_MAX
-    if tokens * K <= most:
+    if tokens * K <= pairs_max(cfg.dtype, cfg.quantization):
         return "pairs"
     if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
             and capacity.prefers(tokens, K, layer.config.num_experts, graph=True)):

@@ -1,8 +1,8 @@
 """The real experts (docs/spec.md, step 8): permute -> GEMM 1 -> SiLU * up -> GEMM 2.
 
 One module per GPU path (pairs, grouped/padded, fixed, syncfree, capacity, fp8) and one for the
-CPU; this module checks the arguments and picks the path. The output stays in expert order: ``rows`` holds one row per
-real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
+CPU; this module checks the arguments and picks the path. The output stays in expert order:
+``rows`` holds one row per real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
 ``combine`` reads it from there. ``rows`` is in x's dtype, except for float16: fp32 there, and
 the activation is kept from overflowing too (rows_dtype), so that no intermediate passes 65504
 where y does not.
@@ -17,12 +17,13 @@ from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_
 from .. import quant
 from . import capacity, fixed, fp8, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
-                      STRATEGIES, UNIFORM_MAX_ROWS, ExpertOutput, experts_kernel_names, no_mark,
-                      rows_dtype, tile_plan)
+                      PAIRS_MAX_BF16_FP8, STRATEGIES, UNIFORM_MAX_ROWS, ExpertOutput,
+                      experts_kernel_names, no_mark, pairs_max, rows_dtype, tile_plan)
 
-__all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX", "STRATEGIES",
-           "UNIFORM_MAX_ROWS", "ExpertOutput", "expert_mlp", "experts_kernel_names", "no_mark",
-           "rows_dtype", "run_experts", "tile_plan"]
+__all__ = ["FIXED_TILE", "MAX_TILE", "PAD_ROWS", "PADDED_MIN_ROWS", "PAIRS_MAX",
+           "PAIRS_MAX_BF16_FP8", "STRATEGIES", "UNIFORM_MAX_ROWS", "ExpertOutput", "expert_mlp",
+           "experts_kernel_names", "no_mark", "pairs_max", "rows_dtype", "run_experts",
+           "tile_plan"]
 
 
 def _check(x, topk_ids, w13, w2, scales=None):
@@ -167,8 +168,8 @@ def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
 #   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
 # - "syncfree": offsets and the active-expert list by a device scan, then tensor-core GEMMs on
 #   a worst-case grid (syncfree.py). No host synchronization. "auto" (and graphs) pick it
-#   above PAIRS_MAX pairs while its stream kernel serves (under 4 pairs per expert,
-#   syncfree.STREAM_PAIRS_PER_EXPERT; LongCat-Flash: 27 to 170 tokens): each active expert's
+#   above pairs_max pairs while its stream kernel serves (under 4 pairs per expert,
+#   syncfree.STREAM_PAIRS_PER_EXPERT; LongCat-Flash bf16: 11 to 170 tokens): each active expert's
 #   weights read once; x the floor at 32 / 64 / 128 tokens 1.03 / 1.00 / 1.03 where the
 #   uniform cuBLAS tile took 1.13 / 1.06 / 1.04 (H200, bf16, same run).
 # - "capacity": blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched
@@ -185,7 +186,7 @@ def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strat
     x = with_unit_row_layout(x)
     w13 = cp.ascontiguousarray(w13)
     w2 = cp.ascontiguousarray(w2)
-    if strategy == "auto" and T * K <= PAIRS_MAX:
+    if strategy == "auto" and T * K <= pairs_max(dtype_name(x.dtype)):
         strategy = "pairs"
     if (strategy == "auto" and syncfree.stream_tiles(T * K, w13.shape[0])
             and syncfree.tensor_core_ready(x, w13, w2)):

@@ -25,15 +25,24 @@ def rows_dtype(dtype):
 
 
 STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree", "capacity")
-PAIRS_MAX = 320         # "auto": (token, slot) pairs up to which the pair path runs
-# Graphs of bf16 and fp8 layers take the pair kernels only up to this many (token, slot) pairs,
-# then the sync-free ones, which read each active expert once (the pair kernels once per pair
-# of it). LongCat-Flash on the H200, graph replay ms pairs / sync-free at 4 / 8 / 16 / 24
-# tokens, each line one run: fp8 0.359 / 0.387, 0.618 / 0.636, 1.237 / 1.150, 1.790 / 1.583;
-# bf16 0.563 / 0.663, 1.055 / 1.115, 2.143 / 2.074, 3.162 / 2.864. (fp16 and fp32 layers,
-# not measured, keep PAIRS_MAX.) Eager fp8 calls keep the pair kernels to PAIRS_MAX: there the
-# grouped path's extra launches cost more (1.326 / 1.417 ms at 16 tokens, 1.871 / 1.877 at 24).
-GRAPH_PAIRS_MAX = 128
+PAIRS_MAX = 320  # "auto": (token, slot) pairs up to which the pair path runs (fp16, fp32)
+# bf16 and fp8 layers take the pair kernels only up to this many (token, slot) pairs, eagerly
+# and in graphs, then the sync-free ones, which read each active expert once (the pair kernels
+# once per pair of it). LongCat-Flash on the H200, ms pair kernels / sync-free kernels, each
+# line one run: graph replay at 4 / 8 / 16 / 24 tokens, fp8 0.359 / 0.387, 0.618 / 0.636,
+# 1.237 / 1.150, 1.790 / 1.583; bf16 0.563 / 0.663, 1.055 / 1.115, 2.143 / 2.074, 3.162 /
+# 2.864. Eager at 8 / 16 / 24 tokens, before the stream kernels kept several loads in flight
+# (kernels/async_mma.cuh STREAM_DEPTH), which sped the sync-free ones up by 5-20%: bf16
+# 1.336 / 1.327, 2.431 / 2.411, 3.500 / 3.401; fp8 0.775 / 0.905, 1.437 / 1.342, 1.966 /
+# 1.818. (fp16 and fp32 layers, not measured, keep PAIRS_MAX.)
+PAIRS_MAX_BF16_FP8 = 128
+
+
+def pairs_max(dtype: str, quantization: str | None = None) -> int:
+    """The (token, slot) pairs up to which "auto" (and a graph) takes the pair kernels for a
+    layer of ``dtype`` (a config dtype name) and ``quantization``: PAIRS_MAX_BF16_FP8 for bf16
+    and fp8 layers, else PAIRS_MAX."""
+    return PAIRS_MAX_BF16_FP8 if quantization == "fp8" or dtype == "bfloat16" else PAIRS_MAX
 PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
 PAD_ROWS, MAX_TILE = 64, 512
 UNIFORM_MAX_ROWS = 64   # "auto": most rows of one expert up to which one uniform tile wins
