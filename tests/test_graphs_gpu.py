@@ -42,20 +42,20 @@ def test_capture_size_arguments_rejected(kw, err):
     ("auto", PAIRS_MAX // 4 + 1, "syncfree"),
     ("grouped", 1, "pairs"), ("padded", 1000, "syncfree"), ("fixed", 1, "fixed"),
     ("syncfree", 1, "syncfree"), ("pairs", 1000, "pairs"), ("pairs", 20000, "syncfree"),
-    ("capacity", 1, "capacity")])
+    ("capacity", 1, "capacity"), ("auto", 300, "syncfree")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
-    # 64 real experts, top-4: "capacity" (bf16 only) from 4 pairs per expert, 64 tokens
+    # 64 real experts, top-4: "capacity" (bf16 only) from 13 pairs per expert, 208 tokens
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=64,
                               dtype=dtype)
     layer = zm.ZeroExpertMoE(cfg, device="cpu", expert_strategy=strategy)
     if dtype == "bfloat16" and expected == "pairs" and strategy != "pairs" \
             and tokens * 4 > PAIRS_MAX_BF16_FP8:  # bf16: the pair kernels to 128 pairs
         expected = "syncfree"
-    if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 4 * 64 \
+    if dtype == "bfloat16" and expected == "syncfree" and tokens * 4 >= 13 * 64 \
             and tokens * 4 / 64 + 3 * (tokens * 4 / 64) ** 0.5 + 4 <= 64:
-        # from 4 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
-        # 81 tokens (C = 16); not 1000 (C = 96) nor 20000
+        # from 13 pairs per expert while C = T*K/E + 3 sqrt(T*K/E) + 4 (rounded up to 8) <= 64:
+        # 208 to 632 tokens; not 81 (5 pairs per expert), 1000 (C = 96) nor 20000
         expected = "capacity"
     assert graphs.graph_strategy(layer, tokens) == expected
 
@@ -65,7 +65,7 @@ def test_graph_strategy_is_sync_free(strategy, tokens, expected, dtype):
                                                 ("float32", "fp8"), ("bfloat16", None)])
 def test_graph_strategy_of_bf16_and_fp8_layers(strategy, dtype, quantization):
     # the pair kernels to PAIRS_MAX_BF16_FP8 (token, slot) pairs, then the sync-free ones (512
-    # experts: "capacity", bf16 without quantization, only from 512 tokens); fp16 and fp32
+    # experts: "capacity", bf16 without quantization, only from 1664 tokens); fp16 and fp32
     # layers without quantization keep the pair kernels to PAIRS_MAX
     cfg = dataclasses.replace(zm.MoEConfig.preset("tiny"), top_k=4, num_experts=512,
                               dtype=dtype, quantization=quantization)
@@ -93,12 +93,11 @@ def test_capacity_rows(T, K, E, C):
     assert capacity_rows(T, K, E) == C
 
 
-@pytest.mark.parametrize("T,graph,expected", [
-    (170, False, False), (171, False, True), (1742, False, True), (1743, False, False),
-    (170, True, False), (171, True, True), (1742, True, True), (1743, True, False)])
-def test_capacity_from_4_pairs_per_expert_while_c_is_at_most_64(T, graph, expected):
+@pytest.mark.parametrize("T,expected", [(554, False), (555, True), (1742, True), (1743, False)])
+def test_capacity_from_13_pairs_per_expert_while_c_is_at_most_64(T, expected):
+    # top-12 of 512 real experts: 13 pairs per expert from 555 tokens (6660 >= 6656 pairs)
     from zeromoe_cupy.experts.capacity import capacity_rows, prefers
-    assert prefers(T, 12, 512, graph=graph) == expected
+    assert prefers(T, 12, 512) == expected
     assert capacity_rows(1742, 12, 512) == 64 and capacity_rows(1743, 12, 512) == 72
     assert not prefers(100, 4, 0)  # no real experts: never (and no division by zero)
 

@@ -77,7 +77,7 @@ def graph_strategy(layer, tokens: int) -> str:
     """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
     else "pairs" for up to pairs_max (token, slot) pairs (the eager "auto" rule: 128 for
     bf16 and fp8 layers, 320 else), "capacity" for unquantized bf16
-    layers where capacity.prefers(graph=True) (from 4 pairs per expert while its blocks stay
+    layers where capacity.prefers (from 13 pairs per expert while its blocks stay
     at most 64 rows), "syncfree" otherwise."""
     strategy = layer.expert_strategy
     K = layer.config.top_k
@@ -87,7 +87,7 @@ def graph_strategy(layer, tokens: int) -> str:
     if tokens * K <= pairs_max(cfg.dtype, cfg.quantization):
         return "pairs"
     if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
-            and capacity.prefers(tokens, K, layer.config.num_experts, graph=True)):
+            and capacity.prefers(tokens, K, layer.config.num_experts)):
         return "capacity"
     return "syncfree"
 

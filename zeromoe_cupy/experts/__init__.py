@@ -168,14 +168,14 @@ def run_experts(x, topk_ids, w13, w2, route_counts, allow_tf32: bool = False,
 #   slower than cuBLAS at large T (fp32 FMAs, no tensor cores).
 # - "syncfree": offsets and the active-expert list by a device scan, then tensor-core GEMMs on
 #   a worst-case grid (syncfree.py). No host synchronization. "auto" (and graphs) pick it
-#   above pairs_max pairs while its stream kernel serves (under 4 pairs per expert,
-#   syncfree.STREAM_PAIRS_PER_EXPERT; LongCat-Flash bf16: 11 to 170 tokens): each active expert's
+#   above pairs_max pairs while its stream kernel serves (under 13 pairs per expert,
+#   syncfree.STREAM_PAIRS_PER_EXPERT; LongCat-Flash bf16: 11 to 554 tokens): each active expert's
 #   weights read once; x the floor at 32 / 64 / 128 tokens 1.03 / 1.00 / 1.03 where the
 #   uniform cuBLAS tile took 1.13 / 1.06 / 1.04 (H200, bf16, same run).
 # - "capacity": blocks of C rows for every expert, C fixed by T, K and E; two cuBLAS batched
 #   calls over all experts, overflow spilled to "syncfree". No host synchronization
-#   (capacity.py). "auto" and graphs pick it for bf16 from 4 pairs per expert while C <= 64
-#   (LongCat-Flash: 171 to 1742 tokens).
+#   (capacity.py). "auto" and graphs pick it for bf16 from 13 pairs per expert while C <= 64
+#   (LongCat-Flash: 555 to 1742 tokens).
 
 
 def _expert_mlp_gpu(x, topk_ids, w13, w2, expert_counts, allow_tf32, mark, strategy):

@@ -1,8 +1,7 @@
 """The "capacity" path: every real expert gets a block of C rows, C fixed by T, K and E (not
 by the counts), so both GEMMs are single cuBLAS batched calls over all E experts whose shapes
 are known without the per-expert counts: no host synchronization, and capturable in a CUDA
-graph (graphs.py uses it from CAPACITY_MIN_PAIRS pairs per expert; "auto" from
-EAGER_MIN_PAIRS). A pair that finds its expert's block full (a routing more skewed than C
+graph (graphs.py and "auto" use it from CAPACITY_MIN_PAIRS pairs per expert). A pair that finds its expert's block full (a routing more skewed than C
 allows) is spilled to the "syncfree" path, whose rows follow the blocks in the same output:
 the result is the same, only slower.
 
@@ -24,18 +23,17 @@ from . import syncfree
 from ._common import ExpertOutput, experts_module, gather_rows, no_mark, rows_dtype, silu_mul
 
 # Mean (token, slot) pairs per real expert (T*K/E, every slot counted) from which this path
-# runs, in graphs and eagerly: 4, below which syncfree's stream kernel serves
+# runs, in graphs and eagerly: 13, below which syncfree's stream kernel serves
 # (syncfree.STREAM_PAIRS_PER_EXPERT); while C <= CAPACITY_MAX_ROWS, the range measured (above
 # it the blocks' memory grows past the other paths' and the batched calls leave the
-# bytes-bound regime). LongCat-Flash bf16, graph replay x the floor, capacity / syncfree, on
-# two H200s (same run on each): 64 tokens (1.5 pairs per expert) 1.29 / 1.10; 128 (3) 1.13 /
-# 1.14 on one, 1.08 / 0.97 on the other; 256 (6) 1.09 / 1.16 on one, 1.05 (eager) / 1.02 on
-# the other; 384 (9) 1.09 / 1.30. The stream kernel's rate differed between the cards (their
-# copy rates did not), so the bound keeps it where it won on both. So 171 to 1742 tokens.
-# Under expert parallelism the -1 slots of other ranks count too: C is larger than the real
-# pairs need (speed only; the rows stay right).
-CAPACITY_MIN_PAIRS = 4
-EAGER_MIN_PAIRS = 4
+# bytes-bound regime). LongCat-Flash bf16, graph replay x the floor, capacity / stream kernel
+# (one H200, one run, benchmarks/stream_tiles.py): 192 tokens (4.5 pairs per expert) 1.03 /
+# 0.99; 256 (6) 1.05 / 1.01; 384 (9) 1.04 / 1.01; 512 (12) 1.05 / 1.02; 768 (18) 1.06 / 1.12;
+# 1024 (24) 1.07 / 1.45. (The bound was 4 while the stream kernel waited on one step of loads
+# at a time: its rate then differed between cards whose copy rates did not.) So 555 to 1742
+# tokens. Under expert parallelism the -1 slots of other ranks count too: C is larger than
+# the real pairs need (speed only; the rows stay right).
+CAPACITY_MIN_PAIRS = 13
 CAPACITY_MAX_ROWS = 64
 
 
@@ -47,11 +45,9 @@ def capacity_rows(T: int, K: int, E: int) -> int:
     return int(math.ceil((lam + 3 * math.sqrt(lam) + 4) / 8) * 8)
 
 
-def prefers(T: int, K: int, E: int, graph: bool = False) -> bool:
-    """Whether "auto" (or, ``graph``, a CUDA graph) runs this path for T tokens (see
-    CAPACITY_MIN_PAIRS)."""
-    least = CAPACITY_MIN_PAIRS if graph else EAGER_MIN_PAIRS
-    return E > 0 and T * K >= least * E and capacity_rows(T, K, E) <= CAPACITY_MAX_ROWS
+def prefers(T: int, K: int, E: int) -> bool:
+    """Whether "auto" (and a CUDA graph) runs this path for T tokens (see CAPACITY_MIN_PAIRS)."""
+    return E > 0 and T * K >= CAPACITY_MIN_PAIRS * E and capacity_rows(T, K, E) <= CAPACITY_MAX_ROWS
 
 
 def capacity_ready(x, w13, w2) -> bool:

@@ -25,13 +25,14 @@ from ._common import (ExpertOutput, experts_module, gather_rows, half_rows_scale
                       real_counts, rows_dtype)
 
 SYNCFREE_ROWS = 32  # kernels/syncfree.cu SF_MT: rows per pass over an expert's weights
-# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) under 4
+# syncfree_stream (weights streamed from global memory, the expert's rows 16 per pass) under 13
 # (token, slot) pairs per expert, P / E, as (bound, 8-row tiles per pass); syncfree_gemm from
-# there. H200, LongCat-Flash bf16 (E = 512), eager ms with syncfree_gemm / syncfree_stream of
-# 1, 2, 4 tiles: 32 tokens (P / E = 0.75) 4.39 / 5.04 / 4.13 / 4.16; 128 (3) 9.29 / 10.4 /
-# 8.52 / 8.44; 256 (6) 10.5 / 12.3 / 9.89 / 10.1; 512 (12) 11.2 / 17.3 / 11.5 / 11.9. The
-# bound: where the capacity path takes over (capacity.py).
-STREAM_PAIRS_PER_EXPERT = ((4, 2),)
+# there. H200, LongCat-Flash bf16 (E = 512), graph replay x the floor with syncfree_gemm /
+# syncfree_stream of 2 tiles / 4 tiles / 8 tiles (one run, benchmarks/stream_tiles.py): 192
+# tokens (P / E = 4.5) 1.15 / 0.99 / 0.99 / 1.39; 384 (9) 1.19 / 1.01 / 1.03 / 1.53; 512 (12)
+# 1.31 / 1.02 / 1.04 / 1.57; 1024 (24) 1.27 / 1.45 / 1.11 / 1.79. The bound: where the
+# capacity path takes over (capacity.py).
+STREAM_PAIRS_PER_EXPERT = ((13, 2),)
 STREAM_TILES = (2,)  # the tile counts compiled (STREAM_PAIRS_PER_EXPERT picks among them)
 _STREAM_FEATURES = 16 * 4  # kernels/syncfree.cu: 16 features per warp, SF_STREAM_WARPS
 _BLOCK_FEATURES = {True: 64, False: 128}  # output features per block: GLU / plain
