@@ -1,9 +1,10 @@
 """Graph replay of the LongCat-Flash bf16 layer (8 of 12 slots real) at a few hundred to a
 thousand tokens: the "capacity" path that graphs take there (cuBLAS batched GEMMs over blocks of
 C rows per expert) against the "syncfree" path with syncfree_gemm (shared-memory pipeline) and
-with syncfree_stream at NT 8-row tiles per pass and its steps in flight (variants "nt:depth":
-STREAM_DEPTH for 2 tiles, STREAM_DEPTH_WIDE above). Medians of CUDA-event timings after warm-up, x the floor of the same run; each
-variant's output against the capacity path's (relative error: different summation orders).
+with syncfree_stream at NT 8-row tiles per pass and STREAM_DEPTH steps in flight (variants
+"nt:depth"; each builds the kernels with that NT compiled). Medians of CUDA-event timings
+after warm-up, x the floor of the same run; each variant's output against the capacity path's
+(relative error: different summation orders).
 Usage: stream_tiles.py [--tokens 256,1024] [--variants 2:4,4:2] [--json out.json]
 """
 import argparse
@@ -52,8 +53,7 @@ for name in names:
         nt, d = (int(v) for v in name.split(":"))
         strategy, bound, tiles = "syncfree", ((10**9, nt),), (nt,)
         # (a module per variant: the kernel names it compiles are this NT's alone)
-        pipeline = base + ((("STREAM_DEPTH_WIDE" if nt > 2 else "STREAM_DEPTH"), d),
-                           ("STREAM_TILES_BUILT", nt))
+        pipeline = base + (("STREAM_DEPTH", d), ("STREAM_TILES_BUILT", nt))
     syncfree.device_pipeline = lambda p=pipeline: p
     syncfree.STREAM_PAIRS_PER_EXPERT, syncfree.STREAM_TILES = bound, tiles
     object.__setattr__(layer, "expert_strategy", strategy)

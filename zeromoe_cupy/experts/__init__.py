@@ -2,10 +2,10 @@
 
 One module per GPU path (pairs, grouped/padded, fixed, syncfree, capacity, fp8) and one for the
 CPU; this module checks the arguments and picks the path. The output stays in expert order:
-``rows`` holds one row per real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for zero-expert slots);
-``combine`` reads it from there. ``rows`` is in x's dtype, except for float16: fp32 there, and
-the activation is kept from overflowing too (rows_dtype), so that no intermediate passes 65504
-where y does not.
+``rows`` holds one row per real (token, slot) pair and ``slot_rows[t, k]`` says which (-1 for
+zero-expert slots); ``combine`` reads it from there. ``rows`` is in x's dtype, except for
+float16: fp32 there, and the activation is kept from overflowing too (rows_dtype), so that no
+intermediate passes 65504 where y does not.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The "capacity" path: every real expert gets a block of C rows, C fixed by T, K and E (not
 by the counts), so both GEMMs are single cuBLAS batched calls over all E experts whose shapes
 are known without the per-expert counts: no host synchronization, and capturable in a CUDA
-graph (graphs.py and "auto" use it from CAPACITY_MIN_PAIRS pairs per expert). A pair that finds its expert's block full (a routing more skewed than C
-allows) is spilled to the "syncfree" path, whose rows follow the blocks in the same output:
-the result is the same, only slower.
+graph (graphs.py and "auto" use it from CAPACITY_MIN_PAIRS pairs per expert). A pair that
+finds its expert's block full (a routing more skewed than C allows) is spilled to the
+"syncfree" path, whose rows follow the blocks in the same output: the result is the same,
+only slower.
 
 Built for many rows per expert, where nearly every expert is active anyway: the batch has E
 entries whatever the routing; those of inactive experts all read one expert's weights (mostly

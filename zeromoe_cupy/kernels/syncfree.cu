@@ -236,7 +236,8 @@ syncfree_stream(const T* __restrict__ in, const T* __restrict__ W, O* __restrict
     float acc[MATS][NT][4] = {};  // C: weight rows g, g + 8 x the tile's rows 2q, 2q + 1
     StreamStep<MATS, NT> ring[STREAM_DEPTH];  // steps c .. c + STREAM_DEPTH - 1 in flight
 #pragma unroll
-    for (int s = 0; s < STREAM_DEPTH; ++s) stream_load<T, MATS, NT>(ring[s], w, a, has, s * STEP, Kd, q);
+    for (int s = 0; s < STREAM_DEPTH; ++s)
+      stream_load<T, MATS, NT>(ring[s], w, a, has, s * STEP, Kd, q);
     for (int c = 0; c < Kd; c += STREAM_DEPTH * STEP) {
 #pragma unroll
       for (int s = 0; s < STREAM_DEPTH; ++s) {
