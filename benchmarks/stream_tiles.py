@@ -1,6 +1,6 @@
 """Graph replay of the LongCat-Flash bf16 layer (8 of 12 slots real) at a few hundred to a
-thousand tokens: the "capacity" path that graphs take there (cuBLAS batched GEMMs over blocks of
-C rows per expert) against the "syncfree" path with syncfree_gemm (shared-memory pipeline) and
+thousand tokens: the "capacity" path (cuBLAS batched GEMMs over blocks of C rows per expert)
+against the "syncfree" path with syncfree_gemm (shared-memory pipeline) and
 with syncfree_stream at NT 8-row tiles per pass and STREAM_DEPTH steps in flight (variants
 "nt:depth"; each builds the kernels with that NT compiled). Medians of CUDA-event timings
 after warm-up, x the floor of the same run; each variant's output against the capacity path's
@@ -45,7 +45,7 @@ names = ["capacity", "gemm"] + [f"{nt}:{d}" for nt, d in variants]
 want = {}
 for name in names:
     if name == "capacity":
-        strategy, pipeline, bound = "auto", base, syncfree.STREAM_PAIRS_PER_EXPERT
+        strategy, pipeline, bound = "capacity", base, syncfree.STREAM_PAIRS_PER_EXPERT
         tiles = syncfree.STREAM_TILES
     elif name == "gemm":
         strategy, pipeline, bound, tiles = "syncfree", base, (), syncfree.STREAM_TILES

@@ -36,6 +36,12 @@ PAIRS_MAX = 320  # "auto": (token, slot) pairs up to which the pair path runs (f
 # 1.336 / 1.327, 2.431 / 2.411, 3.500 / 3.401; fp8 0.775 / 0.905, 1.437 / 1.342, 1.966 /
 # 1.818. (fp16 and fp32 layers, not measured, keep PAIRS_MAX.)
 PAIRS_MAX_BF16_FP8 = 128
+PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
+PAD_ROWS, MAX_TILE = 64, 512
+UNIFORM_MAX_ROWS = 64   # "auto": most rows of one expert up to which one uniform tile wins
+FIXED_TILE = 64  # kernels/experts.cu
+PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
+PAIR_WARPS = 4
 
 
 def pairs_max(dtype: str, quantization: str | None = None) -> int:
@@ -43,12 +49,6 @@ def pairs_max(dtype: str, quantization: str | None = None) -> int:
     layer of ``dtype`` (a config dtype name) and ``quantization``: PAIRS_MAX_BF16_FP8 for bf16
     and fp8 layers, else PAIRS_MAX."""
     return PAIRS_MAX_BF16_FP8 if quantization == "fp8" or dtype == "bfloat16" else PAIRS_MAX
-PADDED_MIN_ROWS = 48    # "auto": mean rows per active expert from which padded tiles win
-PAD_ROWS, MAX_TILE = 64, 512
-UNIFORM_MAX_ROWS = 64   # "auto": most rows of one expert up to which one uniform tile wins
-FIXED_TILE = 64  # kernels/experts.cu
-PAIR_ROWS = {True: 2, False: 4}  # output features per warp in pair_gemv: GLU / plain
-PAIR_WARPS = 4
 
 
 def no_mark(stage: str) -> None:
