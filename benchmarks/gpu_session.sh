@@ -11,11 +11,13 @@
 #   profile    benchmarks/graph_profile.py (bf16, fp8): the kernel timeline of graph replays
 #   router     benchmarks/router_variants.py: router_gemv's split and unroll at 1-32 tokens
 #   fp8_small  bench fp8 at 4-32 tokens, the pair kernels against the grouped ones
+#   depth      benchmarks/stream_depth.py (bf16, fp8): the stream kernels' steps in flight
+#   tiles      benchmarks/stream_tiles.py: capacity against the stream kernel's tiles per pass
 export PYTHONUNBUFFERED=1
 parts=${*:-tests bench}
 # $OUT: the device tool's output folder (its files come back); refuse to write elsewhere
 [ -n "${OUT:-}" ] && [ -d "$OUT" ] || { echo "gpu_session.sh: set OUT to an existing folder" >&2; exit 2; }
-known=" tests replay profile router prefill sweep bench bench_fp8 fp8_small load ep memcheck split "
+known=" tests replay profile router prefill sweep bench bench_fp8 fp8_small depth tiles load ep memcheck split "
 for p in $parts; do
   [[ $known == *" $p "* ]] || { echo "gpu_session.sh: unknown part '$p' (parts:$known)" >&2; exit 2; }
 done
@@ -105,6 +107,17 @@ part() {
           --tokens 4,8,16,24,32 --json "$OUT/fp8_small_$st.json" > "$OUT/fp8_small_$st.txt" 2>&1
         tail -8 "$OUT/fp8_small_$st.txt" | tee -a "$log"
       done ;;
+    depth)
+      timeout 170 python3 benchmarks/stream_depth.py --depths 1,2,4,6 --tokens 16,32,64,128 \
+        --json "$OUT/depth_bf16.json" > "$OUT/depth_bf16.txt" 2>&1
+      tail -8 "$OUT/depth_bf16.txt" | tee -a "$log"
+      timeout 200 python3 benchmarks/stream_depth.py --quantization fp8 --depths 2,4,6 \
+        --tokens 1,4,8,16,32,64,128,256 --json "$OUT/depth_fp8.json" > "$OUT/depth_fp8.txt" 2>&1
+      tail -12 "$OUT/depth_fp8.txt" | tee -a "$log" ;;
+    tiles)
+      timeout 300 python3 benchmarks/stream_tiles.py --json "$OUT/stream_tiles.json" \
+        > "$OUT/stream_tiles.txt" 2>&1
+      tail -10 "$OUT/stream_tiles.txt" | tee -a "$log" ;;
     load)
       timeout 200 python3 benchmarks/load_bench.py /tmp/zeromoe_load --json "$OUT/load.json" \
         > "$OUT/load.txt" 2>&1
