@@ -326,6 +326,16 @@ def test_combine_op_argument_errors(layer, x):
         ops.combine(x, ids, w, 4, "identity", expert_output=(1, 2))
     with pytest.raises(TypeError, match="expert_output: expected the ExpertOutput"):
         ops.combine(x, ids, w, 4, "identity", expert_output=np.zeros((2, 16), np.float32))
+    # rows of a dtype combine does not take: TypeError; of the wrong width: ValueError
+    slot_rows = np.array([[0, -1]] * 5, np.int32)
+    H = x.shape[1]
+    for dtype in (np.float64, np.int32, np.float16):
+        with pytest.raises(TypeError, match="expert_output.rows: expected dtype"):
+            ops.combine(x, ids, w, 4, "identity",
+                        expert_output=(np.zeros((5, H), dtype), slot_rows))
+    with pytest.raises(ValueError, match=rf"expert_output.rows: expected shape \[M, {H}\]"):
+        ops.combine(x, ids, w, 4, "identity",
+                    expert_output=(np.zeros((5, H + 1), np.float32), slot_rows))
     with pytest.raises(TypeError, match="zero_expert_type: expected one of"):
         ops.combine(x, ids, w, 4, None)
     with pytest.raises(TypeError, match="zero_expert_type: expected one of"):

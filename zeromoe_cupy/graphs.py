@@ -74,11 +74,14 @@ def _sizes(max_tokens, capture_sizes) -> tuple[int, ...]:
 
 
 def graph_strategy(layer, tokens: int) -> str:
-    """The expert path a graph of ``tokens`` rows runs: the layer's own when it is sync-free,
-    else "pairs" for up to pairs_max (token, slot) pairs (the eager "auto" rule: 128 for
-    bf16 and fp8 layers, 320 else), "capacity" for unquantized bf16
-    layers where capacity.prefers (from 13 pairs per expert while its blocks stay
-    at most 64 rows), "syncfree" otherwise."""
+    """The expert strategy a graph of ``tokens`` rows runs: the layer's own when it is
+    sync-free (a layer of "pairs" above 65535 (token, slot) pairs, the pair kernels' limit,
+    takes "syncfree"), else "pairs" for up to pairs_max pairs (the eager "auto" rule: 128 for
+    bf16 and fp8 layers, 320 else), "capacity" for unquantized bf16 layers where
+    capacity.prefers (from 13 pairs per expert while its blocks stay at most 64 rows),
+    "syncfree" otherwise. Each strategy falls back as it does eagerly ("syncfree" and
+    "capacity" to "fixed" where their 16-byte loads cannot serve: H or I not a multiple of 8,
+    fp32 layers)."""
     strategy = layer.expert_strategy
     K = layer.config.top_k
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):

@@ -623,7 +623,7 @@ class ZeroExpertMoE:
         input, GEMM 1 output and activation, E*C + T*K + C output rows, and the syncfree
         buffers of its spilled pairs (input and activation rows, at most T*K).
         """
-        from .experts import PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX, UNIFORM_MAX_ROWS
+        from .experts import PAD_ROWS, PADDED_MIN_ROWS, UNIFORM_MAX_ROWS, pairs_max
         from .experts.capacity import capacity_rows, prefers
         cfg = self.config
         if tokens is not None:
@@ -635,7 +635,8 @@ class ZeroExpertMoE:
         padded_experts = {"auto": pairs // PADDED_MIN_ROWS, "padded": pairs, "fixed": pairs}.get(
             self.expert_strategy, 0)
         rows = pairs + min(E, padded_experts) * (PAD_ROWS - 1)
-        if self.expert_strategy == "auto" and pairs > PAIRS_MAX:  # the uniform tile
+        if self.expert_strategy == "auto" and pairs > pairs_max(cfg.dtype, cfg.quantization):
+            # the uniform tile
             rows = max(rows, min(E, pairs) * min(UNIFORM_MAX_ROWS, -(-pairs // 8) * 8))
         out_item = 4 if cfg.dtype == "float16" else item  # experts.rows_dtype
         experts = rows * ((H + 2 * I) * item + (H + I) * out_item

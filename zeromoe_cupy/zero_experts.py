@@ -191,9 +191,9 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
         Inf in that row of y (on the CPU without a NumPy warning).
 
     Raises:
-        ValueError: shapes, ids outside [0, E+Z), expert_output.rows of another dtype than
-            x's or float32, or (check_ids) num_experts and expert_output.slot_rows that
-            disagree. TypeError: other dtypes, array kinds, a check_ids that is not a bool.
+        ValueError: shapes, ids outside [0, E+Z), or (check_ids) num_experts and
+            expert_output.slot_rows that disagree. TypeError: dtypes (expert_output.rows:
+            x's or float32), array kinds, a check_ids that is not a bool.
     """
     x = as_array(x, "x")
     topk_ids = as_array(topk_ids, "topk_ids")
@@ -223,10 +223,11 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     if expert_output is not None:
         rows, slot_rows = _expert_output_arrays(expert_output, x)
         expert_output = (rows, slot_rows)
-        if rows.ndim != 2 or rows.shape[1] != H or rows.dtype not in (x.dtype, np.float32):
-            allowed = x.dtype if x.dtype == np.float32 else f"{x.dtype} or float32"
-            raise ValueError(f"expert_output.rows: expected [M, {H}] of {allowed}, "
-                             f"got {rows.shape} of {rows.dtype}")
+        if rows.dtype not in (x.dtype, np.float32):
+            allowed = x.dtype if x.dtype == np.float32 else f"{x.dtype} (x's) or float32"
+            raise TypeError(f"expert_output.rows: expected dtype {allowed}, got {rows.dtype}")
+        if rows.ndim != 2 or rows.shape[1] != H:
+            raise ValueError(f"expert_output.rows: expected shape [M, {H}], got {rows.shape}")
         if slot_rows.shape != topk_ids.shape:
             raise ValueError(f"expert_output.slot_rows: expected shape {topk_ids.shape}, "
                              f"got {slot_rows.shape}")

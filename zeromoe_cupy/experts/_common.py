@@ -27,8 +27,8 @@ def rows_dtype(dtype):
 STRATEGIES = ("auto", "pairs", "grouped", "padded", "fixed", "syncfree", "capacity")
 PAIRS_MAX = 320  # "auto": (token, slot) pairs up to which the pair path runs (fp16, fp32)
 # bf16 and fp8 layers take the pair kernels only up to this many (token, slot) pairs, eagerly
-# and in graphs, then the sync-free ones, which read each active expert once (the pair kernels
-# once per pair of it). LongCat-Flash on the H200, ms pair kernels / sync-free kernels, each
+# and in graphs, then the sync-free ones (or "capacity", bf16, from capacity.CAPACITY_MIN_PAIRS
+# pairs per expert), which read each active expert once (the pair kernels once per pair of it). LongCat-Flash on the H200, ms pair kernels / sync-free kernels, each
 # line one run: graph replay at 4 / 8 / 16 / 24 tokens, fp8 0.359 / 0.387, 0.618 / 0.636,
 # 1.237 / 1.150, 1.790 / 1.583; bf16 0.563 / 0.663, 1.055 / 1.115, 2.143 / 2.074, 3.162 /
 # 2.864. Eager at 8 / 16 / 24 tokens, before the stream kernels kept several loads in flight
