@@ -251,7 +251,7 @@ def test_eager_auto_takes_the_graph_path(quantization, rng):
     if quantization is not None:
         layer = layer.quantize(quantization)
     most = PAIRS_MAX_BF16_FP8 // GRAPH_CFG.top_k
-    sizes = (most, most + 3)  # 126 and 144 pairs (40 experts: 144 < 4 per expert, no capacity)
+    sizes = (most, most + 3)  # 126 and 144 pairs (40 experts: 3.6 per expert, no capacity)
     assert [graphs.graph_strategy(layer, T) for T in sizes] == ["pairs", "syncfree"]
     g = layer.graphed(capture_sizes=sizes)
     for T in sizes:
