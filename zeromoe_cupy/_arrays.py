@@ -16,6 +16,14 @@ DTYPES: dict[str, tuple[np.dtype, str]] = {
 }
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool (bools and NumPy bool scalars); TypeError naming ``name`` for
+    anything else: 0, None or "no" must not pass for False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as a Python int (ints and NumPy integer scalars), at least ``minimum``.
 

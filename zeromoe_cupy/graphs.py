@@ -82,15 +82,14 @@ def graph_strategy(layer, tokens: int) -> str:
     "syncfree" otherwise. Each strategy falls back as it does eagerly ("syncfree" and
     "capacity" to "fixed" where their 16-byte loads cannot serve: H or I not a multiple of 8,
     fp32 layers)."""
-    strategy = layer.expert_strategy
-    K = layer.config.top_k
+    strategy, cfg = layer.expert_strategy, layer.config
+    K = cfg.top_k
     if strategy in _SYNC_FREE and not (strategy == "pairs" and tokens * K > 65535):
         return strategy
-    cfg = layer.config
     if tokens * K <= pairs_max(cfg.dtype, cfg.quantization):
         return "pairs"
-    if (layer.config.dtype == "bfloat16" and layer.config.quantization is None
-            and capacity.prefers(tokens, K, layer.config.num_experts)):
+    if (cfg.dtype == "bfloat16" and cfg.quantization is None
+            and capacity.prefers(tokens, K, cfg.num_experts)):
         return "capacity"
     return "syncfree"
 

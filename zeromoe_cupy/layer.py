@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import (as_array, check_int, cupy_module, gpu_available, is_cupy, is_float_dtype,
-                      np_dtype, resolve_device)
+from ._arrays import (as_array, check_bool, check_int, cupy_module, gpu_available, is_cupy,
+                      is_float_dtype, np_dtype, resolve_device)
 from . import checkpoint, quant
 from .config import MoEConfig
 from .experts import STRATEGIES, run_experts
@@ -571,9 +571,7 @@ class ZeroExpertMoE:
         """
         x = self._input(x)
         T = x.shape[0]
-        if not isinstance(return_router_logits, (bool, np.bool_)):  # as the config's flags
-            raise TypeError(f"return_router_logits: expected a bool, got {return_router_logits!r}")
-        return_router_logits = bool(return_router_logits)
+        return_router_logits = check_bool("return_router_logits", return_router_logits)
         self._check_logit_sources(router_logits, prev_router_logits, routing)
         if routing is not None:
             if router_logits is not None:
@@ -991,9 +989,7 @@ def _checked_options(expert_strategy, router_gemm, deterministic, max_chunk_toke
                          f"got {expert_strategy!r}")
     if router_gemm not in ROUTER_GEMMS:
         raise ValueError(f"router_gemm: expected one of {ROUTER_GEMMS}, got {router_gemm!r}")
-    if not isinstance(deterministic, (bool, np.bool_)):  # as the config's flags
-        raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
-    deterministic = bool(deterministic)
+    deterministic = check_bool("deterministic", deterministic)
     if deterministic and (expert_strategy not in ("auto", "fixed") or router_gemm != "auto"):
         raise ValueError(f"deterministic=True picks its own kernels: expected "
                          f"expert_strategy='auto' or 'fixed' and router_gemm='auto', got "

@@ -12,8 +12,9 @@ import numpy as np
 import math
 import numbers
 
-from ._arrays import (DTYPES, as_array, check_int, cupy_module, dtype_name, fixed_order_matmul,
-                      is_cupy, is_float_dtype, np_dtype, with_unit_row_layout)
+from ._arrays import (DTYPES, as_array, check_bool, check_int, cupy_module, dtype_name,
+                      fixed_order_matmul, is_cupy, is_float_dtype, np_dtype,
+                      with_unit_row_layout)
 from ._compile import memoize_per_device, numba_kernel_as_cupy, raw_module
 
 # Sizes the GPU kernel handles: a lane keeps 4 * ceil(N / 128) scores in registers, and K
@@ -104,9 +105,8 @@ def router_logits(x, router_weight, router_bias=None, weight_parts=None,
             if tuple(p.shape) != (N, H):
                 raise ValueError(f"weight_parts[{i}]: expected shape ({N}, {H}), got "
                                  f"{tuple(p.shape)}")
-    if not isinstance(fixed_order, (bool, np.bool_)):
-        raise TypeError(f"fixed_order: expected a bool, got {fixed_order!r}")
-    return compute_router_logits(x, router_weight, router_bias, weight_parts, bool(fixed_order))
+    fixed_order = check_bool("fixed_order", fixed_order)
+    return compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_order)
 
 
 def compute_router_logits(x, router_weight, router_bias, weight_parts, fixed_order):

@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ._arrays import (DTYPES, as_array, check_int, cupy_module, dtype_name, is_cupy,
+from ._arrays import (DTYPES, as_array, check_bool, check_int, cupy_module, dtype_name, is_cupy,
                       is_float_dtype, vector_width, with_unit_row_layout)
 from ._compile import memoize_per_device, raw_module
 from .config import ZERO_EXPERT_TYPES
@@ -202,8 +202,7 @@ def combine(x, topk_ids, topk_weights, num_experts: int, zero_expert_type: ZeroT
     const_gate = as_array(const_gate, "const_gate", allow_none=True)
     _check_routing_arrays(x, topk_ids, topk_weights)
     E = check_int("num_experts", num_experts, 0)
-    if not isinstance(check_ids, (bool, np.bool_)):  # 0, None or "no" must not pass for False
-        raise TypeError(f"check_ids: expected a bool, got {check_ids!r}")
+    check_ids = check_bool("check_ids", check_ids)
     _check_type_kind(zero_expert_type)
     if num_zero_experts is not None:
         num_zero_experts = check_int("num_zero_experts", num_zero_experts, 0)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._arrays import as_array, cupy_module, dtype_name, is_cupy, with_unit_row_layout
+from .._arrays import as_array, check_bool, cupy_module, dtype_name, is_cupy, with_unit_row_layout
 from .. import quant
 from . import capacity, fixed, fp8, grouped, numpy_path, pairs, syncfree
 from ._common import (FIXED_TILE, MAX_TILE, PAD_ROWS, PADDED_MIN_ROWS, PAIRS_MAX,
@@ -121,8 +121,7 @@ def expert_mlp(x, topk_ids, w13, w2, *, expert_counts=None, allow_tf32: bool = F
         if is_cupy(expert_counts) != is_cupy(x):
             raise TypeError("expert_counts: expected the same array kind as x "
                             f"({'CuPy' if is_cupy(x) else 'NumPy'})")
-    if not isinstance(allow_tf32, (bool, np.bool_)):
-        raise TypeError(f"allow_tf32: expected a bool, got {allow_tf32!r}")
+    check_bool("allow_tf32", allow_tf32)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     return run_experts(x, topk_ids, w13, w2, None, allow_tf32, strategy, stage_marks, scales)
