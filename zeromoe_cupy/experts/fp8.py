@@ -1,12 +1,12 @@
 """FP8 experts on the GPU (docs/spec.md "FP8 experts"): e4m3 weights (uint8 bits) with fp32 block
 scales, activations quantized per row and 128 features.
 
-- Few pairs (T*K <= _common.PAIRS_MAX_BF16_FP8), and the deterministic
-  mode: x quantized per row by a small kernel, then the pair kernel reads the weight bytes and
-  their scales straight from the routing ids; h (fp32) is quantized the same way between the
-  passes. No host synchronization; a token's result does not depend on its batch. The
-  kernel: pair_mma_fp8 (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9,
-  reduction sizes multiples of 16), else pair_gemv_fp8 (fp32 FMAs).
+- Few pairs (T*K up to _common.pairs_max), and the deterministic mode: x quantized per row by
+  a small kernel, then the pair kernel reads the weight bytes and their scales straight from
+  the routing ids; h (fp32) is quantized the same way between the passes. No host
+  synchronization; a token's result does not depend on its batch. The kernel: pair_mma_fp8
+  (kernels/fp8.cu; e4m3 tensor cores, compute capability >= 8.9, reduction sizes multiples of
+  16), else pair_gemv_fp8 (fp32 FMAs).
 - Moderate (T*K <= GROUPED_MMA_MAX, GROUPED_MAX for grouped_gemv_fp8, any T*K where
   grouped_wgmma_fp8 can serve, even below its WGMMA_PAIRS_PER_EXPERT, or where the tensor-core
   kernels serve and cuBLASLt may not (_lt_may_serve); strategy "grouped", or
@@ -50,8 +50,8 @@ import numpy as np
 from .. import _cublas, quant
 from .._arrays import DTYPES, cupy_module, dtype_name, with_unit_row_layout
 from .._compile import memoize_per_device
-from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, PAIRS_MAX_BF16_FP8, ExpertOutput,
-                      experts_module, gather, gather_rows, out_ctype, real_counts, rows_dtype,
+from ._common import (MAX_TILE, PAD_ROWS, PAIR_ROWS, PAIR_WARPS, ExpertOutput, experts_module,
+                      gather, gather_rows, out_ctype, pairs_max, real_counts, rows_dtype,
                       tile_plan)
 
 GROUPED_MAX = 4096  # "auto": (token, slot) pairs up to which grouped_gemv_fp8 runs
@@ -119,8 +119,8 @@ def expert_mlp_fp8(x, topk_ids, w13, w2, scales, expert_counts, mark, strategy):
         mma = _mma_ready(H, I, w13, w2)
         limit = (T * K if _wgmma_ready(H, I, w13, w2) or (mma and not _lt_may_serve(H, I))
                  else GROUPED_MMA_MAX if mma else GROUPED_MAX)
-        strategy = ("pairs" if T * K <= PAIRS_MAX_BF16_FP8 else "grouped" if T * K <= limit
-                    else "padded")
+        most = pairs_max(dtype_name(x.dtype), "fp8")
+        strategy = "pairs" if T * K <= most else "grouped" if T * K <= limit else "padded"
     if strategy in ("pairs", "fixed"):  # the pair kernel: a token's result is batch-invariant
         return pairs_fp8(x, ids, w13, s13, w2, s2, mark)
     if strategy in ("grouped", "syncfree", "capacity"):  # sync-free: graphs capture it
