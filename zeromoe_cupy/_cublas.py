@@ -150,19 +150,31 @@ def batched_gemm_nt(weight_ptrs, x_ptrs, out_ptrs, rows: int, n: int, k: int, dt
     _check("cublasGemmBatchedEx", status)
 
 
-def gemm_nt_bf16_f32_accumulate(pairs, out) -> None:
-    """out[m, n] = sum over (weight, x) in pairs of x[m, k] @ weight[n, k]^T, bf16 inputs, fp32
-    out and compute, in the order given: the first call overwrites out, the next ones add to
-    it (beta = 1, an fp32 add in cuBLAS's epilogue). One handle and stream set for all."""
+def gemm_nt_bf16_f32_accumulate(terms, out) -> None:
+    """out[m, n] = sum over (weight, x, chunk) in terms of x[m, k] @ weight[n, k]^T, bf16
+    inputs (weight [N, K], x [M, K], unit column stride), fp32 out and compute, in the order
+    given: the first GEMM overwrites out, the next ones add to it (beta = 1, an fp32 add in
+    cuBLAS's epilogue). ``chunk``: None for one GEMM over all of K, else one GEMM per chunk of
+    that many k's, in order. The chunks are addressed by pointer (no array views: each view
+    costs host time, and the eager router runs this on every call). One handle and stream set
+    for all."""
     handle = _handle_on_current_stream()
-    alpha = np.ones(1, np.float32)
-    betas = (np.zeros(1, np.float32), np.ones(1, np.float32))
     m, n = out.shape
-    for i, (weight, x) in enumerate(pairs):
-        _gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, x.shape[1], alpha,
-                 weight.data.ptr, CUDA_R_16BF, weight.strides[0] // weight.itemsize,
-                 x.data.ptr, CUDA_R_16BF, x.strides[0] // x.itemsize,
-                 betas[i > 0], out.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F)
+    first = True
+    for weight, x, chunk in terms:
+        K = x.shape[1]
+        step = chunk or K
+        w_ptr, x_ptr = weight.data.ptr, x.data.ptr
+        ldw, ldx = weight.strides[0] // 2, x.strides[0] // 2  # bf16: 2 bytes
+        for k0 in range(0, K, step):
+            _gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, min(step, K - k0), _ONE,
+                     w_ptr + 2 * k0, CUDA_R_16BF, ldw, x_ptr + 2 * k0, CUDA_R_16BF, ldx,
+                     _ZERO if first else _ONE, out.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F)
+            first = False
+
+
+# alpha / beta of the GEMMs above (host pointer mode: cuBLAS reads them during the call)
+_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
 
 
 def gemm_nt(weight, x, out, allow_tf32: bool = False, beta: float = 0.0) -> None:

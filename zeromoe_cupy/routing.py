@@ -189,13 +189,11 @@ def _router_bf16x3(x, weight_parts):
     cp = cupy_module()
     x = with_unit_row_layout(x)
     hi, mid, lo = weight_parts
-    H = x.shape[1]
     logits = cp.empty((x.shape[0], hi.shape[0]), np.float32)
     if x.shape[0]:
         # smallest parts first; the leading part in K-chunks (see router_logits)
-        chunks = [(hi[:, k:k + BF16X3_CHUNK], x[:, k:k + BF16X3_CHUNK])
-                  for k in range(0, H, BF16X3_CHUNK)]
-        _cublas.gemm_nt_bf16_f32_accumulate([(lo, x), (mid, x)] + chunks, logits)
+        _cublas.gemm_nt_bf16_f32_accumulate(
+            [(lo, x, None), (mid, x, None), (hi, x, BF16X3_CHUNK)], logits)
     return logits
 
 
