@@ -1,7 +1,11 @@
-"""The fp8 layer's grouped GEMMs on wgmma (grouped_wgmma_fp8) against the kernels before it
-(grouped_mma_fp8 / the padded cuBLASLt path) and the bf16 layer, for several of its pipelines: LongCat-Flash (8 of 12 slots
-real), eager forward ms, x the fp8 floor, measured interleaved in one run; and the largest
-relative difference between the two fp8 outputs.
+"""The fp8 layer's grouped GEMMs on wgmma (grouped_wgmma_fp8) in its tile shapes and L2 prefetch
+hints, and the bf16 layer: LongCat-Flash (8 of 12 slots real), eager forward ms, x the fp8 floor,
+measured interleaved in one run; and the largest relative difference of each fp8 output to the
+64-row tiles' (m64).
+
+Ways: m64 (64 expert rows per tile as wgmma's M), n64 / n32 / n16 (64 / 32 / 16 expert rows as
+wgmma's N, WGMMA_ROWS_N), each also with a 256-byte L2 prefetch hint on the weight copies
+(-p256), and "auto" (what the package picks).
 
     python benchmarks/fp8_prefill.py [tokens,comma,separated]
 """
@@ -15,11 +19,8 @@ from zeromoe_cupy._arrays import np_dtype
 from zeromoe_cupy.experts import fp8 as fp8_path
 from zeromoe_cupy.reference import relative_error
 
-# the padded path through cuBLASLt, as before (its sums are inexact on compute capability 9.x,
-# so the package leaves it off there: experts/fp8.py LT_INEXACT_SUMS)
-fp8_path.LT_INEXACT_SUMS = True
 sizes = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 else
-                          "256,512,1024,2048,4096,16384").split(",")]
+                          "256,512,1024,2048,4096").split(",")]
 cfg = zm.MoEConfig.preset("longcat-flash")
 dt = np_dtype(cfg.dtype)
 bf16 = zm.ZeroExpertMoE(cfg, seed=0, device="cuda")
@@ -31,15 +32,18 @@ rate = bench.measure_matmul("float8_e4m3fn", True)["best"]
 print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy "
       f"{bandwidth / 1e12:.2f} TB/s, fp8 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 timer = bench._Timer(True, 2, 5)
-# grouped_wgmma_fp8's pipelines: (warpgroups per block that multiply, stages, work order, k's
-# per promoted partial sum of the gate/up GEMM, producer warpgroup), quant.py
-PIPELINES = [(1, 4, 0, 32, 0), (1, 4, 0, 32, 1), (2, 4, 0, 32, 1), (1, 4, 0, 64, 1),
-             (1, 4, 0, 128, 1), (2, 4, 0, 128, 1)]
-KEYS = ("WG_GROUPS", "WG_STAGES", "WG_ORDER", "WG_PROMOTE", "WG_PRODUCER")
-ways = {"wgmma" + "-".join(map(str, p)): dict(
-    GROUPED_WGMMA=True, WGMMA_PAIRS_PER_EXPERT=0, WGMMA_PIPELINE=tuple(zip(KEYS, p)))
-    for p in PIPELINES}
-ways["before"] = dict(GROUPED_WGMMA=False)
+# grouped_wgmma_fp8's pipeline (quant.py) with the prefetch hint, and its ROWS_N tiles
+BASE = fp8_path.WGMMA_PIPELINE
+AUTO = {name: getattr(fp8_path, name) for name in ("WGMMA_PIPELINE", "WGMMA_ROWS_N",
+                                                   "WGMMA_PAIRS_PER_EXPERT", "GROUPED_WGMMA")}
+ways = {}
+for prefetch in (128, 256):
+    for rows_n in (0, 64, 32, 16):
+        name = ("m64" if rows_n == 0 else f"n{rows_n}") + ("-p256" if prefetch == 256 else "")
+        ways[name] = dict(GROUPED_WGMMA=True, WGMMA_PAIRS_PER_EXPERT=0,
+                          WGMMA_ROWS_N=((1 << 30, rows_n),) if rows_n else (),
+                          WGMMA_PIPELINE=BASE + (("WG_PREFETCH", prefetch),))
+ways["auto"] = AUTO
 
 
 def use(way):
@@ -64,9 +68,9 @@ for T in sizes:
             best[way] = min(best.get(way, ms), ms)
         ms = timer(bf16, xs)
         best["bf16"] = min(best.get("bf16", ms), ms)
-    top = min((w for w in ways if w.startswith("wgmma")), key=best.get)
+    top = min((w for w in ways if w != "auto"), key=best.get)
     print(f"T={T} floor {floor:.3f} ms: " +
           ", ".join(f"{k} {v:.3f} ({v / floor:.2f}x)" for k, v in best.items()) +
-          f"; bf16 / {top} {best['bf16'] / best[top]:.2f}; relative difference to before: " +
-          ", ".join(f"{w} {relative_error(ys[w], ys['before']):.1e}" for w in ways
-                    if w != "before"), flush=True)
+          f"; bf16 / {top} {best['bf16'] / best[top]:.2f}; relative difference to m64: " +
+          ", ".join(f"{w} {relative_error(ys[w], ys['m64']):.1e}" for w in ways
+                    if w != "m64"), flush=True)

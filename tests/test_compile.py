@@ -15,7 +15,8 @@ from zeromoe_cupy.experts import experts_kernel_names
 from zeromoe_cupy.parallel.exchange import EXCHANGE_KERNELS
 from zeromoe_cupy.experts.syncfree import PIPELINE, SMALL_PIPELINE, syncfree_kernel_names
 from zeromoe_cupy.quant import (FP8_PIPELINE, SMALL_FP8_PIPELINE, WGMMA_PIPELINE,
-                                fp8_kernel_names, fp8_wgmma_kernel_names)
+                                fp8_kernel_names, fp8_wgmma_kernel_names,
+                                wgmma_rows_n_sizes)
 from zeromoe_cupy.routing import (_ROUTER_GEMV_ROWS, _ROUTER_GEMV_SPLIT,
                                   router_kernel_names)
 from zeromoe_cupy.zero_experts import combine_kernel_names
@@ -87,22 +88,29 @@ def test_fp8_variants_compile(options):
 
 # fp8_wgmma.cu's pipelines: the package's (WGMMA_PIPELINE, the kernel's defaults) and the
 # variants the GPU tests and benchmarks/fp8_prefill.py run (two warpgroups, six stages, feature
-# chunks inner, 64- and 128-k partial sums, every thread copying, with one or two warpgroups).
+# chunks inner, 64- and 128-k partial sums, every thread copying, with one or two warpgroups,
+# the L2 prefetch hint off and at 256 bytes).
 WGMMA_VARIANTS = [()] + \
-    [tuple(f"-D{k}={v}" for k, v in dict(WGMMA_PIPELINE, **change).items())
+    [tuple(dict(WGMMA_PIPELINE, **change).items())
      for change in (dict(WG_GROUPS=2), dict(WG_STAGES=6), dict(WG_ORDER=1),
                     dict(WG_PROMOTE=64), dict(WG_PROMOTE=128), dict(WG_PRODUCER=0),
-                    dict(WG_PRODUCER=0, WG_GROUPS=2), dict(WG_GROUPS=2, WG_STAGES=6))]
+                    dict(WG_PRODUCER=0, WG_GROUPS=2), dict(WG_GROUPS=2, WG_STAGES=6),
+                    dict(WG_PREFETCH=0), dict(WG_PREFETCH=256))]
 
 
-@pytest.mark.parametrize("options", WGMMA_VARIANTS, ids=str)
-def test_wgmma_kernels_compile_for_sm_90a(options):
+@pytest.mark.parametrize("pipeline", WGMMA_VARIANTS, ids=str)
+def test_wgmma_kernels_compile_for_sm_90a(pipeline):
     """fp8_wgmma.cu's kernels hold their wgmma code only where NVRTC targets sm_90a (what the
     package asks for); ptxas then checks every wgmma, fence and descriptor. Elsewhere (sm_80,
-    sm_90 above) they compile to a trap."""
-    ptx = _compile("fp8_wgmma.cu", "sm_90a", options, want_ptx=True)
+    sm_90 above) they compile to a trap. Pipelines with one multiplying warpgroup and the
+    producer also build the tiles of 16 and 32 expert rows as wgmma's N."""
+    names = fp8_wgmma_kernel_names(pipeline or WGMMA_PIPELINE)
+    ptx = _compile("fp8_wgmma.cu", "sm_90a", tuple(f"-D{k}={v}" for k, v in pipeline),
+                   want_ptx=True, names=names)
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
-    assert ptx.count(".entry") == len(KERNELS["fp8_wgmma.cu"])
+    for n in wgmma_rows_n_sizes(pipeline or WGMMA_PIPELINE):
+        assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx
+    assert ptx.count(".entry") == len(names)
 
 ROUTER_PIPELINE = (("RG_SPLIT", _ROUTER_GEMV_SPLIT), ("RG_ROWS", _ROUTER_GEMV_ROWS))
 
@@ -230,10 +238,12 @@ def test_programmatic_launches_are_per_thread_and_restored():
     assert getattr(_compile._launch_mode, "programmatic", False) is False
 
 
-def _compile(filename, arch, extra, want_ptx=False):
+def _compile(filename, arch, extra, want_ptx=False, names=None):
+    """Compiles kernels/<filename> with ``names`` (default: KERNELS[filename]) instantiated."""
+    names = KERNELS[filename] if names is None else names
     src = kernel_source(filename).encode()
     prog = _check(nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], []))
-    for name in KERNELS[filename]:
+    for name in names:
         _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
     opts = [o.encode() for o in NVRTC_OPTIONS + extra] + [f"-arch={arch}".encode()] + \
         [f"-I{d}".encode() for d in _include_dirs()]
@@ -247,7 +257,7 @@ def _compile(filename, arch, extra, want_ptx=False):
     log = log.decode(errors="replace").strip("\x00 \n")
     assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS, log
     assert "warning" not in log.lower(), log
-    for name in KERNELS[filename]:
+    for name in names:
         lowered = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
         assert lowered
     size = _check(nvrtc.nvrtcGetCUBINSize(prog))

@@ -358,17 +358,42 @@ def test_gpu_fp8_wgmma_grouped_matches_reference(pipeline, dtype, shape, T, samp
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_gpu_fp8_wgmma_within_the_bound_where_used(dtype, rng, monkeypatch):
+@pytest.mark.parametrize("shape", ["aligned", "mid"])
+@pytest.mark.parametrize("T,sampled", [(24, 24), (64, 64), (300, 150)])
+@pytest.mark.parametrize("rows_n", [16, 32, 64])
+def test_gpu_fp8_wgmma_rows_as_n_matches_reference(rows_n, dtype, shape, T, sampled, rng,
+                                                   monkeypatch):
+    """grouped_wgmma_fp8 with tiles of rows_n expert rows as wgmma's N (WGMMA_ROWS_N) against
+    the float64 reference: experts of about 8 rows (one tile cut short), 20-30 (one or two) and
+    about 100 (several, the last cut short); GEMM 1's features ending inside a chunk and
+    k-groups cut at 80 bytes (mid)."""
+    used = _wgmma_forced(monkeypatch)
+    monkeypatch.setattr(fp8_path, "WGMMA_ROWS_N", ((1 << 30, rows_n),))
+    assert fp8_path._wgmma_rows_n(T * 4, 8) == rows_n
+    cpu8, gpu8 = _layers(rng, dtype, shape, "zero" if dtype == "float16" else "identity")
+    gpu8.expert_strategy = "grouped"
+    x = random_x(rng, T, SHAPES[shape][0], dtype)
+    err = _sampled_error(cpu8, gpu8, x, sampled, rng)
+    print(f"gpu fp8 wgmma rows as N={rows_n} {dtype} {shape} T={T}: {err:.2e}")
+    assert used and err <= WGMMA_SMALL_I_TOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("T", [48, 600])
+def test_gpu_fp8_wgmma_within_the_bound_where_used(dtype, T, rng, monkeypatch):
     """From WGMMA_MIN_INTERMEDIATE on, "auto" takes grouped_wgmma_fp8 at enough pairs per
-    expert, and its output stays within SPEC's 5e-3 of the float64 evaluation."""
+    expert, with tiles of expert rows as wgmma's N (48 tokens: about 24 pairs per expert) or
+    as its M (600: about 300), and its output stays within SPEC's 5e-3 of the float64
+    evaluation."""
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("grouped_wgmma_fp8 runs on compute capability 9.0 only (sm_90a)")
     used, module = [], quant.fp8_wgmma_module
     monkeypatch.setattr(quant, "fp8_wgmma_module", lambda *a: used.append(1) or module(*a))
     cpu8, gpu8 = _layers(rng, dtype, "wide")
-    x = random_x(rng, 600, SHAPES["wide"][0], dtype)  # 300 pairs per expert
-    err = _sampled_error(cpu8, gpu8, x, 96, rng)
-    print(f"gpu fp8 wgmma {dtype} H, I = {SHAPES['wide']}: {err:.2e}")
+    assert (fp8_path._wgmma_rows_n(T * 4, 8) > 0) == (T == 48)
+    x = random_x(rng, T, SHAPES["wide"][0], dtype)
+    err = _sampled_error(cpu8, gpu8, x, min(T, 96), rng)
+    print(f"gpu fp8 wgmma {dtype} H, I = {SHAPES['wide']}, T={T}: {err:.2e}")
     assert used and err <= FP8_TOL
 
 

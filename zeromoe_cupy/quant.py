@@ -236,14 +236,28 @@ def wgmma_smem_bytes(pipeline=WGMMA_PIPELINE) -> int:
     return p["WG_STAGES"] * ((64 * p["WG_GROUPS"] + 128) * 128 + 16 * p["WG_PRODUCER"]) + 1024
 
 
-def fp8_wgmma_kernel_names() -> list[str]:
+def wgmma_tile_rows(pipeline=WGMMA_PIPELINE) -> int:
+    """Expert rows per tile of grouped_wgmma_fp8 without ROWS_N: 64 per multiplying warpgroup."""
+    return 64 * dict(WGMMA_PIPELINE, **dict(pipeline))["WG_GROUPS"]
+
+
+def wgmma_rows_n_sizes(pipeline=WGMMA_PIPELINE) -> tuple:
+    """The ROWS_N tile heights grouped_wgmma_fp8 is built with in this pipeline (expert rows as
+    wgmma's N; kernels/fp8_wgmma.cu): 16, 32 and 64 with one multiplying warpgroup and the
+    producer, else none."""
+    p = dict(WGMMA_PIPELINE, **dict(pipeline))
+    return (16, 32, 64) if p["WG_GROUPS"] == 1 and p["WG_PRODUCER"] else ()
+
+
+def fp8_wgmma_kernel_names(pipeline=WGMMA_PIPELINE) -> list[str]:
     """Every instantiation in kernels/fp8_wgmma.cu that the GPU path may launch."""
     from ._arrays import DTYPES
     from .experts._common import out_ctype
     names = ["wgmma_tile_plan"]
     for _, (_, ctype) in DTYPES.items():
-        names += [f"grouped_wgmma_fp8<{ctype},float,true>",
-                  f"grouped_wgmma_fp8<{ctype},{out_ctype(ctype)},false>"]
+        for rows_n in (0,) + wgmma_rows_n_sizes(pipeline):
+            names += [f"grouped_wgmma_fp8<{ctype},float,true,{rows_n}>",
+                      f"grouped_wgmma_fp8<{ctype},{out_ctype(ctype)},false,{rows_n}>"]
     return names
 
 
@@ -251,7 +265,7 @@ def fp8_wgmma_kernel_names() -> list[str]:
 def fp8_wgmma_module(pipeline=WGMMA_PIPELINE):
     """kernels/fp8_wgmma.cu for sm_90a (wgmma is an sm_90a feature: CuPy's own -arch=sm_90,
     which NVRTC also gets, does not enable it), compiled once per device and pipeline."""
-    names = fp8_wgmma_kernel_names()
+    names = fp8_wgmma_kernel_names(pipeline)
     options = ("-arch=sm_90a",) + tuple(f"-D{k}={v}" for k, v in pipeline)
     return raw_module("fp8_wgmma.cu", names, options,
                       dynamic_smem=(wgmma_smem_bytes(pipeline), names[1:]))

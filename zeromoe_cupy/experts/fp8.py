@@ -86,6 +86,11 @@ WGMMA_PAIRS_PER_EXPERT = 12
 # 128-k partials in both GEMMs: see LT_INEXACT_SUMS.
 WGMMA_MIN_INTERMEDIATE = 1024
 WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
+# ... with tiles of ROWS_N expert rows as wgmma's N (kernels/fp8_wgmma.cu) up to this many pairs
+# per expert on average, P / E: (most, ROWS_N); above, 64-row tiles as wgmma's M. With few rows
+# per expert the 64-row tiles spend most of their tensor-core work, and their waits for each
+# 32-k partial, on rows that are not there.
+WGMMA_ROWS_N = ((32, 32),)
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
 # tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
 # 0.244 / 0.376, two 0.149 / 0.233 / 0.397, four 0.150 / 0.240 / 0.395).
@@ -161,12 +166,16 @@ def grouped_fp8(x, ids, w13, s13, w2, s2, expert_counts, mark):
         wgmma = P >= WGMMA_PAIRS_PER_EXPERT * E and _wgmma_ready(H, I, w13, w2)
         if wgmma:
             wmod = quant.fp8_wgmma_module(WGMMA_PIPELINE)
+            rows_n = _wgmma_rows_n(P, E)
             tile_start = cp.empty(E + 1, np.int32)
-            wmod.get_function("wgmma_tile_plan")((1,), (1024,), (offsets, active, tile_start))
+            wmod.get_function("wgmma_tile_plan")(
+                (1,), (1024,), (offsets, active, tile_start,
+                                np.int32(rows_n or quant.wgmma_tile_rows(WGMMA_PIPELINE))))
 
         def gemm(glu, types, a, asc, W, S, N, Kd, out):
             if wgmma:  # a persistent grid: as many blocks as fit on the GPU at once
-                kernel = wmod.get_function(f"grouped_wgmma_fp8<{types},{str(glu).lower()}>")
+                kernel = wmod.get_function(
+                    f"grouped_wgmma_fp8<{types},{str(glu).lower()},{rows_n}>")
                 kernel((_resident_blocks(kernel, WGMMA_PIPELINE),),
                        (quant.wgmma_threads(WGMMA_PIPELINE),),
                        (a, asc, offsets, active, tile_start, W, S, np.int32(N), np.int32(Kd), out),
@@ -255,6 +264,13 @@ def _wgmma_ready(H, I, w13, w2) -> bool:
     only), I >= WGMMA_MIN_INTERMEDIATE and what grouped_mma_fp8 needs."""
     return GROUPED_WGMMA and I >= WGMMA_MIN_INTERMEDIATE and _mma_ready(H, I, w13, w2) and \
         cupy_module().cuda.Device().compute_capability == "90"
+
+
+def _wgmma_rows_n(P: int, E: int) -> int:
+    """grouped_wgmma_fp8's ROWS_N for P (token, slot) pairs over E experts (WGMMA_ROWS_N), 0 for
+    64-row tiles; only sizes that WGMMA_PIPELINE builds."""
+    sizes = quant.wgmma_rows_n_sizes(WGMMA_PIPELINE)
+    return next((rows for most, rows in WGMMA_ROWS_N if P <= most * E and rows in sizes), 0)
 
 
 def _resident_blocks(kernel, pipeline) -> int:

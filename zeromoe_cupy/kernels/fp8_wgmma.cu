@@ -48,14 +48,17 @@ static_assert(WG_PROMOTE == 32 || WG_PROMOTE == 64 || WG_PROMOTE == 128, "WG_PRO
 #define WG_BK 128       // k bytes per stage: one scale group
 #define WG_A_TILE (WG_BM * WG_BK)  // bytes of one stage's row tile
 #define WG_STAGE ((WG_BM + WG_BN) * WG_BK)  // bytes of a stage: row tile, then weight tile
-#define WG_PREFETCH 128          // the weight copies' L2 prefetch hint (bytes)
+#ifndef WG_PREFETCH
+#define WG_PREFETCH 128  // the weight copies' L2 prefetch hint (bytes): 0, 64, 128 or 256
+#endif
 
-// Where each active expert's tiles start: tile_start[s] = the WG_BM-row tiles of the active
-// experts before slot s (active / offsets from syncfree_plan), tile_start[active[0]] = all of
-// them. One block of 1024 threads; any number of active experts.
+// Where each active expert's tiles start: tile_start[s] = the tiles of tile_rows rows (the
+// launch's: WG_BM, or its ROWS_N) of the active experts before slot s (active / offsets from
+// syncfree_plan), tile_start[active[0]] = all of them. One block of 1024 threads; any number
+// of active experts.
 extern "C" __global__ void __launch_bounds__(1024)
 wgmma_tile_plan(const int* __restrict__ offsets, const int* __restrict__ active,
-                int* __restrict__ tile_start) {
+                int* __restrict__ tile_start, int tile_rows) {
   wait_for_prior_grid();
   __shared__ int sums[1024];
   const int n = active[0], per = (n + 1023) / 1024, t = threadIdx.x;
@@ -63,7 +66,7 @@ wgmma_tile_plan(const int* __restrict__ offsets, const int* __restrict__ active,
   int local = 0;
   for (int s = s0; s < s1; ++s) {
     const int e = active[1 + s];
-    local += (offsets[e + 1] - offsets[e] + WG_BM - 1) / WG_BM;
+    local += (offsets[e + 1] - offsets[e] + tile_rows - 1) / tile_rows;
   }
   sums[t] = local;
   __syncthreads();
@@ -77,7 +80,7 @@ wgmma_tile_plan(const int* __restrict__ offsets, const int* __restrict__ active,
   for (int s = s0; s < s1; ++s) {
     tile_start[s] = at;
     const int e = active[1 + s];
-    at += (offsets[e + 1] - offsets[e] + WG_BM - 1) / WG_BM;
+    at += (offsets[e + 1] - offsets[e] + tile_rows - 1) / tile_rows;
   }
   if (t == 1023) tile_start[n] = sums[1023];
 }
@@ -117,11 +120,53 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], unsigned long l
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// d (64 x N fp32) = (accumulate ? d : 0) + A (64 x 32 e4m3) * B (N x 32 e4m3)^T for the
+// tiles whose expert rows are wgmma's N (ROWS_N of grouped_wgmma_fp8): N = 16, 32 or 64.
+__device__ __forceinline__ void wgmma_m64k32(float (&d)[8], unsigned long long desc_a,
+                                             unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_m64k32(float (&d)[16], unsigned long long desc_a,
+                                             unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, "
+      "p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
+        "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64k32(float (&d)[32], unsigned long long desc_a,
+                                             unsigned long long desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
 // Keeps the compiler from moving reads or writes of the accumulators across the wgmma
 // fences and waits (asm volatile statements keep their order; plain arithmetic does not).
-__device__ __forceinline__ void fence_registers(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // mbarriers (PTX ISA "mbarrier"): a stage's hand-over between the producer and the consumers.
@@ -160,7 +205,7 @@ struct WgItem {
 // Item i of the persistent grid's list: (active slot s, feature chunk c, row tile t) in that
 // order (WG_ORDER 0; 1: c and t swapped), so the blocks running side by side share one chunk
 // of weights (read from DRAM once, then from L2) across the expert's row tiles.
-template <int FEAT>
+template <int FEAT, int BM>
 __device__ __forceinline__ WgItem wg_item(long long item, int chunks, int slots,
                                           const int* __restrict__ offsets,
                                           const int* __restrict__ active,
@@ -178,14 +223,14 @@ __device__ __forceinline__ WgItem wg_item(long long item, int chunks, int slots,
   const int m = offsets[it.e + 1] - it.row0;
   const int local = (int)(item - (long long)tile_start[lo] * chunks);
 #if WG_ORDER == 0
-  const int tiles = (m + WG_BM - 1) / WG_BM;
+  const int tiles = (m + BM - 1) / BM;
   it.f0 = (local / tiles) * FEAT;
-  it.r0 = (local % tiles) * WG_BM;
+  it.r0 = (local % tiles) * BM;
 #else
   it.f0 = (local % chunks) * FEAT;
-  it.r0 = (local / chunks) * WG_BM;
+  it.r0 = (local / chunks) * BM;
 #endif
-  it.rows = min(WG_BM, m - it.r0);
+  it.rows = min(BM, m - it.r0);
   return it;
 }
 
@@ -335,6 +380,66 @@ __device__ __forceinline__ void wg_store(const float (&total)[64], const WgItem&
     }
   }
 }
+
+// The tiles of R expert rows as wgmma's N (ROWS_N), for experts with few rows: the weight tile's
+// 128 rows are the M of two m64 wgmmas (half 0: its rows 0-63, gate or features f0..f0+63;
+// half 1: rows 64-127, up or f0+64..f0+127), the row tile their N. Against 64-row tiles a
+// fraction of the tensor-core work and of the accumulators: the waits for each 32-k partial
+// (GEMM 1) are short. Accumulator i of a half: its feature 16 warp + lane / 4 + 8 (i % 4 >= 2),
+// tile row (column) 8 (i / 4) + 2 (lane % 4) + i % 2, whose scale is sa[2 (i / 4) + i % 2].
+// One stage: four k-steps of 32, the partials promoted after every WG_PROMOTE k's (GLU) or 128,
+// scaled by sw[half] * sa[column]. Ends with every wgmma complete.
+template <bool GLU, int R>
+__device__ __forceinline__ void wg_mma_stage_rows_n(float (&part)[2][R / 2],
+                                                    float (&total)[2][R / 2], unsigned w_base,
+                                                    unsigned r_base, const float (&sw)[2],
+                                                    const float (&sa)[R / 4]) {
+  constexpr int STEPS = (GLU ? WG_PROMOTE : 128) / 32;
+#pragma unroll
+  for (int k = 0; k < WG_BK / 32; ++k) {
+    if (k % STEPS == 0) {
+      fence_registers(part[0]);
+      fence_registers(part[1]);
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    }
+    const unsigned long long rows = wgmma_desc(r_base + 32 * k);
+    wgmma_m64k32(part[0], wgmma_desc(w_base + 32 * k), rows, k % STEPS != 0);
+    wgmma_m64k32(part[1], wgmma_desc(w_base + 64 * WG_BK + 32 * k), rows, k % STEPS != 0);
+    if (k % STEPS == STEPS - 1) {
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      fence_registers(part[0]);
+      fence_registers(part[1]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < R / 2; ++i)
+          total[h][i] = fmaf(part[h][i], sa[2 * (i / 4) + i % 2] * sw[h], total[h][i]);
+    }
+  }
+}
+
+// The item's output from the totals of wg_mma_stage_rows_n, rows and features inside it only:
+// GLU h = silu(g) * u (g: half 0, u: half 1, rounded to TX first) at features f0 + m; else the
+// sums, half 0 at features f0 + m, half 1 at f0 + 64 + m, as TOUT.
+template <typename TX, typename TOUT, bool GLU, int R>
+__device__ __forceinline__ void wg_store_rows_n(const float (&total)[2][R / 2], const WgItem& it,
+                                                int N, TOUT* __restrict__ out) {
+  const int m0 = (threadIdx.x % 128) / 32 * 16 + (threadIdx.x % 32) / 4;
+  const int q2 = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int i = 0; i < R / 2; ++i) {
+    const int n = 8 * (i / 4) + q2 + i % 2, f = it.f0 + m0 + 8 * ((i % 4) / 2);
+    if (n >= it.rows) continue;
+    TOUT* orow = out + (long long)(it.row0 + it.r0 + n) * N;
+    if (GLU) {
+      if (f < N) orow[f] = from_f32<TOUT>(swiglu_rounded<TX>(total[0][i], total[1][i]));
+    } else {
+      if (f < N) orow[f] = from_f32<TOUT>(total[0][i]);
+      if (f + 64 < N) orow[f + 64] = from_f32<TOUT>(total[1][i]);
+    }
+  }
+}
 #endif
 
 // The grouped GEMM of one pass over every active expert, Y_e = A_e W_e^T:
@@ -349,7 +454,10 @@ __device__ __forceinline__ void wg_store(const float (&total)[64], const WgItem&
 // thread between block barriers or, with WG_PRODUCER, by the last warpgroup alone and handed
 // over by mbarriers. Warpgroup w < WG_GROUPS multiplies rows [64 w, 64 w + 64) of the tile with
 // the weight tile (wg_mma_stage).
-template <typename TX, typename TOUT, bool GLU>
+// ROWS_N (16, 32 or 64; WG_GROUPS 1 with WG_PRODUCER only; 0: off): tiles of ROWS_N expert rows as
+// wgmma's N and the weight tile as its M (wg_mma_stage_rows_n), for experts with few rows;
+// tile_start then counts tiles of ROWS_N rows.
+template <typename TX, typename TOUT, bool GLU, int ROWS_N>
 __global__ void __launch_bounds__(WG_THREADS, WG_BLOCKS_PER_SM)
 grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict__ as,
                   const int* __restrict__ offsets, const int* __restrict__ active,
@@ -361,6 +469,10 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
   // the swizzle pattern repeats every 1024 bytes from a 1024-byte aligned address
   unsigned char* smem = wg_smem_raw + ((1024 - smem_address(wg_smem_raw) % 1024) % 1024);
   constexpr int FEAT = GLU ? WG_BN / 2 : WG_BN;
+  constexpr int BM = ROWS_N ? ROWS_N : WG_BM;  // expert rows per tile
+  static_assert(ROWS_N == 0 || ((ROWS_N == 16 || ROWS_N == 32 || ROWS_N == 64) &&
+                                 WG_GROUPS == 1 && WG_PRODUCER),
+                "ROWS_N: 16, 32 or 64, with one multiplying warpgroup and the producer");
   const int warpgroup = threadIdx.x / 128, wthread = threadIdx.x % 128;
   const int lane = threadIdx.x % 32, warp_in_group = wthread / 32;
   const int chunks = (N + FEAT - 1) / FEAT;
@@ -388,7 +500,7 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     // registers to the consumers (WG_PRODUCER_REGS)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(WG_PRODUCER_REGS));
     for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-      const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
+      const WgItem it = wg_item<FEAT, BM>(item, chunks, slots, offsets, active, tile_start);
       const WgCopier<GLU, 128> copier(wthread, it, aq, W, N, Kd);
       for (int kt = 0; kt < nk; ++kt, ++use) {
         const int s = use % WG_STAGES;
@@ -401,34 +513,76 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(WG_CONSUMER_REGS));
-  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
-    const bool busy = warpgroup * 64 < it.rows;
-    float total[64], part[64];
+  if constexpr (ROWS_N > 0) {
+    constexpr int MATS = GLU ? 2 : 1;
+    const int q2 = 2 * (lane % 4);
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+      const WgItem it = wg_item<FEAT, BM>(item, chunks, slots, offsets, active, tile_start);
+      float total[2][ROWS_N / 2], part[2][ROWS_N / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
-    const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
-    const WgScaleRows<GLU> scales(it, ra, rb, as, S, NB, KB);
-    WgScales sc = scales.at(0);
-    for (int kt = 0; kt < nk; ++kt, ++use) {
-      const int s = use % WG_STAGES;
-      const WgScales next = scales.at(min(kt + 1, nk - 1));
-      mbar_wait(full + s, (use / WG_STAGES) & 1);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
-      if (busy) {
+      for (int i = 0; i < ROWS_N / 2; ++i)
+        total[0][i] = total[1][i] = part[0][i] = part[1][i] = 0.f;
+      // the scales of this thread's tile rows 8 (j / 2) + q2 + j % 2 (clamped into the tile:
+      // rows past it are computed, never stored) and of the weight tile's halves, a stage ahead
+      const float* sa_rows = as + (long long)(it.row0 + it.r0) * KB;
+      const float* sw0 = S + ((long long)it.e * MATS * NB + it.f0 / QBLOCK) * KB;
+      const float* sw1 = GLU ? sw0 + (long long)NB * KB : sw0;
+      float sa[ROWS_N / 4], sa_next[ROWS_N / 4], sw[2], sw_next[2];
+#pragma unroll
+      for (int j = 0; j < ROWS_N / 4; ++j)
+        sa[j] = sa_rows[(long long)min(8 * (j / 2) + q2 + j % 2, it.rows - 1) * KB];
+      sw[0] = sw0[0];
+      sw[1] = sw1[0];
+      for (int kt = 0; kt < nk; ++kt, ++use) {
+        const int s = use % WG_STAGES, kn = min(kt + 1, nk - 1);
+#pragma unroll
+        for (int j = 0; j < ROWS_N / 4; ++j)
+          sa_next[j] = sa_rows[(long long)min(8 * (j / 2) + q2 + j % 2, it.rows - 1) * KB + kn];
+        sw_next[0] = sw0[kn];
+        sw_next[1] = sw1[kn];
+        mbar_wait(full + s, (use / WG_STAGES) & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
         const unsigned st = smem_address(smem + s * WG_STAGE);
-        wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE,
-                          sc.a * sc.gate, sc.b * sc.gate, sc.a * sc.up, sc.b * sc.up);
+        wg_mma_stage_rows_n<GLU, ROWS_N>(part, total, st + WG_A_TILE, st, sw, sa);
+#pragma unroll
+        for (int j = 0; j < ROWS_N / 4; ++j) sa[j] = sa_next[j];
+        sw[0] = sw_next[0];
+        sw[1] = sw_next[1];
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);  // this warp's wgmmas are complete
       }
-      sc = next;
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty + s);  // this warp's wgmmas are complete
+      wg_store_rows_n<TX, TOUT, GLU, ROWS_N>(total, it, N, out);
     }
-    if (busy) wg_store<TX, TOUT, GLU>(total, it, ra, rb, N, out);
+  } else {
+    for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+      const WgItem it = wg_item<FEAT, BM>(item, chunks, slots, offsets, active, tile_start);
+      const bool busy = warpgroup * 64 < it.rows;
+      float total[64], part[64];
+#pragma unroll
+      for (int i = 0; i < 64; ++i) total[i] = part[i] = 0.f;
+      const int ra = warpgroup * 64 + warp_in_group * 16 + lane / 4, rb = ra + 8;
+      const WgScaleRows<GLU> scales(it, ra, rb, as, S, NB, KB);
+      WgScales sc = scales.at(0);
+      for (int kt = 0; kt < nk; ++kt, ++use) {
+        const int s = use % WG_STAGES;
+        const WgScales next = scales.at(min(kt + 1, nk - 1));
+        mbar_wait(full + s, (use / WG_STAGES) & 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> wgmma
+        if (busy) {
+          const unsigned st = smem_address(smem + s * WG_STAGE);
+          wg_mma_stage<GLU>(part, total, st + warpgroup * 64 * WG_BK, st + WG_A_TILE,
+                            sc.a * sc.gate, sc.b * sc.gate, sc.a * sc.up, sc.b * sc.up);
+        }
+        sc = next;
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);  // this warp's wgmmas are complete
+      }
+      if (busy) wg_store<TX, TOUT, GLU>(total, it, ra, rb, N, out);
+    }
   }
 #else
   for (long long item = blockIdx.x; item < items; item += gridDim.x) {
-    const WgItem it = wg_item<FEAT>(item, chunks, slots, offsets, active, tile_start);
+    const WgItem it = wg_item<FEAT, BM>(item, chunks, slots, offsets, active, tile_start);
     const WgCopier<GLU, WG_THREADS> copier(threadIdx.x, it, aq, W, N, Kd);
     // Rows of this warpgroup's 64 that hold expert rows; a warpgroup with none skips the mma.
     const bool busy = warpgroup * 64 < it.rows;
