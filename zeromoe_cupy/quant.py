@@ -243,10 +243,10 @@ def wgmma_tile_rows(pipeline=WGMMA_PIPELINE) -> int:
 
 def wgmma_rows_n_sizes(pipeline=WGMMA_PIPELINE) -> tuple:
     """The ROWS_N tile heights grouped_wgmma_fp8 is built with in this pipeline (expert rows as
-    wgmma's N; kernels/fp8_wgmma.cu): 16, 32 and 64 with one multiplying warpgroup and the
+    wgmma's N; kernels/fp8_wgmma.cu): 16 and 32 with one multiplying warpgroup and the
     producer, else none."""
     p = dict(WGMMA_PIPELINE, **dict(pipeline))
-    return (16, 32, 64) if p["WG_GROUPS"] == 1 and p["WG_PRODUCER"] else ()
+    return (16, 32) if p["WG_GROUPS"] == 1 and p["WG_PRODUCER"] else ()
 
 
 def fp8_wgmma_kernel_names(pipeline=WGMMA_PIPELINE) -> list[str]:

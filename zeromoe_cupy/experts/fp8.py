@@ -23,8 +23,9 @@ scales, activations quantized per row and 128 features.
   - from WGMMA_PAIRS_PER_EXPERT pairs per expert on average (compute capability 9.0, I >=
     WGMMA_MIN_INTERMEDIATE, any number of pairs: "auto" takes this path instead of the padded
     one): grouped_wgmma_fp8 (kernels/fp8_wgmma.cu), Hopper's warpgroup FP8 tensor cores over
-    64-row x 128-feature tiles, a persistent grid over (expert, feature chunk, row tile) items,
-    a producer warpgroup copying the stages. The FP8 wgmma does
+    64-row x 128-feature tiles (with few rows per expert, WGMMA_ROWS_N: 16 or 32 rows as the
+    wgmma's N, the 128 weight rows as its M), a persistent grid over (expert, feature chunk,
+    row tile) items, a producer warpgroup copying the stages. The FP8 wgmma does
     not sum in exact fp32: its partial sums are promoted every 32 k's in GEMM 1, whose error
     h's quantization amplifies, and every 128 in GEMM 2. H200, LongCat-Flash: the layer's
     output 2.1e-3 from the exact kernels' (promoted every 128 in both: 2.7e-3, and then within
@@ -74,7 +75,8 @@ STREAM_PAIRS_PER_EXPERT = ((8, 1), (16, 2))
 # takes the padded path. LongCat-Flash fp8 on the H200, eager ms, wgmma / before (the stream
 # kernel, grouped_mma_fp8, the padded path from 4096 tokens on): 256 tokens (P / E = 6) 6.01 /
 # 5.56; 512 (12) 6.66 / 7.77; 1024 6.47 / 9.63; 2048 7.08 / 12.70; 4096 11.13 / 20.27; 16384
-# 31.79 / 34.37 (benchmarks/fp8_prefill.py).
+# 31.79 / 34.37 (benchmarks/fp8_prefill.py). With 16 rows as the wgmma's N (WGMMA_ROWS_N),
+# later: 256 tokens 4.66 against the stream kernel's 4.73 (same run): too close to move this.
 GROUPED_WGMMA = True
 WGMMA_PAIRS_PER_EXPERT = 12
 # ... and only from this intermediate size on. The FP8 wgmma's sums are not exact fp32, and
@@ -89,8 +91,11 @@ WGMMA_PIPELINE = quant.WGMMA_PIPELINE  # its pipeline (quant.py)
 # ... with tiles of ROWS_N expert rows as wgmma's N (kernels/fp8_wgmma.cu) up to this many pairs
 # per expert on average, P / E: (most, ROWS_N); above, 64-row tiles as wgmma's M. With few rows
 # per expert the 64-row tiles spend most of their tensor-core work, and their waits for each
-# 32-k partial, on rows that are not there.
-WGMMA_ROWS_N = ((32, 32),)
+# 32-k partial, on rows that are not there. LongCat-Flash fp8 on the H200, eager ms, 64-row
+# tiles / 32 / 16 rows as N (benchmarks/fp8_prefill.py, one run; same output bits): 256 tokens
+# (P / E = 6) 4.93 / 4.76 / 4.66; 512 (12) 5.32 / 5.07 / 5.00; 1024 (24) 5.52 / 5.36 / 5.58;
+# 2048 (48) 5.89 / 7.84 / 8.52; 4096 9.51 / 11.40 / 14.63 (64 rows as N: slower than all).
+WGMMA_ROWS_N = ((12, 16), (32, 32))
 # pair_mma_fp8 where it serves (else pair_gemv_fp8), and the warps that share each of its
 # tiles, by (token, slot) pairs (H200, graph replay ms at 1 / 2 / 4 tokens: one warp 0.159 /
 # 0.244 / 0.376, two 0.149 / 0.233 / 0.397, four 0.150 / 0.240 / 0.395).

@@ -121,7 +121,7 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], unsigned long l
 }
 
 // d (64 x N fp32) = (accumulate ? d : 0) + A (64 x 32 e4m3) * B (N x 32 e4m3)^T for the
-// tiles whose expert rows are wgmma's N (ROWS_N of grouped_wgmma_fp8): N = 16, 32 or 64.
+// tiles whose expert rows are wgmma's N (ROWS_N of grouped_wgmma_fp8): N = 16 or 32.
 __device__ __forceinline__ void wgmma_m64k32(float (&d)[8], unsigned long long desc_a,
                                              unsigned long long desc_b, int accumulate) {
   asm volatile(
@@ -142,22 +142,6 @@ __device__ __forceinline__ void wgmma_m64k32(float (&d)[16], unsigned long long 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
         "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-__device__ __forceinline__ void wgmma_m64k32(float (&d)[32], unsigned long long desc_a,
-                                             unsigned long long desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
@@ -454,7 +438,7 @@ __device__ __forceinline__ void wg_store_rows_n(const float (&total)[2][R / 2], 
 // thread between block barriers or, with WG_PRODUCER, by the last warpgroup alone and handed
 // over by mbarriers. Warpgroup w < WG_GROUPS multiplies rows [64 w, 64 w + 64) of the tile with
 // the weight tile (wg_mma_stage).
-// ROWS_N (16, 32 or 64; WG_GROUPS 1 with WG_PRODUCER only; 0: off): tiles of ROWS_N expert rows as
+// ROWS_N (16 or 32; WG_GROUPS 1 with WG_PRODUCER only; 0: off): tiles of ROWS_N expert rows as
 // wgmma's N and the weight tile as its M (wg_mma_stage_rows_n), for experts with few rows;
 // tile_start then counts tiles of ROWS_N rows.
 template <typename TX, typename TOUT, bool GLU, int ROWS_N>
@@ -470,9 +454,8 @@ grouped_wgmma_fp8(const unsigned char* __restrict__ aq, const float* __restrict_
   unsigned char* smem = wg_smem_raw + ((1024 - smem_address(wg_smem_raw) % 1024) % 1024);
   constexpr int FEAT = GLU ? WG_BN / 2 : WG_BN;
   constexpr int BM = ROWS_N ? ROWS_N : WG_BM;  // expert rows per tile
-  static_assert(ROWS_N == 0 || ((ROWS_N == 16 || ROWS_N == 32 || ROWS_N == 64) &&
-                                 WG_GROUPS == 1 && WG_PRODUCER),
-                "ROWS_N: 16, 32 or 64, with one multiplying warpgroup and the producer");
+  static_assert(ROWS_N == 0 || ((ROWS_N == 16 || ROWS_N == 32) && WG_GROUPS == 1 && WG_PRODUCER),
+                "ROWS_N: 16 or 32, with one multiplying warpgroup and the producer");
   const int warpgroup = threadIdx.x / 128, wthread = threadIdx.x % 128;
   const int lane = threadIdx.x % 32, warp_in_group = wthread / 32;
   const int chunks = (N + FEAT - 1) / FEAT;
